@@ -1,1 +1,26 @@
-pub fn x() {}
+//! The room log: every chat event of a room is appended to that room's JetStream stream, and the
+//! stream's sequence is the room's one order. This crate is the only code that knows how rooms map
+//! onto streams and subjects:
+//!
+//! | what | name (prefix `chat`) |
+//! |---|---|
+//! | stream | `CHAT_<32 hex of sha256(room)>`, the room id in the metadata key `chat.room` |
+//! | subject appended to | `chat.room.<room>` |
+//! | republished (persist, then broadcast) | `chat.live.<room>` with `Nats-Sequence` etc. |
+//!
+//! Streams keep everything (no age or count limits), deny deletes and purges, allow direct gets,
+//! and deduplicate by `Nats-Msg-Id` (the event's client id) within the configured window.
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod live;
+mod log;
+
+pub use config::{ConfigError, LogConfig};
+pub use error::LogError;
+pub use live::LiveSubscription;
+pub use log::{
+    Appended, ConnectError, ConnectionEvent, ConnectionEvents, RangeReader, RawEntry, RoomBounds,
+    RoomLog,
+};

@@ -1,1 +1,336 @@
-pub fn x() {}
+//! Real nats-server processes for tests: one per test, on free loopback ports, with a temporary
+//! store, killed on drop. A server can be stopped and started again on the same port and store
+//! (to test reconnects and recovery), and three of them can form a JetStream cluster.
+//!
+//! The binary is `$NATS_SERVER_BIN`, else the project-local copy that
+//! `nats/install-nats-server.sh` installs, else `nats-server` on PATH. When `setpriv` is present
+//! the server is started with a parent-death signal, so a test process killed by its runner does
+//! not leave servers behind. That signal fires when the *thread* that started the server exits:
+//! start servers from the test's own thread (the body of a `#[tokio::test]` is), not from
+//! `spawn_blocking`.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod proxy;
+
+pub use proxy::TcpProxy;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a server may take to answer its health check after starting.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a 3-node cluster may take to elect a JetStream meta leader.
+const CLUSTER_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Path of the nats-server binary the tests use.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let local = workspace_root().join(".tools/nats-server/usr/sbin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// The workspace root (this crate lives in `tests/harness`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// One nats-server process with JetStream enabled.
+pub struct NatsServer {
+    /// Client port; kept across restarts so clients reconnect to the same address.
+    port: u16,
+    /// HTTP monitoring port, polled for `/healthz` and `/jsz`.
+    monitor_port: u16,
+    /// Holds the config, the JetStream store and the server's log; removed on drop.
+    dir: tempfile::TempDir,
+    /// The running process, if started.
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a single JetStream server on free ports and waits until it is healthy.
+    pub fn start() -> NatsServer {
+        let mut server = NatsServer::configure("n1", None);
+        server.start_again();
+        server
+    }
+
+    fn configure(name: &str, cluster: Option<(&str, u16, &[u16])>) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("nats-test-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let monitor_port = free_port();
+        let store = dir.path().join("jetstream");
+        let mut config = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n\
+             jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 256MB\n  max_file_store: 8GB\n}}\n",
+            store.display()
+        );
+        if let Some((cluster_name, cluster_port, peers)) = cluster {
+            let routes: Vec<String> = peers
+                .iter()
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            config.push_str(&format!(
+                "cluster {{\n  name: {cluster_name}\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            ));
+        }
+        fs::write(dir.path().join("nats.conf"), config).expect("write nats.conf");
+        NatsServer {
+            port,
+            monitor_port,
+            dir,
+            child: None,
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where this server's JetStream data lives.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    /// The server's own log (stdout and stderr), for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// PID of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the process (again) on the same ports and store, and waits until it is healthy.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
+        let bin = nats_server_bin();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("open server log");
+        let config = self.dir.path().join("nats.conf");
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        cmd.arg("-c").arg(&config);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}. Run `make test` (it installs nats-server >= 2.10) or set NATS_SERVER_BIN",
+                bin.display()
+            )
+        });
+        self.child = Some(child);
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "nats-server exited with {status} while starting:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if http_get(self.monitor_port, "/healthz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not healthy in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process with SIGKILL (a crash: no shutdown work) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM (a clean shutdown) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// GET on the monitoring port; `(status, body)`.
+    pub fn monitor(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.monitor_port, path)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three JetStream servers on loopback, routed to each other.
+pub struct Cluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl Cluster {
+    /// Starts a 3-node cluster and waits until JetStream has a meta leader.
+    pub fn start() -> Cluster {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes: Vec<NatsServer> = (0..3)
+            .map(|i| {
+                let peers: Vec<u16> = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| *p)
+                    .collect();
+                NatsServer::configure(
+                    &format!("n{}", i + 1),
+                    Some(("test", cluster_ports[i], &peers)),
+                )
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            node.wait_healthy();
+        }
+        let cluster = Cluster { nodes };
+        cluster.wait_for_meta_leader();
+        cluster
+    }
+
+    fn wait_for_meta_leader(&self) {
+        let deadline = Instant::now() + CLUSTER_DEADLINE;
+        loop {
+            let ready = self.nodes.iter().all(|n| {
+                n.monitor("/jsz")
+                    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                    .and_then(|v| v["meta_cluster"]["leader"].as_str().map(|l| !l.is_empty()))
+                    .unwrap_or(false)
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster elected no JetStream leader in time"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node's client URL, comma-separated, as async-nats accepts them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A minimal HTTP/1.0 GET against 127.0.0.1:port; `None` if nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_starts_restarts_on_the_same_port_and_dies_on_drop() {
+        let mut server = NatsServer::start();
+        let port = server.port();
+        let pid = server.pid().unwrap();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+        server.restart();
+        assert_eq!(server.port(), port);
+        assert_ne!(server.pid().unwrap(), pid);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let pid = server.pid().unwrap();
+        drop(server);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "server outlived its handle"
+        );
+    }
+
+    #[test]
+    fn three_nodes_form_a_jetstream_cluster() {
+        let cluster = Cluster::start();
+        let (_, body) = cluster.nodes[0].monitor("/jsz").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["meta_cluster"]["cluster_size"], 3, "{body}");
+    }
+}

@@ -1,0 +1,185 @@
+//! Room log settings and the names derived from them.
+
+use std::time::Duration;
+
+use chat_model::RoomId;
+use sha2::{Digest, Sha256};
+
+/// Settings of the room log. Every timeout is configuration so tests can shorten it.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Deployment prefix in front of every subject and stream name, so several deployments can
+    /// share one NATS account. Lowercase letters, digits and `-`, starting with a letter.
+    pub prefix: String,
+    /// Stream replicas: 1 on one machine, 3 in a cluster.
+    pub replicas: usize,
+    /// How long JetStream remembers an event id to answer a resend as a duplicate.
+    pub duplicate_window: Duration,
+    /// The largest message a room stream accepts (every legal event fits).
+    pub max_event_bytes: usize,
+    /// Timeout of JetStream API requests and of waiting for a publish acknowledgement.
+    pub request_timeout: Duration,
+    /// How many events a range read or gap fill fetches per step (bounds memory per reader).
+    pub read_batch: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            prefix: "chat".to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(10 * 60),
+            max_event_bytes: chat_model::MAX_EVENT_BYTES + 4 * 1024,
+            request_timeout: Duration::from_secs(5),
+            read_batch: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("prefix must be 1 to 32 characters of a-z 0-9 -, starting with a letter (got {0:?})")]
+    Prefix(String),
+    #[error("replicas must be 1 to 5 (got {0})")]
+    Replicas(usize),
+    #[error("duplicate window must be at least 1 s (got {0:?})")]
+    DuplicateWindow(Duration),
+    #[error("max event size must be between {min} and 8 MiB (got {got})")]
+    MaxEventBytes { min: usize, got: usize },
+    #[error("{0} must be positive")]
+    Zero(&'static str),
+}
+
+impl LogConfig {
+    /// Checks the settings before anything connects or binds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.prefix.as_bytes();
+        let prefix_ok = (1..=32).contains(&p.len())
+            && p[0].is_ascii_lowercase()
+            && p.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+        if !prefix_ok {
+            return Err(ConfigError::Prefix(self.prefix.clone()));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(ConfigError::Replicas(self.replicas));
+        }
+        if self.duplicate_window < Duration::from_secs(1) {
+            return Err(ConfigError::DuplicateWindow(self.duplicate_window));
+        }
+        let min = chat_model::MAX_EVENT_BYTES;
+        if self.max_event_bytes < min || self.max_event_bytes > 8 << 20 {
+            return Err(ConfigError::MaxEventBytes {
+                min,
+                got: self.max_event_bytes,
+            });
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::Zero("request timeout"));
+        }
+        if self.read_batch == 0 {
+            return Err(ConfigError::Zero("read batch"));
+        }
+        Ok(())
+    }
+
+    /// `<PREFIX>_<hash>`: a hex digest keeps names short, free of `.`/`*`/`>`, and distinct on
+    /// case-insensitive file systems (`Foo` and `foo` are different rooms).
+    pub fn stream_name(&self, room: &RoomId) -> String {
+        let digest = Sha256::digest(room.as_str().as_bytes());
+        format!(
+            "{}_{}",
+            self.prefix.to_ascii_uppercase(),
+            hex::encode(&digest[..16])
+        )
+    }
+
+    /// The one subject a room's events are appended to.
+    pub fn room_subject(&self, room: &RoomId) -> String {
+        format!("{}.room.{}", self.prefix, room)
+    }
+
+    /// The core subject each stored event is republished to.
+    pub fn live_subject(&self, room: &RoomId) -> String {
+        format!("{}.live.{}", self.prefix, room)
+    }
+
+    /// Wildcard matching every room's live subject (for consumers of all rooms).
+    pub fn live_wildcard(&self) -> String {
+        format!("{}.live.*", self.prefix)
+    }
+}
+
+/// Stream metadata key holding the room id (the stream name is only a digest of it).
+pub(crate) const ROOM_METADATA_KEY: &str = "chat.room";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_layout() {
+        let cfg = LogConfig::default();
+        let room = RoomId::parse("general").unwrap();
+        assert_eq!(cfg.room_subject(&room), "chat.room.general");
+        assert_eq!(cfg.live_subject(&room), "chat.live.general");
+        let name = cfg.stream_name(&room);
+        assert!(name.starts_with("CHAT_") && name.len() == 5 + 32, "{name}");
+        assert!(name[5..]
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn rooms_differing_only_in_case_get_different_streams() {
+        let cfg = LogConfig::default();
+        let a = cfg.stream_name(&RoomId::parse("Foo").unwrap());
+        let b = cfg.stream_name(&RoomId::parse("foo").unwrap());
+        assert_ne!(a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let ok = LogConfig::default();
+        assert!(ok.validate().is_ok());
+        for prefix in [
+            "",
+            "Chat",
+            "1chat",
+            "chat.x",
+            "chat*",
+            "a_b",
+            &"a".repeat(33),
+        ] {
+            let cfg = LogConfig {
+                prefix: prefix.into(),
+                ..ok.clone()
+            };
+            assert!(cfg.validate().is_err(), "{prefix:?}");
+        }
+        assert!(LogConfig {
+            replicas: 0,
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(LogConfig {
+            duplicate_window: Duration::ZERO,
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(LogConfig {
+            max_event_bytes: 10,
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(LogConfig {
+            read_batch: 0,
+            ..ok
+        }
+        .validate()
+        .is_err());
+    }
+}

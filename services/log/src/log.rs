@@ -1,0 +1,709 @@
+//! Appending to and reading from rooms' streams.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::jetstream::{self, context::PublishErrorKind, response::Response, stream};
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use bytes::Bytes;
+use chat_model::{Event, RoomId};
+use futures::StreamExt;
+use tokio::sync::broadcast;
+
+use crate::config::{ConfigError, LogConfig, ROOM_METADATA_KEY};
+use crate::error::LogError;
+use crate::live::LiveSubscription;
+
+/// A range this short is read with one direct get per event; longer ones with an ordered
+/// consumer (creating a consumer costs more than a few single reads).
+const DIRECT_GET_MAX: u64 = 8;
+/// How often a duplicate acknowledged without a sequence (possible on a clustered stream while
+/// the original is still being committed) is asked again before giving up as unavailable.
+const ZERO_SEQ_RETRIES: u32 = 8;
+/// Capacity of the connection-event broadcast each live subscription listens to.
+const CONNECTION_EVENTS_CAPACITY: usize = 256;
+
+/// The outcome of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The event's sequence in its room: never 0.
+    pub seq: u64,
+    /// True when the event id was already in the log: `seq` is the original event's.
+    pub duplicate: bool,
+}
+
+/// One stored entry of a room's log, not yet decoded (a reader decides what to do with bytes it
+/// cannot decode; they must never stop the room).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+impl RawEntry {
+    pub fn decode(&self) -> Result<Event, chat_model::DecodeError> {
+        Event::decode(&self.payload)
+    }
+}
+
+/// The sequences a room's stream holds: `first..=last`; `last == 0` for an empty room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomBounds {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// What the NATS connection went through; live subscriptions re-check heads on these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    Connected,
+    Disconnected,
+    SlowConsumer,
+}
+
+/// A receiver of [`ConnectionEvent`]s.
+pub type ConnectionEvents = broadcast::Receiver<ConnectionEvent>;
+
+/// Failure to connect the room log.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("room log settings: {0}")]
+    Config(#[from] ConfigError),
+    #[error("nats url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("connect to nats at {url}: {source}")]
+    Nats {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Handle to every room's log. Cheap to clone; clones share one NATS connection.
+#[derive(Clone)]
+pub struct RoomLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The NATS connection (core subscriptions for live subjects).
+    client: Client,
+    /// JetStream API on the same connection (appends, stream info, reads).
+    js: jetstream::Context,
+    /// Validated settings.
+    config: LogConfig,
+    /// Connection events fanned out to live subscriptions.
+    events: broadcast::Sender<ConnectionEvent>,
+}
+
+impl RoomLog {
+    /// Connects to NATS at `url` (comma-separated for several servers).
+    pub async fn connect(url: &str, config: LogConfig) -> Result<RoomLog, ConnectError> {
+        RoomLog::connect_with_options(url, ConnectOptions::new(), config).await
+    }
+
+    /// Connects with caller-chosen options. The event callback is replaced by the room log's own
+    /// (it must see reconnects and slow-consumer notices).
+    pub async fn connect_with_options(
+        url: &str,
+        options: ConnectOptions,
+        config: LogConfig,
+    ) -> Result<RoomLog, ConnectError> {
+        config.validate()?;
+        let (events, _) = broadcast::channel(CONNECTION_EVENTS_CAPACITY);
+        let events_tx = events.clone();
+        let options = options
+            .request_timeout(Some(config.request_timeout))
+            .event_callback(move |event| {
+                let events_tx = events_tx.clone();
+                async move {
+                    let forwarded = match event {
+                        async_nats::Event::Connected => Some(ConnectionEvent::Connected),
+                        async_nats::Event::Disconnected => Some(ConnectionEvent::Disconnected),
+                        async_nats::Event::SlowConsumer(_) => Some(ConnectionEvent::SlowConsumer),
+                        _ => None,
+                    };
+                    match forwarded {
+                        Some(ConnectionEvent::SlowConsumer) => tracing::warn!("nats slow consumer"),
+                        Some(_) => tracing::info!(event = %event, "nats connection"),
+                        None => tracing::warn!(event = %event, "nats"),
+                    }
+                    if let Some(ev) = forwarded {
+                        let _ = events_tx.send(ev);
+                    }
+                }
+            });
+        let servers = parse_servers(url)?;
+        let client = options
+            .connect(servers)
+            .await
+            .map_err(|source| ConnectError::Nats {
+                url: url.to_owned(),
+                source,
+            })?;
+        Ok(RoomLog::from_parts(client, config, events))
+    }
+
+    fn from_parts(
+        client: Client,
+        config: LogConfig,
+        events: broadcast::Sender<ConnectionEvent>,
+    ) -> RoomLog {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .ack_timeout(config.request_timeout)
+            .build(client.clone());
+        RoomLog {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                events,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    /// The underlying NATS connection (for core subjects outside the log, e.g. typing).
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Connection events from now on.
+    pub fn connection_events(&self) -> ConnectionEvents {
+        self.inner.events.subscribe()
+    }
+
+    /// How many times the connection has been (re)established; lets readers notice a reconnect
+    /// even if its event was dropped.
+    pub(crate) fn connects(&self) -> u64 {
+        self.inner
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The stream settings of a room (see the crate docs).
+    pub fn stream_config(&self, room: &RoomId) -> stream::Config {
+        let cfg = &self.inner.config;
+        let subject = cfg.room_subject(room);
+        stream::Config {
+            name: cfg.stream_name(room),
+            description: Some(format!("chat room {room}")),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_message_size: i32::try_from(cfg.max_event_bytes).unwrap_or(i32::MAX),
+            deny_delete: true,
+            deny_purge: true,
+            allow_direct: true,
+            republish: Some(stream::Republish {
+                source: subject,
+                destination: cfg.live_subject(room),
+                headers_only: false,
+            }),
+            metadata: HashMap::from([(ROOM_METADATA_KEY.to_owned(), room.to_string())]),
+            ..Default::default()
+        }
+    }
+
+    /// Makes sure the room's stream exists (creating it if needed) and belongs to this room.
+    ///
+    /// An existing stream whose settings an operator changed (retention, replicas) is left as it
+    /// is.
+    pub async fn ensure_room(&self, room: &RoomId) -> Result<(), LogError> {
+        let config = self.stream_config(room);
+        let name = config.name.clone();
+        let info = match self.inner.js.create_stream(config).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(e) if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut => {
+                return Err(LogError::Timeout {
+                    room: room.clone(),
+                    op: "create stream",
+                });
+            }
+            Err(e) => {
+                // Exists with other settings, or a transient failure: ask what is there.
+                tracing::debug!(room = %room, error = %e, "create stream refused; reading its info");
+                self.stream_info(room, "create stream").await?
+            }
+        };
+        let owner = info.config.metadata.get(ROOM_METADATA_KEY);
+        if owner.map(String::as_str) != Some(room.as_str()) {
+            return Err(LogError::StreamConflict {
+                room: room.clone(),
+                stream: name,
+                owner: owner.cloned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the room's stream exists.
+    pub async fn room_exists(&self, room: &RoomId) -> Result<bool, LogError> {
+        match self.stream_info(room, "stream info").await {
+            Ok(_) => Ok(true),
+            Err(LogError::RoomNotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn stream_info(&self, room: &RoomId, op: &'static str) -> Result<stream::Info, LogError> {
+        let subject = format!("STREAM.INFO.{}", self.inner.config.stream_name(room));
+        let response: Response<stream::Info> = self
+            .inner
+            .js
+            .request(subject, &serde_json::json!({}))
+            .await
+            .map_err(|e| request_error(room, op, e))?;
+        match response {
+            Response::Ok(info) => Ok(info),
+            Response::Err { error }
+                if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Err(LogError::RoomNotFound { room: room.clone() })
+            }
+            Response::Err { error } => Err(LogError::JetStream {
+                room: room.clone(),
+                op,
+                reason: error.to_string(),
+            }),
+        }
+    }
+
+    /// The sequences the room's stream holds.
+    pub async fn bounds(&self, room: &RoomId) -> Result<RoomBounds, LogError> {
+        let state = self.stream_info(room, "stream info").await?.state;
+        Ok(RoomBounds {
+            first: state.first_sequence,
+            last: state.last_sequence,
+        })
+    }
+
+    /// The room's last sequence (0 when empty).
+    pub async fn head(&self, room: &RoomId) -> Result<u64, LogError> {
+        Ok(self.bounds(room).await?.last)
+    }
+
+    /// Appends an event; its `id` is the idempotency key (`Nats-Msg-Id`).
+    pub async fn append(&self, room: &RoomId, event: &Event) -> Result<Appended, LogError> {
+        let payload = event.encode().map_err(|source| LogError::Encode {
+            room: room.clone(),
+            source,
+        })?;
+        self.append_raw(
+            room,
+            &event.id.hyphenated().to_string(),
+            payload.into(),
+            None,
+        )
+        .await
+    }
+
+    /// Appends an event only if the room's last sequence is `expected_last` (e.g. 0 to be the
+    /// room's first event); otherwise [`LogError::WrongLastSequence`].
+    pub async fn append_if_last(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        expected_last: u64,
+    ) -> Result<Appended, LogError> {
+        let payload = event.encode().map_err(|source| LogError::Encode {
+            room: room.clone(),
+            source,
+        })?;
+        let id = event.id.hyphenated().to_string();
+        self.append_raw(room, &id, payload.into(), Some(expected_last))
+            .await
+    }
+
+    /// Appends already-encoded bytes under the idempotency key `msg_id`.
+    ///
+    /// Never returns a sequence of 0: a clustered duplicate acknowledged without one is asked
+    /// again (same id, so it cannot be appended twice) until the original's sequence is known.
+    pub async fn append_raw(
+        &self,
+        room: &RoomId,
+        msg_id: &str,
+        payload: Bytes,
+        expected_last: Option<u64>,
+    ) -> Result<Appended, LogError> {
+        let max = self.inner.config.max_event_bytes;
+        if payload.len() > max {
+            return Err(LogError::TooLarge {
+                room: room.clone(),
+                size: payload.len(),
+                max,
+            });
+        }
+        let subject = self.inner.config.room_subject(room);
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, msg_id);
+        if let Some(expected) = expected_last {
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+        }
+        for attempt in 0..=ZERO_SEQ_RETRIES {
+            let published = self
+                .inner
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await;
+            let ack = match published {
+                Ok(ack_future) => ack_future.await,
+                Err(e) => Err(e),
+            };
+            let ack = match ack {
+                Ok(ack) => ack,
+                Err(e) => return Err(self.publish_error(room, expected_last, e).await),
+            };
+            if ack.sequence != 0 {
+                return Ok(Appended {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+            tracing::debug!(room = %room, attempt, "duplicate acknowledged without a sequence");
+            tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
+        }
+        Err(LogError::Unavailable {
+            room: room.clone(),
+            op: "append",
+            reason: "duplicate acknowledged without its original sequence".to_owned(),
+        })
+    }
+
+    async fn publish_error(
+        &self,
+        room: &RoomId,
+        expected_last: Option<u64>,
+        e: jetstream::context::PublishError,
+    ) -> LogError {
+        let room_owned = || room.clone();
+        match e.kind() {
+            // No stream listens on the subject: the room does not exist, or JetStream is down.
+            PublishErrorKind::StreamNotFound => match self.room_exists(room).await {
+                Ok(false) => LogError::RoomNotFound { room: room_owned() },
+                Ok(true) => LogError::Unavailable {
+                    room: room_owned(),
+                    op: "append",
+                    reason: "no responders".to_owned(),
+                },
+                Err(other) => other,
+            },
+            PublishErrorKind::TimedOut => LogError::Timeout {
+                room: room_owned(),
+                op: "append",
+            },
+            PublishErrorKind::WrongLastSequence => LogError::WrongLastSequence {
+                room: room_owned(),
+                expected: expected_last.unwrap_or_default(),
+                actual: self.head(room).await.unwrap_or_default(),
+            },
+            PublishErrorKind::MaxPayloadExceeded => LogError::TooLarge {
+                room: room_owned(),
+                size: 0,
+                max: self.inner.config.max_event_bytes,
+            },
+            _ => {
+                let refused_by_jetstream = std::error::Error::source(&e)
+                    .is_some_and(|s| s.downcast_ref::<jetstream::Error>().is_some());
+                if refused_by_jetstream {
+                    LogError::JetStream {
+                        room: room_owned(),
+                        op: "append",
+                        reason: e.to_string(),
+                    }
+                } else {
+                    LogError::Unavailable {
+                        room: room_owned(),
+                        op: "append",
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One entry by sequence; `None` if the log does not hold it (e.g. removed by retention).
+    pub async fn get(&self, room: &RoomId, seq: u64) -> Result<Option<RawEntry>, LogError> {
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(self.inner.config.stream_name(room))
+            .await
+            .map_err(|e| LogError::JetStream {
+                room: room.clone(),
+                op: "get",
+                reason: e.to_string(),
+            })?;
+        match stream.direct_get(seq).await {
+            Ok(msg) => Ok(Some(RawEntry {
+                seq: msg.sequence,
+                payload: msg.payload,
+            })),
+            Err(e) => match e.kind() {
+                stream::DirectGetErrorKind::NotFound => Ok(None),
+                stream::DirectGetErrorKind::TimedOut => Err(LogError::Timeout {
+                    room: room.clone(),
+                    op: "get",
+                }),
+                _ => Err(LogError::Unavailable {
+                    room: room.clone(),
+                    op: "get",
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// Reads `from..=to` in order, lazily and without gaps (entries the log no longer holds are
+    /// skipped: compare the first entry's seq with `from` to detect truncation). `to` beyond the
+    /// head is clamped to the head at the time of the first read.
+    pub fn read_range(&self, room: &RoomId, from: u64, to: u64) -> RangeReader {
+        RangeReader::new(self.clone(), room.clone(), from, to, true)
+    }
+
+    /// A live, gap-free, duplicate-free feed of the room's events with seq > `after`: first
+    /// whatever the log already holds past `after`, then each event as it is stored.
+    pub async fn subscribe_live(
+        &self,
+        room: &RoomId,
+        after: u64,
+    ) -> Result<LiveSubscription, LogError> {
+        let subject = self.inner.config.live_subject(room);
+        let events = self.connection_events();
+        let connects = self.connects();
+        let subscriber =
+            self.inner
+                .client
+                .subscribe(subject)
+                .await
+                .map_err(|e| LogError::Unavailable {
+                    room: room.clone(),
+                    op: "subscribe",
+                    reason: e.to_string(),
+                })?;
+        Ok(LiveSubscription::new(
+            self.clone(),
+            room.clone(),
+            subscriber,
+            events,
+            after,
+            connects,
+        ))
+    }
+
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+}
+
+/// `nats://a:4222,nats://b:4222` (or bare `host:port`s) as server addresses.
+fn parse_servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConnectError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if servers.is_empty() {
+        return Err(ConnectError::Url {
+            url: url.to_owned(),
+            reason: "no server given".to_owned(),
+        });
+    }
+    Ok(servers)
+}
+
+fn request_error(
+    room: &RoomId,
+    op: &'static str,
+    e: async_nats::jetstream::context::RequestError,
+) -> LogError {
+    use async_nats::jetstream::context::RequestErrorKind;
+    match e.kind() {
+        RequestErrorKind::TimedOut => LogError::Timeout {
+            room: room.clone(),
+            op,
+        },
+        _ => LogError::Unavailable {
+            room: room.clone(),
+            op,
+            reason: e.to_string(),
+        },
+    }
+}
+
+enum RangeSource {
+    /// Not started yet.
+    Idle,
+    /// One direct get per sequence.
+    Direct,
+    /// An ordered consumer starting at the range's first sequence.
+    Ordered(Box<jetstream::consumer::pull::Ordered>),
+}
+
+/// Reads a range of a room's log in order. Cancel-safe: dropping a pending `next` loses nothing.
+pub struct RangeReader {
+    log: RoomLog,
+    room: RoomId,
+    /// Next sequence to hand out.
+    next: u64,
+    /// Last sequence of the range (inclusive).
+    to: u64,
+    /// Whether `to` still has to be clamped to the head.
+    clamp: bool,
+    source: RangeSource,
+}
+
+impl RangeReader {
+    pub(crate) fn new(log: RoomLog, room: RoomId, from: u64, to: u64, clamp: bool) -> RangeReader {
+        RangeReader {
+            log,
+            room,
+            next: from.max(1),
+            to,
+            clamp,
+            source: RangeSource::Idle,
+        }
+    }
+
+    /// The last sequence this reader will return (after clamping, once started).
+    pub fn end(&self) -> u64 {
+        self.to
+    }
+
+    /// The next entry, or `None` when the range is exhausted.
+    pub async fn next(&mut self) -> Option<Result<RawEntry, LogError>> {
+        loop {
+            if self.next > self.to {
+                return None;
+            }
+            match &mut self.source {
+                RangeSource::Idle => {
+                    if self.clamp {
+                        match self.log.bounds(&self.room).await {
+                            Ok(b) => {
+                                self.to = self.to.min(b.last);
+                                self.next = self.next.max(b.first);
+                            }
+                            Err(e) => return Some(Err(e)),
+                        }
+                        self.clamp = false;
+                        continue;
+                    }
+                    if self.to - self.next < DIRECT_GET_MAX {
+                        self.source = RangeSource::Direct;
+                    } else {
+                        match ordered_consumer(&self.log, &self.room, self.next).await {
+                            Ok(messages) => self.source = RangeSource::Ordered(Box::new(messages)),
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
+                }
+                RangeSource::Direct => {
+                    let seq = self.next;
+                    match self.log.get(&self.room, seq).await {
+                        Ok(Some(entry)) => {
+                            self.next = seq + 1;
+                            return Some(Ok(entry));
+                        }
+                        Ok(None) => self.next = seq + 1,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                RangeSource::Ordered(messages) => match messages.next().await {
+                    Some(Ok(msg)) => {
+                        let seq = match msg.info() {
+                            Ok(info) => info.stream_sequence,
+                            Err(e) => {
+                                return Some(Err(LogError::JetStream {
+                                    room: self.room.clone(),
+                                    op: "read range",
+                                    reason: format!("message without stream info: {e}"),
+                                }))
+                            }
+                        };
+                        if seq < self.next {
+                            continue;
+                        }
+                        if seq > self.to {
+                            self.next = seq;
+                            self.source = RangeSource::Idle;
+                            return None;
+                        }
+                        self.next = seq + 1;
+                        return Some(Ok(RawEntry {
+                            seq,
+                            payload: msg.message.payload,
+                        }));
+                    }
+                    Some(Err(e)) => {
+                        // Start over from where we are with a fresh consumer next time.
+                        self.source = RangeSource::Idle;
+                        return Some(Err(LogError::Unavailable {
+                            room: self.room.clone(),
+                            op: "read range",
+                            reason: e.to_string(),
+                        }));
+                    }
+                    None => {
+                        self.source = RangeSource::Idle;
+                        return Some(Err(LogError::Unavailable {
+                            room: self.room.clone(),
+                            op: "read range",
+                            reason: "ordered consumer ended".to_owned(),
+                        }));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads the whole range into memory (tests and small ranges).
+    pub async fn collect(mut self) -> Result<Vec<RawEntry>, LogError> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.next().await {
+            out.push(entry?);
+        }
+        Ok(out)
+    }
+}
+
+/// An ordered consumer of the room's stream starting at `start`.
+async fn ordered_consumer(
+    log: &RoomLog,
+    room: &RoomId,
+    start: u64,
+) -> Result<jetstream::consumer::pull::Ordered, LogError> {
+    let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable {
+        room: room.clone(),
+        op: "read range",
+        reason: e.to_string(),
+    };
+    let stream = log
+        .jetstream()
+        .get_stream_no_info(log.config().stream_name(room))
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    consumer.messages().await.map_err(|e| unavailable(&e))
+}
