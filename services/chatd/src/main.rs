@@ -1,1 +1,170 @@
-fn main() {}
+//! `chatd`: run the chat backend, or mint a development token.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_model::UserId;
+use chatd::config::{parse_duration, AuthConfig, Config, Role, StoreConfig};
+use chatd::nats_child::NatsChild;
+use chatd::{devauth, lock_data_dir, serve};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Event-sourced chat backend: WebSocket edges, projectors and an HTTP API over NATS JetStream.
+///
+/// Configuration comes from the environment (CHAT_LISTEN, CHAT_DATA_DIR, NATS_URL, CHAT_STORE,
+/// CHAT_JWT_*, ...); see the README.
+#[derive(Parser)]
+#[command(name = "chatd", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (the default). Starts its own nats-server when NATS_URL is unset.
+    Run {
+        /// Which role to run (overrides CHAT_ROLE).
+        #[arg(long, value_enum)]
+        role: Option<Role>,
+    },
+    /// Print a token for USER, signed with the development secret of CHAT_DATA_DIR (or with
+    /// CHAT_JWT_HS256_SECRET when set).
+    Token {
+        /// The user id (the token's `sub`).
+        user: String,
+        /// Display name (the `name` claim).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. 30m, 24h.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("chatd: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command.unwrap_or(Cmd::Run { role: None }) {
+        Cmd::Run { role } => run(config, role),
+        Cmd::Token { user, name, ttl } => token(&config, &user, name.as_deref(), ttl),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CHAT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if std::env::var("CHAT_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
+    if let Some(role) = role {
+        config.role = role;
+    }
+    if let StoreConfig::Scylla { .. } = config.store {
+        anyhow::bail!(
+            "CHAT_STORE: the ScyllaDB store is not available in this version; use sqlite"
+        );
+    }
+    let uses_data_dir = config.nats_url.is_none() || config.role != Role::Edge;
+    let _lock = if uses_data_dir {
+        Some(lock_data_dir(&config.data_dir)?)
+    } else {
+        None
+    };
+    if config.auth == AuthConfig::Development {
+        devauth::dev_secret(&config.data_dir)?;
+    }
+    // Started from the main thread: its parent-death signal follows this thread.
+    let nats = match &config.nats_url {
+        Some(_) => None,
+        None => Some(NatsChild::start(
+            &config.data_dir,
+            config.nats_server_bin.as_deref(),
+            &config.nats_sync,
+        )?),
+    };
+    let url = match (&config.nats_url, &nats) {
+        (Some(url), _) => url.clone(),
+        (None, Some(child)) => child.url().to_owned(),
+        (None, None) => unreachable!("a nats-server was started above"),
+    };
+    let grace = config.drain_grace;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    let shutdown = CancellationToken::new();
+    let result = runtime.block_on(async {
+        tokio::spawn(cancel_on_signals(shutdown.clone()));
+        serve(config, url, shutdown).await
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Some(nats) = nats {
+        nats.stop(grace.max(Duration::from_secs(5)));
+    }
+    result
+}
+
+/// First SIGINT/SIGTERM: drain. A second one: exit at once.
+async fn cancel_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}
+
+fn token(config: &Config, user: &str, name: Option<&str>, ttl: Duration) -> anyhow::Result<()> {
+    let user = UserId::parse(user)?;
+    let token = match &config.auth {
+        AuthConfig::Development => {
+            let secret = devauth::dev_secret(&config.data_dir)?;
+            devauth::mint_hs256(secret.as_bytes(), devauth::DEV_ISSUER, devauth::DEV_AUDIENCE, &user, name, ttl)?
+        }
+        AuthConfig::Configured { hs256_secret: Some(secret), issuer, audience, .. } => {
+            devauth::mint_hs256(secret.as_bytes(), issuer, audience, &user, name, ttl)?
+        }
+        AuthConfig::Configured { hs256_secret: None, .. } => anyhow::bail!(
+            "only HS256 tokens can be minted here; with CHAT_JWT_PUBLIC_KEYS, tokens come from your identity provider"
+        ),
+    };
+    println!("{token}");
+    Ok(())
+}

@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod process;
 mod proxy;
 
+pub use process::{process_gone, Chatd, ExitedEarly};
 pub use proxy::TcpProxy;
 
 use nix::sys::signal::{kill, Signal};
@@ -291,7 +293,12 @@ impl Cluster {
 
 /// A minimal HTTP/1.0 GET against 127.0.0.1:port; `None` if nothing answers.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_get_addr(&format!("127.0.0.1:{port}"), path)
+}
+
+/// A minimal HTTP/1.0 GET against `host:port`; `(status, body)`, or `None` if nothing answers.
+pub fn http_get_addr(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut response = String::new();

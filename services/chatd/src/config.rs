@@ -1,0 +1,432 @@
+//! Configuration from the environment (the names of the operations contract, plus a few of our
+//! own), validated completely before anything connects or binds.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chat_log::LogConfig;
+
+/// Which parts of the system this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Every role in one process (one machine).
+    All,
+    /// WebSocket edge: holds client sockets, appends and pushes events.
+    Edge,
+    /// Consumes room logs into the projection store.
+    Projector,
+    /// HTTP API over the projection store.
+    Api,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Edge => "edge",
+            Role::Projector => "projector",
+            Role::Api => "api",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Role as clap::ValueEnum>::from_str(s, true)
+            .map_err(|_| format!("unknown role {s:?} (all, edge, projector, api)"))
+    }
+}
+
+/// Where projections are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Embedded SQLite in the data directory.
+    Sqlite,
+    /// ScyllaDB nodes and keyspace.
+    Scylla {
+        nodes: Vec<String>,
+        keyspace: String,
+    },
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// A generated secret in the data directory; issuer and audience `chat-dev`.
+    Development,
+    /// Operator-provided keys.
+    Configured {
+        hs256_secret: Option<String>,
+        public_keys: Option<PathBuf>,
+        issuer: String,
+        audience: String,
+    },
+}
+
+/// A token-bucket rate: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("expected PER_SECOND/BURST with positive integers, got {s:?}");
+        let (rate, burst) = s.split_once('/').ok_or_else(bad)?;
+        let per_second: u32 = rate.trim().parse().map_err(|_| bad())?;
+        let burst: u32 = burst.trim().parse().map_err(|_| bad())?;
+        if per_second == 0 || burst == 0 {
+            return Err(bad());
+        }
+        Ok(Rate { per_second, burst })
+    }
+}
+
+/// How the self-started nats-server syncs its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsSync {
+    /// fsync every write: no acknowledged event is lost even on power loss (the default).
+    Always,
+    /// nats-server's own default interval (faster; a power loss can lose recent writes).
+    Default,
+    /// A specific interval, e.g. `1s`.
+    Interval(Duration),
+}
+
+/// Everything a `chatd run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    /// HTTP + WebSocket listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Embedded store, development secret and the self-started nats-server's data.
+    pub data_dir: PathBuf,
+    /// An external NATS; `None` starts our own nats-server.
+    pub nats_url: Option<String>,
+    /// The nats-server binary to start when `nats_url` is unset.
+    pub nats_server_bin: Option<PathBuf>,
+    /// File sync policy of the self-started nats-server.
+    pub nats_sync: NatsSync,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    pub send_rate: Rate,
+    /// WebSocket Origin allow-list; `None`: only no Origin or one matching Host.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Room log layout and timeouts.
+    pub log: LogConfig,
+    /// How long a drain may take before remaining connections are cut.
+    pub drain_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// `500ms`, `30s`, `10m`, `2h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a duration like 30s or 10m, got {s:?}"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m, h)")),
+    };
+    Ok(d)
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Reads settings through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let role = match get("CHAT_ROLE") {
+            Some(r) => r.parse().map_err(|m| err("CHAT_ROLE", m))?,
+            None => Role::All,
+        };
+        let listen = get("CHAT_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| err("CHAT_LISTEN", format!("expected IP:PORT, got {listen:?}")))?;
+        let data_dir = PathBuf::from(get("CHAT_DATA_DIR").unwrap_or_else(|| "./data".to_owned()));
+
+        let nats_url = get("NATS_URL");
+        if let Some(url) = &nats_url {
+            for server in url.split(',') {
+                server
+                    .trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|e| err("NATS_URL", format!("{server:?}: {e}")))?;
+            }
+        }
+        let nats_server_bin = get("NATS_SERVER_BIN").map(PathBuf::from);
+        let nats_sync = match get("CHAT_NATS_SYNC").as_deref() {
+            None | Some("always") => NatsSync::Always,
+            Some("default") => NatsSync::Default,
+            Some(other) => NatsSync::Interval(parse_duration(other).map_err(|m| {
+                err(
+                    "CHAT_NATS_SYNC",
+                    format!("always, default, or an interval: {m}"),
+                )
+            })?),
+        };
+
+        let store = match get("CHAT_STORE").as_deref() {
+            None | Some("sqlite") => StoreConfig::Sqlite,
+            Some(uri) => parse_scylla_uri(uri).map_err(|m| err("CHAT_STORE", m))?,
+        };
+
+        let auth = auth_from(&get)?;
+        let send_rate = match get("CHAT_SEND_RATE") {
+            Some(r) => r.parse().map_err(|m| err("CHAT_SEND_RATE", m))?,
+            None => Rate {
+                per_second: 10,
+                burst: 20,
+            },
+        };
+        let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
+            list.split(',')
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect()
+        });
+
+        let mut log = LogConfig::default();
+        if let Some(prefix) = get("CHAT_PREFIX") {
+            log.prefix = prefix;
+        }
+        if let Some(replicas) = get("CHAT_REPLICAS") {
+            log.replicas = replicas
+                .parse()
+                .map_err(|_| err("CHAT_REPLICAS", format!("not a number: {replicas:?}")))?;
+        }
+        if let Some(window) = get("CHAT_DEDUP_WINDOW") {
+            log.duplicate_window =
+                parse_duration(&window).map_err(|m| err("CHAT_DEDUP_WINDOW", m))?;
+        }
+        if let Some(timeout) = get("CHAT_NATS_TIMEOUT") {
+            log.request_timeout =
+                parse_duration(&timeout).map_err(|m| err("CHAT_NATS_TIMEOUT", m))?;
+        }
+        log.validate()
+            .map_err(|e| err("CHAT_PREFIX/CHAT_REPLICAS/CHAT_DEDUP_WINDOW", e.to_string()))?;
+
+        let drain_grace = match get("CHAT_DRAIN_GRACE") {
+            Some(d) => parse_duration(&d).map_err(|m| err("CHAT_DRAIN_GRACE", m))?,
+            None => Duration::from_secs(10),
+        };
+
+        Ok(Config {
+            role,
+            listen,
+            data_dir,
+            nats_url,
+            nats_server_bin,
+            nats_sync,
+            store,
+            auth,
+            send_rate,
+            allowed_origins,
+            log,
+            drain_grace,
+        })
+    }
+}
+
+fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, ConfigError> {
+    let hs256_secret = get("CHAT_JWT_HS256_SECRET");
+    let public_keys = get("CHAT_JWT_PUBLIC_KEYS").map(PathBuf::from);
+    let issuer = get("CHAT_JWT_ISSUER");
+    let audience = get("CHAT_JWT_AUDIENCE");
+    if hs256_secret.is_none() && public_keys.is_none() {
+        if issuer.is_some() || audience.is_some() {
+            return Err(err(
+                "CHAT_JWT_ISSUER",
+                "issuer/audience given without CHAT_JWT_HS256_SECRET or CHAT_JWT_PUBLIC_KEYS",
+            ));
+        }
+        return Ok(AuthConfig::Development);
+    }
+    if let Some(secret) = &hs256_secret {
+        if secret.len() < 32 {
+            return Err(err("CHAT_JWT_HS256_SECRET", "must be at least 32 bytes"));
+        }
+    }
+    if let Some(path) = &public_keys {
+        std::fs::metadata(path)
+            .map_err(|e| err("CHAT_JWT_PUBLIC_KEYS", format!("{}: {e}", path.display())))?;
+    }
+    Ok(AuthConfig::Configured {
+        hs256_secret,
+        public_keys,
+        issuer: issuer
+            .ok_or_else(|| err("CHAT_JWT_ISSUER", "required when tokens are configured"))?,
+        audience: audience
+            .ok_or_else(|| err("CHAT_JWT_AUDIENCE", "required when tokens are configured"))?,
+    })
+}
+
+/// `scylla://host:port[,host:port…]/keyspace`
+fn parse_scylla_uri(uri: &str) -> Result<StoreConfig, String> {
+    let usage = || format!("expected sqlite or scylla://host:port/keyspace, got {uri:?}");
+    let rest = uri.strip_prefix("scylla://").ok_or_else(usage)?;
+    let (hosts, keyspace) = rest.split_once('/').ok_or_else(usage)?;
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::to_owned)
+        .filter(|h| !h.is_empty())
+        .collect();
+    let keyspace_ok = !keyspace.is_empty()
+        && keyspace.len() <= 48
+        && keyspace
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_');
+    if nodes.is_empty() || !keyspace_ok {
+        return Err(usage());
+    }
+    Ok(StoreConfig::Scylla {
+        nodes,
+        keyspace: keyspace.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_run_everything_on_one_machine() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.role, Role::All);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.nats_url, None);
+        assert_eq!(c.store, StoreConfig::Sqlite);
+        assert_eq!(c.auth, AuthConfig::Development);
+        assert_eq!(
+            c.send_rate,
+            Rate {
+                per_second: 10,
+                burst: 20
+            }
+        );
+        assert_eq!(c.nats_sync, NatsSync::Always);
+        assert_eq!(c.log.duplicate_window, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("CHAT_LISTEN", "localhost"),
+            ("CHAT_ROLE", "router"),
+            ("CHAT_SEND_RATE", "10"),
+            ("CHAT_SEND_RATE", "0/5"),
+            ("CHAT_STORE", "postgres://x"),
+            ("CHAT_STORE", "scylla://h:9042/"),
+            ("CHAT_DEDUP_WINDOW", "10 minutes"),
+            ("CHAT_PREFIX", "Chat.X"),
+            ("CHAT_REPLICAS", "three"),
+            ("NATS_URL", "nats://host:notaport"),
+            ("CHAT_JWT_HS256_SECRET", "short"),
+            ("CHAT_NATS_SYNC", "sometimes"),
+        ] {
+            let e = config(&[(var, value)]).unwrap_err();
+            assert!(e.var.split('/').any(|v| v == var), "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn configured_tokens_need_issuer_and_audience() {
+        let secret = "s".repeat(32);
+        assert!(config(&[("CHAT_JWT_HS256_SECRET", &secret)]).is_err());
+        let c = config(&[
+            ("CHAT_JWT_HS256_SECRET", &secret),
+            ("CHAT_JWT_ISSUER", "idp"),
+            ("CHAT_JWT_AUDIENCE", "chat"),
+        ])
+        .unwrap();
+        assert!(matches!(c.auth, AuthConfig::Configured { .. }));
+        assert!(config(&[
+            ("CHAT_JWT_PUBLIC_KEYS", "/nonexistent.pem"),
+            ("CHAT_JWT_ISSUER", "i"),
+            ("CHAT_JWT_AUDIENCE", "a")
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn values_parse() {
+        let c = config(&[
+            (
+                "CHAT_STORE",
+                "scylla://10.0.0.1:9042,10.0.0.2:9042/chat_prod",
+            ),
+            ("CHAT_SEND_RATE", "5/50"),
+            ("CHAT_DEDUP_WINDOW", "2m"),
+            (
+                "CHAT_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
+            ("CHAT_ROLE", "edge"),
+            ("NATS_URL", "nats://a:4222,nats://b:4222"),
+            ("CHAT_NATS_SYNC", "1s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig::Scylla {
+                nodes: vec!["10.0.0.1:9042".into(), "10.0.0.2:9042".into()],
+                keyspace: "chat_prod".into()
+            }
+        );
+        assert_eq!(
+            c.send_rate,
+            Rate {
+                per_second: 5,
+                burst: 50
+            }
+        );
+        assert_eq!(c.log.duplicate_window, Duration::from_secs(120));
+        assert_eq!(
+            c.allowed_origins.unwrap(),
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.role, Role::Edge);
+        assert_eq!(c.nats_sync, NatsSync::Interval(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+    }
+}

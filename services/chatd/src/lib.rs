@@ -1,0 +1,154 @@
+//! chatd: the chat backend as a library. `main.rs` parses the command line and configuration,
+//! starts a nats-server if none is configured, and calls [`serve`].
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod devauth;
+pub mod http;
+pub mod nats_child;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chat_log::RoomLog;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Role};
+
+/// How long to wait for NATS and JetStream to answer at start.
+const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs this process's role until `shutdown` is cancelled, then drains within the grace period.
+///
+/// Prints the contract's `ready http=… ws=…` line on stdout once it accepts connections.
+pub async fn serve(
+    config: Config,
+    nats_url: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let role = config.role;
+    let log = connect_log(&nats_url, &config).await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
+    let addr = listener.local_addr().context("listen address")?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let app = http::router(http::Health {
+        draining: draining.clone(),
+        nats: log.client().clone(),
+    });
+
+    let stop_accepting = {
+        let shutdown = shutdown.clone();
+        let draining = draining.clone();
+        async move {
+            shutdown.cancelled().await;
+            draining.store(true, Ordering::SeqCst);
+            tracing::info!("draining");
+        }
+    };
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_accepting)
+            .await
+    });
+
+    println!("ready http=http://{addr} ws=ws://{addr}/v1/ws");
+    let _ = std::io::stdout().flush();
+    tracing::info!(role = role.as_str(), %addr, nats = %nats_url, "ready");
+    if role != Role::All {
+        tracing::info!(
+            role = role.as_str(),
+            "this role serves health endpoints only in this version"
+        );
+    }
+
+    // The server task ends only after a shutdown request (its graceful-shutdown future waits
+    // for one) or on an error; a drain gets `drain_grace` at most.
+    let mut server = server;
+    let drained = tokio::select! {
+        result = &mut server => Some(result),
+        _ = shutdown.cancelled() => {
+            tokio::time::timeout(config.drain_grace, &mut server).await.ok()
+        }
+    };
+    match drained {
+        Some(result) => result.context("http server task")?.context("http server")?,
+        None => {
+            tracing::warn!(grace = ?config.drain_grace, "drain grace elapsed; closing what is left")
+        }
+    }
+    if !shutdown.is_cancelled() {
+        anyhow::bail!("http server stopped without a shutdown request");
+    }
+    if let Err(e) = log.client().flush().await {
+        tracing::warn!(error = %e, "flush nats on shutdown");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects the room log, waiting (up to a deadline) for NATS and JetStream to come up.
+async fn connect_log(url: &str, config: &Config) -> anyhow::Result<RoomLog> {
+    let options = async_nats::ConnectOptions::new()
+        .name(format!("chatd-{}", config.role.as_str()))
+        .retry_on_initial_connect();
+    let log = RoomLog::connect_with_options(url, options, config.log.clone())
+        .await
+        .with_context(|| format!("connect to nats at {url}"))?;
+    let js = async_nats::jetstream::new(log.client().clone());
+    let deadline = Instant::now() + NATS_START_DEADLINE;
+    let mut waited = false;
+    loop {
+        match js.query_account().await {
+            Ok(_) => return Ok(log),
+            Err(e) if Instant::now() < deadline => {
+                if !waited {
+                    tracing::info!(nats = %url, error = %e, "waiting for nats with jetstream");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => anyhow::bail!("no jetstream at {url} after {NATS_START_DEADLINE:?}: {e}"),
+        }
+    }
+}
+
+/// Takes an exclusive lock on the data directory for the life of the returned file, so two
+/// processes never share one embedded store or one nats-server store.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create data dir {}", dir.display()))?;
+    let path = dir.join("chatd.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "data dir {} is in use by another chatd (pid {}); give each process its own CHAT_DATA_DIR",
+                dir.display(),
+                owner.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("lock {}", path.display()))
+        }
+    }
+    file.set_len(0)
+        .and_then(|_| write!(file, "{}", std::process::id()))
+        .ok();
+    Ok(file)
+}

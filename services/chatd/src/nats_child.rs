@@ -1,0 +1,216 @@
+//! The nats-server that `chatd run` starts for itself when `NATS_URL` is unset.
+//!
+//! It listens on a free loopback port, keeps its JetStream store under `<data>/nats/`, and is
+//! started through `setpriv --pdeathsig TERM`, so it stops when chatd dies, even by SIGKILL.
+//! The parent-death signal is tied to the thread that spawned it: start it from the main thread.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config::NatsSync;
+
+/// How long a fresh nats-server may take to accept connections.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// The oldest nats-server that has what the room log needs.
+const MIN_VERSION: (u32, u32) = (2, 10);
+
+/// A running nats-server owned by this process.
+pub struct NatsChild {
+    /// The process (setpriv execs into nats-server, so this is its pid).
+    child: Option<Child>,
+    /// `nats://127.0.0.1:PORT`
+    url: String,
+    /// The server's own log file, quoted when it fails.
+    log_file: PathBuf,
+}
+
+impl NatsChild {
+    /// Starts nats-server with its store in `<data_dir>/nats` and waits until it accepts
+    /// connections.
+    pub fn start(
+        data_dir: &Path,
+        bin: Option<&Path>,
+        sync: &NatsSync,
+    ) -> anyhow::Result<NatsChild> {
+        let bin = find_binary(bin)?;
+        let dir = data_dir.join("nats");
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolve {}", dir.display()))?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("find a free port for nats-server")?
+            .port();
+        let sync_line = match sync {
+            NatsSync::Always => "  sync_interval: always\n".to_owned(),
+            NatsSync::Default => String::new(),
+            NatsSync::Interval(d) => format!("  sync_interval: \"{}ms\"\n", d.as_millis()),
+        };
+        let log_file = dir.join("nats-server.log");
+        let config = format!(
+            "# Written by chatd at every start; edits are overwritten.\n\
+             server_name: chatd-local\n\
+             listen: 127.0.0.1:{port}\n\
+             pid_file: \"{pid}\"\n\
+             log_file: \"{log}\"\n\
+             jetstream {{\n  store_dir: \"{store}\"\n{sync_line}}}\n",
+            pid = dir.join("nats-server.pid").display(),
+            log = log_file.display(),
+            store = dir.join("jetstream").display(),
+        );
+        let config_path = dir.join("nats.conf");
+        fs::write(&config_path, config)
+            .with_context(|| format!("write {}", config_path.display()))?;
+
+        let log_start = fs::metadata(&log_file).map(|m| m.len()).unwrap_or(0);
+        let mut cmd = match which("setpriv") {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "TERM"]).arg(&bin);
+                c
+            }
+            None => {
+                tracing::warn!(
+                    "setpriv not found: nats-server may outlive chatd if chatd is killed"
+                );
+                Command::new(&bin)
+            }
+        };
+        cmd.arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let mut nats = NatsChild {
+            child: Some(child),
+            url: format!("nats://127.0.0.1:{port}"),
+            log_file,
+        };
+        tracing::info!(bin = %bin.display(), port, pid = nats.pid(), "started nats-server");
+
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(status) = nats
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                nats.child = None;
+                bail!(
+                    "nats-server exited with {status} while starting; its log ({}):\n{}",
+                    nats.log_file.display(),
+                    tail(&nats.log_file, log_start)
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(nats);
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not accept connections within {START_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Stops the server cleanly (SIGTERM), killing it if it takes longer than `grace`.
+    pub fn stop(mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                tracing::info!("nats-server stopped");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(?grace, "nats-server did not stop in time; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for NatsChild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn find_binary(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let candidate = match configured {
+        Some(bin) => bin.to_path_buf(),
+        None => which("nats-server").with_context(|| {
+            "no nats-server found: set NATS_URL to use a running NATS, set NATS_SERVER_BIN, \
+             or start with `make run`, which installs one"
+        })?,
+    };
+    let output = Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("run {} --version", candidate.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let version = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find(|t| t.matches('.').count() >= 1 && !t.starts_with('.'))
+        .unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < MIN_VERSION {
+        bail!(
+            "{} is version {:?}; nats-server {}.{} or newer is needed (`make run` installs one)",
+            candidate.display(),
+            text.trim(),
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        );
+    }
+    Ok(candidate)
+}
+
+/// What the log file gained since `from` (at most the last 4 KiB of it).
+fn tail(path: &Path, from: u64) -> String {
+    let Ok(mut file) = fs::File::open(path) else {
+        return "(no log)".to_owned();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = from.max(len.saturating_sub(4096));
+    let mut text = String::new();
+    let _ = file
+        .seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_to_string(&mut text));
+    text
+}

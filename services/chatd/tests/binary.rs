@@ -1,0 +1,259 @@
+//! The real `chatd` binary: start, health, tokens, roles, shutdown, and refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chat_harness::{nats_server_bin, process_gone, Chatd, NatsServer};
+use chatd::devauth::{Claims, DEV_AUDIENCE, DEV_ISSUER};
+use nix::sys::signal::Signal;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chatd"))
+}
+
+fn nats_bin() -> String {
+    nats_server_bin().display().to_string()
+}
+
+/// Settings for a chatd that starts its own nats-server (fast sync: this is a test).
+fn standalone_env(data: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_SERVER_BIN", nats_bin()),
+        ("CHAT_NATS_SYNC", "default".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+    ]
+}
+
+fn start(env: &[(&'static str, String)]) -> Chatd {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Chatd::start(bin(), &[], &env)
+}
+
+fn nats_pid(data: &Path) -> u32 {
+    let path = data.join("nats/nats-server.pid");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn eventually(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !check() {
+        assert!(Instant::now() < end, "{what}: not true within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn all_in_one_starts_its_own_nats_and_serves_health() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    assert!(chatd.http_addr().starts_with("127.0.0.1:") && !chatd.http_addr().ends_with(":0"));
+    assert_eq!(chatd.get("/healthz").unwrap().0, 200);
+    let (status, body) = chatd.get("/readyz").unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
+    let (status, body) = chatd.get("/no/such/thing").unwrap();
+    assert_eq!(status, 404);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    assert!(!process_gone(nats_pid(data.path())), "its nats-server runs");
+    assert!(
+        data.path().join("nats/jetstream").is_dir(),
+        "the nats store lives in the data dir"
+    );
+}
+
+#[test]
+fn the_token_command_mints_tokens_the_dev_secret_verifies() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args([
+            "token",
+            "alice@example.com",
+            "--name",
+            "Alice",
+            "--ttl",
+            "1h",
+        ])
+        .env("CHAT_DATA_DIR", data.path())
+        .env_remove("CHAT_JWT_HS256_SECRET")
+        .env_remove("CHAT_JWT_PUBLIC_KEYS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let secret = std::fs::read_to_string(data.path().join("dev-secret")).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_issuer(&[DEV_ISSUER]);
+    validation.set_audience(&[DEV_AUDIENCE]);
+    let claims = jsonwebtoken::decode::<Claims>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.trim().as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims.sub, "alice@example.com");
+    assert_eq!(claims.name.as_deref(), Some("Alice"));
+    assert!(claims.exp > claims.iat && claims.exp - claims.iat == 3600);
+
+    // A user id the contract refuses is refused here too.
+    let bad = Command::new(bin())
+        .args(["token", "not a user"])
+        .env("CHAT_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn sigterm_drains_exits_cleanly_and_stops_its_nats_server() {
+    let data = tempfile::tempdir().unwrap();
+    let mut chatd = start(&standalone_env(data.path()));
+    let nats = nats_pid(data.path());
+    chatd.signal(Signal::SIGTERM);
+    let status = chatd
+        .wait_exit(Duration::from_secs(30))
+        .expect("chatd exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", chatd.stderr());
+    eventually("nats-server stopped", Duration::from_secs(15), || {
+        process_gone(nats)
+    });
+}
+
+#[test]
+fn sigkill_of_chatd_takes_its_nats_server_down_too() {
+    let data = tempfile::tempdir().unwrap();
+    let mut chatd = start(&standalone_env(data.path()));
+    let nats = nats_pid(data.path());
+    chatd.kill();
+    eventually(
+        "nats-server gone after its parent was killed",
+        Duration::from_secs(15),
+        || process_gone(nats),
+    );
+    // And the data dir can be used again right away.
+    let again = start(&standalone_env(data.path()));
+    assert_eq!(again.get("/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn invalid_configuration_is_refused_before_anything_starts() {
+    let data = tempfile::tempdir().unwrap();
+    for (var, value) in [
+        ("CHAT_SEND_RATE", "fast"),
+        ("CHAT_LISTEN", "everywhere"),
+        ("CHAT_STORE", "mysql://db"),
+        ("CHAT_ROLE", "router"),
+        ("NATS_URL", "nats://:bad:port"),
+    ] {
+        let mut env = standalone_env(data.path());
+        env.push((var, value.to_owned()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let failed = Chatd::try_start(bin(), &[], &env)
+            .err()
+            .unwrap_or_else(|| panic!("{var}={value} accepted"));
+        assert_eq!(
+            failed.status.and_then(|s| s.code()),
+            Some(2),
+            "{var}: {}",
+            failed.stderr
+        );
+        assert!(
+            failed.stderr.contains(var),
+            "the error names {var}: {}",
+            failed.stderr
+        );
+        assert!(
+            !data.path().join("nats").exists(),
+            "{var}: nothing may start before validation"
+        );
+    }
+}
+
+#[test]
+fn a_second_chatd_on_the_same_data_dir_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let _first = start(&standalone_env(data.path()));
+    let env = standalone_env(data.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let second = Chatd::try_start(bin(), &[], &env)
+        .err()
+        .expect("second chatd refused");
+    assert!(
+        second.stderr.contains("in use by another chatd"),
+        "{}",
+        second.stderr
+    );
+}
+
+#[test]
+fn every_role_runs_against_an_external_nats() {
+    let server = NatsServer::start();
+    for role in ["edge", "projector", "api", "all"] {
+        let data = tempfile::tempdir().unwrap();
+        let env = vec![
+            ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+            ("CHAT_DATA_DIR", data.path().display().to_string()),
+            ("NATS_URL", server.url()),
+            ("CHAT_ROLE", role.to_owned()),
+        ];
+        let chatd = start(&env);
+        assert_eq!(chatd.get("/readyz").unwrap().0, 200, "{role}");
+        assert!(
+            !data.path().join("nats").exists(),
+            "{role}: no nats-server of its own"
+        );
+    }
+}
+
+#[test]
+fn readiness_follows_the_nats_connection() {
+    let mut server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.path().display().to_string()),
+        ("NATS_URL", server.url()),
+    ];
+    let chatd = start(&env);
+    assert_eq!(chatd.get("/readyz").unwrap().0, 200);
+    server.kill();
+    eventually("not ready without nats", Duration::from_secs(30), || {
+        chatd.get("/readyz").unwrap().0 == 503
+    });
+    assert_eq!(chatd.get("/healthz").unwrap().0, 200, "still alive");
+    server.start_again();
+    eventually("ready again", Duration::from_secs(30), || {
+        chatd.get("/readyz").unwrap().0 == 200
+    });
+}
+
+#[test]
+fn a_missing_nats_server_binary_is_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.retain(|(k, _)| *k != "NATS_SERVER_BIN");
+    env.push((
+        "NATS_SERVER_BIN",
+        PathBuf::from("/nonexistent/nats-server")
+            .display()
+            .to_string(),
+    ));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let failed = Chatd::try_start(bin(), &[], &env).err().expect("refused");
+    assert!(
+        failed.stderr.contains("/nonexistent/nats-server"),
+        "{}",
+        failed.stderr
+    );
+}
