@@ -1,1 +1,315 @@
-fn main() {}
+//! `make bench`: each benchmark measures our code and a baseline doing the same work with raw
+//! async-nats, in the same run, interleaved, on the same nats-server; it prints one JSON line per
+//! result with the ratio. Absolute numbers move with the machine's load; ratios much less.
+//!
+//! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
+//! room_log_read).
+
+use std::time::{Duration, Instant};
+
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chat_harness::NatsServer;
+use chat_log::{LogConfig, RoomLog};
+use chat_model::{Event, EventBody, RoomId, UserId};
+use futures::StreamExt;
+use serde_json::json;
+
+/// Appends in flight for the pipelined benchmark.
+const IN_FLIGHT: usize = 256;
+/// Interleaved rounds of ours and baseline; the median round is reported.
+const ROUNDS: usize = 5;
+
+struct Sizes {
+    pipelined: usize,
+    sequential: usize,
+    read: usize,
+}
+
+fn event(i: usize) -> Event {
+    // ~200 bytes of text, as in the measured facts of the architecture notes.
+    let text = format!("{i:08} {}", "lorem ipsum dolor sit amet ".repeat(7));
+    Event {
+        id: uuid::Uuid::new_v4(),
+        user: UserId::parse("bench-user").unwrap(),
+        ts: 1_763_900_000_000,
+        body: EventBody::Message {
+            text,
+            thread: None,
+            reply_to: None,
+        },
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx].as_secs_f64() * 1e6
+}
+
+fn emit(bench: &str, ours: f64, baseline: f64, unit: &str, extra: serde_json::Value) {
+    let ratio = ours / baseline;
+    let mut line = json!({
+        "bench": bench,
+        "ours": (ours * 100.0).round() / 100.0,
+        "baseline": (baseline * 100.0).round() / 100.0,
+        "ratio": (ratio * 1000.0).round() / 1000.0,
+        "unit": unit,
+    });
+    if let (Some(line), Some(extra)) = (line.as_object_mut(), extra.as_object()) {
+        line.extend(extra.clone());
+    }
+    println!("{line}");
+}
+
+struct Bench {
+    log: RoomLog,
+    raw: async_nats::jetstream::Context,
+    next_room: usize,
+}
+
+impl Bench {
+    /// A fresh room (its stream created through the room log, so both sides publish to
+    /// identical streams).
+    async fn room(&mut self) -> RoomId {
+        self.next_room += 1;
+        let room = RoomId::parse(format!("bench-{}", self.next_room)).unwrap();
+        self.log.ensure_room(&room).await.unwrap();
+        room
+    }
+
+    /// The raw side: the same bytes, the same `Nats-Msg-Id`, straight through async-nats.
+    async fn raw_append(&self, subject: &str, id: &str, payload: Bytes) -> u64 {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, id);
+        let ack = self
+            .raw
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .unwrap();
+        ack.await.unwrap().sequence
+    }
+
+    /// Pipelined appends through the room log (events encoded on the way in); msg/s.
+    async fn ours_pipelined(&mut self, n: usize) -> f64 {
+        let room = self.room().await;
+        let events: Vec<Event> = (0..n).map(event).collect();
+        let log = self.log.clone();
+        let start = Instant::now();
+        futures::stream::iter(events.iter())
+            .map(|e| log.append(&room, e))
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|r| async move {
+                r.unwrap();
+            })
+            .await;
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+
+    /// The same payloads, pre-encoded, published raw with the same window; msg/s.
+    async fn raw_pipelined(&mut self, n: usize) -> f64 {
+        let room = self.room().await;
+        let subject = self.log.config().room_subject(&room);
+        let payloads: Vec<(String, Bytes)> = (0..n)
+            .map(event)
+            .map(|e| (e.id.to_string(), Bytes::from(e.encode().unwrap())))
+            .collect();
+        let this = &*self;
+        let start = Instant::now();
+        futures::stream::iter(payloads)
+            .map(|(id, payload)| {
+                let subject = &subject;
+                async move { this.raw_append(subject, &id, payload).await }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|_| async {})
+            .await;
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+
+    async fn append_throughput(&mut self, n: usize) {
+        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            // Alternate which side goes first, so neither always meets a warmer server.
+            if round % 2 == 0 {
+                ours.push(self.ours_pipelined(n).await);
+                baseline.push(self.raw_pipelined(n).await);
+            } else {
+                baseline.push(self.raw_pipelined(n).await);
+                ours.push(self.ours_pipelined(n).await);
+            }
+        }
+        emit(
+            "room_log_append",
+            median(ours),
+            median(baseline),
+            "msg/s",
+            json!({ "in_flight": IN_FLIGHT, "events_per_round": n, "rounds": ROUNDS }),
+        );
+    }
+
+    /// Sorted latencies of `n` appends, one at a time, through the room log.
+    async fn ours_sequential(&mut self, n: usize) -> Vec<Duration> {
+        let room = self.room().await;
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n {
+            let e = event(i);
+            let start = Instant::now();
+            self.log.append(&room, &e).await.unwrap();
+            samples.push(start.elapsed());
+        }
+        samples.sort();
+        samples
+    }
+
+    /// Sorted latencies of `n` raw publishes of the same kind of payload, one at a time.
+    async fn raw_sequential(&mut self, n: usize) -> Vec<Duration> {
+        let room = self.room().await;
+        let subject = self.log.config().room_subject(&room);
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n {
+            let e = event(i);
+            let id = e.id.to_string();
+            let payload = Bytes::from(e.encode().unwrap());
+            let start = Instant::now();
+            self.raw_append(&subject, &id, payload).await;
+            samples.push(start.elapsed());
+        }
+        samples.sort();
+        samples
+    }
+
+    async fn append_latency(&mut self, n: usize) {
+        let (mut ours, mut raw) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                ours.push(self.ours_sequential(n).await);
+                raw.push(self.raw_sequential(n).await);
+            } else {
+                raw.push(self.raw_sequential(n).await);
+                ours.push(self.ours_sequential(n).await);
+            }
+        }
+        for (name, p) in [
+            ("room_log_append_latency_p50", 0.5),
+            ("room_log_append_latency_p99", 0.99),
+        ] {
+            emit(
+                name,
+                median(ours.iter().map(|s| percentile(s, p)).collect()),
+                median(raw.iter().map(|s| percentile(s, p)).collect()),
+                "us",
+                json!({
+                    "in_flight": 1, "events_per_round": n, "rounds": ROUNDS,
+                    "note": "ours encodes the event inside the timed call",
+                }),
+            );
+        }
+    }
+
+    async fn read_throughput(&mut self, n: usize) {
+        let room = self.room().await;
+        let events: Vec<Event> = (0..n).map(event).collect();
+        futures::stream::iter(events.iter())
+            .map(|e| self.log.append(&room, e))
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|r| async move {
+                r.unwrap();
+            })
+            .await;
+        let stream_name = self.log.config().stream_name(&room);
+        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let start = Instant::now();
+            let mut reader = self.log.read_range(&room, 1, n as u64);
+            let mut count = 0;
+            while let Some(entry) = reader.next().await {
+                entry.unwrap();
+                count += 1;
+            }
+            assert_eq!(count, n);
+            ours.push(n as f64 / start.elapsed().as_secs_f64());
+
+            // Baseline: an ordered consumer from seq 1, straight through async-nats.
+            let start = Instant::now();
+            let stream = self.raw.get_stream_no_info(&stream_name).await.unwrap();
+            let consumer = stream
+                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+                .await
+                .unwrap();
+            let mut messages = consumer.messages().await.unwrap();
+            let mut count = 0;
+            while count < n {
+                messages.next().await.unwrap().unwrap();
+                count += 1;
+            }
+            baseline.push(n as f64 / start.elapsed().as_secs_f64());
+        }
+        emit(
+            "room_log_read",
+            median(ours),
+            median(baseline),
+            "msg/s",
+            json!({ "events": n, "rounds": ROUNDS }),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    args.retain(|a| a != "--quick");
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    let sizes = if quick {
+        Sizes {
+            pipelined: 5_000,
+            sequential: 300,
+            read: 5_000,
+        }
+    } else {
+        Sizes {
+            pipelined: 50_000,
+            sequential: 3_000,
+            read: 100_000,
+        }
+    };
+
+    let server = NatsServer::start();
+    eprintln!(
+        "bench: nats-server {} at {}, {} cores, {}",
+        chat_harness::nats_server_bin().display(),
+        server.url(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        if quick { "quick sizes" } else { "full sizes" }
+    );
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let raw_client = async_nats::connect(server.url()).await.unwrap();
+    let raw = async_nats::jetstream::new(raw_client);
+    let mut bench = Bench {
+        log,
+        raw,
+        next_room: 0,
+    };
+
+    if wanted("room_log_append") {
+        bench.append_throughput(sizes.pipelined).await;
+    }
+    if wanted("room_log_append_latency") {
+        bench.append_latency(sizes.sequential).await;
+    }
+    if wanted("room_log_read") {
+        bench.read_throughput(sizes.read).await;
+    }
+    // The server lives until every benchmark is done.
+    drop(server);
+}
