@@ -297,9 +297,10 @@ impl RoomLog {
             room: room.clone(),
             source,
         })?;
+        let mut id = uuid::Uuid::encode_buffer();
         self.append_raw(
             room,
-            &event.id.hyphenated().to_string(),
+            event.id.hyphenated().encode_lower(&mut id),
             payload.into(),
             None,
         )
@@ -342,17 +343,21 @@ impl RoomLog {
                 max,
             });
         }
-        let subject = self.inner.config.room_subject(room);
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, msg_id);
-        if let Some(expected) = expected_last {
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
-        }
+        // Built per attempt rather than cloned: almost every append takes exactly one attempt.
+        let headers = || {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, msg_id);
+            if let Some(expected) = expected_last {
+                headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+            }
+            headers
+        };
         for attempt in 0..=ZERO_SEQ_RETRIES {
+            let subject = self.inner.config.room_subject(room);
             let published = self
                 .inner
                 .js
-                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .publish_with_headers(subject, headers(), payload.clone())
                 .await;
             let ack = match published {
                 Ok(ack_future) => ack_future.await,

@@ -210,3 +210,33 @@ async fn events_appended_across_a_restart_arrive_once_each_in_order() {
     appends.await.unwrap();
     assert_texts(&expect_exactly(&mut rx, 1, 400).await, "m");
 }
+
+#[tokio::test]
+async fn a_slow_consumer_notice_makes_the_reader_fetch_what_was_dropped() {
+    let server = NatsServer::start();
+    let writer = connect(&server.url()).await;
+    // A tiny subscription buffer: the client library drops what does not fit and says so.
+    let options = async_nats::ConnectOptions::new().subscription_capacity(16);
+    let reader = RoomLog::connect_with_options(&server.url(), options, LogConfig::default()).await.unwrap();
+    let room = room("slow");
+    writer.ensure_room(&room).await.unwrap();
+    let mut live = reader.subscribe_live(&room, 0).await.unwrap();
+    writer.append(&room, &message("m1")).await.unwrap();
+    assert_eq!(within("first event", 10, live.next()).await.unwrap().seq, 1);
+
+    // The reader stops reading while 300 events are appended: most live copies are dropped,
+    // the last ones included, so no later live message would reveal them.
+    for i in 2..=300 {
+        writer.append(&room, &message(format!("m{i}"))).await.unwrap();
+    }
+    let mut got = Vec::new();
+    within("all 300 after the slow-consumer notice", 30, async {
+        while got.last().is_none_or(|e: &RawEntry| e.seq < 300) {
+            got.push(live.next().await.unwrap());
+        }
+    })
+    .await;
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (2..=300).collect::<Vec<_>>());
+    assert_texts(&got, "m");
+}

@@ -236,8 +236,11 @@ impl Event {
             }
         }
         let kind = self.kind();
-        let bytes =
-            rmp_serde::to_vec_named(&w).map_err(|source| EncodeError::Msgpack { kind, source })?;
+        // Sized for the envelope plus the text, so encoding allocates once.
+        let text_len = w.text.as_ref().map_or(0, |t| t.len());
+        let mut bytes = Vec::with_capacity(128 + text_len);
+        rmp_serde::encode::write_named(&mut bytes, &w)
+            .map_err(|source| EncodeError::Msgpack { kind, source })?;
         if bytes.len() > MAX_EVENT_BYTES {
             return Err(EncodeError::TooLarge {
                 kind,

@@ -212,6 +212,38 @@ impl Bench {
         }
     }
 
+    /// Reads `1..=n` through the room log; msg/s.
+    async fn ours_read(&self, room: &RoomId, n: usize) -> f64 {
+        let start = Instant::now();
+        let mut reader = self.log.read_range(room, 1, n as u64);
+        let mut count = 0;
+        while let Some(entry) = reader.next().await {
+            entry.unwrap();
+            count += 1;
+        }
+        assert_eq!(count, n);
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+
+    /// Reads `n` events with a raw ordered consumer from the start; msg/s.
+    async fn raw_read(&self, room: &RoomId, n: usize) -> f64 {
+        let start = Instant::now();
+        let stream = self
+            .raw
+            .get_stream_no_info(self.log.config().stream_name(room))
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        for _ in 0..n {
+            messages.next().await.unwrap().unwrap();
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+
     async fn read_throughput(&mut self, n: usize) {
         let room = self.room().await;
         let events: Vec<Event> = (0..n).map(event).collect();
@@ -222,33 +254,15 @@ impl Bench {
                 r.unwrap();
             })
             .await;
-        let stream_name = self.log.config().stream_name(&room);
         let (mut ours, mut baseline) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            let start = Instant::now();
-            let mut reader = self.log.read_range(&room, 1, n as u64);
-            let mut count = 0;
-            while let Some(entry) = reader.next().await {
-                entry.unwrap();
-                count += 1;
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                ours.push(self.ours_read(&room, n).await);
+                baseline.push(self.raw_read(&room, n).await);
+            } else {
+                baseline.push(self.raw_read(&room, n).await);
+                ours.push(self.ours_read(&room, n).await);
             }
-            assert_eq!(count, n);
-            ours.push(n as f64 / start.elapsed().as_secs_f64());
-
-            // Baseline: an ordered consumer from seq 1, straight through async-nats.
-            let start = Instant::now();
-            let stream = self.raw.get_stream_no_info(&stream_name).await.unwrap();
-            let consumer = stream
-                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-                .await
-                .unwrap();
-            let mut messages = consumer.messages().await.unwrap();
-            let mut count = 0;
-            while count < n {
-                messages.next().await.unwrap().unwrap();
-                count += 1;
-            }
-            baseline.push(n as f64 / start.elapsed().as_secs_f64());
         }
         emit(
             "room_log_read",

@@ -341,3 +341,34 @@ mod tests {
         assert_eq!(v["meta_cluster"]["cluster_size"], 3, "{body}");
     }
 }
+
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    /// Every nats-server configuration the project ships parses (`nats-server -t`).
+    #[test]
+    fn shipped_nats_configs_are_valid() {
+        let root = workspace_root().join("nats");
+        let mut configs = vec![root.join("production.conf")];
+        for entry in fs::read_dir(root.join("cluster")).unwrap() {
+            configs.push(entry.unwrap().path());
+        }
+        assert!(configs.len() >= 4);
+        for config in configs {
+            let out = Command::new(nats_server_bin())
+                .arg("-t")
+                .arg("-c")
+                .arg(&config)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}{}",
+                config.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
