@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,10 +46,12 @@ impl NatsChild {
         let dir = dir
             .canonicalize()
             .with_context(|| format!("resolve {}", dir.display()))?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("find a free port for nats-server")?
-            .port();
+        // nats-server picks a free port itself and reports it in the ports file: no race with
+        // other processes between choosing a port and binding it.
+        let ports_dir = dir.join("ports");
+        let _ = fs::remove_dir_all(&ports_dir);
+        fs::create_dir_all(&ports_dir)
+            .with_context(|| format!("create {}", ports_dir.display()))?;
         let sync_line = match sync {
             NatsSync::Always => "  sync_interval: always\n".to_owned(),
             NatsSync::Default => String::new(),
@@ -59,10 +61,12 @@ impl NatsChild {
         let config = format!(
             "# Written by chatd at every start; edits are overwritten.\n\
              server_name: chatd-local\n\
-             listen: 127.0.0.1:{port}\n\
+             listen: 127.0.0.1:-1\n\
+             ports_file_dir: \"{ports}\"\n\
              pid_file: \"{pid}\"\n\
              log_file: \"{log}\"\n\
              jetstream {{\n  store_dir: \"{store}\"\n{sync_line}}}\n",
+            ports = ports_dir.display(),
             pid = dir.join("nats-server.pid").display(),
             log = log_file.display(),
             store = dir.join("jetstream").display(),
@@ -95,10 +99,9 @@ impl NatsChild {
             .with_context(|| format!("start {}", bin.display()))?;
         let mut nats = NatsChild {
             child: Some(child),
-            url: format!("nats://127.0.0.1:{port}"),
+            url: String::new(),
             log_file,
         };
-        tracing::info!(bin = %bin.display(), port, pid = nats.pid(), "started nats-server");
 
         let deadline = Instant::now() + START_DEADLINE;
         loop {
@@ -114,8 +117,12 @@ impl NatsChild {
                     tail(&nats.log_file, log_start)
                 );
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(nats);
+            if let Some(port) = reported_port(&ports_dir) {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    nats.url = format!("nats://127.0.0.1:{port}");
+                    tracing::info!(bin = %bin.display(), port, pid = nats.pid(), "started nats-server");
+                    return Ok(nats);
+                }
             }
             if Instant::now() > deadline {
                 bail!("nats-server did not accept connections within {START_DEADLINE:?}");
@@ -159,6 +166,17 @@ impl Drop for NatsChild {
             let _ = child.wait();
         }
     }
+}
+
+/// The client port nats-server wrote to its ports file (`{"nats":["nats://127.0.0.1:PORT"],…}`).
+fn reported_port(ports_dir: &Path) -> Option<u16> {
+    let file = fs::read_dir(ports_dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let ports: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(file.path()).ok()?).ok()?;
+    ports["nats"][0].as_str()?.rsplit(':').next()?.parse().ok()
 }
 
 fn which(name: &str) -> Option<PathBuf> {

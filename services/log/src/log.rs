@@ -242,7 +242,40 @@ impl RoomLog {
                 owner: owner.cloned(),
             });
         }
+        if info.config.num_replicas > 1 {
+            self.wait_for_stream_leader(room, info).await?;
+        }
         Ok(())
+    }
+
+    /// A replicated stream takes appends once its Raft group has elected a leader; a room is
+    /// not reported ready before that.
+    async fn wait_for_stream_leader(
+        &self,
+        room: &RoomId,
+        mut info: stream::Info,
+    ) -> Result<(), LogError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if info
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.leader.as_ref().is_some_and(|l| !l.is_empty()))
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LogError::Unavailable {
+                    room: room.clone(),
+                    op: "create stream",
+                    reason: "the stream has no leader yet".to_owned(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            info = self.stream_info(room, "create stream").await?;
+        }
     }
 
     /// Whether the room's stream exists.
@@ -365,7 +398,11 @@ impl RoomLog {
             };
             let ack = match ack {
                 Ok(ack) => ack,
-                Err(e) => return Err(self.publish_error(room, expected_last, e).await),
+                Err(e) => {
+                    return Err(self
+                        .publish_error(room, expected_last, payload.len(), e)
+                        .await)
+                }
             };
             if ack.sequence != 0 {
                 return Ok(Appended {
@@ -387,6 +424,7 @@ impl RoomLog {
         &self,
         room: &RoomId,
         expected_last: Option<u64>,
+        payload_len: usize,
         e: jetstream::context::PublishError,
     ) -> LogError {
         let room_owned = || room.clone();
@@ -410,10 +448,11 @@ impl RoomLog {
                 expected: expected_last.unwrap_or_default(),
                 actual: self.head(room).await.unwrap_or_default(),
             },
+            // The server's max_payload is below our event limit (a nats-server setting).
             PublishErrorKind::MaxPayloadExceeded => LogError::TooLarge {
                 room: room_owned(),
-                size: 0,
-                max: self.inner.config.max_event_bytes,
+                size: payload_len,
+                max: self.inner.client.server_info().max_payload,
             },
             _ => {
                 let refused_by_jetstream = std::error::Error::source(&e)

@@ -215,28 +215,33 @@ async fn events_appended_across_a_restart_arrive_once_each_in_order() {
 async fn a_slow_consumer_notice_makes_the_reader_fetch_what_was_dropped() {
     let server = NatsServer::start();
     let writer = connect(&server.url()).await;
-    // A tiny subscription buffer: the client library drops what does not fit and says so.
-    let options = async_nats::ConnectOptions::new().subscription_capacity(16);
-    let reader = RoomLog::connect_with_options(&server.url(), options, LogConfig::default()).await.unwrap();
+    // A small subscription buffer: the client library drops what does not fit and says so.
+    // (It applies to every subscription of the connection, so it must still hold a batch of
+    // the ordered consumer that fills the gap.)
+    let options = async_nats::ConnectOptions::new().subscription_capacity(1024);
+    let reader = RoomLog::connect_with_options(&server.url(), options, LogConfig::default())
+        .await
+        .unwrap();
     let room = room("slow");
     writer.ensure_room(&room).await.unwrap();
     let mut live = reader.subscribe_live(&room, 0).await.unwrap();
     writer.append(&room, &message("m1")).await.unwrap();
     assert_eq!(within("first event", 10, live.next()).await.unwrap().seq, 1);
 
-    // The reader stops reading while 300 events are appended: most live copies are dropped,
-    // the last ones included, so no later live message would reveal them.
-    for i in 2..=300 {
-        writer.append(&room, &message(format!("m{i}"))).await.unwrap();
+    // The reader stops reading while 3,000 events are appended: the live copies past its
+    // buffer are dropped, the last ones included, so no later live message would reveal them.
+    let events: Vec<_> = (2..=3000).map(|i| message(format!("m{i}"))).collect();
+    for event in &events {
+        writer.append(&room, event).await.unwrap();
     }
     let mut got = Vec::new();
-    within("all 300 after the slow-consumer notice", 30, async {
-        while got.last().is_none_or(|e: &RawEntry| e.seq < 300) {
+    within("all 3,000 after the slow-consumer notice", 30, async {
+        while got.last().is_none_or(|e: &RawEntry| e.seq < 3000) {
             got.push(live.next().await.unwrap());
         }
     })
     .await;
     let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (2..=300).collect::<Vec<_>>());
+    assert_eq!(seqs, (2..=3000).collect::<Vec<_>>());
     assert_texts(&got, "m");
 }

@@ -3,7 +3,7 @@
 //! result with the ratio. Absolute numbers move with the machine's load; ratios much less.
 //!
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
-//! room_log_read).
+//! room_log_read, room_log_append_sync_always).
 
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,14 @@ use serde_json::json;
 /// Appends in flight for the pipelined benchmark.
 const IN_FLIGHT: usize = 256;
 /// Interleaved rounds of ours and baseline; the median round is reported.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 
 struct Sizes {
     pipelined: usize,
     sequential: usize,
     read: usize,
+    /// Events per round with fsync on every write (a few thousand writes/s at best).
+    durable: usize,
 }
 
 fn event(i: usize) -> Event {
@@ -133,6 +135,10 @@ impl Bench {
     }
 
     async fn append_throughput(&mut self, n: usize) {
+        self.append_throughput_named("room_log_append", n).await;
+    }
+
+    async fn append_throughput_named(&mut self, name: &str, n: usize) {
         let (mut ours, mut baseline) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             // Alternate which side goes first, so neither always meets a warmer server.
@@ -145,7 +151,7 @@ impl Bench {
             }
         }
         emit(
-            "room_log_append",
+            name,
             median(ours),
             median(baseline),
             "msg/s",
@@ -153,60 +159,48 @@ impl Bench {
         );
     }
 
-    /// Sorted latencies of `n` appends, one at a time, through the room log.
-    async fn ours_sequential(&mut self, n: usize) -> Vec<Duration> {
-        let room = self.room().await;
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..n {
-            let e = event(i);
+    /// One append at a time, ours and raw alternating append by append (the order flipped every
+    /// pair), so both sides sample the same moments of a noisy machine.
+    async fn append_latency(&mut self, pairs: usize) {
+        let ours_room = self.room().await;
+        let raw_room = self.room().await;
+        let raw_subject = self.log.config().room_subject(&raw_room);
+        let (mut ours, mut raw) = (Vec::with_capacity(pairs), Vec::with_capacity(pairs));
+        for i in 0..pairs {
+            let ours_event = event(i);
+            let raw_event = event(i);
+            let raw_id = raw_event.id.to_string();
+            let raw_payload = Bytes::from(raw_event.encode().unwrap());
+            let ours_first = i % 2 == 0;
+            if !ours_first {
+                let start = Instant::now();
+                self.raw_append(&raw_subject, &raw_id, raw_payload.clone())
+                    .await;
+                raw.push(start.elapsed());
+            }
             let start = Instant::now();
-            self.log.append(&room, &e).await.unwrap();
-            samples.push(start.elapsed());
-        }
-        samples.sort();
-        samples
-    }
-
-    /// Sorted latencies of `n` raw publishes of the same kind of payload, one at a time.
-    async fn raw_sequential(&mut self, n: usize) -> Vec<Duration> {
-        let room = self.room().await;
-        let subject = self.log.config().room_subject(&room);
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..n {
-            let e = event(i);
-            let id = e.id.to_string();
-            let payload = Bytes::from(e.encode().unwrap());
-            let start = Instant::now();
-            self.raw_append(&subject, &id, payload).await;
-            samples.push(start.elapsed());
-        }
-        samples.sort();
-        samples
-    }
-
-    async fn append_latency(&mut self, n: usize) {
-        let (mut ours, mut raw) = (Vec::new(), Vec::new());
-        for round in 0..ROUNDS {
-            if round % 2 == 0 {
-                ours.push(self.ours_sequential(n).await);
-                raw.push(self.raw_sequential(n).await);
-            } else {
-                raw.push(self.raw_sequential(n).await);
-                ours.push(self.ours_sequential(n).await);
+            self.log.append(&ours_room, &ours_event).await.unwrap();
+            ours.push(start.elapsed());
+            if ours_first {
+                let start = Instant::now();
+                self.raw_append(&raw_subject, &raw_id, raw_payload).await;
+                raw.push(start.elapsed());
             }
         }
+        ours.sort();
+        raw.sort();
         for (name, p) in [
             ("room_log_append_latency_p50", 0.5),
             ("room_log_append_latency_p99", 0.99),
         ] {
             emit(
                 name,
-                median(ours.iter().map(|s| percentile(s, p)).collect()),
-                median(raw.iter().map(|s| percentile(s, p)).collect()),
+                percentile(&ours, p),
+                percentile(&raw, p),
                 "us",
                 json!({
-                    "in_flight": 1, "events_per_round": n, "rounds": ROUNDS,
-                    "note": "ours encodes the event inside the timed call",
+                    "in_flight": 1, "samples_per_side": pairs,
+                    "note": "ours encodes the event inside the timed call; sides alternate per append",
                 }),
             );
         }
@@ -283,14 +277,16 @@ async fn main() {
     let sizes = if quick {
         Sizes {
             pipelined: 5_000,
-            sequential: 300,
+            sequential: 1_000,
             read: 5_000,
+            durable: 1_000,
         }
     } else {
         Sizes {
             pipelined: 50_000,
-            sequential: 3_000,
+            sequential: 15_000,
             read: 100_000,
+            durable: 10_000,
         }
     };
 
@@ -323,6 +319,24 @@ async fn main() {
     }
     if wanted("room_log_read") {
         bench.read_throughput(sizes.read).await;
+    }
+
+    // The production setting: every write fsynced before its ack. Same comparison, its own
+    // server; the absolute numbers are the durability cost, stated beside the default's.
+    if wanted("room_log_append_sync_always") {
+        let durable = NatsServer::start_with_jetstream("sync_interval: always");
+        let log = RoomLog::connect(&durable.url(), LogConfig::default())
+            .await
+            .unwrap();
+        let raw = async_nats::jetstream::new(async_nats::connect(durable.url()).await.unwrap());
+        let mut bench = Bench {
+            log,
+            raw,
+            next_room: 0,
+        };
+        bench
+            .append_throughput_named("room_log_append_sync_always", sizes.durable)
+            .await;
     }
     // The server lives until every benchmark is done.
     drop(server);

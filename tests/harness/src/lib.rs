@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,21 +51,22 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// One nats-server process with JetStream enabled.
+///
+/// nats-server picks its own free ports at first start (`-1`) and reports them in a ports file,
+/// so concurrent tests never race for a port; restarts reuse the client and cluster ports.
 pub struct NatsServer {
-    /// Client port; kept across restarts so clients reconnect to the same address.
+    /// `server_name`, unique within a cluster.
+    name: String,
+    /// Client port; 0 until the first start, then kept across restarts.
     port: u16,
-    /// HTTP monitoring port, polled for `/healthz` and `/jsz`.
+    /// HTTP monitoring port of the running process, polled for `/healthz` and `/jsz`.
     monitor_port: u16,
-    /// Holds the config, the JetStream store and the server's log; removed on drop.
+    /// For cluster members: the cluster's name, this node's route address, and all routes.
+    cluster: Option<ClusterSpec>,
+    /// Extra lines for the `jetstream { }` block.
+    jetstream_extra: String,
+    /// Holds the config, the JetStream store, the ports file and the log; removed on drop.
     dir: tempfile::TempDir,
     /// The running process, if started.
     child: Option<Child>,
@@ -74,41 +75,69 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a single JetStream server on free ports and waits until it is healthy.
     pub fn start() -> NatsServer {
-        let mut server = NatsServer::configure("n1", None);
+        NatsServer::start_with_jetstream("")
+    }
+
+    /// Like `start`, with extra lines inside the `jetstream { }` block, e.g.
+    /// `sync_interval: always`.
+    pub fn start_with_jetstream(extra: &str) -> NatsServer {
+        let mut server = NatsServer::configure("n1", None, extra);
         server.start_again();
         server
     }
 
-    fn configure(name: &str, cluster: Option<(&str, u16, &[u16])>) -> NatsServer {
+    fn configure(name: &str, cluster: Option<ClusterSpec>, jetstream_extra: &str) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("nats-test-")
             .tempdir()
             .expect("temp dir");
-        let port = free_port();
-        let monitor_port = free_port();
-        let store = dir.path().join("jetstream");
-        let mut config = format!(
-            "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n\
-             jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 256MB\n  max_file_store: 8GB\n}}\n",
-            store.display()
-        );
-        if let Some((cluster_name, cluster_port, peers)) = cluster {
-            let routes: Vec<String> = peers
-                .iter()
-                .map(|p| format!("nats-route://127.0.0.1:{p}"))
-                .collect();
-            config.push_str(&format!(
-                "cluster {{\n  name: {cluster_name}\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
-                routes.join(", ")
-            ));
-        }
-        fs::write(dir.path().join("nats.conf"), config).expect("write nats.conf");
         NatsServer {
-            port,
-            monitor_port,
+            name: name.to_owned(),
+            port: 0,
+            monitor_port: 0,
+            cluster,
+            jetstream_extra: jetstream_extra.to_owned(),
             dir,
             child: None,
         }
+    }
+
+    fn write_config(&self) {
+        let port_or_any = |p: u16| {
+            if p == 0 {
+                "-1".to_owned()
+            } else {
+                p.to_string()
+            }
+        };
+        let mut config = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:-1\n\
+             ports_file_dir: \"{ports}\"\n\
+             jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 256MB\n  max_file_store: 8GB\n  {extra}\n}}\n",
+            name = self.name,
+            port = port_or_any(self.port),
+            ports = self.ports_dir().display(),
+            store = self.store_dir().display(),
+            extra = self.jetstream_extra,
+        );
+        if let Some(cluster) = &self.cluster {
+            let routes: Vec<String> = cluster
+                .routes
+                .iter()
+                .map(|r| format!("nats-route://{r}"))
+                .collect();
+            config.push_str(&format!(
+                "cluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n}}\n",
+                cluster.name,
+                cluster.listen,
+                routes.join(", ")
+            ));
+        }
+        fs::write(self.dir.path().join("nats.conf"), config).expect("write nats.conf");
+    }
+
+    fn ports_dir(&self) -> PathBuf {
+        self.dir.path().join("ports")
     }
 
     /// `nats://127.0.0.1:PORT`
@@ -143,6 +172,9 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        let _ = fs::remove_dir_all(self.ports_dir());
+        fs::create_dir_all(self.ports_dir()).expect("create ports dir");
+        self.write_config();
         let bin = nats_server_bin();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -172,6 +204,7 @@ impl NatsServer {
 
     fn wait_healthy(&mut self) {
         let deadline = Instant::now() + START_DEADLINE;
+        let mut ports_known = false;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -181,7 +214,12 @@ impl NatsServer {
                     );
                 }
             }
-            if http_get(self.monitor_port, "/healthz").is_some_and(|(code, _)| code == 200) {
+            if !ports_known {
+                ports_known = self.read_ports_file();
+            }
+            if ports_known
+                && http_get(self.monitor_port, "/healthz").is_some_and(|(code, _)| code == 200)
+            {
                 return;
             }
             assert!(
@@ -189,8 +227,37 @@ impl NatsServer {
                 "nats-server not healthy in time:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Reads the ports nats-server chose from the file it writes once it listens.
+    fn read_ports_file(&mut self) -> bool {
+        let Some(file) = fs::read_dir(self.ports_dir()).ok().and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .find(|e| e.path().extension().is_some_and(|x| x == "ports"))
+        }) else {
+            return false;
+        };
+        let Ok(ports) =
+            fs::read_to_string(file.path()).map(|t| serde_json::from_str::<serde_json::Value>(&t))
+        else {
+            return false;
+        };
+        let Ok(ports) = ports else { return false };
+        let port_of = |key: &str| {
+            ports[key][0]
+                .as_str()
+                .and_then(|url| url.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+        };
+        let (Some(client), Some(monitor)) = (port_of("nats"), port_of("monitoring")) else {
+            return false;
+        };
+        self.port = client;
+        self.monitor_port = monitor;
+        true
     }
 
     /// Kills the process with SIGKILL (a crash: no shutdown work) and waits for it to exit.
@@ -227,27 +294,51 @@ impl Drop for NatsServer {
     }
 }
 
+/// How a cluster member routes to the others.
+struct ClusterSpec {
+    name: String,
+    /// `ip:port` this node's route listener binds.
+    listen: String,
+    /// `ip:port` of every member's route listener (its own included; nats-server skips it).
+    routes: Vec<String>,
+}
+
+/// A random address in 127.0.0.0/8 (all of it is loopback on Linux), away from 127.0.0.1.
+fn random_loopback_ip() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let r = hasher.finish().to_le_bytes();
+    format!("127.{}.{}.{}", 1 + r[0] % 254, r[1], 1 + r[2] % 254)
+}
+
 /// Three JetStream servers on loopback, routed to each other.
 pub struct Cluster {
     pub nodes: Vec<NatsServer>,
 }
 
 impl Cluster {
-    /// Starts a 3-node cluster and waits until JetStream has a meta leader.
+    /// Starts a 3-node cluster and waits until JetStream has a meta leader that every node
+    /// knows, with both of its peers current.
     pub fn start() -> Cluster {
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        // Routes listen on fixed ports of a loopback address of this cluster's own, so no other
+        // test's server can take them; client and monitoring ports are picked by each server.
+        let ip = random_loopback_ip();
+        let routes: Vec<String> = (0..3).map(|i| format!("{ip}:{}", 6222 + i)).collect();
         let mut nodes: Vec<NatsServer> = (0..3)
             .map(|i| {
-                let peers: Vec<u16> = cluster_ports
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, p)| *p)
-                    .collect();
-                NatsServer::configure(
-                    &format!("n{}", i + 1),
-                    Some(("test", cluster_ports[i], &peers)),
-                )
+                let spec = ClusterSpec {
+                    name: "test".to_owned(),
+                    listen: routes[i].clone(),
+                    routes: routes.clone(),
+                };
+                NatsServer::configure(&format!("n{}", i + 1), Some(spec), "")
             })
             .collect();
         for node in &mut nodes {
@@ -264,19 +355,39 @@ impl Cluster {
     fn wait_for_meta_leader(&self) {
         let deadline = Instant::now() + CLUSTER_DEADLINE;
         loop {
-            let ready = self.nodes.iter().all(|n| {
-                n.monitor("/jsz")
-                    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-                    .and_then(|v| v["meta_cluster"]["leader"].as_str().map(|l| !l.is_empty()))
-                    .unwrap_or(false)
+            // Every node names the same leader, and the leader (the only node that lists its
+            // peers) reports both of them current.
+            let metas: Vec<serde_json::Value> = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.monitor("/jsz"))
+                .filter_map(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .map(|v| v["meta_cluster"].clone())
+                .collect();
+            let leader = metas
+                .first()
+                .and_then(|m| m["leader"].as_str())
+                .unwrap_or("");
+            let agreed = metas.len() == self.nodes.len()
+                && !leader.is_empty()
+                && metas.iter().all(|m| m["leader"].as_str() == Some(leader));
+            let peers_current = metas.iter().any(|m| {
+                m["replicas"].as_array().is_some_and(|peers| {
+                    peers.len() == self.nodes.len() - 1
+                        && peers.iter().all(|p| p["current"] == true)
+                })
             });
+            let ready = agreed && peers_current;
             if ready {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "cluster elected no JetStream leader in time"
-            );
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self.nodes.iter().map(|n| n.log()).collect();
+                panic!(
+                    "cluster not ready in time; meta state {metas:?}\nlogs:\n{}",
+                    logs.join("\n----\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
