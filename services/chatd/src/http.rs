@@ -1,30 +1,35 @@
-//! HTTP surface shared by every role: health, readiness, and contract-shaped errors.
+//! HTTP surface shared by every role: health, readiness, identity, contract-shaped errors.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use chat_auth::{Identity, Verifier};
 use serde_json::json;
 
-/// What the health endpoints look at.
+/// What the HTTP handlers share.
 #[derive(Clone)]
-pub struct Health {
+pub struct AppState {
     /// Set when a drain begins: readiness turns false first, so balancers stop sending.
     pub draining: Arc<AtomicBool>,
     /// The NATS connection, whose state decides readiness.
     pub nats: async_nats::Client,
+    /// Checks every request's token.
+    pub verifier: Arc<Verifier>,
 }
 
-pub fn router(health: Health) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/me", get(me))
         .fallback(not_found)
-        .with_state(health)
+        .with_state(state)
 }
 
 /// Alive: the process answers.
@@ -33,11 +38,11 @@ async fn healthz() -> impl IntoResponse {
 }
 
 /// Ready: not draining and connected to NATS.
-async fn readyz(State(health): State<Health>) -> Response {
-    if health.draining.load(Ordering::SeqCst) {
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "draining");
     }
-    if health.nats.connection_state() != async_nats::connection::State::Connected {
+    if state.nats.connection_state() != async_nats::connection::State::Connected {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -45,6 +50,15 @@ async fn readyz(State(health): State<Health>) -> Response {
         );
     }
     Json(json!({ "status": "ready" })).into_response()
+}
+
+/// Who the token says the caller is (a way to check a token).
+async fn me(Authenticated(identity): Authenticated) -> impl IntoResponse {
+    Json(json!({
+        "user": identity.user,
+        "name": identity.name,
+        "expires_at": identity.expires_at,
+    }))
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
@@ -62,4 +76,34 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
         Json(json!({ "error": { "code": code, "message": message } })),
     )
         .into_response()
+}
+
+/// A request whose `Authorization: Bearer` token verified.
+pub struct Authenticated(pub Identity);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let result = match token {
+            None => Err("missing Authorization: Bearer token".to_owned()),
+            Some(token) => state.verifier.verify(token).map_err(|e| e.to_string()),
+        };
+        result.map(Authenticated).map_err(|message| {
+            let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", &message);
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        })
+    }
 }

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chat_auth::Verifier;
 use chat_log::RoomLog;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Role};
+use crate::config::{AuthConfig, Config, Role};
 
 /// How long to wait for NATS and JetStream to answer at start.
 const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
@@ -30,6 +31,7 @@ const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
 pub async fn serve(
     config: Config,
     nats_url: String,
+    verifier: Arc<Verifier>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let role = config.role;
@@ -40,9 +42,10 @@ pub async fn serve(
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     let draining = Arc::new(AtomicBool::new(false));
-    let app = http::router(http::Health {
+    let app = http::router(http::AppState {
         draining: draining.clone(),
         nats: log.client().clone(),
+        verifier,
     });
 
     let stop_accepting = {
@@ -93,6 +96,36 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The token verifier the configuration asks for (development: the data dir's secret).
+pub fn build_verifier(config: &Config) -> anyhow::Result<Verifier> {
+    match &config.auth {
+        AuthConfig::Development => {
+            let secret = devauth::dev_secret(&config.data_dir)?;
+            Ok(Verifier::new(devauth::DEV_ISSUER, devauth::DEV_AUDIENCE)
+                .with_hs256_secret(secret.as_bytes())?)
+        }
+        AuthConfig::Configured {
+            hs256_secret,
+            public_keys,
+            issuer,
+            audience,
+        } => {
+            let mut verifier = Verifier::new(issuer, audience);
+            if let Some(secret) = hs256_secret {
+                verifier = verifier
+                    .with_hs256_secret(secret.as_bytes())
+                    .context("CHAT_JWT_HS256_SECRET")?;
+            }
+            if let Some(path) = public_keys {
+                verifier = verifier
+                    .with_public_keys_file(path)
+                    .context("CHAT_JWT_PUBLIC_KEYS")?;
+            }
+            Ok(verifier)
+        }
+    }
 }
 
 /// Connects the room log, waiting (up to a deadline) for NATS and JetStream to come up.

@@ -1,6 +1,7 @@
 //! `chatd`: run the chat backend, or mint a development token.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -98,9 +99,13 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
     } else {
         None
     };
-    if config.auth == AuthConfig::Development {
-        devauth::dev_secret(&config.data_dir)?;
-    }
+    let verifier = match chatd::build_verifier(&config) {
+        Ok(verifier) => Arc::new(verifier),
+        Err(e) => {
+            eprintln!("chatd: invalid configuration: {e:#}");
+            std::process::exit(2);
+        }
+    };
     // Started from the main thread: its parent-death signal follows this thread.
     let nats = match &config.nats_url {
         Some(_) => None,
@@ -124,7 +129,7 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
         tokio::spawn(cancel_on_signals(shutdown.clone()));
-        serve(config, url, shutdown).await
+        serve(config, url, verifier, shutdown).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Some(nats) = nats {

@@ -257,3 +257,155 @@ fn a_missing_nats_server_binary_is_a_clear_error() {
         failed.stderr
     );
 }
+
+fn bearer(chatd: &Chatd, token: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {token}");
+    let (status, body) = chat_harness::http_request(
+        chatd.http_addr(),
+        "GET",
+        "/v1/me",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn mint(secret: &[u8], iss: &str, aud: &str, sub: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({ "sub": sub, "iss": iss, "aud": aud, "exp": now + exp_offset });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[test]
+fn http_requests_are_authenticated_with_bearer_tokens() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let token = Command::new(bin())
+        .args(["token", "alice", "--name", "Alice"])
+        .env("CHAT_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap();
+    let (status, me) = bearer(&chatd, token.trim());
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(
+        (me["user"].as_str(), me["name"].as_str()),
+        (Some("alice"), Some("Alice"))
+    );
+
+    // No token, a forged one, an expired one, one for another audience: 401 with the contract's body.
+    let (status, body) = chatd.get("/v1/me").unwrap();
+    assert_eq!(status, 401);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let secret = std::fs::read_to_string(data.path().join("dev-secret")).unwrap();
+    let secret = secret.trim().as_bytes();
+    for (what, token) in [
+        (
+            "forged",
+            mint(
+                b"not the secret, but just as long as it",
+                DEV_ISSUER,
+                DEV_AUDIENCE,
+                "alice",
+                600,
+            ),
+        ),
+        (
+            "expired",
+            mint(secret, DEV_ISSUER, DEV_AUDIENCE, "alice", -60),
+        ),
+        (
+            "wrong audience",
+            mint(secret, DEV_ISSUER, "someone-else", "alice", 600),
+        ),
+        (
+            "wrong issuer",
+            mint(secret, "evil", DEV_AUDIENCE, "alice", 600),
+        ),
+        ("garbage", "not.a.token".to_owned()),
+    ] {
+        let (status, body) = bearer(&chatd, &token);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{what}: {body}"
+        );
+    }
+}
+
+fn auth_keys(name: &str) -> String {
+    chat_harness::workspace_root()
+        .join("services/auth/tests/keys")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn configured_public_keys_replace_the_development_secret() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_JWT_PUBLIC_KEYS", auth_keys("jwks.json")));
+    env.push(("CHAT_JWT_ISSUER", "https://idp.test/".to_owned()));
+    env.push(("CHAT_JWT_AUDIENCE", "chat".to_owned()));
+    let chatd = start(&env);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({ "sub": "bob", "iss": "https://idp.test/", "aud": "chat", "exp": now + 600 });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa-1".to_owned());
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(auth_keys("rsa.key")).unwrap())
+            .unwrap();
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let (status, me) = bearer(&chatd, &token);
+    assert_eq!((status, me["user"].as_str()), (200, Some("bob")));
+    assert!(
+        !data.path().join("dev-secret").exists(),
+        "no development secret when keys are configured"
+    );
+}
+
+#[test]
+fn an_unusable_key_file_is_refused_before_anything_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let junk = data.path().join("keys.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_JWT_PUBLIC_KEYS", junk.display().to_string()));
+    env.push(("CHAT_JWT_ISSUER", "i".to_owned()));
+    env.push(("CHAT_JWT_AUDIENCE", "a".to_owned()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let failed = Chatd::try_start(bin(), &[], &env).err().expect("refused");
+    assert_eq!(
+        failed.status.and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("CHAT_JWT_PUBLIC_KEYS"),
+        "{}",
+        failed.stderr
+    );
+    assert!(!data.path().join("nats").exists());
+}

@@ -1,0 +1,329 @@
+//! Token verification for every entry point (WebSocket upgrade, first frame, HTTP `Bearer`).
+//!
+//! Accepted: HS256 with a shared secret, and RS256 / ES256 / EdDSA with public keys from a PEM
+//! file (one or more `PUBLIC KEY` blocks) or a JWKS file. `exp`, `iss`, `aud` and `sub` are
+//! required and checked, `nbf` is checked when present, with 5 s of clock leeway; a token whose
+//! `alg` has no configured key is refused before any signature check (so `none`, and HS256
+//! against a public key, never verify). `sub` must be a valid user id.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use chat_model::UserId;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, OctetKeyPairType,
+};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Clock leeway for `exp` and `nbf`, in seconds (the contract allows at most 5).
+pub const LEEWAY_SECS: u64 = 5;
+/// The shortest HS256 secret accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: UserId,
+    /// The optional `name` claim (display name).
+    pub name: Option<String>,
+    /// `exp`, seconds since the Unix epoch: sessions end then.
+    pub expires_at: u64,
+}
+
+impl Identity {
+    /// Seconds until the token expires (0 if it already has).
+    pub fn seconds_left(&self) -> u64 {
+        self.expires_at.saturating_sub(now_secs())
+    }
+}
+
+/// Why a token was refused. The messages are safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token algorithm {0:?} is not accepted")]
+    Algorithm(String),
+    #[error("no key matches the token")]
+    UnknownKey,
+    #[error("token signature is invalid")]
+    Signature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token issuer is not accepted")]
+    Issuer,
+    #[error("token audience is not accepted")]
+    Audience,
+    #[error("token lacks the {0:?} claim")]
+    MissingClaim(String),
+    #[error("token subject is not a valid user id")]
+    Subject,
+}
+
+/// Why the configured keys cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: no usable RS256, ES256 or EdDSA public key")]
+    Empty { path: PathBuf },
+    #[error("HS256 secret must be at least {MIN_SECRET_BYTES} bytes")]
+    ShortSecret,
+}
+
+/// One verification key.
+struct Key {
+    /// `kid` from a JWKS, matched against the token header's.
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens against the configured keys, issuer and audience.
+pub struct Verifier {
+    keys: Vec<Key>,
+    issuer: String,
+    audience: String,
+}
+
+/// Optional here because jsonwebtoken deserializes the claims before validating them: a
+/// missing one must reach the validation, which requires it and names it.
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+impl Verifier {
+    /// A verifier with no keys yet: add a secret or a key file.
+    pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Verifier {
+        Verifier {
+            keys: Vec::new(),
+            issuer: issuer.into(),
+            audience: audience.into(),
+        }
+    }
+
+    /// Accepts HS256 tokens signed with `secret`.
+    pub fn with_hs256_secret(mut self, secret: &[u8]) -> Result<Verifier, KeyError> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(KeyError::ShortSecret);
+        }
+        self.keys.push(Key {
+            kid: None,
+            alg: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret),
+        });
+        Ok(self)
+    }
+
+    /// Accepts tokens signed by the public keys in `path`: a JWKS (JSON) or PEM blocks.
+    pub fn with_public_keys_file(mut self, path: &Path) -> Result<Verifier, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| KeyError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let keys = if text.trim_start().starts_with('{') {
+            jwks_keys(&text).map_err(invalid)?
+        } else {
+            pem_keys(&text).map_err(invalid)?
+        };
+        if keys.is_empty() {
+            return Err(KeyError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        self.keys.extend(keys);
+        Ok(self)
+    }
+
+    /// The algorithms some configured key accepts.
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        let mut algs: Vec<Algorithm> = Vec::new();
+        for key in &self.keys {
+            if !algs.contains(&key.alg) {
+                algs.push(key.alg);
+            }
+        }
+        algs
+    }
+
+    /// Checks a token and says whose it is.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = raw_header(token)?;
+        let alg_name = header
+            .alg
+            .ok_or_else(|| AuthError::Algorithm(String::new()))?;
+        let alg = self
+            .keys
+            .iter()
+            .map(|k| k.alg)
+            .find(|a| format!("{a:?}") == alg_name)
+            .ok_or_else(|| AuthError::Algorithm(alg_name.clone()))?;
+        let candidates: Vec<&Key> = self
+            .keys
+            .iter()
+            .filter(|k| k.alg == alg)
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(wanted), Some(kid)) => wanted == kid,
+                _ => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(AuthError::UnknownKey);
+        }
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+
+        let mut last = AuthError::Signature;
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    let sub = claims
+                        .sub
+                        .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
+                    let exp = claims
+                        .exp
+                        .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+                    let user = UserId::parse(sub).map_err(|_| AuthError::Subject)?;
+                    return Ok(Identity {
+                        user,
+                        name: claims.name,
+                        expires_at: exp,
+                    });
+                }
+                Err(e) => match e.kind() {
+                    ErrorKind::InvalidSignature => last = AuthError::Signature,
+                    ErrorKind::ExpiredSignature => return Err(AuthError::Expired),
+                    ErrorKind::ImmatureSignature => return Err(AuthError::NotYetValid),
+                    ErrorKind::InvalidIssuer => return Err(AuthError::Issuer),
+                    ErrorKind::InvalidAudience => return Err(AuthError::Audience),
+                    ErrorKind::MissingRequiredClaim(claim) => {
+                        return Err(AuthError::MissingClaim(claim.clone()))
+                    }
+                    ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+                        return Err(AuthError::Algorithm(alg_name))
+                    }
+                    // Wrong key type for this token, or a claim of the wrong shape.
+                    _ => last = AuthError::Malformed,
+                },
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The header, read without trusting it (to name the algorithm in errors, `none` included).
+fn raw_header(token: &str) -> Result<RawHeader, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Malformed);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)
+}
+
+fn pem_keys(text: &str) -> Result<Vec<Key>, String> {
+    const END: &str = "-----END PUBLIC KEY-----";
+    let mut keys = Vec::new();
+    for (i, block) in text.split_inclusive(END).enumerate() {
+        if !block.contains("-----BEGIN") {
+            continue;
+        }
+        let pem = block.trim().as_bytes();
+        let key = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            Key {
+                kid: None,
+                alg: Algorithm::RS256,
+                key,
+            }
+        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            Key {
+                kid: None,
+                alg: Algorithm::ES256,
+                key,
+            }
+        } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+            Key {
+                kid: None,
+                alg: Algorithm::EdDSA,
+                key,
+            }
+        } else {
+            return Err(format!(
+                "PEM block {} is not an RSA, EC (P-256) or Ed25519 public key",
+                i + 1
+            ));
+        };
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+fn jwks_keys(text: &str) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone();
+        let name = kid.clone().unwrap_or_else(|| "(no kid)".to_owned());
+        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(p), None | Some(KeyAlgorithm::ES256))
+                if p.curve == EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            (AlgorithmParameters::OctetKeyPair(p), None | Some(KeyAlgorithm::EdDSA))
+                if p.key_type == OctetKeyPairType::OctetKeyPair
+                    && p.curve == EllipticCurve::Ed25519 =>
+            {
+                Algorithm::EdDSA
+            }
+            // Keys for other algorithms (or encryption) are not ours to use; skip them.
+            _ => continue,
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {name}: {e}"))?;
+        keys.push(Key { kid, alg, key });
+    }
+    Ok(keys)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
