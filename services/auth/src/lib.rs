@@ -39,6 +39,12 @@ impl Identity {
     pub fn seconds_left(&self) -> u64 {
         self.expires_at.saturating_sub(now_secs())
     }
+
+    /// Seconds until verification would refuse the token: expiry plus the clock leeway. A
+    /// session authenticated by it ends then.
+    pub fn seconds_accepted(&self) -> u64 {
+        (self.expires_at + LEEWAY_SECS).saturating_sub(now_secs())
+    }
 }
 
 /// Why a token was refused. The messages are safe to show to the client.

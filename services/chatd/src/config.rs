@@ -121,6 +121,10 @@ pub struct Config {
     pub log: LogConfig,
     /// How long a drain may take before remaining connections are cut.
     pub drain_grace: Duration,
+    /// How long a WebSocket client may take to send its `auth` frame.
+    pub auth_timeout: Duration,
+    /// The largest WebSocket frame accepted (larger: close 1009).
+    pub max_frame_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +243,24 @@ impl Config {
             None => Duration::from_secs(10),
         };
 
+        let auth_timeout = match get("CHAT_AUTH_TIMEOUT") {
+            Some(d) => parse_duration(&d).map_err(|m| err("CHAT_AUTH_TIMEOUT", m))?,
+            None => Duration::from_secs(5),
+        };
+        let max_frame_bytes = match get("CHAT_MAX_FRAME_BYTES") {
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1024..=16 << 20).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_MAX_FRAME_BYTES",
+                        format!("a byte count from 1024 to 16 MiB, got {n:?}"),
+                    )
+                })?,
+            None => 64 * 1024,
+        };
+
         Ok(Config {
             role,
             listen,
@@ -252,6 +274,8 @@ impl Config {
             allowed_origins,
             log,
             drain_grace,
+            auth_timeout,
+            max_frame_bytes,
         })
     }
 }

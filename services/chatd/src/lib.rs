@@ -42,11 +42,22 @@ pub async fn serve(
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     let draining = Arc::new(AtomicBool::new(false));
-    let app = http::router(http::AppState {
+    let mut app = http::router(http::AppState {
         draining: draining.clone(),
         nats: log.client().clone(),
-        verifier,
+        verifier: verifier.clone(),
     });
+    if matches!(role, Role::All | Role::Edge) {
+        app = app.merge(chat_edge::router(chat_edge::EdgeState {
+            verifier,
+            config: Arc::new(chat_edge::EdgeConfig {
+                allowed_origins: config.allowed_origins.clone(),
+                auth_timeout: config.auth_timeout,
+                max_frame_bytes: config.max_frame_bytes,
+            }),
+            shutdown: shutdown.clone(),
+        }));
+    }
 
     let stop_accepting = {
         let shutdown = shutdown.clone();
@@ -66,12 +77,11 @@ pub async fn serve(
     println!("ready http=http://{addr} ws=ws://{addr}/v1/ws");
     let _ = std::io::stdout().flush();
     tracing::info!(role = role.as_str(), %addr, nats = %nats_url, "ready");
-    if role != Role::All {
-        tracing::info!(
-            role = role.as_str(),
-            "this role serves health endpoints only in this version"
-        );
-    }
+    tracing::info!(
+        role = role.as_str(),
+        "this version serves health, /v1/me and the websocket session lifecycle; \
+         room operations are not available yet"
+    );
 
     // The server task ends only after a shutdown request (its graceful-shutdown future waits
     // for one) or on an error; a drain gets `drain_grace` at most.

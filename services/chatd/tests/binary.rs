@@ -4,33 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chat_harness::{nats_server_bin, process_gone, Chatd, NatsServer};
+mod common;
+
+use chat_harness::{process_gone, Chatd, NatsServer};
 use chatd::devauth::{Claims, DEV_AUDIENCE, DEV_ISSUER};
+use common::*;
 use nix::sys::signal::Signal;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_chatd"))
-}
-
-fn nats_bin() -> String {
-    nats_server_bin().display().to_string()
-}
-
-/// Settings for a chatd that starts its own nats-server (fast sync: this is a test).
-fn standalone_env(data: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
-        ("CHAT_DATA_DIR", data.display().to_string()),
-        ("NATS_SERVER_BIN", nats_bin()),
-        ("CHAT_NATS_SYNC", "default".to_owned()),
-        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
-    ]
-}
-
-fn start(env: &[(&'static str, String)]) -> Chatd {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Chatd::start(bin(), &[], &env)
-}
 
 fn nats_pid(data: &Path) -> u32 {
     let path = data.join("nats/nats-server.pid");
@@ -272,20 +251,6 @@ fn bearer(chatd: &Chatd, token: &str) -> (u16, serde_json::Value) {
         status,
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     )
-}
-
-fn mint(secret: &[u8], iss: &str, aud: &str, sub: &str, exp_offset: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let claims = serde_json::json!({ "sub": sub, "iss": iss, "aud": aud, "exp": now + exp_offset });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .unwrap()
 }
 
 #[test]

@@ -1,0 +1,57 @@
+//! Helpers shared by the binary's end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use chat_harness::{nats_server_bin, Chatd};
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chatd"))
+}
+
+pub fn nats_bin() -> String {
+    nats_server_bin().display().to_string()
+}
+
+/// Settings for a chatd that starts its own nats-server (fast sync: this is a test).
+pub fn standalone_env(data: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_SERVER_BIN", nats_bin()),
+        ("CHAT_NATS_SYNC", "default".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+    ]
+}
+
+pub fn start(env: &[(&'static str, String)]) -> Chatd {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Chatd::start(bin(), &[], &env)
+}
+
+/// An HS256 token with `exp` = now + `exp_offset` seconds.
+pub fn mint(secret: &[u8], iss: &str, aud: &str, sub: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({ "sub": sub, "iss": iss, "aud": aud, "exp": now + exp_offset });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A development token for `user`, signed with the data dir's secret (chatd creates it at start).
+pub fn dev_token(data: &Path, user: &str, exp_offset: i64) -> String {
+    let secret = std::fs::read_to_string(data.join("dev-secret")).expect("dev secret");
+    mint(
+        secret.trim().as_bytes(),
+        chatd::devauth::DEV_ISSUER,
+        chatd::devauth::DEV_AUDIENCE,
+        user,
+        exp_offset,
+    )
+}

@@ -1,0 +1,172 @@
+//! Frames and codes of the client contract (version 1).
+
+use serde_json::{json, Value};
+
+/// Close codes of the contract.
+pub mod close_code {
+    /// Token invalid or expired (also: no valid `auth` frame in time).
+    pub const TOKEN: u16 = 4001;
+    /// Too slow to keep up.
+    pub const TOO_SLOW: u16 = 4008;
+    /// Kept flooding after being rate-limited.
+    pub const FLOOD: u16 = 4029;
+    /// Server draining: reconnect elsewhere.
+    pub const DRAINING: u16 = 1001;
+    /// Frame too big.
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// `code` of an `error` frame (and of HTTP error bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    RateLimited,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Client frame types of the contract.
+pub const CLIENT_TYPES: &[&str] = &[
+    "auth",
+    "subscribe",
+    "unsubscribe",
+    "send",
+    "edit",
+    "delete",
+    "react",
+    "read",
+    "typing",
+    "history",
+    "ping",
+];
+
+/// A client frame, read far enough to answer it: its type and its `rid`.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: String,
+    pub rid: Option<String>,
+    pub body: Value,
+}
+
+/// Why a text frame could not be read as a client frame; the `rid` when it could be found.
+#[derive(Debug)]
+pub struct Malformed {
+    pub rid: Option<String>,
+    pub message: String,
+}
+
+/// Reads a text frame: a JSON object with a string `type` and, optionally, a string `rid`.
+pub fn parse(text: &str) -> Result<Frame, Malformed> {
+    let body: Value = serde_json::from_str(text).map_err(|e| Malformed {
+        rid: None,
+        message: format!("malformed JSON: {e}"),
+    })?;
+    let Value::Object(map) = &body else {
+        return Err(Malformed {
+            rid: None,
+            message: "a frame is a JSON object".to_owned(),
+        });
+    };
+    let rid = match map.get("rid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 128 => Some(s.clone()),
+        Some(_) => {
+            return Err(Malformed {
+                rid: None,
+                message: "rid must be a string of at most 128 characters".to_owned(),
+            })
+        }
+    };
+    let kind = match map.get("type") {
+        Some(Value::String(t)) => t.clone(),
+        _ => {
+            return Err(Malformed {
+                rid,
+                message: "a frame needs a string \"type\"".to_owned(),
+            })
+        }
+    };
+    Ok(Frame { kind, rid, body })
+}
+
+/// `{"type":"error","rid":…,"code":…,"message":…}`
+pub fn error(rid: Option<&str>, code: ErrorCode, message: &str) -> String {
+    let mut frame = json!({ "type": "error", "code": code.as_str(), "message": message });
+    if let Some(rid) = rid {
+        frame["rid"] = json!(rid);
+    }
+    frame.to_string()
+}
+
+/// `{"type":"pong","rid":…}`
+pub fn pong(rid: Option<&str>) -> String {
+    let mut frame = json!({ "type": "pong" });
+    if let Some(rid) = rid {
+        frame["rid"] = json!(rid);
+    }
+    frame.to_string()
+}
+
+/// `{"type":"welcome","user":…,"rooms":[…]}`
+pub fn welcome(user: &str, rooms: &[Value]) -> String {
+    json!({ "type": "welcome", "user": user, "rooms": rooms }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_read_far_enough_to_answer_them() {
+        let f = parse(r#"{"type":"ping","rid":"8"}"#).unwrap();
+        assert_eq!((f.kind.as_str(), f.rid.as_deref()), ("ping", Some("8")));
+        let e = parse(r#"{"rid":"3"}"#).unwrap_err();
+        assert_eq!(
+            e.rid.as_deref(),
+            Some("3"),
+            "the rid is kept so the error can answer it"
+        );
+        for bad in [
+            "",
+            "{",
+            "[]",
+            "42",
+            r#"{"type":5}"#,
+            r#"{"type":"ping","rid":7}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_frames_carry_the_rid_when_there_is_one() {
+        let e: Value = serde_json::from_str(&error(Some("3"), ErrorCode::BadRequest, "x")).unwrap();
+        assert_eq!(
+            e,
+            json!({"type":"error","rid":"3","code":"bad_request","message":"x"})
+        );
+        let e: Value = serde_json::from_str(&error(None, ErrorCode::Internal, "y")).unwrap();
+        assert!(e.get("rid").is_none());
+    }
+}
