@@ -94,6 +94,17 @@ fn http_status(err: WsError) -> (u16, Value) {
     }
 }
 
+/// A signed-in session of `user`, its welcome already read.
+async fn signed_in(chatd: &chat_harness::Chatd, data: &std::path::Path, user: &str) -> Ws {
+    let token = dev_token(data, user, 600);
+    let protocols = format!("chat.v1, bearer.{token}");
+    let (mut ws, _) = connect(&chatd.ws_url(), Some(&protocols), None)
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    ws
+}
+
 #[tokio::test]
 async fn subprotocol_token_selects_chat_v1_then_welcome_and_ping() {
     let data = tempfile::tempdir().unwrap();
@@ -248,15 +259,7 @@ async fn first_frame_authentication_and_its_refusals() {
 async fn bad_frames_get_errors_and_the_connection_stays_open() {
     let data = tempfile::tempdir().unwrap();
     let chatd = start(&standalone_env(data.path()));
-    let token = dev_token(data.path(), "alice", 600);
-    let (mut ws, _) = connect(
-        &chatd.ws_url(),
-        Some(&format!("chat.v1, bearer.{token}")),
-        None,
-    )
-    .await
-    .unwrap();
-    next_json(&mut ws).await; // welcome
+    let mut ws = signed_in(&chatd, data.path(), "alice").await;
 
     for (frame, rid) in [
         ("{", None),
@@ -293,17 +296,9 @@ async fn frames_over_the_limit_close_with_1009() {
     let mut env = standalone_env(data.path());
     env.push(("CHAT_MAX_FRAME_BYTES", "2048".to_owned()));
     let chatd = start(&env);
-    let token = dev_token(data.path(), "alice", 600);
     // Just over our limit, and far over it (past what the WebSocket layer buffers).
     for size in [3_000, 100_000] {
-        let (mut ws, _) = connect(
-            &chatd.ws_url(),
-            Some(&format!("chat.v1, bearer.{token}")),
-            None,
-        )
-        .await
-        .unwrap();
-        next_json(&mut ws).await;
+        let mut ws = signed_in(&chatd, data.path(), "alice").await;
         let frame = json!({"type":"ping","rid": "x".repeat(size)}).to_string();
         let _ = ws.send(Message::Text(frame.into())).await;
         assert_eq!(expect_close(&mut ws).await.0, 1009, "{size} bytes");
@@ -332,18 +327,9 @@ async fn a_session_is_closed_with_4001_when_its_token_expires() {
 async fn a_drain_closes_sessions_with_1001() {
     let data = tempfile::tempdir().unwrap();
     let mut chatd = start(&standalone_env(data.path()));
-    let token = dev_token(data.path(), "alice", 600);
     let mut sessions = Vec::new();
     for _ in 0..3 {
-        let (mut ws, _) = connect(
-            &chatd.ws_url(),
-            Some(&format!("chat.v1, bearer.{token}")),
-            None,
-        )
-        .await
-        .unwrap();
-        next_json(&mut ws).await;
-        sessions.push(ws);
+        sessions.push(signed_in(&chatd, data.path(), "alice").await);
     }
     chatd.signal(nix::sys::signal::Signal::SIGTERM);
     for ws in &mut sessions {

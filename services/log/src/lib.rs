@@ -16,11 +16,12 @@ mod config;
 mod error;
 mod live;
 mod log;
+mod range;
 
 pub use config::{ConfigError, LogConfig};
 pub use error::LogError;
 pub use live::LiveSubscription;
 pub use log::{
-    Appended, ConnectError, ConnectionEvent, ConnectionEvents, RangeReader, RawEntry, RoomBounds,
-    RoomLog,
+    Appended, ConnectError, ConnectionEvent, ConnectionEvents, RawEntry, RoomBounds, RoomLog,
 };
+pub use range::RangeReader;

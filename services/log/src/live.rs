@@ -12,7 +12,8 @@ use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::LogError;
-use crate::log::{ConnectionEvent, ConnectionEvents, RangeReader, RawEntry, RoomLog};
+use crate::log::{ConnectionEvent, ConnectionEvents, RawEntry, RoomLog};
+use crate::range::RangeReader;
 
 /// Events of one room with seq > the starting point, each exactly once, in order.
 ///

@@ -9,16 +9,13 @@ use async_nats::jetstream::{self, context::PublishErrorKind, response::Response,
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use chat_model::{Event, RoomId};
-use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use crate::config::{ConfigError, LogConfig, ROOM_METADATA_KEY};
 use crate::error::LogError;
 use crate::live::LiveSubscription;
+use crate::range::RangeReader;
 
-/// A range this short is read with one direct get per event; longer ones with an ordered
-/// consumer (creating a consumer costs more than a few single reads).
-const DIRECT_GET_MAX: u64 = 8;
 /// How often a duplicate acknowledged without a sequence (possible on a clustered stream while
 /// the original is still being committed) is asked again before giving up as unavailable.
 const ZERO_SEQ_RETRIES: u32 = 8;
@@ -326,18 +323,7 @@ impl RoomLog {
 
     /// Appends an event; its `id` is the idempotency key (`Nats-Msg-Id`).
     pub async fn append(&self, room: &RoomId, event: &Event) -> Result<Appended, LogError> {
-        let payload = event.encode().map_err(|source| LogError::Encode {
-            room: room.clone(),
-            source,
-        })?;
-        let mut id = uuid::Uuid::encode_buffer();
-        self.append_raw(
-            room,
-            event.id.hyphenated().encode_lower(&mut id),
-            payload.into(),
-            None,
-        )
-        .await
+        self.append_event(room, event, None).await
     }
 
     /// Appends an event only if the room's last sequence is `expected_last` (e.g. 0 to be the
@@ -348,12 +334,22 @@ impl RoomLog {
         event: &Event,
         expected_last: u64,
     ) -> Result<Appended, LogError> {
+        self.append_event(room, event, Some(expected_last)).await
+    }
+
+    async fn append_event(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        expected_last: Option<u64>,
+    ) -> Result<Appended, LogError> {
         let payload = event.encode().map_err(|source| LogError::Encode {
             room: room.clone(),
             source,
         })?;
-        let id = event.id.hyphenated().to_string();
-        self.append_raw(room, &id, payload.into(), Some(expected_last))
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = event.id.hyphenated().encode_lower(&mut id);
+        self.append_raw(room, id, payload.into(), expected_last)
             .await
     }
 
@@ -586,168 +582,4 @@ fn request_error(
             reason: e.to_string(),
         },
     }
-}
-
-enum RangeSource {
-    /// Not started yet.
-    Idle,
-    /// One direct get per sequence.
-    Direct,
-    /// An ordered consumer starting at the range's first sequence.
-    Ordered(Box<jetstream::consumer::pull::Ordered>),
-}
-
-/// Reads a range of a room's log in order. Cancel-safe: dropping a pending `next` loses nothing.
-pub struct RangeReader {
-    log: RoomLog,
-    room: RoomId,
-    /// Next sequence to hand out.
-    next: u64,
-    /// Last sequence of the range (inclusive).
-    to: u64,
-    /// Whether `to` still has to be clamped to the head.
-    clamp: bool,
-    source: RangeSource,
-}
-
-impl RangeReader {
-    pub(crate) fn new(log: RoomLog, room: RoomId, from: u64, to: u64, clamp: bool) -> RangeReader {
-        RangeReader {
-            log,
-            room,
-            next: from.max(1),
-            to,
-            clamp,
-            source: RangeSource::Idle,
-        }
-    }
-
-    /// The last sequence this reader will return (after clamping, once started).
-    pub fn end(&self) -> u64 {
-        self.to
-    }
-
-    /// The next entry, or `None` when the range is exhausted.
-    pub async fn next(&mut self) -> Option<Result<RawEntry, LogError>> {
-        loop {
-            if self.next > self.to {
-                return None;
-            }
-            match &mut self.source {
-                RangeSource::Idle => {
-                    if self.clamp {
-                        match self.log.bounds(&self.room).await {
-                            Ok(b) => {
-                                self.to = self.to.min(b.last);
-                                self.next = self.next.max(b.first);
-                            }
-                            Err(e) => return Some(Err(e)),
-                        }
-                        self.clamp = false;
-                        continue;
-                    }
-                    if self.to - self.next < DIRECT_GET_MAX {
-                        self.source = RangeSource::Direct;
-                    } else {
-                        match ordered_consumer(&self.log, &self.room, self.next).await {
-                            Ok(messages) => self.source = RangeSource::Ordered(Box::new(messages)),
-                            Err(e) => return Some(Err(e)),
-                        }
-                    }
-                }
-                RangeSource::Direct => {
-                    let seq = self.next;
-                    match self.log.get(&self.room, seq).await {
-                        Ok(Some(entry)) => {
-                            self.next = seq + 1;
-                            return Some(Ok(entry));
-                        }
-                        Ok(None) => self.next = seq + 1,
-                        Err(e) => return Some(Err(e)),
-                    }
-                }
-                RangeSource::Ordered(messages) => match messages.next().await {
-                    Some(Ok(msg)) => {
-                        let seq = match msg.info() {
-                            Ok(info) => info.stream_sequence,
-                            Err(e) => {
-                                return Some(Err(LogError::JetStream {
-                                    room: self.room.clone(),
-                                    op: "read range",
-                                    reason: format!("message without stream info: {e}"),
-                                }))
-                            }
-                        };
-                        if seq < self.next {
-                            continue;
-                        }
-                        if seq > self.to {
-                            self.next = seq;
-                            self.source = RangeSource::Idle;
-                            return None;
-                        }
-                        self.next = seq + 1;
-                        return Some(Ok(RawEntry {
-                            seq,
-                            payload: msg.message.payload,
-                        }));
-                    }
-                    Some(Err(e)) => {
-                        // Start over from where we are with a fresh consumer next time.
-                        self.source = RangeSource::Idle;
-                        return Some(Err(LogError::Unavailable {
-                            room: self.room.clone(),
-                            op: "read range",
-                            reason: e.to_string(),
-                        }));
-                    }
-                    None => {
-                        self.source = RangeSource::Idle;
-                        return Some(Err(LogError::Unavailable {
-                            room: self.room.clone(),
-                            op: "read range",
-                            reason: "ordered consumer ended".to_owned(),
-                        }));
-                    }
-                },
-            }
-        }
-    }
-
-    /// Reads the whole range into memory (tests and small ranges).
-    pub async fn collect(mut self) -> Result<Vec<RawEntry>, LogError> {
-        let mut out = Vec::new();
-        while let Some(entry) = self.next().await {
-            out.push(entry?);
-        }
-        Ok(out)
-    }
-}
-
-/// An ordered consumer of the room's stream starting at `start`.
-async fn ordered_consumer(
-    log: &RoomLog,
-    room: &RoomId,
-    start: u64,
-) -> Result<jetstream::consumer::pull::Ordered, LogError> {
-    let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable {
-        room: room.clone(),
-        op: "read range",
-        reason: e.to_string(),
-    };
-    let stream = log
-        .jetstream()
-        .get_stream_no_info(log.config().stream_name(room))
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable(&e))?;
-    consumer.messages().await.map_err(|e| unavailable(&e))
 }
