@@ -8,8 +8,10 @@
 //! (subscribe, send, …) are answered with an `error` saying they are not available yet.
 #![forbid(unsafe_code)]
 
+mod hub;
 mod origin;
 mod protocol;
+mod render;
 mod session;
 
 use std::sync::Arc;
@@ -23,7 +25,9 @@ use axum::{Json, Router};
 use chat_auth::Verifier;
 use tokio_util::sync::CancellationToken;
 
+pub use hub::{Delivery, Follower, Hub};
 pub use protocol::{close_code, ErrorCode};
+pub use render::event_frame;
 
 /// The subprotocol a client offers (with `bearer.<jwt>`) and the server selects.
 pub const SUBPROTOCOL: &str = "chat.v1";

@@ -1,0 +1,224 @@
+//! Fan-out of rooms' live events to this edge's sessions.
+//!
+//! One NATS subscription per room per edge, shared by every local session following the room
+//! (reference-counted: the last follower to leave releases it). Each event is rendered to its
+//! JSON frame once, and the frame's bytes are shared by all sessions.
+//!
+//! A follower first reads what it missed from the log, then follows the shared feed, deduping
+//! by sequence at the seam. Whenever it falls behind the feed (a sequence jump, or a lagged
+//! broadcast) it reads the missing range from the log again, so every follower sees every event
+//! once, in order, whatever its speed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use chat_log::{LogError, RangeReader, RoomLog};
+use chat_model::RoomId;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+use crate::render::event_frame;
+
+/// One event as every follower receives it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    /// The rendered `event` frame.
+    pub frame: Utf8Bytes,
+}
+
+/// This edge's room feeds.
+pub struct Hub {
+    log: RoomLog,
+    /// Live feeds by room; a feed lives while some follower holds it.
+    feeds: Mutex<HashMap<RoomId, Weak<Feed>>>,
+    /// Frames buffered per feed for followers that are a little behind.
+    capacity: usize,
+}
+
+/// One room's live feed: the NATS subscription and the task that renders and broadcasts.
+struct Feed {
+    tx: broadcast::Sender<Delivery>,
+    /// Stops the subscription when the last follower drops the feed.
+    task: JoinHandle<()>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hub {
+    /// A hub over `log`, buffering up to `capacity` frames per room for slow followers.
+    pub fn new(log: RoomLog, capacity: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            log,
+            feeds: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        })
+    }
+
+    /// Follows `room` from after `after`: every event with a greater sequence, once, in order.
+    pub async fn follow(&self, room: &RoomId, after: u64) -> Result<Follower, LogError> {
+        let feed = self.feed(room).await?;
+        // Subscribe to the feed before reading the log, so nothing falls between the two.
+        let rx = feed.tx.subscribe();
+        Ok(Follower {
+            log: self.log.clone(),
+            room: room.clone(),
+            _feed: feed,
+            rx,
+            delivered: after,
+            catch_up: Some(self.log.read_range(room, after + 1, u64::MAX)),
+        })
+    }
+
+    /// How many rooms have a live feed on this edge.
+    pub fn live_rooms(&self) -> usize {
+        self.feeds
+            .lock()
+            .map(|f| f.values().filter(|w| w.strong_count() > 0).count())
+            .unwrap_or(0)
+    }
+
+    async fn feed(&self, room: &RoomId) -> Result<Arc<Feed>, LogError> {
+        if let Some(feed) = self.existing(room) {
+            return Ok(feed);
+        }
+        // Start a feed from the current head; followers read anything older from the log.
+        let head = self.log.head(room).await?;
+        let live = self.log.subscribe_live(room, head).await?;
+        let mut feeds = self.feeds.lock().map_err(|_| poisoned(room))?;
+        // Another session may have started one meanwhile: use it (ours is dropped unused).
+        if let Some(feed) = feeds.get(room).and_then(Weak::upgrade) {
+            return Ok(feed);
+        }
+        let (tx, _) = broadcast::channel(self.capacity);
+        let task = tokio::spawn(run_feed(room.clone(), live, tx.clone()));
+        let feed = Arc::new(Feed { tx, task });
+        feeds.retain(|_, weak| weak.strong_count() > 0);
+        feeds.insert(room.clone(), Arc::downgrade(&feed));
+        Ok(feed)
+    }
+
+    fn existing(&self, room: &RoomId) -> Option<Arc<Feed>> {
+        self.feeds.lock().ok()?.get(room).and_then(Weak::upgrade)
+    }
+}
+
+fn poisoned(room: &RoomId) -> LogError {
+    LogError::Unavailable {
+        room: room.clone(),
+        op: "follow",
+        reason: "hub lock poisoned".to_owned(),
+    }
+}
+
+/// Renders each live event once and broadcasts it; retries while NATS is away.
+async fn run_feed(
+    room: RoomId,
+    mut live: chat_log::LiveSubscription,
+    tx: broadcast::Sender<Delivery>,
+) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match live.next().await {
+            Ok(entry) => {
+                pause = Duration::from_millis(50);
+                // No receivers right now is fine: followers catch up from the log.
+                let _ = tx.send(Delivery {
+                    seq: entry.seq,
+                    frame: event_frame(&room, &entry),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(room = %room, error = %e, "live feed interrupted; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One session's view of a room: every event after its starting point, once, in order.
+pub struct Follower {
+    log: RoomLog,
+    room: RoomId,
+    /// Keeps the room's feed (and its NATS subscription) alive.
+    _feed: Arc<Feed>,
+    rx: broadcast::Receiver<Delivery>,
+    /// The last sequence handed out.
+    delivered: u64,
+    /// A range being read from the log (the initial catch-up, or a gap).
+    catch_up: Option<RangeReader>,
+}
+
+impl Follower {
+    pub fn room(&self) -> &RoomId {
+        &self.room
+    }
+
+    /// The last sequence handed out.
+    pub fn position(&self) -> u64 {
+        self.delivered
+    }
+
+    /// The next event. Cancel-safe; after an error, calling again resumes where it was.
+    pub async fn next(&mut self) -> Result<Delivery, LogError> {
+        loop {
+            if let Some(reader) = self.catch_up.as_mut() {
+                match reader.next().await {
+                    Some(Ok(entry)) => {
+                        if entry.seq > self.delivered {
+                            self.delivered = entry.seq;
+                            return Ok(Delivery {
+                                seq: entry.seq,
+                                frame: event_frame(&self.room, &entry),
+                            });
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        // Read again from where we are next time.
+                        self.catch_up = Some(self.log.read_range(
+                            &self.room,
+                            self.delivered + 1,
+                            u64::MAX,
+                        ));
+                        return Err(e);
+                    }
+                    None => self.catch_up = None,
+                }
+            }
+            match self.rx.recv().await {
+                Ok(d) if d.seq <= self.delivered => continue,
+                Ok(d) if d.seq == self.delivered + 1 => {
+                    self.delivered = d.seq;
+                    return Ok(d);
+                }
+                // Behind the feed: read what lies between from the log (this one included).
+                Ok(d) => {
+                    self.catch_up = Some(self.log.read_range(&self.room, self.delivered + 1, d.seq))
+                }
+                Err(RecvError::Lagged(_)) => {
+                    self.catch_up = Some(self.log.read_range(
+                        &self.room,
+                        self.delivered + 1,
+                        u64::MAX,
+                    ));
+                }
+                Err(RecvError::Closed) => {
+                    return Err(LogError::Unavailable {
+                        room: self.room.clone(),
+                        op: "follow",
+                        reason: "room feed stopped".to_owned(),
+                    })
+                }
+            }
+        }
+    }
+}

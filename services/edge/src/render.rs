@@ -1,0 +1,166 @@
+//! Server → client `event` frames, rendered once per edge and shared by every session.
+
+use axum::extract::ws::Utf8Bytes;
+use chat_log::RawEntry;
+use chat_model::{Event, EventBody, RoomId};
+use serde_json::{json, Value};
+
+/// The contract's `event` frame for one log entry. An entry this build cannot decode becomes
+/// `{"kind":"unsupported"}` with its sequence, so a client's sequence stays gap-free.
+pub fn event_frame(room: &RoomId, entry: &RawEntry) -> Utf8Bytes {
+    let frame = match entry.decode() {
+        Ok(event) => event_json(room, entry.seq, &event),
+        Err(e) => {
+            tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable event sent as unsupported");
+            json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" })
+        }
+    };
+    frame.to_string().into()
+}
+
+fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
+    let mut frame = json!({
+        "type": "event",
+        "room": room,
+        "seq": seq,
+        "ts": event.ts,
+        "user": event.user,
+        "kind": event.kind(),
+        "id": event.id.hyphenated().to_string(),
+    });
+    let fields = match &event.body {
+        EventBody::Message {
+            text,
+            thread,
+            reply_to,
+        } => {
+            json!({ "text": text, "thread": thread, "reply_to": reply_to })
+        }
+        EventBody::Edit { target, text } => json!({ "target": target, "text": text }),
+        EventBody::Delete { target } => json!({ "target": target }),
+        EventBody::Reaction { target, emoji, on } => {
+            json!({ "target": target, "emoji": emoji, "on": on })
+        }
+        EventBody::Read { up_to } => json!({ "up_to": up_to }),
+        EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
+            json!({ "member": member })
+        }
+        EventBody::RoomCreated {
+            name,
+            room_kind,
+            members,
+        } => {
+            json!({ "name": name, "room_kind": room_kind.as_str(), "members": members })
+        }
+    };
+    if let (Some(frame), Value::Object(fields)) = (frame.as_object_mut(), fields) {
+        frame.extend(fields);
+    }
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_model::{RoomKind, UserId};
+
+    use super::*;
+
+    fn entry(seq: u64, body: EventBody) -> RawEntry {
+        let event = Event {
+            id: uuid::Uuid::from_u128(0x0193_5f2e_4b1c_7a00_8000_0000_0000_0001),
+            user: UserId::parse("alice").unwrap(),
+            ts: 1_763_900_000_123,
+            body,
+        };
+        RawEntry {
+            seq,
+            payload: event.encode().unwrap().into(),
+        }
+    }
+
+    fn render(e: &RawEntry) -> Value {
+        serde_json::from_str(event_frame(&RoomId::parse("general").unwrap(), e).as_str()).unwrap()
+    }
+
+    #[test]
+    fn a_message_renders_exactly_as_the_contract_shows() {
+        let frame = render(&entry(
+            46,
+            EventBody::Message {
+                text: "hi".into(),
+                thread: None,
+                reply_to: None,
+            },
+        ));
+        assert_eq!(
+            frame,
+            json!({"type":"event","room":"general","seq":46,"ts":1_763_900_000_123_i64,"user":"alice",
+                   "kind":"message","id":"01935f2e-4b1c-7a00-8000-000000000001","text":"hi",
+                   "thread":null,"reply_to":null})
+        );
+    }
+
+    #[test]
+    fn every_kind_carries_its_fields() {
+        let bob = UserId::parse("bob").unwrap();
+        let cases = [
+            (
+                EventBody::Edit {
+                    target: 46,
+                    text: "hi!".into(),
+                },
+                json!({"target":46,"text":"hi!"}),
+            ),
+            (EventBody::Delete { target: 46 }, json!({"target":46})),
+            (
+                EventBody::Reaction {
+                    target: 46,
+                    emoji: "👍".into(),
+                    on: false,
+                },
+                json!({"target":46,"emoji":"👍","on":false}),
+            ),
+            (EventBody::Read { up_to: 46 }, json!({"up_to":46})),
+            (
+                EventBody::MemberJoined {
+                    member: bob.clone(),
+                },
+                json!({"member":"bob"}),
+            ),
+            (
+                EventBody::MemberLeft {
+                    member: bob.clone(),
+                },
+                json!({"member":"bob"}),
+            ),
+            (
+                EventBody::RoomCreated {
+                    name: "General".into(),
+                    room_kind: RoomKind::Group,
+                    members: vec![bob],
+                },
+                json!({"name":"General","room_kind":"group","members":["bob"]}),
+            ),
+        ];
+        for (body, fields) in cases {
+            let kind = body.kind();
+            let frame = render(&entry(7, body));
+            assert_eq!(frame["kind"], kind);
+            for (k, v) in fields.as_object().unwrap() {
+                assert_eq!(&frame[k], v, "{kind}.{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn undecodable_entries_keep_their_place_in_the_sequence() {
+        let frame = render(&RawEntry {
+            seq: 9,
+            payload: bytes::Bytes::from_static(b"\xc1"),
+        });
+        assert_eq!(
+            frame,
+            json!({"type":"event","room":"general","seq":9,"kind":"unsupported"})
+        );
+    }
+}
