@@ -6,8 +6,10 @@
 
 mod event;
 mod ids;
+pub mod room;
 
 pub use event::{
     DecodeError, EncodeError, Event, EventBody, RoomKind, ENVELOPE_VERSION, MAX_EVENT_BYTES,
 };
 pub use ids::{IdError, RoomId, UserId, MAX_ROOM_ID_LEN, MAX_USER_ID_LEN};
+pub use room::{direct_room_id, Refusal, RoomState};

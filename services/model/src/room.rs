@@ -1,0 +1,383 @@
+//! A room as its log defines it: who is in it, who created it, and what each may do.
+//!
+//! [`RoomState`] is a fold over the room's events (pure, no I/O). The decisions below turn a
+//! request into the event to append, or a [`Refusal`], by the client contract's rules; the
+//! caller appends the event and folds it in. Membership therefore always comes from the log.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::event::{Event, EventBody, RoomKind};
+use crate::ids::{RoomId, UserId};
+
+/// Why a request is refused; maps onto the contract's error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `forbidden`
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// `bad_request`
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// `conflict`
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+/// The state of one room, folded from its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomState {
+    pub kind: RoomKind,
+    pub name: String,
+    /// Who created the room: its admin.
+    pub creator: UserId,
+    /// Current members, with the sequence at which each (last) joined: their read cursor
+    /// starts there.
+    pub members: BTreeMap<UserId, u64>,
+    /// The last sequence folded in.
+    pub head: u64,
+}
+
+impl RoomState {
+    /// The state after the room's first event, which must be `room_created`.
+    pub fn created(seq: u64, event: &Event) -> Option<RoomState> {
+        let EventBody::RoomCreated {
+            name,
+            room_kind,
+            members,
+        } = &event.body
+        else {
+            return None;
+        };
+        let mut all: BTreeMap<UserId, u64> = members.iter().map(|m| (m.clone(), seq)).collect();
+        all.insert(event.user.clone(), seq);
+        Some(RoomState {
+            kind: *room_kind,
+            name: name.clone(),
+            creator: event.user.clone(),
+            members: all,
+            head: seq,
+        })
+    }
+
+    /// Folds in the event at `seq`. Events at or below `head` are ignored, so replaying a range
+    /// twice changes nothing.
+    pub fn apply(&mut self, seq: u64, event: &Event) {
+        if seq <= self.head {
+            return;
+        }
+        self.head = seq;
+        match &event.body {
+            EventBody::MemberJoined { member } => {
+                self.members.entry(member.clone()).or_insert(seq);
+            }
+            EventBody::MemberLeft { member } => {
+                self.members.remove(member);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn is_member(&self, user: &UserId) -> bool {
+        self.members.contains_key(user)
+    }
+
+    pub fn is_admin(&self, user: &UserId) -> bool {
+        &self.creator == user
+    }
+
+    /// Any member of a group room may add a user; direct rooms have exactly their pair.
+    pub fn decide_invite(&self, actor: &UserId, user: &UserId) -> Result<EventBody, Refusal> {
+        if !self.is_member(actor) {
+            return Err(Refusal::Forbidden("only members may add users to a room"));
+        }
+        if self.kind == RoomKind::Direct {
+            return Err(Refusal::BadRequest("direct rooms cannot get more members"));
+        }
+        if self.is_member(user) {
+            return Err(Refusal::Conflict("already a member"));
+        }
+        Ok(EventBody::MemberJoined {
+            member: user.clone(),
+        })
+    }
+
+    /// A member may leave; the admin may remove anyone.
+    pub fn decide_remove(&self, actor: &UserId, user: &UserId) -> Result<EventBody, Refusal> {
+        if actor != user && !(self.is_admin(actor) && self.is_member(actor)) {
+            return Err(Refusal::Forbidden(
+                "only the room's admin may remove other members",
+            ));
+        }
+        if !self.is_member(user) {
+            return Err(Refusal::Conflict("not a member"));
+        }
+        Ok(EventBody::MemberLeft {
+            member: user.clone(),
+        })
+    }
+
+    /// Only the author edits a message (and only while a member).
+    pub fn decide_edit(&self, actor: &UserId, author: &UserId) -> Result<(), Refusal> {
+        if !self.is_member(actor) {
+            return Err(Refusal::Forbidden("not a member of this room"));
+        }
+        if actor != author {
+            return Err(Refusal::Forbidden("only the author may edit a message"));
+        }
+        Ok(())
+    }
+
+    /// The author or the room's admin deletes a message.
+    pub fn decide_delete(&self, actor: &UserId, author: &UserId) -> Result<(), Refusal> {
+        if !self.is_member(actor) {
+            return Err(Refusal::Forbidden("not a member of this room"));
+        }
+        if actor != author && !self.is_admin(actor) {
+            return Err(Refusal::Forbidden(
+                "only the author or the room's admin may delete a message",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The id of the direct room of two users: the same whoever asks, `dm-` and a digest of the
+/// sorted pair (user ids may hold characters a room id may not).
+pub fn direct_room_id(a: &UserId, b: &UserId) -> RoomId {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    let mut hasher = Sha256::new();
+    hasher.update(first.as_str().as_bytes());
+    hasher.update([0u8]);
+    hasher.update(second.as_str().as_bytes());
+    let digest = hasher.finalize();
+    RoomId::parse(format!(
+        "{}{}",
+        RoomId::DIRECT_PREFIX,
+        hex::encode(&digest[..20])
+    ))
+    .unwrap_or_else(|_| unreachable!("dm- and 40 hex digits form a valid room id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    fn event(by: &str, body: EventBody) -> Event {
+        Event {
+            id: uuid::Uuid::new_v4(),
+            user: user(by),
+            ts: 0,
+            body,
+        }
+    }
+
+    /// given: these events (seq 1, 2, …)
+    fn given(events: Vec<Event>) -> RoomState {
+        let mut events = events.into_iter();
+        let mut state = RoomState::created(1, &events.next().unwrap()).unwrap();
+        for (i, e) in events.enumerate() {
+            state.apply(i as u64 + 2, &e);
+        }
+        state
+    }
+
+    fn group(creator: &str, members: &[&str]) -> Event {
+        event(
+            creator,
+            EventBody::RoomCreated {
+                name: "General".into(),
+                room_kind: RoomKind::Group,
+                members: members.iter().map(|m| user(m)).collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn membership_is_the_fold_of_the_log() {
+        let state = given(vec![
+            group("alice", &["bob"]),
+            event(
+                "alice",
+                EventBody::Message {
+                    text: "hi".into(),
+                    thread: None,
+                    reply_to: None,
+                },
+            ),
+            event(
+                "bob",
+                EventBody::MemberJoined {
+                    member: user("carol"),
+                },
+            ),
+            event(
+                "bob",
+                EventBody::MemberLeft {
+                    member: user("bob"),
+                },
+            ),
+        ]);
+        assert_eq!(state.creator, user("alice"));
+        assert_eq!(
+            state.members,
+            BTreeMap::from([(user("alice"), 1), (user("carol"), 3)])
+        );
+        assert_eq!(state.head, 4);
+    }
+
+    #[test]
+    fn folding_is_idempotent_for_replayed_ranges() {
+        let mut state = given(vec![
+            group("alice", &[]),
+            event(
+                "alice",
+                EventBody::MemberJoined {
+                    member: user("bob"),
+                },
+            ),
+        ]);
+        let before = state.clone();
+        state.apply(
+            2,
+            &event(
+                "alice",
+                EventBody::MemberLeft {
+                    member: user("bob"),
+                },
+            ),
+        );
+        assert_eq!(
+            state, before,
+            "an event at or below head is not folded again"
+        );
+    }
+
+    #[test]
+    fn a_rejoining_member_starts_reading_at_the_rejoin() {
+        let state = given(vec![
+            group("alice", &["bob"]),
+            event(
+                "bob",
+                EventBody::MemberLeft {
+                    member: user("bob"),
+                },
+            ),
+            event(
+                "alice",
+                EventBody::MemberJoined {
+                    member: user("bob"),
+                },
+            ),
+        ]);
+        assert_eq!(state.members.get(&user("bob")), Some(&3));
+    }
+
+    #[test]
+    fn invitations_follow_the_contract() {
+        let state = given(vec![group("alice", &["bob"])]);
+        assert_eq!(
+            state.decide_invite(&user("bob"), &user("carol")),
+            Ok(EventBody::MemberJoined {
+                member: user("carol")
+            }),
+            "any member of a group room"
+        );
+        assert!(matches!(
+            state.decide_invite(&user("mallory"), &user("carol")),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            state.decide_invite(&user("alice"), &user("bob")),
+            Err(Refusal::Conflict(_))
+        ));
+        let dm = given(vec![event(
+            "alice",
+            EventBody::RoomCreated {
+                name: String::new(),
+                room_kind: RoomKind::Direct,
+                members: vec![user("bob")],
+            },
+        )]);
+        assert!(matches!(
+            dm.decide_invite(&user("alice"), &user("carol")),
+            Err(Refusal::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn removal_is_by_self_or_the_admin() {
+        let state = given(vec![group("alice", &["bob", "carol"])]);
+        assert!(
+            state.decide_remove(&user("bob"), &user("bob")).is_ok(),
+            "leave"
+        );
+        assert!(
+            state.decide_remove(&user("alice"), &user("bob")).is_ok(),
+            "admin removes"
+        );
+        assert!(matches!(
+            state.decide_remove(&user("bob"), &user("carol")),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            state.decide_remove(&user("alice"), &user("dave")),
+            Err(Refusal::Conflict(_))
+        ));
+        // An admin who left has no power left in the room.
+        let left = given(vec![
+            group("alice", &["bob"]),
+            event(
+                "alice",
+                EventBody::MemberLeft {
+                    member: user("alice"),
+                },
+            ),
+        ]);
+        assert!(matches!(
+            left.decide_remove(&user("alice"), &user("bob")),
+            Err(Refusal::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn edits_by_the_author_deletes_by_the_author_or_admin() {
+        let state = given(vec![group("alice", &["bob", "carol"])]);
+        assert!(state.decide_edit(&user("bob"), &user("bob")).is_ok());
+        assert!(
+            state.decide_edit(&user("alice"), &user("bob")).is_err(),
+            "not even the admin edits"
+        );
+        assert!(state.decide_delete(&user("bob"), &user("bob")).is_ok());
+        assert!(
+            state.decide_delete(&user("alice"), &user("bob")).is_ok(),
+            "admin deletes any"
+        );
+        assert!(state.decide_delete(&user("carol"), &user("bob")).is_err());
+        assert!(
+            state
+                .decide_edit(&user("mallory"), &user("mallory"))
+                .is_err(),
+            "non-members"
+        );
+    }
+
+    #[test]
+    fn direct_room_ids_are_the_same_whoever_asks_and_valid() {
+        let (a, b) = (user("alice@example.com"), user("auth0|bob"));
+        let id = direct_room_id(&a, &b);
+        assert_eq!(id, direct_room_id(&b, &a));
+        assert!(id.is_direct() && id.as_str().len() == 43, "{id}");
+        assert_ne!(id, direct_room_id(&a, &user("carol")));
+        // The pair is delimited: ("ab","c") and ("a","bc") are different pairs.
+        assert_ne!(
+            direct_room_id(&user("ab"), &user("c")),
+            direct_room_id(&user("a"), &user("bc"))
+        );
+    }
+}
