@@ -31,6 +31,15 @@ async fn log(server: &NatsServer) -> RoomLog {
         .unwrap()
 }
 
+/// A fresh nats-server, a writer's room log on it, and the room `name` created.
+async fn with_room(name: &str) -> (NatsServer, RoomLog, RoomId) {
+    let server = NatsServer::start();
+    let writer = log(&server).await;
+    let room = room(name);
+    writer.ensure_room(&room).await.unwrap();
+    (server, writer, room)
+}
+
 /// Reads `first..=last` from a follower and checks order, completeness and content.
 async fn expect_exactly(follower: &mut Follower, first: u64, last: u64) {
     let got = tokio::time::timeout(Duration::from_secs(60), async {
@@ -65,10 +74,7 @@ fn server_subscriptions(server: &NatsServer, subject: &str) -> usize {
 
 #[tokio::test]
 async fn many_followers_share_one_subscription_and_each_gets_every_event() {
-    let server = NatsServer::start();
-    let writer = log(&server).await;
-    let room = room("shared");
-    writer.ensure_room(&room).await.unwrap();
+    let (server, writer, room) = with_room("shared").await;
     let hub = Hub::new(log(&server).await, 1024);
     let mut followers: Vec<Follower> = Vec::new();
     for _ in 0..50 {
@@ -101,10 +107,7 @@ async fn many_followers_share_one_subscription_and_each_gets_every_event() {
 
 #[tokio::test]
 async fn resuming_mid_stream_has_no_gap_or_duplicate_while_others_send() {
-    let server = NatsServer::start();
-    let writer = log(&server).await;
-    let room = room("resume");
-    writer.ensure_room(&room).await.unwrap();
+    let (server, writer, room) = with_room("resume").await;
     let hub = Hub::new(log(&server).await, 1024);
     let mut early = hub.follow(&room, 0).await.unwrap();
     let appends = {
@@ -140,10 +143,7 @@ async fn resuming_mid_stream_has_no_gap_or_duplicate_while_others_send() {
 
 #[tokio::test]
 async fn the_last_follower_leaving_releases_the_subscription() {
-    let server = NatsServer::start();
-    let writer = log(&server).await;
-    let room = room("released");
-    writer.ensure_room(&room).await.unwrap();
+    let (server, writer, room) = with_room("released").await;
     let hub = Hub::new(log(&server).await, 16);
     let mut a = hub.follow(&room, 0).await.unwrap();
     let mut b = hub.follow(&room, 0).await.unwrap();
@@ -171,10 +171,7 @@ async fn the_last_follower_leaving_releases_the_subscription() {
 
 #[tokio::test]
 async fn a_follower_that_falls_out_of_the_buffer_reads_the_rest_from_the_log() {
-    let server = NatsServer::start();
-    let writer = log(&server).await;
-    let room = room("slowpoke");
-    writer.ensure_room(&room).await.unwrap();
+    let (server, writer, room) = with_room("slowpoke").await;
     let hub = Hub::new(log(&server).await, 8);
     let mut slow = hub.follow(&room, 0).await.unwrap();
     let mut fast = hub.follow(&room, 0).await.unwrap();
@@ -199,10 +196,7 @@ async fn a_follower_that_falls_out_of_the_buffer_reads_the_rest_from_the_log() {
 
 #[tokio::test]
 async fn catching_up_needs_no_new_event_to_start() {
-    let server = NatsServer::start();
-    let writer = log(&server).await;
-    let room = room("quiet");
-    writer.ensure_room(&room).await.unwrap();
+    let (server, writer, room) = with_room("quiet").await;
     for i in 1..=20 {
         writer
             .append(&room, &message(format!("m{i}")))

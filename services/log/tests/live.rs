@@ -72,10 +72,7 @@ async fn fast_reconnecting(url: &str) -> RoomLog {
 
 #[tokio::test]
 async fn catch_up_then_live_with_no_gap_or_duplicate_at_the_seam() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("seam");
-    log.ensure_room(&room).await.unwrap();
+    let (server, log, room) = with_room("seam").await;
     for i in 1..=20 {
         log.append(&room, &message(format!("m{i}"))).await.unwrap();
     }
@@ -98,10 +95,7 @@ async fn catch_up_then_live_with_no_gap_or_duplicate_at_the_seam() {
 
 #[tokio::test]
 async fn starting_at_the_head_yields_only_new_events() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("fresh");
-    log.ensure_room(&room).await.unwrap();
+    let (_server, log, room) = with_room("fresh").await;
     for i in 1..=5 {
         log.append(&room, &message(format!("m{i}"))).await.unwrap();
     }

@@ -12,10 +12,7 @@ use futures::future::join_all;
 
 #[tokio::test]
 async fn eight_concurrent_appenders_get_8000_consecutive_sequences_each_once() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("busy");
-    log.ensure_room(&room).await.unwrap();
+    let (_server, log, room) = with_room("busy").await;
 
     let appenders = (0..8).map(|w| {
         let log = log.clone();
@@ -67,10 +64,7 @@ async fn eight_concurrent_appenders_get_8000_consecutive_sequences_each_once() {
 
 #[tokio::test]
 async fn a_repeated_id_returns_the_original_sequence_as_duplicate() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("general");
-    log.ensure_room(&room).await.unwrap();
+    let (server, log, room) = with_room("general").await;
 
     log.append(&room, &message("before")).await.unwrap();
     let original = message("hi");
@@ -97,10 +91,7 @@ async fn a_repeated_id_returns_the_original_sequence_as_duplicate() {
 
 #[tokio::test]
 async fn append_if_last_lets_exactly_one_writer_be_first() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("created-once");
-    log.ensure_room(&room).await.unwrap();
+    let (_server, log, room) = with_room("created-once").await;
 
     let attempts = join_all((0..4).map(|i| {
         let log = log.clone();
@@ -217,10 +208,7 @@ async fn a_stream_of_another_room_under_our_name_is_never_used() {
 
 #[tokio::test]
 async fn ranges_read_in_order_short_and_long_and_clamped_to_the_head() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("ranges");
-    log.ensure_room(&room).await.unwrap();
+    let (_server, log, room) = with_room("ranges").await;
     assert_eq!(log.head(&room).await.unwrap(), 0);
     assert!(log
         .read_range(&room, 1, 100)
@@ -269,10 +257,7 @@ async fn ranges_read_in_order_short_and_long_and_clamped_to_the_head() {
 
 #[tokio::test]
 async fn undecodable_bytes_are_still_delivered_as_entries() {
-    let server = NatsServer::start();
-    let log = connect(&server.url()).await;
-    let room = room("garbage");
-    log.ensure_room(&room).await.unwrap();
+    let (_server, log, room) = with_room("garbage").await;
     log.append_raw(
         &room,
         "raw-1",

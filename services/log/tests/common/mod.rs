@@ -62,3 +62,12 @@ pub async fn within<T, F: Future<Output = T>>(what: &str, secs: u64, f: F) -> T 
         .await
         .unwrap_or_else(|_| panic!("{what}: not done within {secs} s"))
 }
+
+/// A fresh nats-server, a room log connected to it, and the room `name` created on it.
+pub async fn with_room(name: &str) -> (chat_harness::NatsServer, RoomLog, RoomId) {
+    let server = chat_harness::NatsServer::start();
+    let log = connect(&server.url()).await;
+    let room = room(name);
+    log.ensure_room(&room).await.unwrap();
+    (server, log, room)
+}
