@@ -63,6 +63,11 @@ pub enum ConnectionEvent {
 /// A receiver of [`ConnectionEvent`]s.
 pub type ConnectionEvents = broadcast::Receiver<ConnectionEvent>;
 
+/// Failure to list the rooms (NATS unreachable or the request refused).
+#[derive(Debug, thiserror::Error)]
+#[error("list rooms: {0}")]
+pub struct ListRoomsError(pub String);
+
 /// Failure to connect the room log.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -537,6 +542,45 @@ impl RoomLog {
             after,
             connects,
         ))
+    }
+
+    /// Every room of this deployment with its bounds, from the stream list (which JetStream
+    /// pages, so this scales to many rooms: one request per 256 streams).
+    pub async fn rooms(&self) -> Result<Vec<(RoomId, RoomBounds)>, ListRoomsError> {
+        use futures::TryStreamExt;
+        let cfg = &self.inner.config;
+        let prefix = format!("{}_", cfg.prefix.to_ascii_uppercase());
+        let mut out = Vec::new();
+        let mut streams = self.inner.js.streams();
+        while let Some(info) = streams
+            .try_next()
+            .await
+            .map_err(|e| ListRoomsError(e.to_string()))?
+        {
+            if !info.config.name.starts_with(&prefix) {
+                continue;
+            }
+            // A stream is a room's only if its name is that room's digest under our prefix.
+            let Some(room) = info
+                .config
+                .metadata
+                .get(ROOM_METADATA_KEY)
+                .and_then(|r| RoomId::parse(r.as_str()).ok())
+            else {
+                continue;
+            };
+            if cfg.stream_name(&room) != info.config.name {
+                continue;
+            }
+            out.push((
+                room,
+                RoomBounds {
+                    first: info.state.first_sequence,
+                    last: info.state.last_sequence,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     pub(crate) fn jetstream(&self) -> &jetstream::Context {

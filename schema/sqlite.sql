@@ -1,0 +1,90 @@
+-- The embedded projection store (SQLite, WAL). Everything here is derived from the room logs
+-- and can be rebuilt from them (`chatd rebuild`). Rows are keyed by room first, so one room's
+-- rows are contiguous and a room can be cleared and rebuilt on its own.
+
+-- One row per room, from its `room_created` event.
+CREATE TABLE IF NOT EXISTS rooms (
+    room        TEXT    NOT NULL PRIMARY KEY,
+    kind        TEXT    NOT NULL,          -- group | direct
+    name        TEXT    NOT NULL,
+    creator     TEXT    NOT NULL,          -- the room's admin
+    created_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Membership as the log defines it: a left member keeps a row with active = 0.
+CREATE TABLE IF NOT EXISTS members (
+    room       TEXT    NOT NULL,
+    user       TEXT    NOT NULL,
+    joined_seq INTEGER NOT NULL,           -- where the member's read cursor starts
+    active     INTEGER NOT NULL,
+    PRIMARY KEY (room, user)
+) WITHOUT ROWID;
+-- "My rooms": by user.
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user, room) WHERE active = 1;
+
+-- Read cursors; they only move forward (max of read events, own messages, joining).
+CREATE TABLE IF NOT EXISTS cursors (
+    room      TEXT    NOT NULL,
+    user      TEXT    NOT NULL,
+    last_read INTEGER NOT NULL,
+    PRIMARY KEY (room, user)
+) WITHOUT ROWID;
+
+-- Every event of every room, in the room's order. Messages hold their current text
+-- (original_text keeps the first text once edited, for audit; a delete clears both);
+-- other kinds hold their fields as JSON.
+CREATE TABLE IF NOT EXISTS events (
+    room          TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    id            TEXT    NOT NULL,        -- the client's idempotency key
+    user          TEXT    NOT NULL,
+    ts            INTEGER NOT NULL,
+    kind          TEXT    NOT NULL,
+    text          TEXT,
+    original_text TEXT,
+    edit_seq      INTEGER,                 -- seq of the edit that set `text`
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    thread        INTEGER,                 -- seq of the thread root
+    reply_to      INTEGER,
+    target        INTEGER,                 -- edit / delete / reaction: the message it concerns
+    fields        TEXT,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+-- The idempotency index past the stream's duplicate window: (room, client id) -> seq.
+CREATE INDEX IF NOT EXISTS events_by_id ON events (room, id);
+-- Thread views and reply counts.
+CREATE INDEX IF NOT EXISTS events_by_thread ON events (room, thread, seq) WHERE thread IS NOT NULL;
+-- Edits of a message (cleared with it on delete).
+CREATE INDEX IF NOT EXISTS events_by_target ON events (room, target) WHERE target IS NOT NULL;
+
+-- Reactions that are on: one row per (message, emoji, user).
+CREATE TABLE IF NOT EXISTS reactions (
+    room   TEXT    NOT NULL,
+    target INTEGER NOT NULL,
+    emoji  TEXT    NOT NULL,
+    user   TEXT    NOT NULL,
+    seq    INTEGER NOT NULL,               -- the reaction event that set it
+    PRIMARY KEY (room, target, emoji, user)
+) WITHOUT ROWID;
+
+-- The last sequence of each room this store holds, written in the same transaction as the rows.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    room TEXT    NOT NULL PRIMARY KEY,
+    seq  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Entries the projector could not decode: recorded and passed over, never silently skipped.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    room  TEXT    NOT NULL,
+    seq   INTEGER NOT NULL,
+    error TEXT    NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+
+-- Each projector's last report of its lag; edges refuse appends while it exceeds the
+-- duplicate window (see docs/architecture.md, idempotency).
+CREATE TABLE IF NOT EXISTS projectors (
+    partition      TEXT    NOT NULL PRIMARY KEY,
+    lag_ms         INTEGER NOT NULL,
+    reported_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;

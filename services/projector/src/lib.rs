@@ -1,0 +1,468 @@
+//! The projector: keeps the store up to date with every room's log.
+//!
+//! No consumer and no poll loop per room. One core NATS subscription to every room's live
+//! subject (`<prefix>.live.*`) brings each stored event once it is persisted; the projector keeps
+//! the rooms its [`Partition`] owns, applies each room's events in sequence order, and batches
+//! whatever is ready for the store into one write. A room whose next event did not arrive (core
+//! NATS is at-most-once) is read from its stream from the store's checkpoint on. A lost *last*
+//! event has no successor to reveal it, so the stream list (one paged request per 256 rooms) is
+//! compared with the checkpoints at start, after every reconnect and periodically, and any room
+//! behind is caught up the same way.
+//!
+//! The store skips what its checkpoint already covers, so restarts, replays and duplicates
+//! converge to the same rows; an entry that cannot be decoded is stored as a dead letter and the
+//! room moves on.
+#![forbid(unsafe_code)]
+
+mod partition;
+mod rebuild;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::header::NATS_SEQUENCE;
+use chat_log::{ConnectionEvent, RawEntry, RoomLog};
+use chat_model::RoomId;
+use chat_store::{Entry, ProjectorStatus, RoomBatch, Store};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use partition::Partition;
+pub use rebuild::{rebuild, RebuildError, RebuildReport};
+
+/// Settings of a projector.
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// The share of the rooms this process projects.
+    pub partition: Partition,
+    /// The most entries written to the store in one transaction.
+    pub batch_max: usize,
+    /// How often the stream list is compared with the checkpoints.
+    pub reconcile_every: Duration,
+    /// How often the projector reports its lag to the store.
+    pub report_every: Duration,
+    /// How many rooms are read from their streams at once.
+    pub concurrent_fills: usize,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            partition: Partition::ALL,
+            batch_max: 2_000,
+            reconcile_every: Duration::from_secs(30),
+            report_every: Duration::from_secs(1),
+            concurrent_fills: 8,
+        }
+    }
+}
+
+/// Counters a running projector exposes (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct ProjectorStats {
+    /// Entries written to the store.
+    pub projected: AtomicU64,
+    /// Entries that could not be decoded (stored as dead letters).
+    pub dead_letters: AtomicU64,
+    /// Ranges read from streams to fill gaps or catch up.
+    pub fills: AtomicU64,
+    /// Age of the oldest known event not yet in the store, ms.
+    pub lag_ms: AtomicU64,
+    /// Store writes that failed (and were retried).
+    pub store_errors: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("subscribe to the live subjects: {0}")]
+    Subscribe(String),
+    #[error("read checkpoints: {0}")]
+    Store(#[from] chat_store::StoreError),
+}
+
+/// Where one room stands.
+#[derive(Debug)]
+struct Track {
+    /// The last sequence handed to the writer (everything up to it is on its way).
+    queued: u64,
+    /// The last sequence known to exist in the log.
+    known: u64,
+    /// The last sequence the store confirmed.
+    stored: u64,
+    /// Whether a range of this room is being read from its stream.
+    filling: bool,
+    /// Since when (ms since epoch) the room has held events not yet stored.
+    behind_since: Option<i64>,
+}
+
+impl Track {
+    fn new(checkpoint: u64) -> Track {
+        Track {
+            queued: checkpoint,
+            known: checkpoint,
+            stored: checkpoint,
+            filling: false,
+            behind_since: None,
+        }
+    }
+
+    fn mark_behind(&mut self, since_ms: i64) {
+        self.behind_since = Some(self.behind_since.map_or(since_ms, |b| b.min(since_ms)));
+    }
+}
+
+/// What arrives at the projector's loop besides live messages.
+enum Input {
+    /// An entry read from a stream.
+    Filled(RoomId, RawEntry),
+    /// A stream read ended (an error means: try again later).
+    FillDone(RoomId, Result<(), String>),
+    /// The stream list: every room's last sequence.
+    Heads(Vec<(RoomId, u64)>),
+    /// The store holds these rooms up to these sequences.
+    Stored(Vec<(RoomId, u64)>),
+}
+
+/// Runs a projector until `shutdown` is cancelled.
+pub async fn run(
+    log: RoomLog,
+    store: Arc<dyn Store>,
+    config: ProjectorConfig,
+    stats: Arc<ProjectorStats>,
+    shutdown: CancellationToken,
+) -> Result<(), ProjectorError> {
+    // Subscribe before reading checkpoints and heads, so nothing falls between them.
+    let mut live = log
+        .client()
+        .subscribe(log.config().live_wildcard())
+        .await
+        .map_err(|e| ProjectorError::Subscribe(e.to_string()))?;
+    let mut connection = log.connection_events();
+    let live_prefix = format!("{}.live.", log.config().prefix);
+
+    let mut tracks: HashMap<RoomId, Track> = store
+        .checkpoints()
+        .await?
+        .into_iter()
+        .filter(|(room, _)| config.partition.owns(room))
+        .map(|(room, seq)| (room, Track::new(seq)))
+        .collect();
+    tracing::info!(partition = %config.partition, rooms = tracks.len(), "projector starting");
+
+    let (input_tx, mut input_rx) = mpsc::channel::<Input>(4_096);
+    let (write_tx, write_rx) = mpsc::channel::<Vec<RoomBatch>>(1);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(writer(
+        store.clone(),
+        write_rx,
+        input_tx.clone(),
+        stats.clone(),
+    ));
+    tasks.spawn(list_heads(log.clone(), input_tx.clone()));
+
+    let mut out = Outbox::default();
+    let mut writer_busy = false;
+    let mut fill_queue: VecDeque<RoomId> = VecDeque::new();
+    let mut fills_running = 0usize;
+    let mut reconcile = tokio::time::interval(config.reconcile_every);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.tick().await; // the first tick is now: the list above covers it
+    let mut report = tokio::time::interval(config.report_every);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            input = input_rx.recv() => {
+                let Some(input) = input else { break };
+                match input {
+                    Input::Filled(room, entry) => {
+                        if let Some(track) = tracks.get_mut(&room) {
+                            // A fill hands out what the log holds; a jump means the log no
+                            // longer holds what lies between (retention), so move past it.
+                            if entry.seq > track.queued {
+                                track.queued = entry.seq;
+                                track.known = track.known.max(entry.seq);
+                                out.push(&room, to_entry(&room, &entry, &stats));
+                            }
+                        }
+                    }
+                    Input::FillDone(room, result) => {
+                        fills_running -= 1;
+                        if let Some(track) = tracks.get_mut(&room) {
+                            track.filling = false;
+                            if let Err(e) = &result {
+                                tracing::warn!(room = %room, error = %e, "reading the room's stream failed; retrying");
+                            }
+                            if track.known > track.queued {
+                                track.filling = true;
+                                fill_queue.push_back(room);
+                            }
+                        }
+                    }
+                    Input::Heads(heads) => {
+                        let now = now_ms();
+                        for (room, last) in heads {
+                            if !config.partition.owns(&room) {
+                                continue;
+                            }
+                            let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
+                            track.known = track.known.max(last);
+                            if track.known > track.queued {
+                                track.mark_behind(now);
+                                if !track.filling {
+                                    track.filling = true;
+                                    fill_queue.push_back(room);
+                                }
+                            }
+                        }
+                    }
+                    Input::Stored(rooms) => {
+                        writer_busy = false;
+                        for (room, seq) in rooms {
+                            if let Some(track) = tracks.get_mut(&room) {
+                                track.stored = track.stored.max(seq);
+                                if track.stored >= track.known {
+                                    track.behind_since = None;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            message = live.next() => {
+                let Some(message) = message else {
+                    return Err(ProjectorError::Subscribe("live subscription closed".to_owned()));
+                };
+                let Some(room) = message
+                    .subject
+                    .strip_prefix(live_prefix.as_str())
+                    .and_then(|r| RoomId::parse(r).ok())
+                else {
+                    continue;
+                };
+                if !config.partition.owns(&room) {
+                    continue;
+                }
+                let Some(seq) = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(NATS_SEQUENCE))
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let entry = RawEntry { seq, payload: message.payload };
+                let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
+                track.known = track.known.max(seq);
+                if seq <= track.queued {
+                    continue;
+                }
+                let projected = to_entry(&room, &entry, &stats);
+                let since = projected.event.as_ref().map_or_else(|_| now_ms(), |e| e.ts.min(now_ms()));
+                track.mark_behind(since);
+                if !track.filling && seq == track.queued + 1 {
+                    track.queued = seq;
+                    out.push(&room, projected);
+                } else if !track.filling {
+                    tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
+                    track.filling = true;
+                    fill_queue.push_back(room);
+                }
+            }
+            event = connection.recv() => {
+                // After a reconnect (or lost notices), live messages may have been missed.
+                if matches!(event, Ok(ConnectionEvent::Connected) | Err(_)) {
+                    tasks.spawn(list_heads(log.clone(), input_tx.clone()));
+                }
+            }
+            _ = reconcile.tick() => {
+                tasks.spawn(list_heads(log.clone(), input_tx.clone()));
+            }
+            _ = report.tick() => {
+                let now = now_ms();
+                let lag = tracks
+                    .values()
+                    .filter_map(|t| t.behind_since)
+                    .min()
+                    .map_or(0, |since| (now - since).max(0) as u64);
+                stats.lag_ms.store(lag, Ordering::Relaxed);
+                let status = ProjectorStatus {
+                    partition: config.partition.to_string(),
+                    lag_ms: lag,
+                    reported_at_ms: now,
+                };
+                let store = store.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = store.report_projector(&status).await {
+                        tracing::warn!(error = %e, "projector report failed");
+                    }
+                });
+            }
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
+            }
+        }
+        // Start stream reads while slots are free.
+        while fills_running < config.concurrent_fills.max(1) {
+            let Some(room) = fill_queue.pop_front() else {
+                break;
+            };
+            let Some(track) = tracks.get(&room) else {
+                continue;
+            };
+            fills_running += 1;
+            stats.fills.fetch_add(1, Ordering::Relaxed);
+            tasks.spawn(fill(
+                log.clone(),
+                room,
+                track.queued + 1,
+                track.known,
+                input_tx.clone(),
+            ));
+        }
+        // Hand what is ready to the writer when it is free, or when the batch is full.
+        if !out.is_empty() && (!writer_busy || out.len >= config.batch_max) {
+            let batches = out.take();
+            writer_busy = true;
+            if write_tx.send(batches).await.is_err() {
+                break;
+            }
+        }
+    }
+    // Write what is queued, then stop.
+    if !out.is_empty() {
+        let _ = write_tx.send(out.take()).await;
+    }
+    drop(write_tx);
+    drop(input_tx);
+    while let Some(input) = input_rx.recv().await {
+        if let Input::Stored(_) = input {
+            break;
+        }
+    }
+    tasks.shutdown().await;
+    tracing::info!(partition = %config.partition, "projector stopped");
+    Ok(())
+}
+
+/// Entries ready for the store, grouped by room in sequence order.
+#[derive(Default)]
+struct Outbox {
+    rooms: HashMap<RoomId, Vec<Entry>>,
+    len: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, room: &RoomId, entry: Entry) {
+        self.rooms.entry(room.clone()).or_default().push(entry);
+        self.len += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn take(&mut self) -> Vec<RoomBatch> {
+        self.len = 0;
+        self.rooms
+            .drain()
+            .map(|(room, entries)| RoomBatch { room, entries })
+            .collect()
+    }
+}
+
+fn to_entry(room: &RoomId, entry: &RawEntry, stats: &ProjectorStats) -> Entry {
+    let event = entry.decode().map_err(|e| {
+        stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable entry: dead letter");
+        e.to_string()
+    });
+    Entry {
+        seq: entry.seq,
+        event,
+    }
+}
+
+/// Writes batches, retrying a failed write until it succeeds (nothing is dropped).
+async fn writer(
+    store: Arc<dyn Store>,
+    mut batches: mpsc::Receiver<Vec<RoomBatch>>,
+    input: mpsc::Sender<Input>,
+    stats: Arc<ProjectorStats>,
+) {
+    while let Some(batch) = batches.recv().await {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match store.apply(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "store write failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let count: usize = batch.iter().map(|b| b.entries.len()).sum();
+        stats.projected.fetch_add(count as u64, Ordering::Relaxed);
+        let stored = batch
+            .into_iter()
+            .filter_map(|b| Some((b.room, b.entries.last()?.seq)))
+            .collect();
+        if input.send(Input::Stored(stored)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads `from..=to` of a room's stream into the projector's loop.
+async fn fill(log: RoomLog, room: RoomId, from: u64, to: u64, input: mpsc::Sender<Input>) {
+    let mut reader = log.read_range(&room, from, to);
+    let result = loop {
+        match reader.next().await {
+            None => break Ok(()),
+            Some(Ok(entry)) => {
+                if input
+                    .send(Input::Filled(room.clone(), entry))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Some(Err(e)) => break Err(e.to_string()),
+        }
+    };
+    if result.is_err() {
+        // Give NATS a moment before the loop asks again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = input.send(Input::FillDone(room, result)).await;
+}
+
+/// Lists every room's head into the projector's loop.
+async fn list_heads(log: RoomLog, input: mpsc::Sender<Input>) {
+    match log.rooms().await {
+        Ok(rooms) => {
+            let heads = rooms.into_iter().map(|(r, b)| (r, b.last)).collect();
+            let _ = input.send(Input::Heads(heads)).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "listing rooms failed; next reconcile retries"),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

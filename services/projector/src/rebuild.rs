@@ -1,0 +1,86 @@
+//! Rebuilding the store (or one room of it) from the logs.
+
+use std::sync::Arc;
+
+use chat_log::RoomLog;
+use chat_model::RoomId;
+use chat_store::{Entry, RoomBatch, Store};
+
+use crate::Partition;
+
+/// Entries per store write while rebuilding.
+const REBUILD_BATCH: usize = 2_000;
+
+/// What a rebuild did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub rooms: usize,
+    pub events: u64,
+    pub dead_letters: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    List(#[from] chat_log::ListRoomsError),
+    #[error(transparent)]
+    Log(#[from] chat_log::LogError),
+    #[error(transparent)]
+    Store(#[from] chat_store::StoreError),
+}
+
+/// Clears and re-projects `room`, or every room `partition` owns, from the logs.
+///
+/// Run it while no projector writes the same rooms to this store (stop the projector role, or
+/// rebuild into a fresh store and switch to it).
+pub async fn rebuild(
+    log: &RoomLog,
+    store: &Arc<dyn Store>,
+    room: Option<&RoomId>,
+    partition: Partition,
+) -> Result<RebuildReport, RebuildError> {
+    let rooms: Vec<RoomId> = match room {
+        Some(room) => vec![room.clone()],
+        None => log
+            .rooms()
+            .await?
+            .into_iter()
+            .map(|(room, _)| room)
+            .filter(|room| partition.owns(room))
+            .collect(),
+    };
+    let mut report = RebuildReport::default();
+    for room in rooms {
+        store.clear_room(&room).await?;
+        let mut reader = log.read_range(&room, 1, u64::MAX);
+        let mut entries = Vec::with_capacity(REBUILD_BATCH);
+        while let Some(raw) = reader.next().await {
+            let raw = raw?;
+            let event = raw.decode().map_err(|e| e.to_string());
+            report.dead_letters += u64::from(event.is_err());
+            entries.push(Entry {
+                seq: raw.seq,
+                event,
+            });
+            if entries.len() == REBUILD_BATCH {
+                report.events += entries.len() as u64;
+                let batch = RoomBatch {
+                    room: room.clone(),
+                    entries: std::mem::take(&mut entries),
+                };
+                store.apply(&[batch]).await?;
+            }
+        }
+        if !entries.is_empty() {
+            report.events += entries.len() as u64;
+            store.apply(&[RoomBatch {
+                room: room.clone(),
+                entries,
+            }])
+            .await?;
+        }
+        report.rooms += 1;
+        tracing::info!(room = %room, "room rebuilt");
+    }
+    Ok(report)
+}

@@ -1,0 +1,322 @@
+//! The projector against a real nats-server and a real SQLite store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use chat_log::{LogConfig, RoomLog};
+use chat_model::{Event, EventBody, RoomId, RoomKind, UserId};
+use chat_projector::{rebuild, Partition, ProjectorConfig, ProjectorStats};
+use chat_store::{SqliteStore, Store};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn room(s: &str) -> RoomId {
+    RoomId::parse(s).unwrap()
+}
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+/// A random but plausible event for a room whose head is `head` (≥ 1).
+fn random_event(rng: &mut StdRng, head: u64) -> Event {
+    let by = USERS[rng.random_range(0..USERS.len())];
+    let target = rng.random_range(1..=head);
+    let body = match rng.random_range(0..10) {
+        0..=3 => EventBody::Message {
+            text: format!("text {}", rng.random::<u32>()),
+            thread: rng.random_bool(0.2).then_some(target),
+            reply_to: None,
+        },
+        4 => EventBody::Edit {
+            target,
+            text: format!("edited {}", rng.random::<u32>()),
+        },
+        5 => EventBody::Delete { target },
+        6 => EventBody::Reaction {
+            target,
+            emoji: ["👍", "🎉"][rng.random_range(0..2)].into(),
+            on: rng.random_bool(0.7),
+        },
+        7 => EventBody::Read {
+            up_to: rng.random_range(1..=head),
+        },
+        8 => EventBody::MemberJoined {
+            member: user(USERS[rng.random_range(0..USERS.len())]),
+        },
+        _ => EventBody::MemberLeft {
+            member: user(USERS[rng.random_range(0..USERS.len())]),
+        },
+    };
+    Event {
+        id: Uuid::new_v4(),
+        user: user(by),
+        ts: 1_763_900_000_000 + head as i64,
+        body,
+    }
+}
+
+fn created(by: &str) -> Event {
+    Event {
+        id: Uuid::new_v4(),
+        user: user(by),
+        ts: 1_763_900_000_000,
+        body: EventBody::RoomCreated {
+            name: "Room".into(),
+            room_kind: RoomKind::Group,
+            members: vec![user("bob"), user("carol")],
+        },
+    }
+}
+
+/// Creates `room` and appends `count` random events after its `room_created`.
+async fn fill_room(log: &RoomLog, room: &RoomId, count: u64, rng: &mut StdRng) {
+    log.ensure_room(room).await.unwrap();
+    log.append(room, &created("alice")).await.unwrap();
+    for head in 1..=count {
+        log.append(room, &random_event(rng, head)).await.unwrap();
+    }
+}
+
+struct Running {
+    store: Arc<dyn Store>,
+    stats: Arc<ProjectorStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(log: &RoomLog, partition: Partition) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let stats = Arc::new(ProjectorStats::default());
+    let stop = CancellationToken::new();
+    let config = ProjectorConfig {
+        partition,
+        reconcile_every: Duration::from_millis(300),
+        report_every: Duration::from_millis(100),
+        ..ProjectorConfig::default()
+    };
+    let task = tokio::spawn({
+        let (log, store, stats, stop) = (log.clone(), store.clone(), stats.clone(), stop.clone());
+        async move {
+            chat_projector::run(log, store, config, stats, stop)
+                .await
+                .unwrap()
+        }
+    });
+    Running {
+        store,
+        stats,
+        stop,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    async fn stop(self) -> (Arc<dyn Store>, tempfile::TempDir) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        (self.store, self._dir)
+    }
+}
+
+/// Waits until the store holds every room up to its head.
+async fn caught_up(store: &Arc<dyn Store>, log: &RoomLog, rooms: &[RoomId]) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let mut done = true;
+            for room in rooms {
+                if store.checkpoint(room).await.unwrap() < log.head(room).await.unwrap() {
+                    done = false;
+                }
+            }
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("projector caught up within 30 s");
+}
+
+async fn rebuilt_digest(log: &RoomLog) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+    rebuild(log, &store, None, Partition::ALL).await.unwrap();
+    store.digest(None).await.unwrap()
+}
+
+/// Republishes every stored entry of `room` on its live subject again, in a shuffled order,
+/// as the stream's republish would (same headers): the projector sees each event at least
+/// twice and out of order.
+async fn replay_shuffled(log: &RoomLog, room: &RoomId, rng: &mut StdRng) {
+    let head = log.head(room).await.unwrap();
+    let mut seqs: Vec<u64> = (1..=head).collect();
+    seqs.shuffle(rng);
+    let subject = log.config().live_subject(room);
+    for seq in seqs {
+        let entry = log.get(room, seq).await.unwrap().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Sequence", seq.to_string().as_str());
+        log.client()
+            .publish_with_headers(subject.clone(), headers, entry.payload)
+            .await
+            .unwrap();
+    }
+    log.client().flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicates_and_shuffled_order_converge_to_the_rebuilt_rows() {
+    let server = chat_harness::NatsServer::start();
+    for seed in [1u64, 2, 3] {
+        // A deployment prefix per seed keeps each run's rooms apart.
+        let config = LogConfig {
+            prefix: format!("seed{seed}"),
+            ..LogConfig::default()
+        };
+        let log = RoomLog::connect(&server.url(), config).await.unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rooms: Vec<RoomId> = (0..3).map(|i| room(&format!("p{i}"))).collect();
+        for r in &rooms {
+            fill_room(&log, r, 60, &mut rng).await;
+        }
+        let running = start(&log, Partition::ALL);
+        // While the projector catches up from the streams, the same events arrive again live,
+        // shuffled; then more events are appended and also replayed shuffled.
+        for r in &rooms {
+            replay_shuffled(&log, r, &mut rng).await;
+        }
+        for r in &rooms {
+            for head in 61..=90 {
+                log.append(r, &random_event(&mut rng, head)).await.unwrap();
+            }
+            replay_shuffled(&log, r, &mut rng).await;
+        }
+        caught_up(&running.store, &log, &rooms).await;
+        let live = running.store.digest(None).await.unwrap();
+        let projected = running
+            .stats
+            .projected
+            .load(std::sync::atomic::Ordering::Relaxed);
+        running.stop().await;
+        assert_eq!(
+            live,
+            rebuilt_digest(&log).await,
+            "seed {seed}: live projection differs from a rebuild"
+        );
+        assert_eq!(projected, 3 * 91, "seed {seed}: each entry stored once");
+    }
+}
+
+#[tokio::test]
+async fn undecodable_entries_become_dead_letters_and_the_room_moves_on() {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let r = room("dead");
+    log.ensure_room(&r).await.unwrap();
+    let running = start(&log, Partition::ALL);
+    log.append(&r, &created("alice")).await.unwrap();
+    log.append_raw(&r, &Uuid::new_v4().to_string(), b"\x93not an event".to_vec().into(), None)
+        .await
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    log.append(&r, &random_event(&mut rng, 2)).await.unwrap();
+    caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
+    let dead = running.store.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].room.as_str(), dead[0].seq), ("dead", 2));
+    assert_eq!(
+        running
+            .stats
+            .dead_letters
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let (store, _dir) = running.stop().await;
+    assert_eq!(store.checkpoint(&r).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn partitions_share_the_rooms_without_overlap() {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let rooms: Vec<RoomId> = (0..12).map(|i| room(&format!("part-{i}"))).collect();
+    let halves = [
+        Partition { index: 0, count: 2 },
+        Partition { index: 1, count: 2 },
+    ];
+    let running: Vec<Running> = halves.iter().map(|p| start(&log, *p)).collect();
+    let mut rng = StdRng::seed_from_u64(4);
+    for r in &rooms {
+        fill_room(&log, r, 5, &mut rng).await;
+    }
+    for (p, run) in halves.iter().zip(&running) {
+        let owned: Vec<RoomId> = rooms.iter().filter(|r| p.owns(r)).cloned().collect();
+        assert!(!owned.is_empty() && owned.len() < rooms.len());
+        caught_up(&run.store, &log, &owned).await;
+        let held: Vec<RoomId> = run
+            .store
+            .checkpoints()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        assert!(held.iter().all(|r| p.owns(r)), "{p}: holds {held:?}");
+        let report = run.store.projectors().await.unwrap();
+        assert_eq!(report[0].partition, p.to_string());
+    }
+    for run in running {
+        run.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_lost_last_event_is_found_by_reconciling_with_the_stream_list() {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let r = room("lost-last");
+    log.ensure_room(&r).await.unwrap();
+    log.append(&r, &created("alice")).await.unwrap();
+    let running = start(&log, Partition::ALL);
+    caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
+    // Append through a second log whose stream does not republish: nothing reaches the live
+    // subject, as when core NATS drops the last message.
+    let quiet = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let mut config = quiet.stream_config(&r);
+    config.republish = None;
+    let reply = quiet
+        .client()
+        .request(
+            format!("$JS.API.STREAM.UPDATE.{}", config.name),
+            serde_json::to_vec(&config).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "stream update refused: {reply}");
+    assert!(reply["config"].get("republish").is_none(), "{reply}");
+    let mut rng = StdRng::seed_from_u64(5);
+    quiet.append(&r, &random_event(&mut rng, 1)).await.unwrap();
+    caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
+    assert_eq!(running.store.checkpoint(&r).await.unwrap(), 2);
+    running.stop().await;
+}

@@ -1,0 +1,784 @@
+//! The embedded backend: one SQLite file (WAL), one writer connection, a few readers.
+//!
+//! A batch of rooms is applied in one transaction together with the rooms' checkpoints, so the
+//! file never holds rows without the checkpoint that covers them. Auditors can open the file with
+//! the `sqlite3` tool; the schema is in `schema/sqlite.sql`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chat_model::{Event, EventBody, RoomId, RoomKind, RoomState, UserId};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::render::{fields_of, StoredEvent};
+use crate::{
+    DeadLetter, IdHit, Page, PageQuery, ProjectorStatus, Result, RoomBatch, RoomSummary, Store,
+    StoreError, ThreadPage,
+};
+
+/// The schema, also shipped as `schema/sqlite.sql`.
+pub const SCHEMA: &str = include_str!("../../../schema/sqlite.sql");
+
+/// Tables and the order their rows are hashed in by [`Store::digest`].
+const DIGEST_TABLES: &[(&str, &str)] = &[
+    ("rooms", "room"),
+    ("members", "room, user"),
+    ("cursors", "room, user"),
+    ("events", "room, seq"),
+    ("reactions", "room, target, emoji, user"),
+    ("checkpoints", "room"),
+    ("dead_letters", "room, seq"),
+];
+
+// Queries name their index (`INDEXED BY`): without statistics SQLite would rather scan a room's
+// primary-key range than use a secondary index, which turns a lookup into a scan of the room.
+
+/// Read connections kept open between queries.
+const IDLE_READERS: usize = 4;
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    /// The one connection that writes (SQLite has one writer at a time anyway).
+    writer: Arc<Mutex<Connection>>,
+    /// Idle read connections; WAL lets them read while the writer writes.
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn backend_err(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| StoreError::Backend {
+        op,
+        message: e.to_string(),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
+                op: "open",
+                message: format!("create {}: {e}", dir.display()),
+            })?;
+        }
+        let writer = Self::connect(path)?;
+        writer
+            .execute_batch(SCHEMA)
+            .map_err(backend_err("create schema"))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn connect(path: &Path) -> Result<Connection> {
+        let conn = Connection::open(path).map_err(backend_err("open"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 10000;
+             PRAGMA foreign_keys = OFF;",
+        )
+        .map_err(backend_err("open"))?;
+        Ok(conn)
+    }
+
+    /// Runs `f` with the writer on a blocking thread.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Backend {
+            op: "write",
+            message: e.to_string(),
+        })?
+    }
+
+    /// Runs `f` with a read connection on a blocking thread.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => Self::connect(&path)?,
+            };
+            let out = f(&conn);
+            let mut idle = readers.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Backend {
+            op: "read",
+            message: e.to_string(),
+        })?
+    }
+}
+
+fn seq_sql(seq: u64) -> i64 {
+    // Sequences are u64 in NATS but never near i64::MAX in practice.
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn checkpoint_in(tx: &Connection, room: &str) -> rusqlite::Result<u64> {
+    let seq: Option<i64> = tx
+        .query_row(
+            "SELECT seq FROM checkpoints WHERE room = ?1",
+            [room],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq.unwrap_or(0).max(0) as u64)
+}
+
+/// Moves `user`'s read cursor in `room` forward to `seq` (never back).
+fn advance_cursor(tx: &Transaction<'_>, room: &str, user: &str, seq: u64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO cursors (room, user, last_read) VALUES (?1, ?2, ?3)
+         ON CONFLICT (room, user) DO UPDATE SET last_read = max(last_read, excluded.last_read)",
+        params![room, user, seq_sql(seq)],
+    )?;
+    Ok(())
+}
+
+/// Applies one decoded event at `seq` of `room`.
+fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rusqlite::Result<()> {
+    let user = event.user.as_str();
+    let id = event.id.hyphenated().to_string();
+    let kind = event.body.kind();
+    let s = seq_sql(seq);
+    match &event.body {
+        EventBody::Message {
+            text,
+            thread,
+            reply_to,
+        } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, text, thread, reply_to)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'message', ?6, ?7, ?8)",
+                params![
+                    room,
+                    s,
+                    id,
+                    user,
+                    event.ts,
+                    text,
+                    thread.map(seq_sql),
+                    reply_to.map(seq_sql)
+                ],
+            )?;
+            // Writing a message reads the room up to it (contract: cursors).
+            advance_cursor(tx, room, user, seq)?;
+            return Ok(());
+        }
+        EventBody::Edit { target, text } => {
+            // Author only; a deleted message stays deleted.
+            tx.execute(
+                "UPDATE events SET original_text = coalesce(original_text, text), text = ?3,
+                        edit_seq = ?4
+                 WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND deleted = 0 AND user = ?5",
+                params![room, seq_sql(*target), text, s, user],
+            )?;
+        }
+        EventBody::Delete { target } => {
+            // Author or the room's admin. The tombstone keeps no text, nor do edits of it.
+            let changed = tx.execute(
+                "UPDATE events SET deleted = 1, text = NULL, original_text = NULL
+                 WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND deleted = 0
+                   AND (user = ?3 OR ?3 = (SELECT creator FROM rooms WHERE room = ?1))",
+                params![room, seq_sql(*target), user],
+            )?;
+            if changed > 0 {
+                tx.execute(
+                    "UPDATE events INDEXED BY events_by_target SET fields = json_remove(fields, '$.text')
+                     WHERE room = ?1 AND kind = 'edit' AND target = ?2 AND target IS NOT NULL",
+                    params![room, seq_sql(*target)],
+                )?;
+            }
+        }
+        EventBody::Reaction { target, emoji, on } => {
+            if *on {
+                tx.execute(
+                    "INSERT INTO reactions (room, target, emoji, user, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (room, target, emoji, user) DO NOTHING",
+                    params![room, seq_sql(*target), emoji, user, s],
+                )?;
+            } else {
+                tx.execute(
+                    "DELETE FROM reactions WHERE room = ?1 AND target = ?2 AND emoji = ?3 AND user = ?4",
+                    params![room, seq_sql(*target), emoji, user],
+                )?;
+            }
+        }
+        EventBody::Read { up_to } => {
+            advance_cursor(tx, room, user, (*up_to).min(seq))?;
+        }
+        EventBody::MemberJoined { member } => {
+            tx.execute(
+                "INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1",
+                params![room, member.as_str(), s],
+            )?;
+            advance_cursor(tx, room, member.as_str(), seq)?;
+        }
+        EventBody::MemberLeft { member } => {
+            tx.execute(
+                "UPDATE members SET active = 0 WHERE room = ?1 AND user = ?2",
+                params![room, member.as_str()],
+            )?;
+        }
+        EventBody::RoomCreated {
+            name,
+            room_kind,
+            members,
+        } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO rooms (room, kind, name, creator, created_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![room, room_kind.as_str(), name, user, s],
+            )?;
+            for member in members.iter().map(UserId::as_str).chain([user]) {
+                tx.execute(
+                    "INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
+                     ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1",
+                    params![room, member, s],
+                )?;
+                advance_cursor(tx, room, member, seq)?;
+            }
+        }
+    }
+    let target = match &event.body {
+        EventBody::Edit { target, .. }
+        | EventBody::Delete { target }
+        | EventBody::Reaction { target, .. } => Some(seq_sql(*target)),
+        _ => None,
+    };
+    tx.execute(
+        "INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, target, fields)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            room,
+            s,
+            id,
+            user,
+            event.ts,
+            kind,
+            target,
+            fields_of(&event.body).to_string()
+        ],
+    )?;
+    Ok(())
+}
+
+const EVENT_COLUMNS: &str =
+    "seq, ts, user, id, kind, text, edit_seq IS NOT NULL, deleted, thread, reply_to, fields";
+
+fn stored_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: row.get::<_, i64>(0)? as u64,
+        ts: row.get(1)?,
+        user: row.get(2)?,
+        id: row.get(3)?,
+        kind: row.get(4)?,
+        text: row.get(5)?,
+        edited: row.get(6)?,
+        deleted: row.get(7)?,
+        thread: row.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+        reply_to: row.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+        fields: row.get(10)?,
+        reactions: Vec::new(),
+        replies: None,
+    })
+}
+
+/// Adds reactions and reply counts to the messages of a page.
+fn decorate(conn: &Connection, room: &str, events: &mut [StoredEvent]) -> rusqlite::Result<()> {
+    let mut reactions = conn.prepare_cached(
+        "SELECT emoji, user FROM reactions WHERE room = ?1 AND target = ?2 ORDER BY emoji, seq, user",
+    )?;
+    let mut replies = conn.prepare_cached(
+        "SELECT count(*), max(seq) FROM events INDEXED BY events_by_thread
+         WHERE room = ?1 AND thread = ?2 AND thread IS NOT NULL AND kind = 'message' AND deleted = 0",
+    )?;
+    for event in events.iter_mut().filter(|e| e.kind == "message") {
+        let s = seq_sql(event.seq);
+        if !event.deleted {
+            let mut rows = reactions.query(params![room, s])?;
+            while let Some(row) = rows.next()? {
+                let emoji: String = row.get(0)?;
+                let user: String = row.get(1)?;
+                match event.reactions.last_mut() {
+                    Some((e, users)) if *e == emoji => users.push(user),
+                    _ => event.reactions.push((emoji, vec![user])),
+                }
+            }
+        }
+        if event.thread.is_none() {
+            let (count, last): (i64, Option<i64>) =
+                replies.query_row(params![room, s], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if let (true, Some(last)) = (count > 0, last) {
+                event.replies = Some((count as u64, last as u64));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn page_of(
+    conn: &Connection,
+    room: &str,
+    sql: &str,
+    args: &[&dyn rusqlite::ToSql],
+    limit: usize,
+) -> rusqlite::Result<Page> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut events = stmt
+        .query_map(args, stored_event)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let more = events.len() > limit;
+    events.truncate(limit);
+    decorate(conn, room, &mut events)?;
+    Ok(Page {
+        events: events.iter().map(StoredEvent::to_json).collect(),
+        more,
+    })
+}
+
+fn hash_table(
+    conn: &Connection,
+    hasher: &mut Sha256,
+    table: &str,
+    order: &str,
+    room: Option<&str>,
+) -> rusqlite::Result<()> {
+    let filter = if room.is_some() { "WHERE room = ?1" } else { "" };
+    let mut stmt = conn.prepare(&format!("SELECT * FROM {table} {filter} ORDER BY {order}"))?;
+    let columns = stmt.column_count();
+    let mut rows = match room {
+        Some(room) => stmt.query([room])?,
+        None => stmt.query([])?,
+    };
+    hasher.update(table.as_bytes());
+    while let Some(row) = rows.next()? {
+        for i in 0..columns {
+            match row.get_ref(i)? {
+                ValueRef::Null => hasher.update(b"n"),
+                ValueRef::Integer(v) => {
+                    hasher.update(b"i");
+                    hasher.update(v.to_le_bytes());
+                }
+                ValueRef::Real(v) => {
+                    hasher.update(b"r");
+                    hasher.update(v.to_le_bytes());
+                }
+                ValueRef::Text(v) | ValueRef::Blob(v) => {
+                    hasher.update(b"t");
+                    hasher.update((v.len() as u64).to_le_bytes());
+                    hasher.update(v);
+                }
+            }
+        }
+        hasher.update(b"\n");
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn apply(&self, batches: &[RoomBatch]) -> Result<()> {
+        let batches = batches.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(backend_err("apply"))?;
+            for batch in &batches {
+                let room = batch.room.as_str();
+                let room_err = |e: rusqlite::Error| StoreError::Room {
+                    op: "apply",
+                    room: batch.room.clone(),
+                    message: e.to_string(),
+                };
+                let mut checkpoint = checkpoint_in(&tx, room).map_err(room_err)?;
+                for entry in &batch.entries {
+                    if entry.seq <= checkpoint {
+                        continue;
+                    }
+                    match &entry.event {
+                        Ok(event) => apply_event(&tx, room, entry.seq, event),
+                        Err(error) => tx
+                            .execute(
+                                "INSERT OR IGNORE INTO dead_letters (room, seq, error) VALUES (?1, ?2, ?3)",
+                                params![room, seq_sql(entry.seq), error],
+                            )
+                            .map(|_| ()),
+                    }
+                    .map_err(room_err)?;
+                    checkpoint = entry.seq;
+                }
+                tx.execute(
+                    "INSERT INTO checkpoints (room, seq) VALUES (?1, ?2)
+                     ON CONFLICT (room) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    params![room, seq_sql(checkpoint)],
+                )
+                .map_err(room_err)?;
+            }
+            tx.commit().map_err(backend_err("apply"))
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, room: &RoomId) -> Result<u64> {
+        let room = room.clone();
+        self.read(move |conn| checkpoint_in(conn, room.as_str()).map_err(backend_err("checkpoint")))
+            .await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(RoomId, u64)>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT room, seq FROM checkpoints ORDER BY room")
+                .map_err(backend_err("checkpoints"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(backend_err("checkpoints"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (room, seq) = row.map_err(backend_err("checkpoints"))?;
+                // Only valid ids are ever written; skip anything else rather than fail the list.
+                if let Ok(room) = RoomId::parse(room) {
+                    out.push((room, seq as u64));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn room_state(&self, room: &RoomId) -> Result<Option<RoomState>> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let err = backend_err("room state");
+            let meta: Option<(String, String, String)> = conn
+                .query_row(
+                    "SELECT kind, name, creator FROM rooms WHERE room = ?1",
+                    [room.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(&err)?;
+            let Some((kind, name, creator)) = meta else {
+                return Ok(None);
+            };
+            let head = checkpoint_in(conn, room.as_str()).map_err(&err)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT user, joined_seq FROM members WHERE room = ?1 AND active = 1",
+                )
+                .map_err(&err)?;
+            let members = stmt
+                .query_map([room.as_str()], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(&err)?
+                .filter_map(|row| {
+                    let (user, seq) = row.ok()?;
+                    Some((UserId::parse(user).ok()?, seq as u64))
+                })
+                .collect();
+            Ok(Some(RoomState {
+                kind: if kind == "direct" {
+                    RoomKind::Direct
+                } else {
+                    RoomKind::Group
+                },
+                name,
+                creator: UserId::parse(creator).map_err(|e| StoreError::Room {
+                    op: "room state",
+                    room: room.clone(),
+                    message: e.to_string(),
+                })?,
+                members,
+                head,
+            }))
+        })
+        .await
+    }
+
+    async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let err = backend_err("rooms of user");
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT m.room, r.kind, r.name, coalesce(c.seq, 0),
+                            max(coalesce(cu.last_read, 0), m.joined_seq)
+                     FROM members m
+                     JOIN rooms r ON r.room = m.room
+                     LEFT JOIN checkpoints c ON c.room = m.room
+                     LEFT JOIN cursors cu ON cu.room = m.room AND cu.user = m.user
+                     WHERE m.user = ?1 AND m.active = 1
+                     ORDER BY m.room",
+                )
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([user.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(&err)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(&err)?;
+            let mut unread = conn
+                .prepare_cached(
+                    "SELECT count(*) FROM events
+                     WHERE room = ?1 AND seq > ?2 AND kind = 'message' AND deleted = 0 AND user <> ?3",
+                )
+                .map_err(&err)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (room, kind, name, head, last_read) in rows {
+                let count: i64 = unread
+                    .query_row(params![room, last_read, user.as_str()], |r| r.get(0))
+                    .map_err(&err)?;
+                let Ok(room) = RoomId::parse(room) else {
+                    continue;
+                };
+                out.push(RoomSummary {
+                    room,
+                    kind: if kind == "direct" {
+                        RoomKind::Direct
+                    } else {
+                        RoomKind::Group
+                    },
+                    name,
+                    head: head as u64,
+                    last_read: last_read as u64,
+                    unread: count as u64,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn history(&self, room: &RoomId, query: PageQuery) -> Result<Page> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let limit = query.clamped_limit();
+            let before = seq_sql(query.before.unwrap_or(u64::MAX));
+            page_of(
+                conn,
+                room.as_str(),
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE room = ?1 AND seq < ?2
+                     ORDER BY seq DESC LIMIT ?3"
+                ),
+                &[&room.as_str(), &before, &((limit + 1) as i64)],
+                limit,
+            )
+            .map_err(backend_err("history"))
+        })
+        .await
+    }
+
+    async fn thread(&self, room: &RoomId, root: u64, query: PageQuery) -> Result<ThreadPage> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let err = backend_err("thread");
+            let limit = query.clamped_limit();
+            let before = seq_sql(query.before.unwrap_or(u64::MAX));
+            let root_page = page_of(
+                conn,
+                room.as_str(),
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events
+                     WHERE room = ?1 AND seq = ?2 AND kind = 'message' LIMIT ?3"
+                ),
+                &[&room.as_str(), &seq_sql(root), &1i64],
+                1,
+            )
+            .map_err(&err)?;
+            let replies = page_of(
+                conn,
+                room.as_str(),
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events INDEXED BY events_by_thread
+                     WHERE room = ?1 AND thread = ?2 AND thread IS NOT NULL AND kind = 'message'
+                       AND seq < ?3
+                     ORDER BY seq DESC LIMIT ?4"
+                ),
+                &[
+                    &room.as_str(),
+                    &seq_sql(root),
+                    &before,
+                    &((limit + 1) as i64),
+                ],
+                limit,
+            )
+            .map_err(&err)?;
+            Ok(ThreadPage {
+                root: root_page.events.into_iter().next(),
+                replies,
+            })
+        })
+        .await
+    }
+
+    async fn find_id(&self, room: &RoomId, id: Uuid) -> Result<Option<IdHit>> {
+        let room = room.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT seq, ts FROM events INDEXED BY events_by_id
+                 WHERE room = ?1 AND id = ?2 ORDER BY seq LIMIT 1",
+                params![room.as_str(), id.hyphenated().to_string()],
+                |r| {
+                    Ok(IdHit {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        ts: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend_err("find id"))
+        })
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.read(|conn| {
+            let err = backend_err("dead letters");
+            let mut stmt = conn
+                .prepare("SELECT room, seq, error FROM dead_letters ORDER BY room, seq")
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(&err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (room, seq, error) = row.map_err(&err)?;
+                if let Ok(room) = RoomId::parse(room) {
+                    out.push(DeadLetter {
+                        room,
+                        seq: seq as u64,
+                        error,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn clear_room(&self, room: &RoomId) -> Result<()> {
+        let room = room.clone();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(backend_err("clear room"))?;
+            for (table, _) in DIGEST_TABLES {
+                tx.execute(&format!("DELETE FROM {table} WHERE room = ?1"), [room.as_str()])
+                    .map_err(backend_err("clear room"))?;
+            }
+            tx.commit().map_err(backend_err("clear room"))
+        })
+        .await
+    }
+
+    async fn digest(&self, room: Option<&RoomId>) -> Result<String> {
+        let room = room.cloned();
+        self.read(move |conn| {
+            let mut hasher = Sha256::new();
+            for (table, order) in DIGEST_TABLES {
+                hash_table(
+                    conn,
+                    &mut hasher,
+                    table,
+                    order,
+                    room.as_ref().map(RoomId::as_str),
+                )
+                .map_err(backend_err("digest"))?;
+            }
+            Ok(hex::encode(hasher.finalize()))
+        })
+        .await
+    }
+
+    async fn report_projector(&self, status: &ProjectorStatus) -> Result<()> {
+        let status = status.clone();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO projectors (partition, lag_ms, reported_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (partition) DO UPDATE
+                 SET lag_ms = excluded.lag_ms, reported_at_ms = excluded.reported_at_ms",
+                params![
+                    status.partition,
+                    i64::try_from(status.lag_ms).unwrap_or(i64::MAX),
+                    status.reported_at_ms
+                ],
+            )
+            .map(|_| ())
+            .map_err(backend_err("report projector"))
+        })
+        .await
+    }
+
+    async fn projectors(&self) -> Result<Vec<ProjectorStatus>> {
+        self.read(|conn| {
+            let err = backend_err("projectors");
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT partition, lag_ms, reported_at_ms FROM projectors ORDER BY partition",
+                )
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(ProjectorStatus {
+                        partition: r.get(0)?,
+                        lag_ms: r.get::<_, i64>(1)?.max(0) as u64,
+                        reported_at_ms: r.get(2)?,
+                    })
+                })
+                .map_err(&err)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(&err)?;
+            Ok(rows)
+        })
+        .await
+    }
+}
