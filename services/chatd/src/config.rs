@@ -49,6 +49,8 @@ pub enum StoreConfig {
     Scylla {
         nodes: Vec<String>,
         keyspace: String,
+        /// The address as given, for the driver.
+        uri: String,
     },
 }
 
@@ -125,6 +127,14 @@ pub struct Config {
     pub auth_timeout: Duration,
     /// The largest WebSocket frame accepted (larger: close 1009).
     pub max_frame_bytes: usize,
+    /// The most characters a message's text may have.
+    pub max_text_chars: usize,
+    /// Which share of the rooms this process projects (`CHAT_PROJECTOR_PARTITION`, `0/1`).
+    pub partition: chat_projector::Partition,
+    /// How often the projector compares the stream list with its checkpoints.
+    pub reconcile_every: Duration,
+    /// How long a room's membership is cached before it is re-read from the log.
+    pub membership_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +271,35 @@ impl Config {
             None => 64 * 1024,
         };
 
+        let max_text_chars = match get("CHAT_MAX_TEXT_CHARS") {
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=60_000).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_MAX_TEXT_CHARS",
+                        format!("a character count from 1 to 60000, got {n:?}"),
+                    )
+                })?,
+            None => 4_000,
+        };
+        let partition = match get("CHAT_PROJECTOR_PARTITION") {
+            Some(p) => p.parse().map_err(|m| err("CHAT_PROJECTOR_PARTITION", m))?,
+            None => chat_projector::Partition::ALL,
+        };
+        let reconcile_every = match get("CHAT_RECONCILE_EVERY") {
+            Some(d) => parse_duration(&d)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| err("CHAT_RECONCILE_EVERY", format!("a duration above 0, got {d:?}")))?,
+            None => Duration::from_secs(30),
+        };
+        let membership_ttl = match get("CHAT_MEMBERSHIP_TTL") {
+            Some(d) => parse_duration(&d).map_err(|m| err("CHAT_MEMBERSHIP_TTL", m))?,
+            None => Duration::from_millis(250),
+        };
+
         Ok(Config {
             role,
             listen,
@@ -276,6 +315,10 @@ impl Config {
             drain_grace,
             auth_timeout,
             max_frame_bytes,
+            max_text_chars,
+            partition,
+            reconcile_every,
+            membership_ttl,
         })
     }
 }
@@ -334,6 +377,7 @@ fn parse_scylla_uri(uri: &str) -> Result<StoreConfig, String> {
     Ok(StoreConfig::Scylla {
         nodes,
         keyspace: keyspace.to_owned(),
+        uri: uri.to_owned(),
     })
 }
 
@@ -433,7 +477,8 @@ mod tests {
             c.store,
             StoreConfig::Scylla {
                 nodes: vec!["10.0.0.1:9042".into(), "10.0.0.2:9042".into()],
-                keyspace: "chat_prod".into()
+                keyspace: "chat_prod".into(),
+                uri: "scylla://10.0.0.1:9042,10.0.0.2:9042/chat_prod".into(),
             }
         );
         assert_eq!(

@@ -21,6 +21,12 @@ pub struct AppState {
     pub nats: async_nats::Client,
     /// Checks every request's token.
     pub verifier: Arc<Verifier>,
+    /// The room service (roles that serve the rooms API).
+    pub rooms: Option<Arc<chat_rooms::Rooms>>,
+    /// Counters of the projector running in this process, if any.
+    pub projector: Option<Arc<chat_projector::ProjectorStats>>,
+    /// Counters of the edge running in this process, if any.
+    pub edge: Option<Arc<chat_edge::EdgeStats>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -28,6 +34,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/me", get(me))
+        .route("/metrics", get(metrics))
+        .merge(crate::api::router())
         .fallback(not_found)
         .with_state(state)
 }
@@ -59,6 +67,41 @@ async fn me(Authenticated(identity): Authenticated) -> impl IntoResponse {
         "name": identity.name,
         "expires_at": identity.expires_at,
     }))
+}
+
+/// Prometheus text exposition of this process's counters.
+async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    if let Some(p) = &state.projector {
+        let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        metric("chat_projector_events_total", "counter", "Log entries written to the store.", get(&p.projected));
+        metric("chat_projector_dead_letters_total", "counter", "Entries that could not be decoded.", get(&p.dead_letters));
+        metric("chat_projector_fills_total", "counter", "Ranges read from streams (gaps, catch-up).", get(&p.fills));
+        metric("chat_projector_store_errors_total", "counter", "Failed (and retried) store writes.", get(&p.store_errors));
+        metric("chat_projector_lag_ms", "gauge", "Age of the oldest known event not yet stored.", get(&p.lag_ms));
+    }
+    if let Some(e) = &state.edge {
+        let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        metric("chat_edge_sessions", "gauge", "Open authenticated WebSocket sessions.", get(&e.sessions));
+        metric("chat_edge_frames_in_total", "counter", "Frames received from clients.", get(&e.frames_in));
+        metric("chat_edge_appends_total", "counter", "Events appended for clients.", get(&e.appends));
+        metric("chat_edge_errors_total", "counter", "Error frames sent.", get(&e.errors));
+    }
+    metric(
+        "chat_draining",
+        "gauge",
+        "1 while the process drains.",
+        u64::from(state.draining.load(Ordering::SeqCst)),
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

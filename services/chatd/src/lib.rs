@@ -2,6 +2,7 @@
 //! starts a nats-server if none is configured, and calls [`serve`].
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod devauth;
 pub mod http;
@@ -20,7 +21,7 @@ use chat_log::RoomLog;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, Config, Role};
+use crate::config::{AuthConfig, Config, Role, StoreConfig};
 
 /// How long to wait for NATS and JetStream to answer at start.
 const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
@@ -42,20 +43,64 @@ pub async fn serve(
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     let draining = Arc::new(AtomicBool::new(false));
+    let store = open_store(&config).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let projector = matches!(role, Role::All | Role::Projector).then(|| {
+        let stats = Arc::new(chat_projector::ProjectorStats::default());
+        let projector_config = chat_projector::ProjectorConfig {
+            partition: config.partition,
+            reconcile_every: config.reconcile_every,
+            ..chat_projector::ProjectorConfig::default()
+        };
+        tasks.spawn(chat_projector::run(
+            log.clone(),
+            store.clone(),
+            projector_config,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        stats
+    });
+    let rooms = (role != Role::Projector).then(|| {
+        chat_rooms::Rooms::new(
+            log.clone(),
+            store.clone(),
+            chat_rooms::RoomsConfig {
+                membership_ttl: config.membership_ttl,
+                dedup_window: config.log.duplicate_window,
+                limits: chat_rooms::Limits {
+                    max_text_chars: config.max_text_chars,
+                    ..chat_rooms::Limits::default()
+                },
+                ..chat_rooms::RoomsConfig::default()
+            },
+        )
+    });
+    let edge_stats = matches!(role, Role::All | Role::Edge)
+        .then(|| Arc::new(chat_edge::EdgeStats::default()));
+
     let mut app = http::router(http::AppState {
         draining: draining.clone(),
         nats: log.client().clone(),
         verifier: verifier.clone(),
+        rooms: rooms.clone(),
+        projector: projector.clone(),
+        edge: edge_stats.clone(),
     });
-    if matches!(role, Role::All | Role::Edge) {
+    if let (Some(rooms), Some(stats)) = (rooms, edge_stats) {
         app = app.merge(chat_edge::router(chat_edge::EdgeState {
             verifier,
             config: Arc::new(chat_edge::EdgeConfig {
                 allowed_origins: config.allowed_origins.clone(),
                 auth_timeout: config.auth_timeout,
                 max_frame_bytes: config.max_frame_bytes,
+                ..chat_edge::EdgeConfig::default()
             }),
             shutdown: shutdown.clone(),
+            hub: chat_edge::Hub::new(log.clone(), 4_096),
+            rooms,
+            stats,
         }));
     }
 
@@ -77,11 +122,7 @@ pub async fn serve(
     println!("ready http=http://{addr} ws=ws://{addr}/v1/ws");
     let _ = std::io::stdout().flush();
     tracing::info!(role = role.as_str(), %addr, nats = %nats_url, "ready");
-    tracing::info!(
-        role = role.as_str(),
-        "this version serves health, /v1/me and the websocket session lifecycle; \
-         room operations are not available yet"
-    );
+    tracing::info!(role = role.as_str(), store = store.backend(), "serving");
 
     // The server task ends only after a shutdown request (its graceful-shutdown future waits
     // for one) or on an error; a drain gets `drain_grace` at most.
@@ -101,11 +142,39 @@ pub async fn serve(
     if !shutdown.is_cancelled() {
         anyhow::bail!("http server stopped without a shutdown request");
     }
+    // The projector writes what it has queued and stops.
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "projector stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "projector task failed"),
+        }
+    }
     if let Err(e) = log.client().flush().await {
         tracing::warn!(error = %e, "flush nats on shutdown");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the projection store the configuration names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn chat_store::Store>> {
+    match &config.store {
+        StoreConfig::Sqlite => {
+            let path = config.data_dir.join("store.db");
+            let store = chat_store::SqliteStore::open(&path)
+                .with_context(|| format!("open the sqlite store {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Scylla { .. } => {
+            anyhow::bail!("CHAT_STORE: the ScyllaDB store is not available in this build; use sqlite")
+        }
+    }
+}
+
+/// Connects the room log; a library wrapper of the start-up wait for the binary's commands.
+pub async fn connect(url: &str, config: &Config) -> anyhow::Result<RoomLog> {
+    connect_log(url, config).await
 }
 
 /// The token verifier the configuration asks for (development: the data dir's secret).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_model::UserId;
-use chatd::config::{parse_duration, AuthConfig, Config, Role, StoreConfig};
+use chatd::config::{parse_duration, AuthConfig, Config, Role};
 use chatd::nats_child::NatsChild;
 use chatd::{devauth, lock_data_dir, serve};
 use clap::{Parser, Subcommand};
@@ -87,11 +87,6 @@ fn init_tracing() {
 fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
     if let Some(role) = role {
         config.role = role;
-    }
-    if let StoreConfig::Scylla { .. } = config.store {
-        anyhow::bail!(
-            "CHAT_STORE: the ScyllaDB store is not available in this version; use sqlite"
-        );
     }
     let uses_data_dir = config.nats_url.is_none() || config.role != Role::Edge;
     let _lock = if uses_data_dir {

@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use chat_log::{LogError, RangeReader, RoomLog};
-use chat_model::RoomId;
+use chat_model::{RoomId, UserId};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use crate::render::event_frame;
+use crate::render::delivery;
 
 /// One event as every follower receives it.
 #[derive(Clone, Debug)]
@@ -28,6 +28,8 @@ pub struct Delivery {
     pub seq: u64,
     /// The rendered `event` frame.
     pub frame: Utf8Bytes,
+    /// For a `member_left` event: who left (their sessions stop following the room after it).
+    pub left: Option<UserId>,
 }
 
 /// This edge's room feeds.
@@ -130,10 +132,7 @@ async fn run_feed(
             Ok(entry) => {
                 pause = Duration::from_millis(50);
                 // No receivers right now is fine: followers catch up from the log.
-                let _ = tx.send(Delivery {
-                    seq: entry.seq,
-                    frame: event_frame(&room, &entry),
-                });
+                let _ = tx.send(delivery(&room, &entry));
             }
             Err(e) => {
                 tracing::warn!(room = %room, error = %e, "live feed interrupted; retrying");
@@ -175,10 +174,7 @@ impl Follower {
                     Some(Ok(entry)) => {
                         if entry.seq > self.delivered {
                             self.delivered = entry.seq;
-                            return Ok(Delivery {
-                                seq: entry.seq,
-                                frame: event_frame(&self.room, &entry),
-                            });
+                            return Ok(delivery(&self.room, &entry));
                         }
                         continue;
                     }

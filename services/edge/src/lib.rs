@@ -1,11 +1,12 @@
 //! The WebSocket edge: `GET /v1/ws`.
 //!
-//! What this version does: everything about a connection's life in the client contract —
-//! the Origin check and subprotocol token answered before the upgrade (403 / 401), first-frame
-//! authentication within a deadline (else close 4001), `welcome`, `ping`/`pong`, a defined
-//! `error` for every malformed or unknown frame, close 1009 for frames over the size limit,
-//! close 4001 when the token expires, close 1001 when the server drains. Room operations
-//! (subscribe, send, …) are answered with an `error` saying they are not available yet.
+//! The client contract over one socket: the Origin check and subprotocol token answered before
+//! the upgrade (403 / 401), first-frame authentication within a deadline (else close 4001),
+//! `welcome` with the user's rooms, `subscribe` (resume by sequence, then live), `send` /
+//! `edit` / `delete` / `react` answered by `ack`, `read`, `history`, `ping`; a defined `error`
+//! for every malformed or refused frame; close 1009 for frames over the size limit, 4001 when
+//! the token expires, 1001 when the server drains. Rules and storage live in
+//! [`chat_rooms::Rooms`]; live events come from the edge's [`Hub`].
 #![forbid(unsafe_code)]
 
 mod hub;
@@ -14,6 +15,7 @@ mod protocol;
 mod render;
 mod session;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +45,8 @@ pub struct EdgeConfig {
     pub auth_timeout: Duration,
     /// The largest frame accepted; larger ones close the connection with 1009.
     pub max_frame_bytes: usize,
+    /// Frames a session may have queued for its socket before its producers wait.
+    pub outbound_frames: usize,
 }
 
 impl Default for EdgeConfig {
@@ -51,6 +55,7 @@ impl Default for EdgeConfig {
             allowed_origins: None,
             auth_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
+            outbound_frames: 1024,
         }
     }
 }
@@ -62,6 +67,24 @@ pub struct EdgeState {
     pub config: Arc<EdgeConfig>,
     /// Cancelled when the server drains: every session closes with 1001.
     pub shutdown: CancellationToken,
+    /// Room rules, appends and queries.
+    pub rooms: Arc<chat_rooms::Rooms>,
+    /// This edge's shared room feeds.
+    pub hub: Arc<Hub>,
+    pub stats: Arc<EdgeStats>,
+}
+
+/// Counters of an edge (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Open authenticated sessions.
+    pub sessions: AtomicU64,
+    /// Text frames received after authentication.
+    pub frames_in: AtomicU64,
+    /// Events appended (acks sent, duplicates included).
+    pub appends: AtomicU64,
+    /// Error frames sent.
+    pub errors: AtomicU64,
 }
 
 /// The edge's routes.

@@ -119,6 +119,27 @@ pub fn error(rid: Option<&str>, code: ErrorCode, message: &str) -> String {
     frame.to_string()
 }
 
+/// `{"type":"error","rid":…,"room":…,"code":…,"message":…}` for an error concerning a room.
+pub fn room_error(rid: Option<&str>, room: &str, code: &str, message: &str) -> String {
+    let mut frame = json!({ "type": "error", "room": room, "code": code, "message": message });
+    if let Some(rid) = rid {
+        frame["rid"] = json!(rid);
+    }
+    frame.to_string()
+}
+
+/// A reply frame of `kind` with the `rid` and the given fields.
+pub fn reply(kind: &str, rid: Option<&str>, fields: Value) -> String {
+    let mut frame = json!({ "type": kind });
+    if let Some(rid) = rid {
+        frame["rid"] = json!(rid);
+    }
+    if let (Some(frame), Value::Object(fields)) = (frame.as_object_mut(), fields) {
+        frame.extend(fields);
+    }
+    frame.to_string()
+}
+
 /// `{"type":"pong","rid":…}`
 pub fn pong(rid: Option<&str>) -> String {
     let mut frame = json!({ "type": "pong" });

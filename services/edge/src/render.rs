@@ -8,14 +8,32 @@ use serde_json::{json, Value};
 /// The contract's `event` frame for one log entry. An entry this build cannot decode becomes
 /// `{"kind":"unsupported"}` with its sequence, so a client's sequence stays gap-free.
 pub fn event_frame(room: &RoomId, entry: &RawEntry) -> Utf8Bytes {
-    let frame = match entry.decode() {
-        Ok(event) => event_json(room, entry.seq, &event),
+    delivery(room, entry).frame
+}
+
+/// One log entry as every session following the room receives it: rendered once.
+pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> crate::Delivery {
+    let (frame, left) = match entry.decode() {
+        Ok(event) => {
+            let left = match &event.body {
+                EventBody::MemberLeft { member } => Some(member.clone()),
+                _ => None,
+            };
+            (event_json(room, entry.seq, &event), left)
+        }
         Err(e) => {
             tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable event sent as unsupported");
-            json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" })
+            (
+                json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" }),
+                None,
+            )
         }
     };
-    frame.to_string().into()
+    crate::Delivery {
+        seq: entry.seq,
+        frame: frame.to_string().into(),
+        left,
+    }
 }
 
 fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {

@@ -1,1 +1,639 @@
+//! The room service: what a client may do to a room, checked against the room as its log
+//! defines it, appended to the log; and what it may read, from the store.
+//!
+//! Both the HTTP API and the WebSocket edge go through [`Rooms`], so a rule holds the same way
+//! whichever door a request comes in by.
+//!
+//! - **Membership comes from the log.** A room's state is the store's snapshot (as of its
+//!   checkpoint) with every later log entry folded in; it is cached for a short time
+//!   ([`RoomsConfig::membership_ttl`]), and a refusal is always re-checked against the log
+//!   before it is given, so a new member is never refused by a stale cache.
+//! - **Idempotency.** The client's id is the `Nats-Msg-Id`: within the stream's duplicate
+//!   window JetStream answers a resend with the original sequence. Past the window the store's
+//!   (room, id) index answers it, which holds while projection lag stays below the window; when
+//!   it does not (or no projector has reported for longer than the window), appends are refused
+//!   with `unavailable` rather than risk a duplicate.
+//! - **Read-your-writes.** History the store does not hold yet is read from the log.
 #![forbid(unsafe_code)]
+
+mod error;
+mod validate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chat_log::{LogError, RoomLog};
+use chat_model::{
+    direct_room_id, Event, EventBody, Refusal, RoomId, RoomKind, RoomState, UserId,
+};
+use chat_store::{render_entry, Page, PageQuery, RoomSummary, Store, ThreadPage};
+use uuid::Uuid;
+
+pub use error::RoomError;
+pub use validate::{validate_emoji, validate_text, Limits};
+
+/// Settings of the room service.
+#[derive(Debug, Clone)]
+pub struct RoomsConfig {
+    /// How long a room's cached membership is trusted before it is re-read from the log.
+    pub membership_ttl: Duration,
+    /// The streams' duplicate window: past it, the store's id index must answer resends.
+    pub dedup_window: Duration,
+    /// How long to wait for the projector to store a membership change before answering, so
+    /// that the room lists the next request reads include it.
+    pub projection_wait: Duration,
+    /// Text and emoji limits.
+    pub limits: Limits,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            membership_ttl: Duration::from_millis(250),
+            dedup_window: Duration::from_secs(600),
+            projection_wait: Duration::from_secs(2),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The outcome of an append, as an `ack` carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+    pub ts: i64,
+    pub duplicate: bool,
+}
+
+/// The outcome of creating a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub room: RoomId,
+    pub seq: u64,
+    /// False when the direct room of this pair already existed.
+    pub new: bool,
+}
+
+struct Cached {
+    state: RoomState,
+    checked: Instant,
+}
+
+/// What a user asks to append to a room (the client frames that append).
+#[derive(Debug, Clone)]
+pub enum Command {
+    Send {
+        text: String,
+        thread: Option<u64>,
+        reply_to: Option<u64>,
+    },
+    Edit {
+        target: u64,
+        text: String,
+    },
+    Delete {
+        target: u64,
+    },
+    React {
+        target: u64,
+        emoji: String,
+        on: bool,
+    },
+}
+
+/// The room service. Cheap to share (`Arc`).
+pub struct Rooms {
+    log: RoomLog,
+    store: Arc<dyn Store>,
+    config: RoomsConfig,
+    /// Room states folded from the log, by room.
+    cache: Mutex<HashMap<RoomId, Cached>>,
+    /// The last projector lag check: when, and whether appends were safe then.
+    lag_check: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Rooms {
+    pub fn new(log: RoomLog, store: Arc<dyn Store>, config: RoomsConfig) -> Arc<Rooms> {
+        Arc::new(Rooms {
+            log,
+            store,
+            config,
+            cache: Mutex::new(HashMap::new()),
+            lag_check: Mutex::new(None),
+        })
+    }
+
+    pub fn log(&self) -> &RoomLog {
+        &self.log
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &RoomsConfig {
+        &self.config
+    }
+
+    /// The room's state, at most `membership_ttl` old.
+    pub async fn state(&self, room: &RoomId) -> Result<RoomState, RoomError> {
+        if let Some(state) = self.cached(room, self.config.membership_ttl) {
+            return Ok(state);
+        }
+        self.refresh(room).await
+    }
+
+    fn cached(&self, room: &RoomId, ttl: Duration) -> Option<RoomState> {
+        let cache = self.cache.lock().ok()?;
+        let cached = cache.get(room)?;
+        (cached.checked.elapsed() <= ttl).then(|| cached.state.clone())
+    }
+
+    /// Reads the room from the log (after the cached or stored state) and caches it.
+    pub async fn refresh(&self, room: &RoomId) -> Result<RoomState, RoomError> {
+        let checked = Instant::now();
+        let start = match self.cached(room, Duration::MAX) {
+            Some(state) => Some(state),
+            None => self.store.room_state(room).await?,
+        };
+        let mut state = start;
+        let from = state.as_ref().map_or(1, |s| s.head + 1);
+        let mut reader = self.log.read_range(room, from, u64::MAX);
+        while let Some(entry) = reader.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(LogError::RoomNotFound { .. }) => return Err(RoomError::NotFound),
+                Err(e) => return Err(e.into()),
+            };
+            let Ok(event) = entry.decode() else {
+                continue; // not a membership change we can read; the projector dead-letters it
+            };
+            match &mut state {
+                Some(state) => state.apply(entry.seq, &event),
+                None => state = RoomState::created(entry.seq, &event),
+            }
+        }
+        let Some(state) = state else {
+            return Err(RoomError::NotFound);
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(
+                room.clone(),
+                Cached {
+                    state: state.clone(),
+                    checked,
+                },
+            );
+        }
+        Ok(state)
+    }
+
+    /// The room's state if `user` is a member; a refusal is re-checked against the log first.
+    pub async fn member_state(&self, room: &RoomId, user: &UserId) -> Result<RoomState, RoomError> {
+        let state = self.state(room).await?;
+        if state.is_member(user) {
+            return Ok(state);
+        }
+        let state = self.refresh(room).await?;
+        if state.is_member(user) {
+            Ok(state)
+        } else {
+            Err(RoomError::Forbidden("not a member of this room".into()))
+        }
+    }
+
+    /// Creates a group room whose first event carries its members; `id` makes a retried
+    /// request idempotent.
+    pub async fn create_group(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        name: &str,
+        members: Vec<UserId>,
+        id: Option<Uuid>,
+    ) -> Result<Created, RoomError> {
+        if room.is_direct() {
+            return Err(RoomError::BadRequest(
+                "room ids starting with dm- are reserved for direct rooms".into(),
+            ));
+        }
+        validate::validate_name(name)?;
+        let members = validate::members(actor, members)?;
+        let event = Event {
+            id: id.unwrap_or_else(Uuid::new_v4),
+            user: actor.clone(),
+            ts: now_ms(),
+            body: EventBody::RoomCreated {
+                name: name.to_owned(),
+                room_kind: RoomKind::Group,
+                members,
+            },
+        };
+        self.log.ensure_room(room).await?;
+        match self.log.append_if_last(room, &event, 0).await {
+            Ok(appended) => {
+                self.await_projection(room, appended.seq).await;
+                Ok(Created {
+                    room: room.clone(),
+                    seq: appended.seq,
+                    new: !appended.duplicate,
+                })
+            }
+            Err(LogError::WrongLastSequence { .. }) => {
+                Err(RoomError::Conflict(format!("room {room} already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The direct room of `actor` and `other`: created the first time, the same one after.
+    pub async fn create_direct(
+        &self,
+        actor: &UserId,
+        other: &UserId,
+    ) -> Result<Created, RoomError> {
+        if actor == other {
+            return Err(RoomError::BadRequest(
+                "a direct room needs another user".into(),
+            ));
+        }
+        let room = direct_room_id(actor, other);
+        // The same id whoever asks: concurrent first requests from both users make one event.
+        let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, room.as_str().as_bytes());
+        let event = Event {
+            id,
+            user: actor.clone(),
+            ts: now_ms(),
+            body: EventBody::RoomCreated {
+                name: String::new(),
+                room_kind: RoomKind::Direct,
+                members: vec![other.clone()],
+            },
+        };
+        self.log.ensure_room(&room).await?;
+        let (seq, new) = match self.log.append_if_last(&room, &event, 0).await {
+            Ok(appended) => (appended.seq, !appended.duplicate),
+            Err(LogError::WrongLastSequence { .. }) => (1, false),
+            Err(e) => return Err(e.into()),
+        };
+        self.await_projection(&room, seq).await;
+        Ok(Created { room, seq, new })
+    }
+
+    /// Adds `user` to a group room (any member may).
+    pub async fn invite(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<u64, RoomError> {
+        self.change_membership(actor, room, |state| state.decide_invite(actor, user))
+            .await
+    }
+
+    /// Removes `user` from a room (themself, or the admin).
+    pub async fn remove(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<u64, RoomError> {
+        self.change_membership(actor, room, |state| state.decide_remove(actor, user))
+            .await
+    }
+
+    /// Decides against the current state and appends only if the log has not moved since, so
+    /// two concurrent changes cannot both be decided on the same old state.
+    async fn change_membership(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        decide: impl Fn(&RoomState) -> Result<EventBody, Refusal>,
+    ) -> Result<u64, RoomError> {
+        for _ in 0..8 {
+            let state = self.refresh(room).await?;
+            let body = decide(&state)?;
+            let event = Event {
+                id: Uuid::new_v4(),
+                user: actor.clone(),
+                ts: now_ms(),
+                body,
+            };
+            match self.log.append_if_last(room, &event, state.head).await {
+                Ok(appended) => {
+                    let _ = self.refresh(room).await;
+                    self.await_projection(room, appended.seq).await;
+                    return Ok(appended.seq);
+                }
+                Err(LogError::WrongLastSequence { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RoomError::Unavailable(
+            "the room changes too fast; try again".into(),
+        ))
+    }
+
+    /// Waits (bounded) until the store holds `seq` of `room`.
+    async fn await_projection(&self, room: &RoomId, seq: u64) {
+        let deadline = Instant::now() + self.config.projection_wait;
+        let mut pause = Duration::from_millis(1);
+        while Instant::now() < deadline {
+            match self.store.checkpoint(room).await {
+                Ok(stored) if stored >= seq => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(room = %room, error = %e, "checkpoint read failed");
+                    return;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+        }
+        tracing::debug!(room = %room, seq, "projection not there yet; answering anyway");
+    }
+
+    /// Appends what `actor` asks, idempotently by `id`.
+    pub async fn append(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        id: Uuid,
+        command: Command,
+    ) -> Result<Ack, RoomError> {
+        let state = self.member_state(room, actor).await?;
+        // Past the stream's duplicate window only the store knows this id.
+        self.check_projection_lag().await?;
+        if let Some(hit) = self.store.find_id(room, id).await? {
+            return Ok(Ack {
+                seq: hit.seq,
+                ts: hit.ts,
+                duplicate: true,
+            });
+        }
+        let body = self.decide(actor, room, &state, command).await?;
+        let event = Event {
+            id,
+            user: actor.clone(),
+            ts: now_ms(),
+            body,
+        };
+        let appended = self.log.append(room, &event).await?;
+        if !appended.duplicate {
+            return Ok(Ack {
+                seq: appended.seq,
+                ts: event.ts,
+                duplicate: false,
+            });
+        }
+        // A resend within the window: the original's time, from the log.
+        let original = self
+            .log
+            .get(room, appended.seq)
+            .await?
+            .and_then(|entry| entry.decode().ok());
+        Ok(Ack {
+            seq: appended.seq,
+            ts: original.map_or(event.ts, |e| e.ts),
+            duplicate: true,
+        })
+    }
+
+    /// Appends a `read` event moving `actor`'s cursor to `up_to`, unless the cursor is already
+    /// there. Returns the appended sequence, if any.
+    pub async fn read(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        up_to: u64,
+    ) -> Result<Option<u64>, RoomError> {
+        let state = self.member_state(room, actor).await?;
+        let head = self.log.head(room).await?;
+        if up_to > head {
+            return Err(RoomError::BadRequest(format!(
+                "seq {up_to} is above the room's head {head}"
+            )));
+        }
+        let joined = state.members.get(actor).copied().unwrap_or(0);
+        let stored = self
+            .store
+            .rooms_of(actor)
+            .await?
+            .into_iter()
+            .find(|r| &r.room == room)
+            .map_or(0, |r| r.last_read);
+        if up_to <= joined.max(stored) {
+            return Ok(None);
+        }
+        let event = Event {
+            id: Uuid::new_v4(),
+            user: actor.clone(),
+            ts: now_ms(),
+            body: EventBody::Read { up_to },
+        };
+        Ok(Some(self.log.append(room, &event).await?.seq))
+    }
+
+    /// Turns a command into the event to append, by the contract's rules.
+    async fn decide(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        state: &RoomState,
+        command: Command,
+    ) -> Result<EventBody, RoomError> {
+        let limits = &self.config.limits;
+        Ok(match command {
+            Command::Send {
+                text,
+                thread,
+                reply_to,
+            } => {
+                validate_text(&text, limits)?;
+                if let Some(root) = thread {
+                    match self.message_at(room, root).await? {
+                        Some((_, None)) => {}
+                        Some((_, Some(_))) => {
+                            return Err(RoomError::BadRequest(
+                                "a thread's root cannot be a reply in another thread".into(),
+                            ))
+                        }
+                        None => {
+                            return Err(RoomError::NotFound);
+                        }
+                    }
+                }
+                if let Some(target) = reply_to {
+                    if self.message_at(room, target).await?.is_none() {
+                        return Err(RoomError::NotFound);
+                    }
+                }
+                EventBody::Message {
+                    text,
+                    thread,
+                    reply_to,
+                }
+            }
+            Command::Edit { target, text } => {
+                validate_text(&text, limits)?;
+                let (author, _) = self
+                    .message_at(room, target)
+                    .await?
+                    .ok_or(RoomError::NotFound)?;
+                state.decide_edit(actor, &author)?;
+                EventBody::Edit { target, text }
+            }
+            Command::Delete { target } => {
+                let (author, _) = self
+                    .message_at(room, target)
+                    .await?
+                    .ok_or(RoomError::NotFound)?;
+                state.decide_delete(actor, &author)?;
+                EventBody::Delete { target }
+            }
+            Command::React { target, emoji, on } => {
+                validate_emoji(&emoji)?;
+                self.message_at(room, target)
+                    .await?
+                    .ok_or(RoomError::NotFound)?;
+                EventBody::Reaction { target, emoji, on }
+            }
+        })
+    }
+
+    /// The author and thread of the message at `seq`, `None` if that is not a message.
+    async fn message_at(
+        &self,
+        room: &RoomId,
+        seq: u64,
+    ) -> Result<Option<(UserId, Option<u64>)>, RoomError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let Some(entry) = self.log.get(room, seq).await? else {
+            return Ok(None);
+        };
+        Ok(match entry.decode() {
+            Ok(Event {
+                user,
+                body: EventBody::Message { thread, .. },
+                ..
+            }) => Some((user, thread)),
+            _ => None,
+        })
+    }
+
+    /// Refuses appends while the projector lags more than the duplicate window (checked at
+    /// most once a second).
+    async fn check_projection_lag(&self) -> Result<(), RoomError> {
+        if let Ok(check) = self.lag_check.lock() {
+            if let Some((at, result)) = check.as_ref() {
+                if at.elapsed() < Duration::from_secs(1) {
+                    return result.clone().map_err(RoomError::Unavailable);
+                }
+            }
+        }
+        let window = self.config.dedup_window.as_millis() as i64;
+        let reports = self.store.projectors().await?;
+        let now = now_ms();
+        let result = match reports.iter().map(|r| r.lag_ms as i64).max() {
+            // No projector has ever reported: nothing to judge by (see the crate docs).
+            None => Ok(()),
+            Some(lag) if lag >= window => Err(format!(
+                "projection lags {lag} ms behind the log, more than the {window} ms duplicate window"
+            )),
+            Some(_) => match reports.iter().map(|r| r.reported_at_ms).min() {
+                Some(oldest) if now - oldest >= window => Err(format!(
+                    "a projector has not reported for {} ms, more than the {window} ms duplicate window",
+                    now - oldest
+                )),
+                _ => Ok(()),
+            },
+        };
+        if let Ok(mut check) = self.lag_check.lock() {
+            *check = Some((Instant::now(), result.clone()));
+        }
+        result.map_err(RoomError::Unavailable)
+    }
+
+    /// The rooms `user` is in, with head, last read and unread count.
+    pub async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>, RoomError> {
+        Ok(self.store.rooms_of(user).await?)
+    }
+
+    /// A page of history for a member: the store's rows, and newer events the store does not
+    /// hold yet straight from the log.
+    pub async fn history(
+        &self,
+        viewer: &UserId,
+        room: &RoomId,
+        query: PageQuery,
+    ) -> Result<Page, RoomError> {
+        self.member_state(room, viewer).await?;
+        let limit = query.clamped_limit();
+        let before = query.before.unwrap_or(u64::MAX);
+        let stored = self.store.checkpoint(room).await?;
+        let head = self.log.head(room).await?;
+        let top = head.min(before.saturating_sub(1));
+        let mut events = Vec::new();
+        if top > stored {
+            let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
+            let mut reader = self.log.read_range(room, from, top);
+            while let Some(entry) = reader.next().await {
+                let entry = entry?;
+                if let Ok(event) = entry.decode() {
+                    events.push(render_entry(entry.seq, &event));
+                }
+            }
+            events.reverse();
+            if from > stored + 1 || events.len() >= limit {
+                events.truncate(limit);
+                return Ok(Page { events, more: true });
+            }
+        }
+        let rest = self
+            .store
+            .history(
+                room,
+                PageQuery {
+                    before: Some(before.min(stored + 1)),
+                    limit: limit - events.len(),
+                },
+            )
+            .await?;
+        if events.len() == limit {
+            return Ok(Page {
+                more: !rest.events.is_empty(),
+                events,
+            });
+        }
+        events.extend(rest.events);
+        Ok(Page {
+            events,
+            more: rest.more,
+        })
+    }
+
+    /// A thread (its root and a page of replies) for a member.
+    pub async fn thread(
+        &self,
+        viewer: &UserId,
+        room: &RoomId,
+        root: u64,
+        query: PageQuery,
+    ) -> Result<ThreadPage, RoomError> {
+        self.member_state(room, viewer).await?;
+        let page = self.store.thread(room, root, query).await?;
+        if page.root.is_none() {
+            return Err(RoomError::NotFound);
+        }
+        Ok(page)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the binary's end-to-end tests.
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::path::Path;
 
 use chat_harness::{nats_server_bin, Chatd};
@@ -54,4 +56,26 @@ pub fn dev_token(data: &Path, user: &str, exp_offset: i64) -> String {
         user,
         exp_offset,
     )
+}
+
+/// An HTTP request with `user`'s bearer token; `(status, JSON body)`.
+pub fn api(
+    chatd: &Chatd,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {token}");
+    let body = body.map(|b| b.to_string());
+    let (status, text) = chat_harness::http_request(
+        chatd.http_addr(),
+        method,
+        path,
+        &[("Authorization", auth.as_str())],
+        body.as_deref(),
+    )
+    .expect("http answer");
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json)
 }

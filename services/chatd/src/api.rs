@@ -1,0 +1,279 @@
+//! The HTTP API of rooms: create, join, leave, list, history, threads.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chat_model::{RoomId, RoomKind, UserId};
+use chat_rooms::{RoomError, Rooms};
+use chat_store::{PageQuery, RoomSummary};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::http::{error, AppState, Authenticated};
+
+/// The room routes; they need the room service in the state.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{room}/members", post(add_member))
+        .route("/v1/rooms/{room}/members/{user}", delete(remove_member))
+        .route("/v1/rooms/{room}/messages", get(history))
+        .route("/v1/rooms/{room}/threads/{root}", get(thread))
+}
+
+fn rooms(state: &AppState) -> Result<&Arc<Rooms>, Response> {
+    state.rooms.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this process does not serve the rooms API (CHAT_ROLE)",
+        )
+    })
+}
+
+fn room_error(e: RoomError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, e.code(), &e.to_string())
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", &message.into())
+}
+
+fn room_id(room: &str) -> Result<RoomId, Response> {
+    RoomId::parse(room).map_err(|e| bad_request(format!("room: {e}")))
+}
+
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+    match payload {
+        Ok(Json(value)) => Ok(value),
+        Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+            error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.body_text()),
+        ),
+        Err(e) => Err(bad_request(e.body_text())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoom {
+    room: Option<RoomId>,
+    kind: RoomKind,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    members: Vec<UserId>,
+    /// Makes a retried request idempotent (an extension of the contract).
+    #[serde(default)]
+    id: Option<Uuid>,
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    payload: Result<Json<CreateRoom>, JsonRejection>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let req = body(payload)?;
+        let created = match req.kind {
+            RoomKind::Group => {
+                let room = req
+                    .room
+                    .ok_or_else(|| bad_request("a group room needs a \"room\" id"))?;
+                let name = req.name.unwrap_or_else(|| room.to_string());
+                rooms
+                    .create_group(&identity.user, &room, &name, req.members, req.id)
+                    .await
+                    .map_err(room_error)?
+            }
+            RoomKind::Direct => {
+                if req.room.is_some() {
+                    return Err(bad_request(
+                        "a direct room's id is derived from its pair; do not give one",
+                    ));
+                }
+                let [other] = req.members.as_slice() else {
+                    return Err(bad_request(
+                        "a direct room takes exactly one other member",
+                    ));
+                };
+                rooms
+                    .create_direct(&identity.user, other)
+                    .await
+                    .map_err(room_error)?
+            }
+        };
+        let status = if created.new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok::<_, Response>(
+            (
+                status,
+                Json(json!({"room": created.room, "seq": created.seq})),
+            )
+                .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// A room of the list, as the contract shows it.
+pub fn summary_json(r: &RoomSummary) -> Value {
+    json!({
+        "room": r.room,
+        "kind": r.kind.as_str(),
+        "name": r.name,
+        "head": r.head,
+        "last_read": r.last_read,
+        "unread": r.unread,
+    })
+}
+
+async fn list_rooms(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+) -> Response {
+    let rooms = match rooms(&state) {
+        Ok(rooms) => rooms,
+        Err(r) => return r,
+    };
+    match rooms.rooms_of(&identity.user).await {
+        Ok(list) => {
+            Json(json!({"rooms": list.iter().map(summary_json).collect::<Vec<_>>()}))
+                .into_response()
+        }
+        Err(e) => room_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    user: UserId,
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path(room): Path<String>,
+    payload: Result<Json<AddMember>, JsonRejection>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        let req = body(payload)?;
+        let seq = rooms
+            .invite(&identity.user, &room, &req.user)
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path((room, user)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        let user = UserId::parse(user).map_err(|e| bad_request(format!("user: {e}")))?;
+        let seq = rooms
+            .remove(&identity.user, &room, &user)
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageParams {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+impl PageParams {
+    fn query(&self) -> PageQuery {
+        PageQuery {
+            before: self.before,
+            limit: self.limit.unwrap_or(50),
+        }
+    }
+}
+
+fn page_params(
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<PageParams, Response> {
+    params
+        .map(|Query(p)| p)
+        .map_err(|e| bad_request(e.body_text()))
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path(room): Path<String>,
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        let params = page_params(params)?;
+        let page = rooms
+            .history(&identity.user, &room, params.query())
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(
+            Json(json!({"room": room, "events": page.events, "more": page.more})).into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+async fn thread(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path((room, root)): Path<(String, String)>,
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        let root: u64 = root
+            .parse()
+            .map_err(|_| bad_request("the thread root is a sequence number"))?;
+        let params = page_params(params)?;
+        let page = rooms
+            .thread(&identity.user, &room, root, params.query())
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(
+            Json(json!({
+                "room": room,
+                "root": page.root,
+                "events": page.replies.events,
+                "more": page.replies.more,
+            }))
+            .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
