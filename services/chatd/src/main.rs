@@ -43,6 +43,24 @@ enum Cmd {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+    /// Rebuild the projection store (or one room of it) from the room logs. Stop the projector
+    /// role first, or rebuild into a new file with --into and switch to it.
+    Rebuild {
+        /// Only this room.
+        #[arg(long)]
+        room: Option<String>,
+        /// Write into this SQLite file instead of the configured store.
+        #[arg(long)]
+        into: Option<std::path::PathBuf>,
+    },
+    /// Print a digest of the store's rows (or one room's): equal digests, equal contents.
+    Digest {
+        #[arg(long)]
+        room: Option<String>,
+        /// Read this SQLite file instead of the configured store.
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +76,8 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Cmd::Run { role: None }) {
         Cmd::Run { role } => run(config, role),
         Cmd::Token { user, name, ttl } => token(&config, &user, name.as_deref(), ttl),
+        Cmd::Rebuild { room, into } => rebuild(config, room, into),
+        Cmd::Digest { room, store } => digest(config, room, store),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +169,77 @@ async fn cancel_on_signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting without draining");
     std::process::exit(130);
+}
+
+/// The store a maintenance command works on: a given SQLite file, or the configured store.
+async fn maintenance_store(
+    config: &Config,
+    sqlite: Option<std::path::PathBuf>,
+) -> anyhow::Result<Arc<dyn chat_store::Store>> {
+    match sqlite {
+        Some(path) => Ok(Arc::new(
+            chat_store::SqliteStore::open(&path)
+                .with_context(|| format!("open {}", path.display()))?,
+        )),
+        None => chatd::open_store(config).await,
+    }
+}
+
+fn rebuild(
+    config: Config,
+    room: Option<String>,
+    into: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let room = room.map(chat_model::RoomId::parse).transpose()?;
+    // Our own nats-server and store live in the data dir: nothing else may use them meanwhile.
+    let _lock = if config.nats_url.is_none() || into.is_none() {
+        Some(lock_data_dir(&config.data_dir)?)
+    } else {
+        None
+    };
+    let nats = match &config.nats_url {
+        Some(_) => None,
+        None => Some(NatsChild::start(
+            &config.data_dir,
+            config.nats_server_bin.as_deref(),
+            &config.nats_sync,
+        )?),
+    };
+    let url = config
+        .nats_url
+        .clone()
+        .or_else(|| nats.as_ref().map(|n| n.url().to_owned()))
+        .context("no nats")?;
+    let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
+    let result = runtime.block_on(async {
+        let log = chatd::connect(&url, &config).await?;
+        let store = maintenance_store(&config, into).await?;
+        let report =
+            chat_projector::rebuild(&log, &store, room.as_ref(), config.partition).await?;
+        println!(
+            "rebuilt {} rooms, {} events, {} dead letters",
+            report.rooms, report.events, report.dead_letters
+        );
+        anyhow::Ok(())
+    });
+    if let Some(nats) = nats {
+        nats.stop(Duration::from_secs(5));
+    }
+    result
+}
+
+fn digest(
+    config: Config,
+    room: Option<String>,
+    store: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let room = room.map(chat_model::RoomId::parse).transpose()?;
+    let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
+    runtime.block_on(async {
+        let store = maintenance_store(&config, store).await?;
+        println!("{}", store.digest(room.as_ref()).await?);
+        anyhow::Ok(())
+    })
 }
 
 fn token(config: &Config, user: &str, name: Option<&str>, ttl: Duration) -> anyhow::Result<()> {

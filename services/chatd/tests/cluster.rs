@@ -1,0 +1,186 @@
+//! Several chatd processes on one nats-server: edges that talk to each other, and a projector
+//! killed mid-stream.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_harness::{Chatd, NatsServer};
+use chat_log::{LogConfig, RoomLog};
+use chat_model::{Event, EventBody, RoomId, RoomKind, UserId};
+use chat_store::{SqliteStore, Store};
+use common::client::Client;
+use common::*;
+use serde_json::json;
+use uuid::Uuid;
+
+const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// A chatd on `nats` with its own data dir and the shared secret.
+fn node(nats: &NatsServer, data: &Path, role: &str) -> Chatd {
+    start(&[
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_URL", nats.url()),
+        ("CHAT_ROLE", role.to_owned()),
+        ("CHAT_JWT_HS256_SECRET", SECRET.to_owned()),
+        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
+        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+        ("CHAT_RECONCILE_EVERY", "500ms".to_owned()),
+    ])
+}
+
+fn token(user: &str) -> String {
+    mint(SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
+}
+
+#[tokio::test]
+async fn users_on_different_edges_talk_and_a_resend_through_the_other_edge_is_a_duplicate() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let edge1 = node(&nats, d1.path(), "all");
+    let edge2 = node(&nats, d2.path(), "all");
+    let (status, body) = api(
+        &edge1,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "bridge", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    alice.subscribe("bridge", None).await;
+    bob.subscribe("bridge", None).await;
+    let id = Uuid::new_v4();
+    let ack = alice.say_with_id("bridge", "across edges", id).await;
+    assert_eq!(ack["duplicate"], false, "{ack}");
+    let seen = bob.events("bridge", 1).await;
+    assert_eq!((&seen[0]["text"], &seen[0]["seq"]), (&json!("across edges"), &ack["seq"]));
+    let reply = bob.say("bridge", "heard you").await;
+    assert_eq!(alice.events("bridge", 2).await[1]["seq"], reply["seq"]);
+
+    // The same id through the other edge (alice reconnected there): the original outcome.
+    let mut alice2 = Client::connect(&edge2.ws_url(), &token("alice")).await;
+    let resend = alice2.say_with_id("bridge", "across edges", id).await;
+    assert_eq!(
+        (&resend["seq"], &resend["ts"], &resend["duplicate"]),
+        (&ack["seq"], &ack["ts"], &json!(true))
+    );
+    // Bob's edge projects into its own store; it lists the room too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, rooms) = api(&edge2, &token("bob"), "GET", "/v1/rooms", None);
+        if rooms["rooms"][0]["head"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rooms}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn event(text: &str) -> Event {
+    Event {
+        id: Uuid::new_v4(),
+        user: UserId::parse("alice").unwrap(),
+        ts: 1_763_900_000_000,
+        body: EventBody::Message {
+            text: text.into(),
+            thread: None,
+            reply_to: None,
+        },
+    }
+}
+
+fn chatd_command(data: &Path, nats: &NatsServer, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .env("CHAT_DATA_DIR", data)
+        .env("NATS_URL", nats.url())
+        .env("CHAT_JWT_HS256_SECRET", SECRET)
+        .env("CHAT_JWT_ISSUER", "test-issuer")
+        .env("CHAT_JWT_AUDIENCE", "chat")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chatd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn checkpoint(store: &Arc<dyn Store>, room: &RoomId) -> u64 {
+    store.checkpoint(room).await.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_projector_killed_mid_stream_then_restarted_equals_a_fresh_rebuild() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let log = RoomLog::connect(&nats.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let room = RoomId::parse("busy").unwrap();
+    log.ensure_room(&room).await.unwrap();
+    log.append(
+        &room,
+        &Event {
+            id: Uuid::new_v4(),
+            user: UserId::parse("alice").unwrap(),
+            ts: 0,
+            body: EventBody::RoomCreated {
+                name: "Busy".into(),
+                room_kind: RoomKind::Group,
+                members: vec![UserId::parse("bob").unwrap()],
+            },
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut projector = node(&nats, data.path(), "projector");
+    // Appends keep coming while the projector is killed and restarted.
+    let writer = tokio::spawn({
+        let (log, room) = (log.clone(), room.clone());
+        async move {
+            for i in 0..3_000 {
+                log.append(&room, &event(&format!("m{i}"))).await.unwrap();
+            }
+        }
+    });
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&data.path().join("store.db")).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checkpoint(&store, &room).await < 500 {
+        assert!(Instant::now() < deadline, "projector never got going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    projector.kill();
+    let at_kill = checkpoint(&store, &room).await;
+    let projector = node(&nats, data.path(), "projector");
+    writer.await.unwrap();
+    let head = log.head(&room).await.unwrap();
+    assert_eq!(head, 3_001);
+    assert!(at_kill < head, "killed mid-stream (at {at_kill} of {head})");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checkpoint(&store, &room).await < head {
+        assert!(Instant::now() < deadline, "restarted projector did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(projector);
+
+    let fresh = data.path().join("fresh.db");
+    let fresh_arg = fresh.display().to_string();
+    let report = chatd_command(data.path(), &nats, &["rebuild", "--into", &fresh_arg]);
+    assert!(report.contains("3001 events"), "{report}");
+    let live = chatd_command(data.path(), &nats, &["digest"]);
+    let rebuilt = chatd_command(data.path(), &nats, &["digest", "--store", &fresh_arg]);
+    assert_eq!(live.len(), 64);
+    assert_eq!(live, rebuilt, "the restarted projection equals a rebuild");
+}
