@@ -1,5 +1,9 @@
 //! The HTTP API of rooms: create, join, leave, list, history, threads.
 
+// Helpers return a ready error `Response` as their `Err`: it is built only on the failure path
+// and returned straight to axum, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -53,9 +57,13 @@ fn room_id(room: &str) -> Result<RoomId, Response> {
 fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
     match payload {
         Ok(Json(value)) => Ok(value),
-        Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
-            error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.body_text()),
-        ),
+        Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &e.body_text(),
+            ))
+        }
         Err(e) => Err(bad_request(e.body_text())),
     }
 }
@@ -100,9 +108,7 @@ async fn create_room(
                     ));
                 }
                 let [other] = req.members.as_slice() else {
-                    return Err(bad_request(
-                        "a direct room takes exactly one other member",
-                    ));
+                    return Err(bad_request("a direct room takes exactly one other member"));
                 };
                 rooms
                     .create_direct(&identity.user, other)
@@ -148,10 +154,8 @@ async fn list_rooms(
         Err(r) => return r,
     };
     match rooms.rooms_of(&identity.user).await {
-        Ok(list) => {
-            Json(json!({"rooms": list.iter().map(summary_json).collect::<Vec<_>>()}))
-                .into_response()
-        }
+        Ok(list) => Json(json!({"rooms": list.iter().map(summary_json).collect::<Vec<_>>()}))
+            .into_response(),
         Err(e) => room_error(e),
     }
 }

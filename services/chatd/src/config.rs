@@ -292,7 +292,12 @@ impl Config {
             Some(d) => parse_duration(&d)
                 .ok()
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| err("CHAT_RECONCILE_EVERY", format!("a duration above 0, got {d:?}")))?,
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_RECONCILE_EVERY",
+                        format!("a duration above 0, got {d:?}"),
+                    )
+                })?,
             None => Duration::from_secs(30),
         };
         let membership_ttl = match get("CHAT_MEMBERSHIP_TTL") {

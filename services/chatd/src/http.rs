@@ -74,22 +74,70 @@ async fn metrics(State(state): State<AppState>) -> Response {
     use std::fmt::Write;
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
     if let Some(p) = &state.projector {
         let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        metric("chat_projector_events_total", "counter", "Log entries written to the store.", get(&p.projected));
-        metric("chat_projector_dead_letters_total", "counter", "Entries that could not be decoded.", get(&p.dead_letters));
-        metric("chat_projector_fills_total", "counter", "Ranges read from streams (gaps, catch-up).", get(&p.fills));
-        metric("chat_projector_store_errors_total", "counter", "Failed (and retried) store writes.", get(&p.store_errors));
-        metric("chat_projector_lag_ms", "gauge", "Age of the oldest known event not yet stored.", get(&p.lag_ms));
+        metric(
+            "chat_projector_events_total",
+            "counter",
+            "Log entries written to the store.",
+            get(&p.projected),
+        );
+        metric(
+            "chat_projector_dead_letters_total",
+            "counter",
+            "Entries that could not be decoded.",
+            get(&p.dead_letters),
+        );
+        metric(
+            "chat_projector_fills_total",
+            "counter",
+            "Ranges read from streams (gaps, catch-up).",
+            get(&p.fills),
+        );
+        metric(
+            "chat_projector_store_errors_total",
+            "counter",
+            "Failed (and retried) store writes.",
+            get(&p.store_errors),
+        );
+        metric(
+            "chat_projector_lag_ms",
+            "gauge",
+            "Age of the oldest known event not yet stored.",
+            get(&p.lag_ms),
+        );
     }
     if let Some(e) = &state.edge {
         let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        metric("chat_edge_sessions", "gauge", "Open authenticated WebSocket sessions.", get(&e.sessions));
-        metric("chat_edge_frames_in_total", "counter", "Frames received from clients.", get(&e.frames_in));
-        metric("chat_edge_appends_total", "counter", "Events appended for clients.", get(&e.appends));
-        metric("chat_edge_errors_total", "counter", "Error frames sent.", get(&e.errors));
+        metric(
+            "chat_edge_sessions",
+            "gauge",
+            "Open authenticated WebSocket sessions.",
+            get(&e.sessions),
+        );
+        metric(
+            "chat_edge_frames_in_total",
+            "counter",
+            "Frames received from clients.",
+            get(&e.frames_in),
+        );
+        metric(
+            "chat_edge_appends_total",
+            "counter",
+            "Events appended for clients.",
+            get(&e.appends),
+        );
+        metric(
+            "chat_edge_errors_total",
+            "counter",
+            "Error frames sent.",
+            get(&e.errors),
+        );
     }
     metric(
         "chat_draining",
@@ -97,11 +145,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "1 while the process drains.",
         u64::from(state.draining.load(Ordering::SeqCst)),
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

@@ -77,8 +77,8 @@ pub async fn serve(
             },
         )
     });
-    let edge_stats = matches!(role, Role::All | Role::Edge)
-        .then(|| Arc::new(chat_edge::EdgeStats::default()));
+    let edge_stats =
+        matches!(role, Role::All | Role::Edge).then(|| Arc::new(chat_edge::EdgeStats::default()));
 
     let mut app = http::router(http::AppState {
         draining: draining.clone(),
@@ -167,7 +167,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn chat_store::S
             Ok(Arc::new(store))
         }
         StoreConfig::Scylla { .. } => {
-            anyhow::bail!("CHAT_STORE: the ScyllaDB store is not available in this build; use sqlite")
+            anyhow::bail!(
+                "CHAT_STORE: the ScyllaDB store is not available in this build; use sqlite"
+            )
         }
     }
 }

@@ -214,8 +214,7 @@ fn rebuild(
     let result = runtime.block_on(async {
         let log = chatd::connect(&url, &config).await?;
         let store = maintenance_store(&config, into).await?;
-        let report =
-            chat_projector::rebuild(&log, &store, room.as_ref(), config.partition).await?;
+        let report = chat_projector::rebuild(&log, &store, room.as_ref(), config.partition).await?;
         println!(
             "rebuilt {} rooms, {} events, {} dead letters",
             report.rooms, report.events, report.dead_letters

@@ -61,7 +61,10 @@ async fn users_on_different_edges_talk_and_a_resend_through_the_other_edge_is_a_
     let ack = alice.say_with_id("bridge", "across edges", id).await;
     assert_eq!(ack["duplicate"], false, "{ack}");
     let seen = bob.events("bridge", 1).await;
-    assert_eq!((&seen[0]["text"], &seen[0]["seq"]), (&json!("across edges"), &ack["seq"]));
+    assert_eq!(
+        (&seen[0]["text"], &seen[0]["seq"]),
+        (&json!("across edges"), &ack["seq"])
+    );
     let reply = bob.say("bridge", "heard you").await;
     assert_eq!(alice.events("bridge", 2).await[1]["seq"], reply["seq"]);
 
@@ -154,8 +157,7 @@ async fn a_projector_killed_mid_stream_then_restarted_equals_a_fresh_rebuild() {
             }
         }
     });
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&data.path().join("store.db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.path().join("store.db")).unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     while checkpoint(&store, &room).await < 500 {
         assert!(Instant::now() < deadline, "projector never got going");
@@ -170,7 +172,10 @@ async fn a_projector_killed_mid_stream_then_restarted_equals_a_fresh_rebuild() {
     assert!(at_kill < head, "killed mid-stream (at {at_kill} of {head})");
     let deadline = Instant::now() + Duration::from_secs(60);
     while checkpoint(&store, &room).await < head {
-        assert!(Instant::now() < deadline, "restarted projector did not catch up");
+        assert!(
+            Instant::now() < deadline,
+            "restarted projector did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(projector);

@@ -83,7 +83,11 @@ async fn a_message_from_a_appears_in_bs_stream_and_both_see_one_order() {
     }
     let a_seen = alice.events("general", 30).await;
     let b_seen = bob.events("general", 30).await;
-    assert_eq!(seqs(&a_seen), (2..=31).collect::<Vec<_>>(), "gap-free, in order");
+    assert_eq!(
+        seqs(&a_seen),
+        (2..=31).collect::<Vec<_>>(),
+        "gap-free, in order"
+    );
     assert_eq!(a_seen, b_seen, "the same events in the same order for both");
     let first_bob = a_seen.iter().find(|e| e["user"] == "bob").unwrap();
     assert_eq!(first_bob["text"], "b0");
@@ -169,7 +173,10 @@ async fn a_reconnecting_client_receives_exactly_what_it_missed_while_others_keep
 
     // A seq above the head is refused; null means nothing old.
     let above = bob.subscribe("resume", Some(1000)).await;
-    assert_eq!((&above["type"], &above["code"]), (&json!("error"), &json!("bad_request")));
+    assert_eq!(
+        (&above["type"], &above["code"]),
+        (&json!("error"), &json!("bad_request"))
+    );
     assert_eq!(above["room"], "resume");
 }
 
@@ -180,7 +187,8 @@ async fn an_offline_users_unread_count_and_last_read_are_right_on_reconnect() {
     let mut alice = s.client("alice").await;
     let mut bob = s.client("bob").await;
     let m2 = alice.say("unread", "one").await["seq"].as_u64().unwrap();
-    bob.send(json!({"type": "read", "room": "unread", "seq": m2})).await;
+    bob.send(json!({"type": "read", "room": "unread", "seq": m2}))
+        .await;
     // Offline: three more, one of them deleted, and bob's own message does not count.
     bob.close().await;
     alice.say("unread", "two").await;
@@ -197,15 +205,23 @@ async fn an_offline_users_unread_count_and_last_read_are_right_on_reconnect() {
         let (_, rooms) = s.api("bob", "GET", "/v1/rooms", None);
         let room = rooms["rooms"][0].clone();
         if expected(&room) {
-            assert_eq!(room["head"], 7, "created, one, read, two, three, four, delete");
-            assert_eq!((&room["kind"], &room["name"]), (&json!("group"), &json!("unread")));
+            assert_eq!(
+                room["head"], 7,
+                "created, one, read, two, three, four, delete"
+            );
+            assert_eq!(
+                (&room["kind"], &room["name"]),
+                (&json!("group"), &json!("unread"))
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "room list: {rooms}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let bob = s.client("bob").await;
-    let entry = bob.welcome_room("unread").expect("the room is in the welcome");
+    let entry = bob
+        .welcome_room("unread")
+        .expect("the room is in the welcome");
     assert_eq!(
         entry,
         json!({"room": "unread", "head": 7, "last_read": m2, "unread": 2})
@@ -225,7 +241,10 @@ async fn non_members_and_bad_input_are_refused_with_the_contracts_codes() {
         .request(json!({"type": "history", "room": "private"}))
         .await;
     assert_eq!(code(&history), forbidden);
-    assert_eq!(s.api("carol", "GET", "/v1/rooms/private/messages", None).0, 403);
+    assert_eq!(
+        s.api("carol", "GET", "/v1/rooms/private/messages", None).0,
+        403
+    );
     assert_eq!(
         code(&carol.say("nowhere", "hi").await),
         (json!("error"), json!("not_found"), json!("nowhere"))
@@ -236,7 +255,9 @@ async fn non_members_and_bad_input_are_refused_with_the_contracts_codes() {
         .request(json!({"type": "send", "room": "private", "id": "not-a-uuid", "text": "x"}))
         .await;
     assert_eq!(bad_id["code"], "bad_request");
-    let missing = carol.request(json!({"type": "send", "room": "private"})).await;
+    let missing = carol
+        .request(json!({"type": "send", "room": "private"}))
+        .await;
     assert_eq!(missing["code"], "bad_request");
     // The connection stays open after all of that.
     assert_eq!(carol.request(json!({"type": "ping"})).await["type"], "pong");
@@ -259,11 +280,18 @@ async fn a_removed_member_is_cut_off() {
     assert_eq!(bob.events("team", 1).await[0]["text"], "hello bob");
 
     // carol is not the admin: she cannot remove bob.
-    assert_eq!(s.api("carol", "DELETE", "/v1/rooms/team/members/bob", None).0, 403);
+    assert_eq!(
+        s.api("carol", "DELETE", "/v1/rooms/team/members/bob", None)
+            .0,
+        403
+    );
     let (status, removed) = s.api("alice", "DELETE", "/v1/rooms/team/members/bob", None);
     assert_eq!(status, 200, "{removed}");
     let left = bob.events("team", 1).await;
-    assert_eq!((&left[0]["kind"], &left[0]["member"]), (&json!("member_left"), &json!("bob")));
+    assert_eq!(
+        (&left[0]["kind"], &left[0]["member"]),
+        (&json!("member_left"), &json!("bob"))
+    );
     let notice = bob.wait_for(|f| f["type"] == "unsubscribed").await;
     assert_eq!(notice["reason"], "removed");
 

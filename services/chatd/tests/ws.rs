@@ -268,7 +268,7 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         (r#"{"type":"teleport","rid":"6"}"#, Some("6")),
         (r#"{"type":"auth","token":"x","rid":"7"}"#, Some("7")),
         (
-            r#"{"type":"subscribe","rid":"9","rooms":{"general":null}}"#,
+            r#"{"type":"subscribe","rid":"9","rooms":["general"]}"#,
             Some("9"),
         ),
     ] {

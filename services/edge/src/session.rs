@@ -201,8 +201,12 @@ impl Session {
                 // Control frames are answered by the WebSocket layer.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(_))) => {
-                    self.error(None, ErrorCode::BadRequest, "frames are JSON text, not binary")
-                        .await
+                    self.error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "frames are JSON text, not binary",
+                    )
+                    .await
                 }
                 Some(Ok(Message::Text(text))) => {
                     if text.len() > self.state.config.max_frame_bytes {
@@ -437,11 +441,14 @@ impl Session {
         };
         let missing = |field: &str| RoomError::BadRequest(format!("{kind} needs \"{field}\""));
         let command = match kind {
-            "send" => frame.text.ok_or_else(|| missing("text")).map(|text| Command::Send {
-                text,
-                thread: frame.thread,
-                reply_to: frame.reply_to,
-            }),
+            "send" => frame
+                .text
+                .ok_or_else(|| missing("text"))
+                .map(|text| Command::Send {
+                    text,
+                    thread: frame.thread,
+                    reply_to: frame.reply_to,
+                }),
             "edit" => match (frame.target, frame.text) {
                 (Some(target), Some(text)) => Ok(Command::Edit { target, text }),
                 (None, _) => Err(missing("target")),
@@ -462,7 +469,12 @@ impl Session {
             Ok(command) => command,
             Err(e) => return self.room_error(rid, &frame.room, &e).await,
         };
-        match self.state.rooms.append(&self.user, &room, id, command).await {
+        match self
+            .state
+            .rooms
+            .append(&self.user, &room, id, command)
+            .await
+        {
             Ok(ack) => {
                 self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
                 let fields = json!({

@@ -73,11 +73,12 @@ pub async fn rebuild(
         }
         if !entries.is_empty() {
             report.events += entries.len() as u64;
-            store.apply(&[RoomBatch {
-                room: room.clone(),
-                entries,
-            }])
-            .await?;
+            store
+                .apply(&[RoomBatch {
+                    room: room.clone(),
+                    entries,
+                }])
+                .await?;
         }
         report.rooms += 1;
         tracing::info!(room = %room, "room rebuilt");

@@ -228,9 +228,14 @@ async fn undecodable_entries_become_dead_letters_and_the_room_moves_on() {
     log.ensure_room(&r).await.unwrap();
     let running = start(&log, Partition::ALL);
     log.append(&r, &created("alice")).await.unwrap();
-    log.append_raw(&r, &Uuid::new_v4().to_string(), b"\x93not an event".to_vec().into(), None)
-        .await
-        .unwrap();
+    log.append_raw(
+        &r,
+        &Uuid::new_v4().to_string(),
+        b"\x93not an event".to_vec().into(),
+        None,
+    )
+    .await
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(9);
     log.append(&r, &random_event(&mut rng, 2)).await.unwrap();
     caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
@@ -312,7 +317,10 @@ async fn a_lost_last_event_is_found_by_reconciling_with_the_stream_list() {
         .await
         .unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    assert!(reply.get("error").is_none(), "stream update refused: {reply}");
+    assert!(
+        reply.get("error").is_none(),
+        "stream update refused: {reply}"
+    );
     assert!(reply["config"].get("republish").is_none(), "{reply}");
     let mut rng = StdRng::seed_from_u64(5);
     quiet.append(&r, &random_event(&mut rng, 1)).await.unwrap();

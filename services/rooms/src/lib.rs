@@ -24,9 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chat_log::{LogError, RoomLog};
-use chat_model::{
-    direct_room_id, Event, EventBody, Refusal, RoomId, RoomKind, RoomState, UserId,
-};
+use chat_model::{direct_room_id, Event, EventBody, Refusal, RoomId, RoomKind, RoomState, UserId};
 use chat_store::{render_entry, Page, PageQuery, RoomSummary, Store, ThreadPage};
 use uuid::Uuid;
 

@@ -34,7 +34,10 @@ pub fn validate_text(text: &str, limits: &Limits) -> Result<(), RoomError> {
             limits.max_text_chars
         )));
     }
-    if let Some(c) = text.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+    {
         return Err(RoomError::BadRequest(format!(
             "text contains the control character U+{:04X}",
             c as u32
@@ -92,12 +95,30 @@ mod tests {
         let l = Limits::default();
         assert!(validate_text("hi\nthere\t!", &l).is_ok());
         assert!(validate_text("émoji 👍", &l).is_ok());
-        assert!(matches!(validate_text("", &l), Err(RoomError::BadRequest(_))));
-        assert!(matches!(validate_text("  \n", &l), Err(RoomError::BadRequest(_))));
-        assert!(matches!(validate_text("a\u{0}b", &l), Err(RoomError::BadRequest(_))));
-        assert!(matches!(validate_text("a\u{1b}[31m", &l), Err(RoomError::BadRequest(_))));
-        assert!(validate_text(&"é".repeat(4_000), &l).is_ok(), "characters, not bytes");
-        assert!(matches!(validate_text(&"a".repeat(4_001), &l), Err(RoomError::TooLarge(_))));
+        assert!(matches!(
+            validate_text("", &l),
+            Err(RoomError::BadRequest(_))
+        ));
+        assert!(matches!(
+            validate_text("  \n", &l),
+            Err(RoomError::BadRequest(_))
+        ));
+        assert!(matches!(
+            validate_text("a\u{0}b", &l),
+            Err(RoomError::BadRequest(_))
+        ));
+        assert!(matches!(
+            validate_text("a\u{1b}[31m", &l),
+            Err(RoomError::BadRequest(_))
+        ));
+        assert!(
+            validate_text(&"é".repeat(4_000), &l).is_ok(),
+            "characters, not bytes"
+        );
+        assert!(matches!(
+            validate_text(&"a".repeat(4_001), &l),
+            Err(RoomError::TooLarge(_))
+        ));
     }
 
     #[test]
