@@ -502,6 +502,18 @@ impl Session {
         let Some(room) = self.room_id(rid, &frame.room).await else {
             return;
         };
+        // Refuse what can never be valid now; the rest is checked when it is appended.
+        match self.state.rooms.log().head(&room).await {
+            Ok(head) if frame.seq > head => {
+                let e = RoomError::BadRequest(format!(
+                    "seq {} is above the room's head {head}",
+                    frame.seq
+                ));
+                return self.room_error(rid, &frame.room, &e).await;
+            }
+            Ok(_) => {}
+            Err(e) => return self.room_error(rid, &frame.room, &e.into()).await,
+        }
         let gate = self.reads.entry(room.clone()).or_insert(ReadGate {
             last_append: None,
             pending: None,

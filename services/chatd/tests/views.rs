@@ -1,0 +1,340 @@
+//! What clients see of a room over HTTP and WebSocket: the rooms API, edits, deletes,
+//! reactions, threads and history pages.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+#[tokio::test]
+async fn rooms_api_creates_group_and_direct_rooms_and_changes_membership() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    let call = |user: &str, method: &str, path: &str, body: Option<Value>| {
+        api(&chatd, &t(user), method, path, body)
+    };
+
+    let group = json!({"room": "ops", "kind": "group", "name": "Ops", "members": ["bob"]});
+    assert_eq!(
+        call("alice", "POST", "/v1/rooms", Some(group.clone())),
+        (201, json!({"room": "ops", "seq": 1}))
+    );
+    let (status, body) = call("carol", "POST", "/v1/rooms", Some(group));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("conflict")),
+        "{body}"
+    );
+    let (status, _) = call(
+        "alice",
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "dm-x", "kind": "group"})),
+    );
+    assert_eq!(status, 400, "dm- ids are reserved");
+    let (status, _) = call(
+        "alice",
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "bad id!", "kind": "group"})),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        chat_harness::http_request(chatd.http_addr(), "GET", "/v1/rooms", &[], None)
+            .unwrap()
+            .0,
+        401,
+        "no token"
+    );
+
+    // Direct rooms: the same room for the pair, whoever asks.
+    let (status, first) = call(
+        "alice",
+        "POST",
+        "/v1/rooms",
+        Some(json!({"kind": "direct", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{first}");
+    let dm = first["room"].as_str().unwrap().to_owned();
+    assert!(dm.starts_with("dm-"));
+    let (status, again) = call(
+        "bob",
+        "POST",
+        "/v1/rooms",
+        Some(json!({"kind": "direct", "members": ["alice"]})),
+    );
+    assert_eq!((status, &again), (200, &json!({"room": dm, "seq": 1})));
+    let (status, _) = call(
+        "alice",
+        "POST",
+        &format!("/v1/rooms/{dm}/members"),
+        Some(json!({"user": "carol"})),
+    );
+    assert_eq!(status, 400, "a direct room keeps its pair");
+
+    // Any member invites; a non-member cannot; the admin removes; anyone leaves.
+    let (status, joined) = call(
+        "bob",
+        "POST",
+        "/v1/rooms/ops/members",
+        Some(json!({"user": "carol"})),
+    );
+    assert_eq!((status, &joined), (200, &json!({"seq": 2})));
+    assert_eq!(
+        call(
+            "dave",
+            "POST",
+            "/v1/rooms/ops/members",
+            Some(json!({"user": "dave"}))
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        call(
+            "bob",
+            "POST",
+            "/v1/rooms/ops/members",
+            Some(json!({"user": "carol"}))
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        call("carol", "DELETE", "/v1/rooms/ops/members/carol", None),
+        (200, json!({"seq": 3}))
+    );
+
+    let (status, list) = call("bob", "GET", "/v1/rooms", None);
+    assert_eq!(status, 200);
+    let rooms: Vec<&Value> = list["rooms"].as_array().unwrap().iter().collect();
+    assert_eq!(rooms.len(), 2, "{list}");
+    let ops = rooms.iter().find(|r| r["room"] == "ops").unwrap();
+    assert_eq!(
+        (&ops["kind"], &ops["name"], &ops["head"]),
+        (&json!("group"), &json!("Ops"), &json!(3))
+    );
+    let direct = rooms.iter().find(|r| r["room"] == dm.as_str()).unwrap();
+    assert_eq!(direct["kind"], "direct");
+    assert!(call("carol", "GET", "/v1/rooms", None).1["rooms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// Polls the HTTP history until `f` accepts it.
+async fn history_until(
+    chatd: &chat_harness::Chatd,
+    token: &str,
+    path: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api(chatd, token, "GET", path, None);
+        if status == 200 && f(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn edits_deletes_reactions_and_threads_as_clients_see_them() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    let (status, _) = api(
+        &chatd,
+        &t("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "v", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201);
+    let mut alice = Client::connect(&chatd.ws_url(), &t("alice")).await;
+    let mut bob = Client::connect(&chatd.ws_url(), &t("bob")).await;
+
+    let root = alice.say("v", "root").await["seq"].as_u64().unwrap();
+    let bobs = bob.say("v", "typo").await["seq"].as_u64().unwrap();
+    // Only the author edits.
+    let stolen = alice
+        .request(json!({"type": "edit", "room": "v", "id": id(), "target": bobs, "text": "mine"}))
+        .await;
+    assert_eq!(stolen["code"], "forbidden");
+    let edit = bob
+        .request(json!({"type": "edit", "room": "v", "id": id(), "target": bobs, "text": "fixed"}))
+        .await;
+    assert_eq!(edit["type"], "ack", "{edit}");
+    // bob may not delete alice's message; alice (admin) may delete bob's.
+    let refused = bob
+        .request(json!({"type": "delete", "room": "v", "id": id(), "target": root}))
+        .await;
+    assert_eq!(refused["code"], "forbidden");
+    let doomed = bob.say("v", "to be deleted").await["seq"].as_u64().unwrap();
+    let deleted = alice
+        .request(json!({"type": "delete", "room": "v", "id": id(), "target": doomed}))
+        .await;
+    assert_eq!(deleted["type"], "ack", "{deleted}");
+    // Reactions: set, set by another, cleared.
+    for (who, on) in [("alice", true), ("bob", true), ("alice", false)] {
+        let client = if who == "alice" { &mut alice } else { &mut bob };
+        let ack = client.request(json!({"type": "react", "room": "v", "id": id(), "target": root, "emoji": "👍", "on": on})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let nowhere = bob.request(json!({"type": "react", "room": "v", "id": id(), "target": 999, "emoji": "👍", "on": true})).await;
+    assert_eq!(nowhere["code"], "not_found");
+    // A thread on the root.
+    let r1 = bob
+        .request(
+            json!({"type": "send", "room": "v", "id": id(), "text": "reply 1", "thread": root}),
+        )
+        .await["seq"]
+        .as_u64()
+        .unwrap();
+    let r2 = alice.request(json!({"type": "send", "room": "v", "id": id(), "text": "reply 2", "thread": root, "reply_to": r1})).await["seq"].as_u64().unwrap();
+    let nested = alice
+        .request(json!({"type": "send", "room": "v", "id": id(), "text": "x", "thread": r1}))
+        .await;
+    assert_eq!(
+        nested["code"], "bad_request",
+        "threads are one level deep: {nested}"
+    );
+
+    let body = history_until(&chatd, &t("bob"), "/v1/rooms/v/messages?limit=50", |b| {
+        b["events"][0]["seq"] == r2
+            && b["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["seq"] == root && e["replies"]["count"] == 2)
+    })
+    .await;
+    let by_seq = |seq: u64| {
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["seq"] == seq)
+            .unwrap()
+            .clone()
+    };
+    let root_view = by_seq(root);
+    assert_eq!(
+        root_view["reactions"],
+        json!([{"emoji": "👍", "count": 1, "users": ["bob"]}])
+    );
+    assert_eq!(root_view["replies"], json!({"count": 2, "last": r2}));
+    assert_eq!(
+        (&by_seq(bobs)["text"], &by_seq(bobs)["edited"]),
+        (&json!("fixed"), &json!(true))
+    );
+    let gone = by_seq(doomed);
+    assert_eq!(gone["deleted"], true);
+    assert!(gone.get("text").is_none(), "{gone}");
+    assert_eq!(by_seq(r2)["reply_to"], r1);
+    assert!(
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "room_created"),
+        "non-message events included"
+    );
+    assert_eq!(body["more"], false);
+
+    // The same materialized form over WebSocket.
+    let ws = bob
+        .request(json!({"type": "history", "room": "v", "limit": 50}))
+        .await;
+    assert_eq!(
+        (&ws["events"], &ws["more"]),
+        (&body["events"], &body["more"])
+    );
+    // Pages: `before` and `limit`.
+    let page = bob
+        .request(json!({"type": "history", "room": "v", "before": root + 1, "limit": 1}))
+        .await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&page["events"][0]["seq"], &page["more"]),
+        (&json!(root), &json!(true))
+    );
+
+    // The thread view.
+    let (status, thread) = api(
+        &chatd,
+        &t("alice"),
+        "GET",
+        &format!("/v1/rooms/v/threads/{root}"),
+        None,
+    );
+    assert_eq!(status, 200, "{thread}");
+    assert_eq!(thread["root"]["text"], "root");
+    let replies: Vec<&Value> = thread["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["text"])
+        .collect();
+    assert_eq!(replies, [&json!("reply 2"), &json!("reply 1")]);
+    assert_eq!(
+        api(&chatd, &t("alice"), "GET", "/v1/rooms/v/threads/999", None).0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn history_right_after_an_ack_includes_it_and_read_cursors_only_move_forward() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    api(
+        &chatd,
+        &t("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "ryw", "kind": "group", "members": ["bob"]})),
+    );
+    let mut alice = Client::connect(&chatd.ws_url(), &t("alice")).await;
+    let mut bob = Client::connect(&chatd.ws_url(), &t("bob")).await;
+    bob.subscribe("ryw", None).await;
+    for i in 0..20 {
+        let ack = alice.say("ryw", &format!("m{i}")).await;
+        let seq = ack["seq"].clone();
+        let page = alice
+            .request(json!({"type": "history", "room": "ryw", "limit": 1}))
+            .await;
+        assert_eq!(page["events"][0]["seq"], seq, "read-your-writes: {page}");
+    }
+    // bob reads to 10, then asks to go back to 5: ignored.
+    bob.send(json!({"type": "read", "room": "ryw", "seq": 10}))
+        .await;
+    let read = bob
+        .wait_for(|f| f["type"] == "event" && f["kind"] == "read")
+        .await;
+    assert_eq!((&read["user"], &read["up_to"]), (&json!("bob"), &json!(10)));
+    bob.send(json!({"type": "read", "room": "ryw", "seq": 5}))
+        .await;
+    bob.send(json!({"type": "read", "room": "ryw", "seq": 12}))
+        .await;
+    // The second forward read is coalesced and appended within about a second.
+    let read = bob
+        .wait_for(|f| f["type"] == "event" && f["kind"] == "read")
+        .await;
+    assert_eq!(read["up_to"], 12, "{read}");
+    let above = bob
+        .request(json!({"type": "read", "room": "ryw", "seq": 999}))
+        .await;
+    assert_eq!(above["code"], "bad_request", "{above}");
+}
