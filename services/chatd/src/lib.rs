@@ -166,10 +166,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn chat_store::S
                 .with_context(|| format!("open the sqlite store {}", path.display()))?;
             Ok(Arc::new(store))
         }
-        StoreConfig::Scylla { .. } => {
-            anyhow::bail!(
-                "CHAT_STORE: the ScyllaDB store is not available in this build; use sqlite"
-            )
+        StoreConfig::Scylla { uri, .. } => {
+            let store = chat_store::ScyllaStore::connect(uri)
+                .await
+                .with_context(|| format!("connect the scylla store {uri} (CHAT_STORE)"))?;
+            Ok(Arc::new(store))
         }
     }
 }

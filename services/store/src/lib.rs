@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod render;
+mod scylla;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use render::render_entry;
+pub use scylla::ScyllaStore;
 pub use sqlite::SqliteStore;
 
 /// The most events one history or thread page returns.

@@ -148,11 +148,9 @@ fn seq_sql(seq: u64) -> i64 {
 
 fn checkpoint_in(tx: &Connection, room: &str) -> rusqlite::Result<u64> {
     let seq: Option<i64> = tx
-        .query_row(
-            "SELECT seq FROM checkpoints WHERE room = ?1",
-            [room],
-            |r| r.get(0),
-        )
+        .query_row("SELECT seq FROM checkpoints WHERE room = ?1", [room], |r| {
+            r.get(0)
+        })
         .optional()?;
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
@@ -240,9 +238,11 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             advance_cursor(tx, room, user, (*up_to).min(seq))?;
         }
         EventBody::MemberJoined { member } => {
+            // As the room aggregate folds it: joining again while a member changes nothing.
             tx.execute(
                 "INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1",
+                 ON CONFLICT (room, user) DO UPDATE SET active = 1,
+                     joined_seq = CASE WHEN active = 1 THEN joined_seq ELSE excluded.joined_seq END",
                 params![room, member.as_str(), s],
             )?;
             advance_cursor(tx, room, member.as_str(), seq)?;
@@ -279,6 +279,22 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
         | EventBody::Reaction { target, .. } => Some(seq_sql(*target)),
         _ => None,
     };
+    let mut fields = fields_of(&event.body);
+    if let EventBody::Edit { target, .. } = &event.body {
+        // An edit of a deleted message keeps no text either.
+        let deleted: Option<bool> = tx
+            .query_row(
+                "SELECT deleted FROM events WHERE room = ?1 AND seq = ?2",
+                params![room, seq_sql(*target)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if deleted == Some(true) {
+            if let Some(map) = fields.as_object_mut() {
+                map.remove("text");
+            }
+        }
+    }
     tx.execute(
         "INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, target, fields)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -290,7 +306,7 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             event.ts,
             kind,
             target,
-            fields_of(&event.body).to_string()
+            fields.to_string()
         ],
     )?;
     Ok(())
@@ -317,33 +333,55 @@ fn stored_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-/// Adds reactions and reply counts to the messages of a page.
+/// Adds reactions and reply counts to the messages of a page: two range queries per page,
+/// not two per message.
 fn decorate(conn: &Connection, room: &str, events: &mut [StoredEvent]) -> rusqlite::Result<()> {
+    let (Some(low), Some(high)) = (
+        events.iter().map(|e| e.seq).min(),
+        events.iter().map(|e| e.seq).max(),
+    ) else {
+        return Ok(());
+    };
+    let mut by_seq: std::collections::HashMap<u64, usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == "message")
+        .map(|(i, e)| (e.seq, i))
+        .collect();
     let mut reactions = conn.prepare_cached(
-        "SELECT emoji, user FROM reactions WHERE room = ?1 AND target = ?2 ORDER BY emoji, seq, user",
+        "SELECT target, emoji, user FROM reactions
+         WHERE room = ?1 AND target BETWEEN ?2 AND ?3 ORDER BY target, emoji, seq, user",
     )?;
-    let mut replies = conn.prepare_cached(
-        "SELECT count(*), max(seq) FROM events INDEXED BY events_by_thread
-         WHERE room = ?1 AND thread = ?2 AND thread IS NOT NULL AND kind = 'message' AND deleted = 0",
-    )?;
-    for event in events.iter_mut().filter(|e| e.kind == "message") {
-        let s = seq_sql(event.seq);
-        if !event.deleted {
-            let mut rows = reactions.query(params![room, s])?;
-            while let Some(row) = rows.next()? {
-                let emoji: String = row.get(0)?;
-                let user: String = row.get(1)?;
-                match event.reactions.last_mut() {
-                    Some((e, users)) if *e == emoji => users.push(user),
-                    _ => event.reactions.push((emoji, vec![user])),
-                }
-            }
+    let mut rows = reactions.query(params![room, seq_sql(low), seq_sql(high)])?;
+    while let Some(row) = rows.next()? {
+        let target = row.get::<_, i64>(0)? as u64;
+        let Some(event) = by_seq.get(&target).map(|&i| &mut events[i]) else {
+            continue;
+        };
+        if event.deleted {
+            continue;
         }
-        if event.thread.is_none() {
-            let (count, last): (i64, Option<i64>) =
-                replies.query_row(params![room, s], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            if let (true, Some(last)) = (count > 0, last) {
-                event.replies = Some((count as u64, last as u64));
+        let emoji: String = row.get(1)?;
+        let user: String = row.get(2)?;
+        match event.reactions.last_mut() {
+            Some((e, users)) if *e == emoji => users.push(user),
+            _ => event.reactions.push((emoji, vec![user])),
+        }
+    }
+    let mut replies = conn.prepare_cached(
+        "SELECT thread, count(*), max(seq) FROM events INDEXED BY events_by_thread
+         WHERE room = ?1 AND thread BETWEEN ?2 AND ?3 AND thread IS NOT NULL
+           AND kind = 'message' AND deleted = 0
+         GROUP BY thread",
+    )?;
+    let mut rows = replies.query(params![room, seq_sql(low), seq_sql(high)])?;
+    while let Some(row) = rows.next()? {
+        let root = row.get::<_, i64>(0)? as u64;
+        let count = row.get::<_, i64>(1)? as u64;
+        let last = row.get::<_, i64>(2)? as u64;
+        if let Some(event) = by_seq.get_mut(&root).map(|i| &mut events[*i]) {
+            if event.thread.is_none() && count > 0 {
+                event.replies = Some((count, last));
             }
         }
     }
@@ -377,7 +415,11 @@ fn hash_table(
     order: &str,
     room: Option<&str>,
 ) -> rusqlite::Result<()> {
-    let filter = if room.is_some() { "WHERE room = ?1" } else { "" };
+    let filter = if room.is_some() {
+        "WHERE room = ?1"
+    } else {
+        ""
+    };
     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} {filter} ORDER BY {order}"))?;
     let columns = stmt.column_count();
     let mut rows = match room {
@@ -712,8 +754,11 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let tx = conn.transaction().map_err(backend_err("clear room"))?;
             for (table, _) in DIGEST_TABLES {
-                tx.execute(&format!("DELETE FROM {table} WHERE room = ?1"), [room.as_str()])
-                    .map_err(backend_err("clear room"))?;
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE room = ?1"),
+                    [room.as_str()],
+                )
+                .map_err(backend_err("clear room"))?;
             }
             tx.commit().map_err(backend_err("clear room"))
         })

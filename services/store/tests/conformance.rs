@@ -31,15 +31,7 @@ async fn backends() -> Vec<Backend> {
     out
 }
 
-#[cfg(not(feature = "scylla-tests"))]
-async fn scylla_backend() -> Option<Backend> {
-    if std::env::var_os("SCYLLA_URI").is_some() {
-        panic!("SCYLLA_URI is set but this build has no ScyllaDB backend to test");
-    }
-    None
-}
-
-#[cfg(feature = "scylla-tests")]
+/// ScyllaDB when `SCYLLA_URI` (`scylla://host:port`) is set, in a keyspace of its own.
 async fn scylla_backend() -> Option<Backend> {
     let uri = std::env::var("SCYLLA_URI").ok()?;
     let keyspace = format!("chat_test_{}", Uuid::new_v4().simple());
@@ -159,7 +151,10 @@ async fn applying_twice_or_in_pieces_changes_nothing() {
         let s = &*b.store;
         let mut log = Log::new("r1", vec![created("alice", &["bob"])]);
         for i in 0..20 {
-            log.push(msg(if i % 2 == 0 { "alice" } else { "bob" }, &format!("m{i}")));
+            log.push(msg(
+                if i % 2 == 0 { "alice" } else { "bob" },
+                &format!("m{i}"),
+            ));
         }
         s.apply(&[log.batch()]).await.unwrap();
         let once = s.digest(None).await.unwrap();
@@ -268,6 +263,14 @@ async fn edits_and_deletes_as_the_contract_shows_them() {
         let m_kept = log.push(msg("carol", "kept"));
         log.push(ev("bob", EventBody::Delete { target: m_kept }));
         log.push(ev("alice", EventBody::Delete { target: m_carol }));
+        // An edit after the delete: ignored, and its event shows no text either.
+        let late = log.push(ev(
+            "carol",
+            EventBody::Edit {
+                target: m_carol,
+                text: "resurrected?".into(),
+            },
+        ));
         s.apply(&[log.batch()]).await.unwrap();
 
         let events = page(s, &log.room, None, 50).await;
@@ -287,6 +290,8 @@ async fn edits_and_deletes_as_the_contract_shows_them() {
         let carol_edit = by_seq(m_carol + 3);
         assert_eq!(carol_edit["kind"], "edit");
         assert!(carol_edit.get("text").is_none(), "{carol_edit}");
+        assert!(by_seq(late).get("text").is_none(), "{}", by_seq(late));
+        assert_eq!(by_seq(m_carol)["deleted"], true);
     }
 }
 
@@ -416,7 +421,12 @@ async fn rooms_of_a_user_follow_membership() {
             },
         ));
         a.push(msg("alice", "after dave joined"));
-        a.push(ev("bob", EventBody::MemberLeft { member: user("bob") }));
+        a.push(ev(
+            "bob",
+            EventBody::MemberLeft {
+                member: user("bob"),
+            },
+        ));
         s.apply(&[a.batch(), b_log.batch()]).await.unwrap();
 
         let names = |rs: Vec<chat_store::RoomSummary>| {
@@ -505,7 +515,10 @@ async fn digests_tell_rooms_and_contents_apart() {
             "another room does not change x's digest"
         );
         assert_ne!(s.digest(Some(&y.room)).await.unwrap(), x_digest);
-        assert_eq!(s.checkpoints().await.unwrap(), vec![(x.room.clone(), 2), (y.room.clone(), 2)]);
+        assert_eq!(
+            s.checkpoints().await.unwrap(),
+            vec![(x.room.clone(), 2), (y.room.clone(), 2)]
+        );
     }
 }
 

@@ -1,0 +1,337 @@
+//! Reads: history and thread pages, room lists with unread counts, room state.
+
+use std::collections::BTreeMap;
+
+use chat_model::{RoomId, RoomKind, RoomState, UserId};
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use super::clock::{bucket, cql_seq};
+use super::rows::{EventRow, RoomRow};
+use super::ScyllaStore;
+use crate::render::StoredEvent;
+use crate::{Page, PageQuery, Result, RoomSummary, StoreError, ThreadPage};
+
+/// Reads one page decoration or one room summary runs at once.
+const READS_IN_FLIGHT: usize = 16;
+
+/// Values of one `IN` list: ScyllaDB refuses more than 100 clustering keys per query
+/// (`max_clustering_key_restrictions_per_query`).
+const MAX_IN: usize = 100;
+
+/// `members`: when the user joined, whether they are still in the room.
+type MemberRow = (Option<i64>, Option<bool>);
+
+/// What decorating one message needs.
+enum Decoration {
+    Reactions(usize, Vec<(String, Vec<String>)>),
+    Replies(usize, Option<(u64, u64)>),
+}
+
+fn kind_of(kind: &str) -> RoomKind {
+    if kind == "direct" {
+        RoomKind::Direct
+    } else {
+        RoomKind::Group
+    }
+}
+
+/// The highest sequence a page may show: below `before`, at or below the checkpoint.
+fn page_top(query: &PageQuery, checkpoint: u64) -> u64 {
+    match query.before {
+        Some(before) => before.saturating_sub(1).min(checkpoint),
+        None => checkpoint,
+    }
+}
+
+impl ScyllaStore {
+    pub(super) async fn room_row(&self, room: &str) -> Result<Option<RoomRow>> {
+        self.first("read room", &self.st().room_get, (room,)).await
+    }
+
+    /// A page of history: walks the buckets downward from the page's top until it has
+    /// `limit + 1` events (the extra one says whether there are more) or bucket 0 is read.
+    pub(super) async fn history_page(&self, room: &str, query: PageQuery) -> Result<Page> {
+        let limit = query.clamped_limit();
+        let checkpoint = self.checkpoint_row(room).await?.seq();
+        let top = page_top(&query, checkpoint);
+        let mut rows: Vec<EventRow> = Vec::with_capacity(limit + 1);
+        if top > 0 {
+            let mut b = bucket(top);
+            loop {
+                let want = (limit + 1 - rows.len()) as i32;
+                let page: Vec<EventRow> = self
+                    .rows(
+                        "history",
+                        &self.st().event_page,
+                        (room, b, cql_seq(top), want),
+                    )
+                    .await?;
+                rows.extend(page.into_iter().filter(|r| r.kind.is_some()));
+                if rows.len() > limit || b == 0 {
+                    break;
+                }
+                b -= 1;
+            }
+        }
+        self.page_of(room, rows, limit).await
+    }
+
+    /// A thread: its root (a message at or below the checkpoint) and a page of its replies.
+    pub(super) async fn thread_page(
+        &self,
+        room: &str,
+        root: u64,
+        query: PageQuery,
+    ) -> Result<ThreadPage> {
+        let limit = query.clamped_limit();
+        let checkpoint = self.checkpoint_row(room).await?.seq();
+        let root_row = if root <= checkpoint {
+            self.message_at(room, root).await?
+        } else {
+            None
+        };
+        let root_page = self
+            .page_of(room, root_row.into_iter().collect(), 1)
+            .await?;
+        let top = page_top(&query, checkpoint);
+        let mut rows = Vec::new();
+        if top > 0 {
+            let seqs: Vec<(i64,)> = self
+                .rows(
+                    "thread",
+                    &self.st().reply_page,
+                    (room, cql_seq(root), cql_seq(top), (limit + 1) as i32),
+                )
+                .await?;
+            // The replies' rows, one read per bucket they fall in.
+            let mut by_bucket: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+            for (seq,) in seqs {
+                by_bucket
+                    .entry(bucket(seq.max(0) as u64))
+                    .or_default()
+                    .push(seq);
+            }
+            for (b, seqs) in by_bucket {
+                for chunk in seqs.chunks(MAX_IN) {
+                    let found: Vec<EventRow> = self
+                        .rows("thread", &self.st().event_in, (room, b, chunk.to_vec()))
+                        .await?;
+                    rows.extend(found.into_iter().filter(EventRow::is_message));
+                }
+            }
+            rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        }
+        Ok(ThreadPage {
+            root: root_page.events.into_iter().next(),
+            replies: self.page_of(room, rows, limit).await?,
+        })
+    }
+
+    /// Renders rows (newest first, up to `limit + 1`) as a page.
+    async fn page_of(&self, room: &str, rows: Vec<EventRow>, limit: usize) -> Result<Page> {
+        let more = rows.len() > limit;
+        let mut events: Vec<StoredEvent> = rows.iter().filter_map(EventRow::stored).collect();
+        events.truncate(limit);
+        self.decorate(room, &mut events).await?;
+        Ok(Page {
+            events: events.iter().map(StoredEvent::to_json).collect(),
+            more,
+        })
+    }
+
+    /// Adds reactions and reply counts to the messages of a page: one read of `annotated` per
+    /// bucket the page covers, then one read per message that has reactions or replies.
+    async fn decorate(&self, room: &str, events: &mut [StoredEvent]) -> Result<()> {
+        let mut ranges: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+        for e in events.iter().filter(|e| e.kind == "message") {
+            let range = ranges.entry(bucket(e.seq)).or_insert((e.seq, e.seq));
+            range.0 = range.0.min(e.seq);
+            range.1 = range.1.max(e.seq);
+        }
+        let mut marks: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
+        for (b, (low, high)) in ranges {
+            let rows: Vec<(i64, Option<bool>, Option<bool>)> = self
+                .rows(
+                    "read marks",
+                    &self.st().mark_range,
+                    (room, b, cql_seq(low), cql_seq(high)),
+                )
+                .await?;
+            for (seq, reacted, threaded) in rows {
+                marks.insert(
+                    seq.max(0) as u64,
+                    (reacted.unwrap_or(false), threaded.unwrap_or(false)),
+                );
+            }
+        }
+        let mut wanted = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let (reacted, threaded) = marks.get(&e.seq).copied().unwrap_or_default();
+            if e.kind != "message" {
+                continue;
+            }
+            if reacted && !e.deleted {
+                wanted.push((i, true));
+            }
+            if threaded && e.thread.is_none() {
+                wanted.push((i, false));
+            }
+        }
+        let decorations: Vec<Decoration> = stream::iter(wanted)
+            .map(|(i, reactions)| {
+                let seq = events[i].seq;
+                async move {
+                    Ok::<_, StoreError>(if reactions {
+                        Decoration::Reactions(i, self.reactions_of(room, seq).await?)
+                    } else {
+                        Decoration::Replies(i, self.replies_of(room, seq).await?)
+                    })
+                }
+            })
+            .buffered(READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for decoration in decorations {
+            match decoration {
+                Decoration::Reactions(i, reactions) => events[i].reactions = reactions,
+                Decoration::Replies(i, replies) => events[i].replies = replies,
+            }
+        }
+        Ok(())
+    }
+
+    /// Per emoji (sorted), who reacted, in the order they did.
+    async fn reactions_of(&self, room: &str, target: u64) -> Result<Vec<(String, Vec<String>)>> {
+        let mut rows: Vec<(String, String, Option<i64>)> = self
+            .all(
+                "read reactions",
+                &self.st().reaction_list,
+                (room, cql_seq(target)),
+            )
+            .await?;
+        rows.sort_by(|a, b| (&a.0, a.2, &a.1).cmp(&(&b.0, b.2, &b.1)));
+        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        for (emoji, user, _) in rows {
+            match out.last_mut() {
+                Some((e, users)) if *e == emoji => users.push(user),
+                _ => out.push((emoji, vec![user])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The thread `root` starts: how many replies are not deleted, and the last one.
+    async fn replies_of(&self, room: &str, root: u64) -> Result<Option<(u64, u64)>> {
+        let rows: Vec<(i64, Option<bool>)> = self
+            .all("read replies", &self.st().reply_all, (room, cql_seq(root)))
+            .await?;
+        let live = rows.iter().filter(|(_, deleted)| !deleted.unwrap_or(false));
+        let (count, last) = live.fold((0u64, 0i64), |(n, last), (seq, _)| (n + 1, last.max(*seq)));
+        Ok((count > 0).then_some((count, last.max(0) as u64)))
+    }
+
+    /// The rooms `user` belongs to, by room id.
+    pub(super) async fn summaries(&self, user: &UserId) -> Result<Vec<RoomSummary>> {
+        let rooms: Vec<(String,)> = self
+            .all("rooms of user", &self.st().user_room_list, (user.as_str(),))
+            .await?;
+        let summaries: Vec<Option<RoomSummary>> = stream::iter(rooms)
+            .map(|(room,)| async move { self.summary(&room, user).await })
+            .buffered(READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut out: Vec<RoomSummary> = summaries.into_iter().flatten().collect();
+        out.sort_by(|a, b| a.room.as_str().cmp(b.room.as_str()));
+        Ok(out)
+    }
+
+    /// One room of a user's list; `None` if the user is not an active member or the room is
+    /// not created (the user's-rooms row is only a pointer; `members` is the truth).
+    async fn summary(&self, room: &str, user: &UserId) -> Result<Option<RoomSummary>> {
+        let st = self.st();
+        let member =
+            self.first::<MemberRow, _>("rooms of user", &st.member_get, (room, user.as_str()));
+        let cursor =
+            self.first::<(Option<i64>,), _>("rooms of user", &st.cursor_get, (room, user.as_str()));
+        let (member, meta, checkpoint, cursor) = futures::try_join!(
+            member,
+            self.room_row(room),
+            self.checkpoint_row(room),
+            cursor,
+        )?;
+        let Some((joined_seq, Some(true))) = member else {
+            return Ok(None);
+        };
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        let Ok(room_id) = RoomId::parse(room) else {
+            return Ok(None);
+        };
+        let head = checkpoint.seq();
+        let cursor = cursor.and_then(|(c,)| c).unwrap_or(0);
+        let last_read = cursor.max(joined_seq.unwrap_or(0)).max(0) as u64;
+        let unread = self.unread(room, user.as_str(), last_read, head).await?;
+        Ok(Some(RoomSummary {
+            room: room_id,
+            kind: kind_of(meta.kind.as_deref().unwrap_or("group")),
+            name: meta.name.unwrap_or_default(),
+            head,
+            last_read,
+            unread,
+        }))
+    }
+
+    /// Messages by others, not deleted, in `(last_read, head]`: walks the buckets of that range,
+    /// filtering inside each partition (see `statements::event_unread`).
+    async fn unread(&self, room: &str, user: &str, last_read: u64, head: u64) -> Result<u64> {
+        if head <= last_read {
+            return Ok(0);
+        }
+        let mut count = 0;
+        for b in bucket(last_read + 1)..=bucket(head) {
+            let authors: Vec<(Option<String>,)> = self
+                .all(
+                    "unread",
+                    &self.st().event_unread,
+                    (room, b, cql_seq(last_read), cql_seq(head)),
+                )
+                .await?;
+            count += authors
+                .iter()
+                .filter(|(author,)| author.as_deref() != Some(user))
+                .count() as u64;
+        }
+        Ok(count)
+    }
+
+    /// The room's kind, creator and active members as of its checkpoint.
+    pub(super) async fn state_of(&self, room: &RoomId) -> Result<Option<RoomState>> {
+        let r = room.as_str();
+        let Some(meta) = self.room_row(r).await? else {
+            return Ok(None);
+        };
+        let head = self.checkpoint_row(r).await?.seq();
+        let rows: Vec<(String, Option<i64>, Option<bool>)> =
+            self.all("room state", &self.st().member_list, (r,)).await?;
+        let members = rows
+            .into_iter()
+            .filter(|(_, _, active)| *active == Some(true))
+            .filter_map(|(user, seq, _)| {
+                Some((UserId::parse(user).ok()?, seq.unwrap_or(0).max(0) as u64))
+            })
+            .collect();
+        let creator = meta.creator.unwrap_or_default();
+        Ok(Some(RoomState {
+            kind: kind_of(meta.kind.as_deref().unwrap_or("group")),
+            name: meta.name.unwrap_or_default(),
+            creator: UserId::parse(creator).map_err(|e| StoreError::Room {
+                op: "room state",
+                room: room.clone(),
+                message: e.to_string(),
+            })?,
+            members,
+            head,
+        }))
+    }
+}
