@@ -3,7 +3,10 @@
 //! result with the ratio. Absolute numbers move with the machine's load; ratios much less.
 //!
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
-//! room_log_read, room_log_append_sync_always).
+//! room_log_read, room_log_append_sync_always, projection_throughput, history_page_reads,
+//! projection_lag).
+
+mod projection;
 
 use std::time::{Duration, Instant};
 
@@ -319,6 +322,18 @@ async fn main() {
     }
     if wanted("room_log_read") {
         bench.read_throughput(sizes.read).await;
+    }
+
+    if wanted("projection_throughput") {
+        projection::projection_throughput(&bench.log, sizes.pipelined).await;
+    }
+    if wanted("history_page_reads") {
+        projection::history_reads(if quick { 500 } else { 5_000 }).await;
+    }
+    if wanted("projection_lag") {
+        // Half of what this machine sustains right now, measured just before.
+        let max_rate = bench.ours_pipelined(sizes.pipelined / 2).await;
+        projection::projection_lag(&bench.log, max_rate, sizes.pipelined / 2).await;
     }
 
     // The production setting: every write fsynced before its ack. Same comparison, its own
