@@ -264,8 +264,9 @@ pub async fn run(
                     continue;
                 }
                 let projected = to_entry(&room, &entry, &stats);
-                let since = projected.event.as_ref().map_or_else(|_| now_ms(), |e| e.ts.min(now_ms()));
-                track.mark_behind(since);
+                // Lag is measured on this process's clock from when the event reached it (an
+                // event's own `ts` comes from another machine's clock).
+                track.mark_behind(now_ms());
                 if !track.filling && seq == track.queued + 1 {
                     track.queued = seq;
                     out.push(&room, projected);

@@ -157,11 +157,11 @@ fn checkpoint_in(tx: &Connection, room: &str) -> rusqlite::Result<u64> {
 
 /// Moves `user`'s read cursor in `room` forward to `seq` (never back).
 fn advance_cursor(tx: &Transaction<'_>, room: &str, user: &str, seq: u64) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO cursors (room, user, last_read) VALUES (?1, ?2, ?3)
          ON CONFLICT (room, user) DO UPDATE SET last_read = max(last_read, excluded.last_read)",
-        params![room, user, seq_sql(seq)],
-    )?;
+    )?
+    .execute(params![room, user, seq_sql(seq)])?;
     Ok(())
 }
 
@@ -177,9 +177,8 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             thread,
             reply_to,
         } => {
-            tx.execute(
-                "INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, text, thread, reply_to)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'message', ?6, ?7, ?8)",
+            tx.prepare_cached("INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, text, thread, reply_to)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'message', ?6, ?7, ?8)")?.execute(
                 params![
                     room,
                     s,
@@ -197,39 +196,37 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
         }
         EventBody::Edit { target, text } => {
             // Author only; a deleted message stays deleted.
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE events SET original_text = coalesce(original_text, text), text = ?3,
                         edit_seq = ?4
                  WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND deleted = 0 AND user = ?5",
-                params![room, seq_sql(*target), text, s, user],
-            )?;
+            )?
+            .execute(params![room, seq_sql(*target), text, s, user])?;
         }
         EventBody::Delete { target } => {
             // Author or the room's admin. The tombstone keeps no text, nor do edits of it.
-            let changed = tx.execute(
-                "UPDATE events SET deleted = 1, text = NULL, original_text = NULL
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE events SET deleted = 1, text = NULL, original_text = NULL
                  WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND deleted = 0
                    AND (user = ?3 OR ?3 = (SELECT creator FROM rooms WHERE room = ?1))",
-                params![room, seq_sql(*target), user],
-            )?;
+                )?
+                .execute(params![room, seq_sql(*target), user])?;
             if changed > 0 {
-                tx.execute(
-                    "UPDATE events INDEXED BY events_by_target SET fields = json_remove(fields, '$.text')
-                     WHERE room = ?1 AND kind = 'edit' AND target = ?2 AND target IS NOT NULL",
+                tx.prepare_cached("UPDATE events INDEXED BY events_by_target SET fields = json_remove(fields, '$.text')
+                     WHERE room = ?1 AND kind = 'edit' AND target = ?2 AND target IS NOT NULL")?.execute(
                     params![room, seq_sql(*target)],
                 )?;
             }
         }
         EventBody::Reaction { target, emoji, on } => {
             if *on {
-                tx.execute(
-                    "INSERT INTO reactions (room, target, emoji, user, seq) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (room, target, emoji, user) DO NOTHING",
+                tx.prepare_cached("INSERT INTO reactions (room, target, emoji, user, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (room, target, emoji, user) DO NOTHING")?.execute(
                     params![room, seq_sql(*target), emoji, user, s],
                 )?;
             } else {
-                tx.execute(
-                    "DELETE FROM reactions WHERE room = ?1 AND target = ?2 AND emoji = ?3 AND user = ?4",
+                tx.prepare_cached("DELETE FROM reactions WHERE room = ?1 AND target = ?2 AND emoji = ?3 AND user = ?4")?.execute(
                     params![room, seq_sql(*target), emoji, user],
                 )?;
             }
@@ -239,34 +236,30 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
         }
         EventBody::MemberJoined { member } => {
             // As the room aggregate folds it: joining again while a member changes nothing.
-            tx.execute(
-                "INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
+            tx.prepare_cached("INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
                  ON CONFLICT (room, user) DO UPDATE SET active = 1,
-                     joined_seq = CASE WHEN active = 1 THEN joined_seq ELSE excluded.joined_seq END",
+                     joined_seq = CASE WHEN active = 1 THEN joined_seq ELSE excluded.joined_seq END")?.execute(
                 params![room, member.as_str(), s],
             )?;
             advance_cursor(tx, room, member.as_str(), seq)?;
         }
         EventBody::MemberLeft { member } => {
-            tx.execute(
-                "UPDATE members SET active = 0 WHERE room = ?1 AND user = ?2",
-                params![room, member.as_str()],
-            )?;
+            tx.prepare_cached("UPDATE members SET active = 0 WHERE room = ?1 AND user = ?2")?
+                .execute(params![room, member.as_str()])?;
         }
         EventBody::RoomCreated {
             name,
             room_kind,
             members,
         } => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT OR IGNORE INTO rooms (room, kind, name, creator, created_seq)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![room, room_kind.as_str(), name, user, s],
-            )?;
+            )?
+            .execute(params![room, room_kind.as_str(), name, user, s])?;
             for member in members.iter().map(UserId::as_str).chain([user]) {
-                tx.execute(
-                    "INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
-                     ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1",
+                tx.prepare_cached("INSERT INTO members (room, user, joined_seq, active) VALUES (?1, ?2, ?3, 1)
+                     ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1")?.execute(
                     params![room, member, s],
                 )?;
                 advance_cursor(tx, room, member, seq)?;
@@ -295,20 +288,20 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             }
         }
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, target, fields)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            room,
-            s,
-            id,
-            user,
-            event.ts,
-            kind,
-            target,
-            fields.to_string()
-        ],
-    )?;
+    )?
+    .execute(params![
+        room,
+        s,
+        id,
+        user,
+        event.ts,
+        kind,
+        target,
+        fields.to_string()
+    ])?;
     Ok(())
 }
 
@@ -476,10 +469,10 @@ impl Store for SqliteStore {
                     match &entry.event {
                         Ok(event) => apply_event(&tx, room, entry.seq, event),
                         Err(error) => tx
-                            .execute(
+                            .prepare_cached(
                                 "INSERT OR IGNORE INTO dead_letters (room, seq, error) VALUES (?1, ?2, ?3)",
-                                params![room, seq_sql(entry.seq), error],
                             )
+                            .and_then(|mut stmt| stmt.execute(params![room, seq_sql(entry.seq), error]))
                             .map(|_| ()),
                     }
                     .map_err(room_err)?;

@@ -257,7 +257,7 @@ pub async fn projection_lag(log: &RoomLog, max_rate: f64, n: usize) {
                     seen.push((cp, Instant::now()));
                     last = cp;
                 }
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             seen
         }
