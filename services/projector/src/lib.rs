@@ -123,8 +123,6 @@ enum Input {
     FillDone(RoomId, Result<(), String>),
     /// The stream list: every room's last sequence.
     Heads(Vec<(RoomId, u64)>),
-    /// The store holds these rooms up to these sequences.
-    Stored(Vec<(RoomId, u64)>),
 }
 
 /// Runs a projector until `shutdown` is cancelled.
@@ -155,13 +153,11 @@ pub async fn run(
 
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(4_096);
     let (write_tx, write_rx) = mpsc::channel::<Vec<RoomBatch>>(1);
+    // Its own channel, with room for every batch that can be outstanding (one queued, one being
+    // written): the writer never waits for the loop, which may itself be waiting for the writer.
+    let (stored_tx, mut stored_rx) = mpsc::channel::<Vec<(RoomId, u64)>>(4);
     let mut tasks = JoinSet::new();
-    tasks.spawn(writer(
-        store.clone(),
-        write_rx,
-        input_tx.clone(),
-        stats.clone(),
-    ));
+    tasks.spawn(writer(store.clone(), write_rx, stored_tx, stats.clone()));
     tasks.spawn(list_heads(log.clone(), input_tx.clone()));
 
     let mut out = Outbox::default();
@@ -222,15 +218,15 @@ pub async fn run(
                             }
                         }
                     }
-                    Input::Stored(rooms) => {
-                        writer_busy = false;
-                        for (room, seq) in rooms {
-                            if let Some(track) = tracks.get_mut(&room) {
-                                track.stored = track.stored.max(seq);
-                                if track.stored >= track.known {
-                                    track.behind_since = None;
-                                }
-                            }
+                }
+            }
+            Some(rooms) = stored_rx.recv() => {
+                writer_busy = false;
+                for (room, seq) in rooms {
+                    if let Some(track) = tracks.get_mut(&room) {
+                        track.stored = track.stored.max(seq);
+                        if track.stored >= track.known {
+                            track.behind_since = None;
                         }
                     }
                 }
@@ -345,12 +341,9 @@ pub async fn run(
         let _ = write_tx.send(out.take()).await;
     }
     drop(write_tx);
+    // The writer ends once it has written everything sent to it.
+    while stored_rx.recv().await.is_some() {}
     drop(input_tx);
-    while let Some(input) = input_rx.recv().await {
-        if let Input::Stored(_) = input {
-            break;
-        }
-    }
     tasks.shutdown().await;
     tracing::info!(partition = %config.partition, "projector stopped");
     Ok(())
@@ -398,7 +391,7 @@ fn to_entry(room: &RoomId, entry: &RawEntry, stats: &ProjectorStats) -> Entry {
 async fn writer(
     store: Arc<dyn Store>,
     mut batches: mpsc::Receiver<Vec<RoomBatch>>,
-    input: mpsc::Sender<Input>,
+    stored_tx: mpsc::Sender<Vec<(RoomId, u64)>>,
     stats: Arc<ProjectorStats>,
 ) {
     while let Some(batch) = batches.recv().await {
@@ -420,7 +413,7 @@ async fn writer(
             .into_iter()
             .filter_map(|b| Some((b.room, b.entries.last()?.seq)))
             .collect();
-        if input.send(Input::Stored(stored)).await.is_err() {
+        if stored_tx.send(stored).await.is_err() {
             return;
         }
     }

@@ -328,3 +328,29 @@ async fn a_lost_last_event_is_found_by_reconciling_with_the_stream_list() {
     assert_eq!(running.store.checkpoint(&r).await.unwrap(), 2);
     running.stop().await;
 }
+
+/// A backlog larger than every queue between the stream reads, the loop and the writer (the
+/// loop once waited on the writer while the writer waited on the loop).
+#[tokio::test]
+async fn a_backlog_larger_than_the_projectors_queues_is_caught_up() {
+    use futures::StreamExt;
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let r = room("backlog");
+    log.ensure_room(&r).await.unwrap();
+    log.append(&r, &created("alice")).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(6);
+    let events: Vec<Event> = (1..=20_000).map(|h| random_event(&mut rng, h)).collect();
+    futures::stream::iter(events.iter())
+        .map(|e| log.append(&r, e))
+        .buffer_unordered(256)
+        .for_each(|a| async move {
+            a.unwrap();
+        })
+        .await;
+    let running = start(&log, Partition::ALL);
+    caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
+    running.stop().await;
+}
