@@ -58,8 +58,14 @@ async fn rooms_api_creates_group_and_direct_rooms_and_changes_membership() {
 
     // With an id, a retried creation is answered with the same room.
     let retried = json!({"room": "retry", "kind": "group", "id": Uuid::new_v4().to_string()});
-    assert_eq!(call("alice", "POST", "/v1/rooms", Some(retried.clone())), (201, json!({"room": "retry", "seq": 1})));
-    assert_eq!(call("alice", "POST", "/v1/rooms", Some(retried)), (200, json!({"room": "retry", "seq": 1})));
+    assert_eq!(
+        call("alice", "POST", "/v1/rooms", Some(retried.clone())),
+        (201, json!({"room": "retry", "seq": 1}))
+    );
+    assert_eq!(
+        call("alice", "POST", "/v1/rooms", Some(retried)),
+        (200, json!({"room": "retry", "seq": 1}))
+    );
 
     // Direct rooms: the same room for the pair, whoever asks.
     let (status, first) = call(
