@@ -153,9 +153,10 @@ pub async fn run(
 
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(4_096);
     let (write_tx, write_rx) = mpsc::channel::<Vec<RoomBatch>>(1);
-    // Its own channel, with room for every batch that can be outstanding (one queued, one being
-    // written): the writer never waits for the loop, which may itself be waiting for the writer.
-    let (stored_tx, mut stored_rx) = mpsc::channel::<Vec<(RoomId, u64)>>(4);
+    // Its own channel, never full: the writer must not wait for the loop, which may itself be
+    // waiting to hand the writer a batch. It holds at most a couple of reports, because the loop
+    // reads it before any other input and the writer takes one batch at a time.
+    let (stored_tx, mut stored_rx) = mpsc::unbounded_channel::<Vec<(RoomId, u64)>>();
     let mut tasks = JoinSet::new();
     tasks.spawn(writer(store.clone(), write_rx, stored_tx, stats.clone()));
     tasks.spawn(list_heads(log.clone(), input_tx.clone()));
@@ -174,6 +175,17 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Some(rooms) = stored_rx.recv() => {
+                writer_busy = false;
+                for (room, seq) in rooms {
+                    if let Some(track) = tracks.get_mut(&room) {
+                        track.stored = track.stored.max(seq);
+                        if track.stored >= track.known {
+                            track.behind_since = None;
+                        }
+                    }
+                }
+            }
             input = input_rx.recv() => {
                 let Some(input) = input else { break };
                 match input {
@@ -216,17 +228,6 @@ pub async fn run(
                                     fill_queue.push_back(room);
                                 }
                             }
-                        }
-                    }
-                }
-            }
-            Some(rooms) = stored_rx.recv() => {
-                writer_busy = false;
-                for (room, seq) in rooms {
-                    if let Some(track) = tracks.get_mut(&room) {
-                        track.stored = track.stored.max(seq);
-                        if track.stored >= track.known {
-                            track.behind_since = None;
                         }
                     }
                 }
@@ -391,7 +392,7 @@ fn to_entry(room: &RoomId, entry: &RawEntry, stats: &ProjectorStats) -> Entry {
 async fn writer(
     store: Arc<dyn Store>,
     mut batches: mpsc::Receiver<Vec<RoomBatch>>,
-    stored_tx: mpsc::Sender<Vec<(RoomId, u64)>>,
+    stored_tx: mpsc::UnboundedSender<Vec<(RoomId, u64)>>,
     stats: Arc<ProjectorStats>,
 ) {
     while let Some(batch) = batches.recv().await {
@@ -413,7 +414,7 @@ async fn writer(
             .into_iter()
             .filter_map(|b| Some((b.room, b.entries.last()?.seq)))
             .collect();
-        if stored_tx.send(stored).await.is_err() {
+        if stored_tx.send(stored).is_err() {
             return;
         }
     }

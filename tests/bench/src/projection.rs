@@ -113,7 +113,7 @@ async fn ours_projection(log: &RoomLog, room: &RoomId, dir: &std::path::Path) ->
     while store.checkpoint(room).await.unwrap() < head {
         assert!(
             Instant::now() < deadline,
-            "projector stalled at {} of {head} (known defect at full size, see BENCHMARKS.md)",
+            "projector stalled at {} of {head}",
             store.checkpoint(room).await.unwrap()
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
