@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_model::UserId;
-use chatd::config::{parse_duration, AuthConfig, Config, Role};
+use chatd::config::{parse_duration, AuthConfig, Config, Role, StoreConfig};
 use chatd::nats_child::NatsChild;
 use chatd::{devauth, lock_data_dir, serve};
 use clap::{Parser, Subcommand};
@@ -108,7 +108,8 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
     if let Some(role) = role {
         config.role = role;
     }
-    let uses_data_dir = config.nats_url.is_none() || config.role != Role::Edge;
+    // Our own nats-server and the SQLite store live in the data dir: one process per dir.
+    let uses_data_dir = config.nats_url.is_none() || matches!(config.store, StoreConfig::Sqlite);
     let _lock = if uses_data_dir {
         Some(lock_data_dir(&config.data_dir)?)
     } else {
@@ -121,20 +122,7 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    // Started from the main thread: its parent-death signal follows this thread.
-    let nats = match &config.nats_url {
-        Some(_) => None,
-        None => Some(NatsChild::start(
-            &config.data_dir,
-            config.nats_server_bin.as_deref(),
-            &config.nats_sync,
-        )?),
-    };
-    let url = match (&config.nats_url, &nats) {
-        (Some(url), _) => url.clone(),
-        (None, Some(child)) => child.url().to_owned(),
-        (None, None) => unreachable!("a nats-server was started above"),
-    };
+    let (nats, url) = nats_for(&config)?;
     let grace = config.drain_grace;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -151,6 +139,23 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
         nats.stop(grace.max(Duration::from_secs(5)));
     }
     result
+}
+
+/// `NATS_URL`, or a nats-server of our own started in the data dir (call this from the main
+/// thread: the child's parent-death signal follows the thread that started it).
+fn nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
+    match &config.nats_url {
+        Some(url) => Ok((None, url.clone())),
+        None => {
+            let child = NatsChild::start(
+                &config.data_dir,
+                config.nats_server_bin.as_deref(),
+                &config.nats_sync,
+            )?;
+            let url = child.url().to_owned();
+            Ok((Some(child), url))
+        }
+    }
 }
 
 /// First SIGINT/SIGTERM: drain. A second one: exit at once.
@@ -197,19 +202,7 @@ fn rebuild(
     } else {
         None
     };
-    let nats = match &config.nats_url {
-        Some(_) => None,
-        None => Some(NatsChild::start(
-            &config.data_dir,
-            config.nats_server_bin.as_deref(),
-            &config.nats_sync,
-        )?),
-    };
-    let url = config
-        .nats_url
-        .clone()
-        .or_else(|| nats.as_ref().map(|n| n.url().to_owned()))
-        .context("no nats")?;
+    let (nats, url) = nats_for(&config)?;
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     let result = runtime.block_on(async {
         let log = chatd::connect(&url, &config).await?;
