@@ -68,26 +68,7 @@ pub enum AuthConfig {
     },
 }
 
-/// A token-bucket rate: `per_second` sustained, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub per_second: u32,
-    pub burst: u32,
-}
-
-impl FromStr for Rate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("expected PER_SECOND/BURST with positive integers, got {s:?}");
-        let (rate, burst) = s.split_once('/').ok_or_else(bad)?;
-        let per_second: u32 = rate.trim().parse().map_err(|_| bad())?;
-        let burst: u32 = burst.trim().parse().map_err(|_| bad())?;
-        if per_second == 0 || burst == 0 {
-            return Err(bad());
-        }
-        Ok(Rate { per_second, burst })
-    }
-}
+pub use chat_edge::Rate;
 
 /// How the self-started nats-server syncs its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +116,25 @@ pub struct Config {
     pub reconcile_every: Duration,
     /// How long a room's membership is cached before it is re-read from the log.
     pub membership_ttl: Duration,
+    /// Rate limits of the edge (`send` is `send_rate`).
+    pub rates: chat_edge::Rates,
+    /// Outbound queue per WebSocket session: frames and bytes.
+    pub outbound_frames: usize,
+    pub outbound_bytes: usize,
+    /// How long a full outbound queue may stay full before the client is closed with 4008.
+    pub slow_grace: Duration,
+    /// WebSocket pings this often; a client silent for `idle_timeout` is closed.
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    /// More refusals than a limit's burst within this window: close 4029.
+    pub flood_window: Duration,
+    /// Connection caps of an edge: in total and per user.
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// The most rooms one `subscribe` frame may name.
+    pub max_rooms_per_subscribe: usize,
+    /// How long an append with an unknown outcome is retried (same id) before `unavailable`.
+    pub append_retry: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,13 +214,65 @@ impl Config {
         };
 
         let auth = auth_from(&get)?;
-        let send_rate = match get("CHAT_SEND_RATE") {
-            Some(r) => r.parse().map_err(|m| err("CHAT_SEND_RATE", m))?,
-            None => Rate {
-                per_second: 10,
-                burst: 20,
-            },
+        let defaults = chat_edge::EdgeConfig::default();
+        let rate = |var: &'static str, default: Rate| -> Result<Rate, ConfigError> {
+            match get(var) {
+                Some(r) => r.parse().map_err(|m| err(var, m)),
+                None => Ok(default),
+            }
         };
+        let rates = chat_edge::Rates {
+            send: rate("CHAT_SEND_RATE", defaults.rates.send)?,
+            typing: rate("CHAT_TYPING_RATE", defaults.rates.typing)?,
+            subscribe: rate("CHAT_SUBSCRIBE_RATE", defaults.rates.subscribe)?,
+            history: rate("CHAT_HISTORY_RATE", defaults.rates.history)?,
+            frames: rate("CHAT_FRAME_RATE", defaults.rates.frames)?,
+        };
+        let send_rate = rates.send;
+        let duration = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(var) {
+                Some(d) => parse_duration(&d)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| err(var, format!("a duration above 0, got {d:?}"))),
+                None => Ok(default),
+            }
+        };
+        let count = |var: &'static str, default: usize| -> Result<usize, ConfigError> {
+            match get(var) {
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| err(var, format!("a positive integer, got {n:?}"))),
+                None => Ok(default),
+            }
+        };
+        let outbound_frames = count("CHAT_OUTBOUND_FRAMES", defaults.outbound_frames)?;
+        let outbound_bytes = count("CHAT_OUTBOUND_BYTES", defaults.outbound_bytes)?;
+        let slow_grace = duration("CHAT_SLOW_CLIENT_GRACE", defaults.slow_grace)?;
+        let ping_interval = duration("CHAT_PING_INTERVAL", defaults.ping_interval)?;
+        let idle_timeout = duration("CHAT_IDLE_TIMEOUT", defaults.idle_timeout)?;
+        if idle_timeout <= ping_interval {
+            return Err(err(
+                "CHAT_IDLE_TIMEOUT",
+                format!(
+                    "must be longer than CHAT_PING_INTERVAL ({ping_interval:?}), or clients \
+                     that answer every ping would still be closed"
+                ),
+            ));
+        }
+        let flood_window = duration("CHAT_FLOOD_WINDOW", defaults.flood_window)?;
+        let max_connections = count("CHAT_MAX_CONNECTIONS", defaults.max_connections)?;
+        let max_connections_per_user = count(
+            "CHAT_MAX_CONNECTIONS_PER_USER",
+            defaults.max_connections_per_user,
+        )?;
+        let max_rooms_per_subscribe = count(
+            "CHAT_MAX_ROOMS_PER_SUBSCRIBE",
+            defaults.max_rooms_per_subscribe,
+        )?;
+        let append_retry = duration("CHAT_APPEND_RETRY", defaults.append_retry)?;
         let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
             list.split(',')
                 .map(|o| o.trim().to_owned())
@@ -324,6 +376,17 @@ impl Config {
             partition,
             reconcile_every,
             membership_ttl,
+            rates,
+            outbound_frames,
+            outbound_bytes,
+            slow_grace,
+            ping_interval,
+            idle_timeout,
+            flood_window,
+            max_connections,
+            max_connections_per_user,
+            max_rooms_per_subscribe,
+            append_retry,
         })
     }
 }
@@ -435,6 +498,11 @@ mod tests {
             ("NATS_URL", "nats://host:notaport"),
             ("CHAT_JWT_HS256_SECRET", "short"),
             ("CHAT_NATS_SYNC", "sometimes"),
+            ("CHAT_TYPING_RATE", "fast"),
+            ("CHAT_MAX_CONNECTIONS", "0"),
+            ("CHAT_OUTBOUND_BYTES", "-1"),
+            ("CHAT_IDLE_TIMEOUT", "0s"),
+            ("CHAT_PING_INTERVAL", "soon"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
             assert!(e.var.split('/').any(|v| v == var), "{var}={value}: {e}");

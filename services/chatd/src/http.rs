@@ -138,6 +138,65 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Error frames sent.",
             get(&e.errors),
         );
+        let edge_metrics: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 9] = [
+            (
+                "chat_edge_queued_bytes",
+                "gauge",
+                "Bytes queued for client sockets.",
+                &e.queued_bytes,
+            ),
+            (
+                "chat_edge_queued_bytes_peak",
+                "gauge",
+                "The most bytes ever queued for client sockets at once.",
+                &e.queued_bytes_peak,
+            ),
+            (
+                "chat_edge_slow_closes_total",
+                "counter",
+                "Sessions closed with 4008 (too slow to keep up).",
+                &e.slow_closes,
+            ),
+            (
+                "chat_edge_ephemeral_dropped_total",
+                "counter",
+                "Typing and presence frames dropped for slow readers.",
+                &e.ephemeral_dropped,
+            ),
+            (
+                "chat_edge_rate_limited_total",
+                "counter",
+                "Frames refused by a rate limit.",
+                &e.rate_limited,
+            ),
+            (
+                "chat_edge_flood_closes_total",
+                "counter",
+                "Sessions closed with 4029 (kept flooding).",
+                &e.flood_closes,
+            ),
+            (
+                "chat_edge_refused_total",
+                "counter",
+                "Connections refused by a connection cap.",
+                &e.refused,
+            ),
+            (
+                "chat_edge_idle_closes_total",
+                "counter",
+                "Sessions closed after the idle timeout.",
+                &e.idle_closes,
+            ),
+            (
+                "chat_edge_append_retries_total",
+                "counter",
+                "Appends retried (same id) after an unknown outcome.",
+                &e.append_retries,
+            ),
+        ];
+        for (name, kind, help, value) in edge_metrics {
+            metric(name, kind, help, get(value));
+        }
     }
     metric(
         "chat_draining",

@@ -77,8 +77,16 @@ pub async fn serve(
             },
         )
     });
-    let edge_stats =
-        matches!(role, Role::All | Role::Edge).then(|| Arc::new(chat_edge::EdgeStats::default()));
+    let edge = match (&rooms, role) {
+        (Some(rooms), Role::All | Role::Edge) => Some(chat_edge::EdgeState::new(
+            verifier.clone(),
+            edge_config(&config),
+            shutdown.clone(),
+            rooms.clone(),
+            chat_edge::Hub::new(log.clone(), 4_096),
+        )),
+        _ => None,
+    };
 
     let mut app = http::router(http::AppState {
         draining: draining.clone(),
@@ -86,22 +94,10 @@ pub async fn serve(
         verifier: verifier.clone(),
         rooms: rooms.clone(),
         projector: projector.clone(),
-        edge: edge_stats.clone(),
+        edge: edge.as_ref().map(|e| e.stats.clone()),
     });
-    if let (Some(rooms), Some(stats)) = (rooms, edge_stats) {
-        app = app.merge(chat_edge::router(chat_edge::EdgeState {
-            verifier,
-            config: Arc::new(chat_edge::EdgeConfig {
-                allowed_origins: config.allowed_origins.clone(),
-                auth_timeout: config.auth_timeout,
-                max_frame_bytes: config.max_frame_bytes,
-                ..chat_edge::EdgeConfig::default()
-            }),
-            shutdown: shutdown.clone(),
-            hub: chat_edge::Hub::new(log.clone(), 4_096),
-            rooms,
-            stats,
-        }));
+    if let Some(edge) = &edge {
+        app = app.merge(chat_edge::router(edge.clone()));
     }
 
     let stop_accepting = {
@@ -125,12 +121,25 @@ pub async fn serve(
     tracing::info!(role = role.as_str(), store = store.backend(), "serving");
 
     // The server task ends only after a shutdown request (its graceful-shutdown future waits
-    // for one) or on an error; a drain gets `drain_grace` at most.
+    // for one) or on an error; a drain gets `drain_grace` at most. WebSocket sessions live on
+    // after their HTTP connection is upgraded, so the drain also waits for them: each finishes
+    // the frame it is answering (an append gets its ack), then closes with 1001.
     let mut server = server;
     let drained = tokio::select! {
         result = &mut server => Some(result),
         _ = shutdown.cancelled() => {
-            tokio::time::timeout(config.drain_grace, &mut server).await.ok()
+            let sessions = async {
+                if let Some(edge) = &edge {
+                    edge.sessions.close();
+                    edge.sessions.wait().await;
+                }
+            };
+            tokio::time::timeout(config.drain_grace, async {
+                let (result, ()) = tokio::join!(&mut server, sessions);
+                result
+            })
+            .await
+            .ok()
         }
     };
     match drained {
@@ -155,6 +164,27 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The edge's settings from the process configuration.
+fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
+    chat_edge::EdgeConfig {
+        allowed_origins: config.allowed_origins.clone(),
+        auth_timeout: config.auth_timeout,
+        max_frame_bytes: config.max_frame_bytes,
+        outbound_frames: config.outbound_frames,
+        outbound_bytes: config.outbound_bytes,
+        slow_grace: config.slow_grace,
+        ping_interval: config.ping_interval,
+        idle_timeout: config.idle_timeout,
+        rates: config.rates,
+        flood_window: config.flood_window,
+        max_connections: config.max_connections,
+        max_connections_per_user: config.max_connections_per_user,
+        max_rooms_per_subscribe: config.max_rooms_per_subscribe,
+        append_retry: config.append_retry,
+        ..chat_edge::EdgeConfig::default()
+    }
 }
 
 /// Opens the projection store the configuration names.

@@ -10,12 +10,14 @@
 #![forbid(unsafe_code)]
 
 mod hub;
+mod limits;
 mod origin;
+mod outbox;
 mod protocol;
 mod render;
 mod session;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +28,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chat_auth::Verifier;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use hub::{Delivery, Follower, Hub};
+pub use limits::{Rate, Rates};
 pub use protocol::{close_code, ErrorCode};
 pub use render::event_frame;
 
@@ -45,8 +49,34 @@ pub struct EdgeConfig {
     pub auth_timeout: Duration,
     /// The largest frame accepted; larger ones close the connection with 1009.
     pub max_frame_bytes: usize,
-    /// Frames a session may have queued for its socket before its producers wait.
+    /// Frames a session may have queued for its socket.
     pub outbound_frames: usize,
+    /// Bytes a session may have queued for its socket.
+    pub outbound_bytes: usize,
+    /// How long a chat frame may wait for room in a full queue before the client is closed
+    /// with 4008 (also: how long a jammed socket gets to take its close frame).
+    pub slow_grace: Duration,
+    /// How long a closing socket gets to take its close frame (a client that stopped reading
+    /// must first drain what the kernel holds for it).
+    pub close_timeout: Duration,
+    /// WebSocket pings this often.
+    pub ping_interval: Duration,
+    /// A client from which nothing (no frame, no pong) arrives for this long is closed.
+    pub idle_timeout: Duration,
+    /// Per-user and per-connection token buckets.
+    pub rates: Rates,
+    /// More refusals than a limit's burst within this window closes the connection with 4029.
+    pub flood_window: Duration,
+    /// Sockets this edge holds at most (authenticated or not); more are refused with 503.
+    pub max_connections: usize,
+    /// Sessions one user may have on this edge; more are refused with 429 (or closed with 1013
+    /// after first-frame authentication).
+    pub max_connections_per_user: usize,
+    /// The most rooms one `subscribe` frame may name.
+    pub max_rooms_per_subscribe: usize,
+    /// An append whose outcome is unknown (NATS away, timeout) is retried with the same id for
+    /// this long before the client is told `unavailable`.
+    pub append_retry: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -56,6 +86,17 @@ impl Default for EdgeConfig {
             auth_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
             outbound_frames: 1024,
+            outbound_bytes: 1 << 20,
+            slow_grace: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            rates: Rates::default(),
+            flood_window: Duration::from_secs(10),
+            max_connections: 50_000,
+            max_connections_per_user: 32,
+            max_rooms_per_subscribe: 256,
+            append_retry: Duration::from_secs(3),
         }
     }
 }
@@ -72,6 +113,48 @@ pub struct EdgeState {
     /// This edge's shared room feeds.
     pub hub: Arc<Hub>,
     pub stats: Arc<EdgeStats>,
+    /// Every session; a drain waits for them to close.
+    pub sessions: TaskTracker,
+    limits: Arc<limits::UserLimits>,
+    connections: Arc<limits::Connections>,
+}
+
+impl EdgeState {
+    /// An edge; starts a task that forgets idle users' rate-limit state.
+    pub fn new(
+        verifier: Arc<Verifier>,
+        config: EdgeConfig,
+        shutdown: CancellationToken,
+        rooms: Arc<chat_rooms::Rooms>,
+        hub: Arc<Hub>,
+    ) -> EdgeState {
+        let limits = Arc::new(limits::UserLimits::new(config.rates));
+        let forget = Arc::downgrade(&limits);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                match forget.upgrade() {
+                    Some(limits) => limits.forget_idle(),
+                    None => return,
+                }
+            }
+        });
+        EdgeState {
+            verifier,
+            connections: limits::Connections::new(
+                config.max_connections,
+                config.max_connections_per_user,
+            ),
+            config: Arc::new(config),
+            shutdown,
+            rooms,
+            hub,
+            stats: Arc::new(EdgeStats::default()),
+            sessions: TaskTracker::new(),
+            limits,
+        }
+    }
 }
 
 /// Counters of an edge (for `/metrics`).
@@ -85,6 +168,24 @@ pub struct EdgeStats {
     pub appends: AtomicU64,
     /// Error frames sent.
     pub errors: AtomicU64,
+    /// Bytes queued for sockets, all sessions together (a gauge).
+    pub queued_bytes: AtomicU64,
+    /// The most `queued_bytes` has been.
+    pub queued_bytes_peak: AtomicU64,
+    /// Sessions closed with 4008 (too slow).
+    pub slow_closes: AtomicU64,
+    /// Ephemeral frames dropped for slow readers.
+    pub ephemeral_dropped: AtomicU64,
+    /// Frames refused by a rate limit.
+    pub rate_limited: AtomicU64,
+    /// Sessions closed with 4029 (kept flooding).
+    pub flood_closes: AtomicU64,
+    /// Connections refused by a cap (total or per user).
+    pub refused: AtomicU64,
+    /// Sessions closed for silence (no frame, no pong within the idle timeout).
+    pub idle_closes: AtomicU64,
+    /// Appends retried after an unknown outcome.
+    pub append_retries: AtomicU64,
 }
 
 /// The edge's routes.
@@ -99,9 +200,27 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if state.shutdown.is_cancelled() {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "server draining, connect elsewhere",
+        );
+    }
     if let Err(reason) = origin::check(&headers, state.config.allowed_origins.as_deref()) {
         return http_error(StatusCode::FORBIDDEN, "forbidden", &reason);
     }
+    let Some(socket_slot) = state.connections.socket() else {
+        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &format!(
+                "this server holds its maximum of {} connections; retry later or elsewhere",
+                state.connections.max_total()
+            ),
+        );
+    };
     let offered: Vec<String> = ws
         .requested_protocols()
         .filter_map(|p| p.to_str().ok())
@@ -121,13 +240,44 @@ async fn upgrade(
             "offer the chat.v1 subprotocol together with bearer.<token>",
         );
     }
+    let user_slot = match &identity {
+        None => None,
+        Some(identity) => match state.connections.user(&identity.user) {
+            Some(slot) => Some(slot),
+            None => {
+                state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return http_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!(
+                        "at most {} connections per user",
+                        state.connections.max_per_user()
+                    ),
+                );
+            }
+        },
+    };
     // Our own limit is enforced on every frame; the library's, set above it, only bounds what
-    // is buffered before that check can run.
+    // is buffered before that check can run. The read buffer starts small (it grows for a big
+    // frame) and the write buffer is flushed at 16 KiB: an idle connection costs little.
     let buffer_limit = state.config.max_frame_bytes.saturating_mul(2);
+    let sessions = state.sessions.clone();
     ws.protocols([SUBPROTOCOL])
         .max_message_size(buffer_limit)
         .max_frame_size(buffer_limit)
-        .on_upgrade(move |socket| session::run(socket, state, identity))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .on_upgrade(move |socket| {
+            sessions.track_future(session::run(
+                socket,
+                state,
+                identity,
+                session::Slots {
+                    _socket: socket_slot,
+                    user: user_slot,
+                },
+            ))
+        })
 }
 
 fn http_error(status: StatusCode, code: &str, message: &str) -> Response {

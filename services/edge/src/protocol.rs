@@ -14,6 +14,11 @@ pub mod close_code {
     pub const DRAINING: u16 = 1001;
     /// Frame too big.
     pub const TOO_BIG: u16 = 1009;
+    /// The user has the most connections allowed (after first-frame authentication; with a
+    /// token in the upgrade request the answer is HTTP 429 instead).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Nothing (no frame, no pong) heard from the client within the idle timeout.
+    pub const IDLE: u16 = 4002;
 }
 
 /// `code` of an `error` frame (and of HTTP error bodies).

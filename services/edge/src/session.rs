@@ -1,10 +1,14 @@
 //! One client connection, from upgrade to close.
 //!
 //! The session reads frames and answers them in order; a writer task owns the socket's sending
-//! half and drains one bounded queue, into which replies and every followed room's events go.
-//! Each subscribed room has a forwarder task moving the room's events (from the edge's shared
-//! feed, see [`crate::Hub`]) into that queue, so a room's events keep their order and the
-//! `subscribed` reply always precedes them.
+//! half and drains one bounded queue (see [`crate::outbox`]), into which replies and every
+//! followed room's events go. Each subscribed room has a forwarder task moving the room's events
+//! (from the edge's shared feed, see [`crate::Hub`]) into that queue, so a room's events keep
+//! their order and the `subscribed` reply always precedes them.
+//!
+//! Every frame passes the connection's bucket, then its kind's per-user bucket; a client that
+//! keeps sending after being refused is closed with 4029. A client from which nothing arrives
+//! (no frame, no pong to the writer's pings) within the idle timeout is closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -15,7 +19,7 @@ use chat_auth::Identity;
 use chat_model::{RoomId, UserId};
 use chat_rooms::{Command, RoomError};
 use chat_store::PageQuery;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -23,81 +27,107 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use uuid::Uuid;
 
+use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
+use crate::outbox::{Outbox, OutboxLimits};
 use crate::protocol::{self, close_code, ErrorCode, CLIENT_TYPES};
 use crate::EdgeState;
 
-/// The most rooms one `subscribe` frame may name.
-const MAX_ROOMS_PER_SUBSCRIBE: usize = 256;
 /// A user's read cursor is appended at most this often per room (per session).
 const READ_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What the session's writer sends.
-enum Out {
-    Frame(Message),
-    /// Close with this code and reason, then stop.
-    Close(u16, String),
+/// A session's places under the edge's connection caps, held for its life.
+pub(crate) struct Slots {
+    pub _socket: Socket,
+    /// `None` until first-frame authentication names the user.
+    pub user: Option<UserSlot>,
+}
+
+async fn refuse(socket: &mut WebSocket, code: u16, reason: String) {
+    tracing::debug!(code, reason, "websocket refused");
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
 }
 
 /// Runs a session until the client leaves, its token expires, or the server drains.
-pub async fn run(mut socket: WebSocket, state: EdgeState, identity: Option<Identity>) {
+pub(crate) async fn run(
+    mut socket: WebSocket,
+    state: EdgeState,
+    identity: Option<Identity>,
+    mut slots: Slots,
+) {
     let identity = match identity {
         Some(identity) => identity,
         None => match first_frame_auth(&mut socket, &state).await {
             Ok(identity) => identity,
-            Err(reason) => {
-                tracing::debug!(reason, "websocket refused");
-                let _ = socket
-                    .send(Message::Close(Some(CloseFrame {
-                        code: close_code::TOKEN,
-                        reason: reason.into(),
-                    })))
-                    .await;
-                return;
-            }
+            Err(reason) => return refuse(&mut socket, close_code::TOKEN, reason).await,
         },
     };
+    if slots.user.is_none() {
+        match state.connections.user(&identity.user) {
+            Some(slot) => slots.user = Some(slot),
+            None => {
+                state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let reason = format!(
+                    "at most {} connections per user",
+                    state.connections.max_per_user()
+                );
+                return refuse(&mut socket, close_code::TRY_AGAIN_LATER, reason).await;
+            }
+        }
+    }
     state.stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (sink, stream) = socket.split();
-    let (out_tx, out_rx) = mpsc::channel::<Out>(state.config.outbound_frames.max(16));
-    let writer = tokio::spawn(write_loop(sink, out_rx));
+    let (sink, mut stream) = socket.split();
+    let config = state.config.clone();
+    let limits = OutboxLimits {
+        frames: config.outbound_frames,
+        bytes: config.outbound_bytes,
+        grace: config.slow_grace,
+        ping_every: config.ping_interval,
+        close_timeout: config.close_timeout,
+    };
+    let (out, mut writer) = Outbox::start(sink, limits, state.stats.clone());
+    let stop_writer = out.stopper();
     let mut session = Session {
         user: identity.user.clone(),
         state: state.clone(),
-        out: out_tx,
+        out,
         subscriptions: HashMap::new(),
         reads: HashMap::new(),
+        limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
     };
     tracing::debug!(user = %session.user, "session open");
-    session.serve(stream, &identity).await;
+    session.serve(&mut stream, &identity).await;
     session.unsubscribe_all();
-    drop(session.out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    state.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-    tracing::debug!(user = %identity.user, "session closed");
-}
-
-async fn write_loop(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<Out>,
-) {
-    while let Some(item) = out.recv().await {
-        let result = match item {
-            Out::Frame(message) => sink.send(message).await,
-            Out::Close(code, reason) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    })))
-                    .await;
+    drop(session);
+    // The writer sends what is queued, then the close frame. A client that does not read gets
+    // the close timeout for that; then the writer gives up on the queue and closes. Meanwhile
+    // what the client still sends is read and dropped until its own close frame (the closing
+    // handshake): a socket closed with unread input is reset, and a reset can destroy the
+    // close frame and the last acks before the client reads them.
+    let writer_done = async {
+        if tokio::time::timeout(config.close_timeout, &mut writer)
+            .await
+            .is_err()
+        {
+            stop_writer.cancel();
+            let _ = (&mut writer).await;
+        }
+    };
+    let handshake = tokio::time::timeout(config.close_timeout, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
                 break;
             }
-        };
-        if result.is_err() {
-            break;
         }
-    }
-    let _ = sink.close().await;
+    });
+    let _ = tokio::join!(writer_done, handshake);
+    state.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+    drop(slots);
+    tracing::debug!(user = %identity.user, "session closed");
 }
 
 struct Subscription {
@@ -120,9 +150,25 @@ struct ReadGate {
 struct Session {
     user: UserId,
     state: EdgeState,
-    out: mpsc::Sender<Out>,
+    out: Outbox,
     subscriptions: HashMap<RoomId, Subscription>,
     reads: HashMap<RoomId, ReadGate>,
+    limits: ConnectionLimits,
+}
+
+/// Whether the session goes on after a frame.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A frame's fate under the rate limits.
+enum Admission {
+    Pass,
+    /// Answered with `rate_limited`.
+    Refused,
+    /// Closed with 4029.
+    Closed,
 }
 
 /// Why the session's read loop ended (a removed member's forwarder tells it so).
@@ -131,17 +177,18 @@ enum Ended {
 }
 
 impl Session {
+    /// Queues a reply; a client too slow to take it is being closed (the loop sees that).
     async fn send(&self, frame: String) {
-        let _ = self.out.send(Out::Frame(Message::Text(frame.into()))).await;
+        let _ = self.out.push(frame).await;
     }
 
     async fn close(&self, code: u16, reason: &str) {
-        let _ = self.out.send(Out::Close(code, reason.to_owned())).await;
+        self.out.close(code, reason).await;
     }
 
     async fn serve(
         &mut self,
-        mut stream: futures::stream::SplitStream<WebSocket>,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
         identity: &Identity,
     ) {
         let rooms = match self.state.rooms.rooms_of(&self.user).await {
@@ -162,6 +209,8 @@ impl Session {
         // The session ends when verification would start refusing the token.
         let expiry = sleep_until(Instant::now() + Duration::from_secs(identity.seconds_accepted()));
         tokio::pin!(expiry);
+        let idle_timeout = self.state.config.idle_timeout;
+        let mut heard = Instant::now();
         loop {
             let next_read_flush = self
                 .reads
@@ -170,12 +219,20 @@ impl Session {
                 .filter_map(|g| g.last_append.map(|t| t + READ_INTERVAL))
                 .min();
             let message = tokio::select! {
+                // Too slow, flooding: the writer is already closing the socket.
+                _ = self.out.stopped() => return,
                 _ = self.state.shutdown.cancelled() => {
                     self.close(close_code::DRAINING, "server draining, reconnect elsewhere").await;
                     return;
                 }
                 _ = &mut expiry => {
                     self.close(close_code::TOKEN, "token expired").await;
+                    return;
+                }
+                _ = sleep_until(heard + idle_timeout) => {
+                    self.state.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!("nothing heard for {} s", idle_timeout.as_secs());
+                    self.out.abort(close_code::IDLE, &reason);
                     return;
                 }
                 _ = sleep_until(next_read_flush.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next_read_flush.is_some() => {
@@ -189,6 +246,7 @@ impl Session {
                 }
                 message = stream.next() => message,
             };
+            heard = Instant::now();
             match message {
                 None | Some(Ok(Message::Close(_))) => return,
                 Some(Err(e)) => {
@@ -200,21 +258,27 @@ impl Session {
                 }
                 // Control frames are answered by the WebSocket layer.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Binary(_))) => {
-                    self.error(
-                        None,
-                        ErrorCode::BadRequest,
-                        "frames are JSON text, not binary",
-                    )
-                    .await
-                }
+                Some(Ok(Message::Binary(_))) => match self.admit(None, None).await {
+                    Admission::Pass => {
+                        self.error(
+                            None,
+                            ErrorCode::BadRequest,
+                            "frames are JSON text, not binary",
+                        )
+                        .await
+                    }
+                    Admission::Refused => {}
+                    Admission::Closed => return,
+                },
                 Some(Ok(Message::Text(text))) => {
                     if text.len() > self.state.config.max_frame_bytes {
                         self.close(close_code::TOO_BIG, "frame too big").await;
                         return;
                     }
                     self.state.stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                    self.answer(&text, &ended_tx).await;
+                    if let Flow::Stop = self.answer(&text, &ended_tx).await {
+                        return;
+                    }
                 }
             }
         }
@@ -231,18 +295,74 @@ impl Session {
             .await;
     }
 
+    /// Checks a frame against the connection's bucket and, for `work`, the user's; answers a
+    /// refusal with `rate_limited`, or closes with 4029 a client that keeps flooding.
+    async fn admit(&mut self, rid: Option<&str>, work: Option<Work>) -> Admission {
+        let checked = self.limits.check_frame().and_then(|()| match work {
+            Some(work) => self.state.limits.check(work, &self.user),
+            None => Ok(()),
+        });
+        let Err(Limited { burst, retry_after }) = checked else {
+            return Admission::Pass;
+        };
+        self.state
+            .stats
+            .rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        if self.limits.refused(burst) {
+            self.state
+                .stats
+                .flood_closes
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(user = %self.user, "closing a connection that kept flooding");
+            self.out
+                .abort(close_code::FLOOD, "kept sending after being rate-limited");
+            return Admission::Closed;
+        }
+        let retry_ms = retry_after.as_millis().max(1) as u64;
+        let mut frame = json!({
+            "type": "error",
+            "code": ErrorCode::RateLimited.as_str(),
+            "message": format!("rate limited; retry in {retry_ms} ms"),
+            "retry_after_ms": retry_ms,
+        });
+        if let Some(rid) = rid {
+            frame["rid"] = json!(rid);
+        }
+        self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.send(frame.to_string()).await;
+        Admission::Refused
+    }
+
     /// Answers one text frame.
-    async fn answer(&mut self, text: &str, ended: &mpsc::Sender<Ended>) {
-        let frame = match protocol::parse(text) {
+    async fn answer(&mut self, text: &str, ended: &mpsc::Sender<Ended>) -> Flow {
+        let parsed = protocol::parse(text);
+        let (rid, kind) = match &parsed {
+            Ok(frame) => (frame.rid.clone(), Some(frame.kind.as_str())),
+            Err(malformed) => (malformed.rid.clone(), None),
+        };
+        let work = match kind {
+            Some("send" | "edit" | "delete" | "react") => Some(Work::Send),
+            Some("typing") => Some(Work::Typing),
+            Some("subscribe") => Some(Work::Subscribe),
+            Some("history") => Some(Work::History),
+            _ => None,
+        };
+        match self.admit(rid.as_deref(), work).await {
+            Admission::Pass => {}
+            Admission::Refused => return Flow::Continue,
+            Admission::Closed => return Flow::Stop,
+        }
+        let frame = match parsed {
             Ok(frame) => frame,
             Err(malformed) => {
-                return self
-                    .error(
-                        malformed.rid.as_deref(),
-                        ErrorCode::BadRequest,
-                        &malformed.message,
-                    )
-                    .await
+                self.error(
+                    malformed.rid.as_deref(),
+                    ErrorCode::BadRequest,
+                    &malformed.message,
+                )
+                .await;
+                return Flow::Continue;
             }
         };
         let rid = frame.rid.as_deref();
@@ -277,6 +397,7 @@ impl Session {
                 .await
             }
         }
+        Flow::Continue
     }
 
     /// Reads a frame's fields, or answers `bad_request` naming what is wrong.
@@ -315,12 +436,13 @@ impl Session {
         let Some(frame) = self.fields::<Subscribe>("subscribe", rid, body).await else {
             return;
         };
-        if frame.rooms.len() > MAX_ROOMS_PER_SUBSCRIBE {
+        let max_rooms = self.state.config.max_rooms_per_subscribe;
+        if frame.rooms.len() > max_rooms {
             return self
                 .error(
                     rid,
                     ErrorCode::BadRequest,
-                    &format!("at most {MAX_ROOMS_PER_SUBSCRIBE} rooms per subscribe"),
+                    &format!("at most {max_rooms} rooms per subscribe"),
                 )
                 .await;
         }
@@ -469,12 +591,7 @@ impl Session {
             Ok(command) => command,
             Err(e) => return self.room_error(rid, &frame.room, &e).await,
         };
-        match self
-            .state
-            .rooms
-            .append(&self.user, &room, id, command)
-            .await
-        {
+        match self.append_retrying(&room, id, command).await {
             Ok(ack) => {
                 self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
                 let fields = json!({
@@ -487,6 +604,40 @@ impl Session {
                 self.send(protocol::reply("ack", rid, fields)).await;
             }
             Err(e) => self.room_error(rid, &frame.room, &e).await,
+        }
+    }
+
+    /// Appends, retrying with the same id while the outcome is unknown (NATS away or slow),
+    /// for at most the configured time: a retry is answered as the original, so it can never
+    /// append twice. What is still unknown then is `unavailable` to the client.
+    async fn append_retrying(
+        &self,
+        room: &RoomId,
+        id: Uuid,
+        command: Command,
+    ) -> Result<chat_rooms::Ack, RoomError> {
+        let deadline = Instant::now() + self.state.config.append_retry;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let result = self
+                .state
+                .rooms
+                .append(&self.user, room, id, command.clone())
+                .await;
+            match result {
+                Err(RoomError::Unavailable(reason))
+                    if Instant::now() + pause < deadline && !self.out.is_stopped() =>
+                {
+                    tracing::debug!(room = %room, %id, reason, "append outcome unknown; retrying");
+                    self.state
+                        .stats
+                        .append_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(800));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -586,10 +737,13 @@ impl Session {
 
 /// Moves a followed room's events into the session's queue, in order; stops after the event
 /// that removes this user from the room.
+///
+/// A client that cannot take an event within the grace is closed with 4008 by the queue: the
+/// forwarder then stops, and the client resumes by sequence when it reconnects.
 async fn forward(
     mut follower: crate::Follower,
     user: UserId,
-    out: mpsc::Sender<Out>,
+    out: Outbox,
     ended: mpsc::Sender<Ended>,
 ) {
     let mut pause = Duration::from_millis(50);
@@ -598,11 +752,7 @@ async fn forward(
             Ok(delivery) => {
                 pause = Duration::from_millis(50);
                 let removed = delivery.left.as_ref() == Some(&user);
-                if out
-                    .send(Out::Frame(Message::Text(delivery.frame)))
-                    .await
-                    .is_err()
-                {
+                if out.push(delivery.frame).await.is_err() {
                     return;
                 }
                 if removed {

@@ -15,7 +15,8 @@ pub fn nats_bin() -> String {
     nats_server_bin().display().to_string()
 }
 
-/// Settings for a chatd that starts its own nats-server (fast sync: this is a test).
+/// Settings for a chatd that starts its own nats-server (fast sync: this is a test; a send
+/// rate no test reaches unless it means to: the rate-limit tests set their own).
 pub fn standalone_env(data: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
@@ -23,6 +24,7 @@ pub fn standalone_env(data: &Path) -> Vec<(&'static str, String)> {
         ("NATS_SERVER_BIN", nats_bin()),
         ("CHAT_NATS_SYNC", "default".to_owned()),
         ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+        ("CHAT_SEND_RATE", "1000/1000".to_owned()),
     ]
 }
 

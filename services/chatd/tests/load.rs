@@ -1,0 +1,505 @@
+//! The edge under trouble, against the real binary: slow readers, silent clients, floods,
+//! connection caps, a drain under load, and NATS going away under attached clients.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chat_harness::{Chatd, NatsServer};
+use common::client::{seqs, Client};
+use common::{api, dev_token, standalone_env, start};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long a condition a test waits for may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A metric's value from `/metrics`.
+fn metric(chatd: &Chatd, name: &str) -> u64 {
+    let (_, text) = chatd.get("/metrics").expect("metrics answer");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Waits (polling, bounded) until `check` holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A raw WebSocket with the token in the subprotocol (for clients that misbehave on purpose).
+async fn raw(chatd: &Chatd, token: &str) -> Ws {
+    let mut request = chatd.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("chat.v1, bearer.{token}")).unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+/// A raw WebSocket whose TCP receive buffer is small (64 KiB, no autotuning): a client that
+/// stops reading jams quickly.
+async fn raw_small_buffer(chatd: &Chatd, token: &str) -> Ws {
+    let addr: std::net::SocketAddr = chatd.http_addr().parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut request = chatd.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("chat.v1, bearer.{token}")).unwrap(),
+    );
+    let (ws, _) =
+        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket connects");
+    ws
+}
+
+/// Reads every text frame until the server closes: the frames and the close code.
+async fn read_until_closed(ws: &mut Ws) -> (Vec<Value>, u16) {
+    let mut frames = Vec::new();
+    loop {
+        let message = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("a frame or a close in time");
+        match message {
+            Some(Ok(Message::Text(text))) => frames.push(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(Some(frame)))) => return (frames, u16::from(frame.code)),
+            Some(Ok(Message::Close(None))) | None => return (frames, 1005),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("connection failed instead of closing: {e}"),
+        }
+    }
+}
+
+fn env_with(data: &Path, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = standalone_env(data);
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    env
+}
+
+fn create_room(chatd: &Chatd, data: &Path, room: &str, owner: &str, members: &[&str]) {
+    let token = dev_token(data, owner, 3600);
+    let (status, body) = api(
+        chatd,
+        &token,
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": room, "kind": "group", "name": room, "members": members})),
+    );
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_is_closed_with_4008_its_memory_bounded_and_it_resumes_by_seq() {
+    const QUEUE_BYTES: u64 = 64 * 1024;
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_OUTBOUND_BYTES", "65536"),
+            ("CHAT_OUTBOUND_FRAMES", "64"),
+            ("CHAT_SLOW_CLIENT_GRACE", "1s"),
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+        ],
+    ));
+    create_room(&chatd, data.path(), "firehose", "alice", &["bob"]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    alice.subscribe("firehose", Some(0)).await;
+    alice.events("firehose", 1).await;
+
+    // Bob subscribes, then stops reading: his kernel buffers fill, then his queue.
+    let mut bob = raw_small_buffer(&chatd, &dev_token(data.path(), "bob", 3600)).await;
+    bob.send(Message::Text(
+        json!({"type":"subscribe","rid":"s","rooms":{"firehose":0}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+
+    // Messages of 3,900 bytes, 20 in flight, until bob is closed: far more than the socket
+    // buffers (the server's send buffer autotunes up to a few MB) and the 64 KiB queue hold.
+    let text = "x".repeat(3_900);
+    let mut sent = 0u64;
+    while metric(&chatd, "chat_edge_slow_closes_total") == 0 {
+        assert!(sent < 20_000, "bob was never closed as too slow");
+        let ids: Vec<String> = (0..20).map(|_| Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            alice
+                .send(json!({"type":"send","rid":id,"room":"firehose","id":id,"text":text}))
+                .await;
+        }
+        for id in &ids {
+            let ack = alice.wait_for(|f| f["rid"] == id.as_str()).await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        sent += 20;
+        // Alice reads her own events as they come: she is not slow.
+        alice.events("firehose", 20).await;
+    }
+    // The bound: two sessions, each holding at most its queue's bytes (one frame larger than
+    // the rest would count whole). Without it bob's session would hold everything sent since
+    // his socket jammed; what is beyond the queue waits in the log, not in memory.
+    let peak = metric(&chatd, "chat_edge_queued_bytes_peak");
+    assert!(
+        peak <= 2 * (QUEUE_BYTES + 4_096),
+        "queued bytes peaked at {peak}"
+    );
+    assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 1);
+
+    // Bob reads at last: what he got is gap-free from the start, then the close.
+    let (frames, code) = read_until_closed(&mut bob).await;
+    assert_eq!(code, 4008, "too slow to keep up");
+    let events: Vec<Value> = frames
+        .into_iter()
+        .filter(|f| f["type"] == "event")
+        .collect();
+    let got = seqs(&events);
+    assert!(!got.is_empty());
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>());
+    let head = 1 + sent;
+    assert!((got.len() as u64) < head, "bob was closed before the end");
+
+    // He reconnects and resumes from his last seq: exactly the rest.
+    let mut bob = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
+    let last = *got.last().unwrap();
+    bob.subscribe("firehose", Some(last)).await;
+    let rest = bob.events("firehose", (head - last) as usize).await;
+    assert_eq!(seqs(&rest), (last + 1..=head).collect::<Vec<_>>());
+    // Alice, who kept up, is still connected.
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_a_reading_client_and_a_silent_one_is_closed() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_PING_INTERVAL", "100ms"),
+            ("CHAT_IDLE_TIMEOUT", "600ms"),
+        ],
+    ));
+    let token = dev_token(data.path(), "alice", 3600);
+    // Silent: never reads, so never answers a ping.
+    let mut silent = raw(&chatd, &token).await;
+    // Reading: the client library answers every ping with a pong.
+    let mut reading = raw(&chatd, &token).await;
+    let mut pings = 0;
+    while pings < 10 {
+        match tokio::time::timeout(DEADLINE, reading.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Text(_) | Message::Pong(_))) => {}
+            other => panic!("the reading client was closed: {other:?}"),
+        }
+    }
+    // The silent one is closed as idle.
+    eventually("the silent client to be closed", || {
+        metric(&chatd, "chat_edge_idle_closes_total") == 1
+    })
+    .await;
+    // Ten pings (a second) later, well past the idle timeout, the reading one is still served.
+    reading
+        .send(Message::Text(
+            json!({"type":"ping","rid":"p"}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(DEADLINE, reading.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "pong" {
+                    assert_eq!(frame["rid"], "p");
+                    break;
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("the reading client was closed: {other:?}"),
+        }
+    }
+    assert_eq!(metric(&chatd, "chat_edge_idle_closes_total"), 1);
+    // Reading now, its client library answers the queued pings; the server may have closed the
+    // TCP connection by then, so the close frame is read only if it comes before that.
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return Some(u16::from(frame.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the silent connection ends");
+    assert!(matches!(ended, Some(4002) | None), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_rate_limited_then_closed_with_4029() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_SEND_RATE", "1/5"), ("CHAT_FLOOD_WINDOW", "1m")],
+    ));
+    create_room(&chatd, data.path(), "busy", "alice", &["bob"]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    let mut acked = 0;
+    let mut limited = 0;
+    let code = loop {
+        let id = Uuid::new_v4().to_string();
+        alice
+            .send(json!({"type":"send","rid":id,"room":"busy","id":id,"text":"spam"}))
+            .await;
+        let reply = alice.wait_for(|f| f["rid"] == id.as_str()).await;
+        match reply["code"].as_str() {
+            None => {
+                assert_eq!(reply["type"], "ack", "{reply}");
+                acked += 1;
+            }
+            Some("rate_limited") => {
+                assert!(reply["retry_after_ms"].as_u64().unwrap() > 0, "{reply}");
+                limited += 1;
+                if limited == 5 {
+                    // The burst (5) of refusals is allowed; the next frame is one too many.
+                    alice
+                        .send(json!({"type":"send","room":"busy","id":Uuid::new_v4().to_string(),"text":"spam"}))
+                        .await;
+                    break alice.closed().await;
+                }
+            }
+            Some(other) => panic!("unexpected error {other}: {reply}"),
+        }
+    };
+    assert_eq!(code, 4029, "kept flooding after being rate-limited");
+    // The burst got through (a token may have refilled meanwhile); the limit is per user.
+    assert!((5..=6).contains(&acked), "{acked} acked");
+    assert_eq!(metric(&chatd, "chat_edge_flood_closes_total"), 1);
+    let mut bob = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
+    assert_eq!(bob.say("busy", "hello").await["type"], "ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_refuse_with_a_clear_status() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_MAX_CONNECTIONS", "3"),
+            ("CHAT_MAX_CONNECTIONS_PER_USER", "2"),
+        ],
+    ));
+    let alice = dev_token(data.path(), "alice", 3600);
+    let _a1 = Client::connect(&chatd.ws_url(), &alice).await;
+    let _a2 = Client::connect(&chatd.ws_url(), &alice).await;
+
+    // A third session of alice: 429 before the upgrade.
+    let mut request = chatd.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("chat.v1, bearer.{alice}")).unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429)
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // The same by first-frame authentication: the upgrade succeeds, then close 1013.
+    let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"type":"auth","token":alice}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let (_, code) = read_until_closed(&mut ws).await;
+    assert_eq!(code, 1013);
+
+    // Bob takes the last place; carol finds the edge full: 503.
+    let _b = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
+    let mut request = chatd.ws_url().into_client_request().unwrap();
+    let carol = dev_token(data.path(), "carol", 3600);
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("chat.v1, bearer.{carol}")).unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    assert!(metric(&chatd, "chat_edge_refused_total") >= 3);
+    // A place freed is a place taken again.
+    drop(_a1);
+    eventually("alice's first session to end", || {
+        metric(&chatd, "chat_edge_sessions") == 2
+    })
+    .await;
+    Client::connect(&chatd.ws_url(), &carol).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_under_load_closes_with_1001_and_loses_no_acked_message() {
+    let data = tempfile::tempdir().unwrap();
+    let env = env_with(
+        data.path(),
+        &[
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+            ("CHAT_DRAIN_GRACE", "20s"),
+        ],
+    );
+    let mut chatd = start(&env);
+    create_room(&chatd, data.path(), "drained", "alice", &[]);
+    let token = dev_token(data.path(), "alice", 3600);
+    let mut ws = raw(&chatd, &token).await;
+
+    // Keep 32 sends in flight while the drain begins.
+    let mut sent = Vec::new();
+    let mut acks = std::collections::HashMap::new();
+    let mut code = None;
+    let mut signalled = false;
+    while code.is_none() {
+        while sent.len() - acks.len() < 32 && code.is_none() {
+            let id = Uuid::new_v4().to_string();
+            let frame = json!({"type":"send","rid":id,"room":"drained","id":id,"text":"in flight"});
+            if ws
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent.push(id);
+        }
+        if !signalled && acks.len() >= 200 {
+            chatd.signal(nix::sys::signal::Signal::SIGTERM);
+            signalled = true;
+        }
+        match tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "ack" {
+                    acks.insert(
+                        frame["id"].as_str().unwrap().to_owned(),
+                        frame["seq"].as_u64().unwrap(),
+                    );
+                } else {
+                    assert_eq!(frame["type"], "welcome", "{frame}");
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => code = Some(u16::from(frame.code)),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+    assert_eq!(code, Some(1001), "server draining");
+    assert!(
+        chatd.wait_exit(DEADLINE).is_some(),
+        "chatd exits after the drain"
+    );
+
+    // Every acknowledged message is in the log with the acknowledged sequence.
+    let chatd = start(&env);
+    let mut reader = Client::connect(&chatd.ws_url(), &token).await;
+    let subscribed = reader.subscribe("drained", Some(0)).await;
+    let head = subscribed["head"].as_u64().unwrap();
+    let events = reader.events("drained", head as usize).await;
+    let logged: std::collections::HashMap<String, u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                e["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(acks.len() >= 200);
+    for (id, seq) in &acks {
+        assert_eq!(logged.get(id), Some(seq), "acked {id} at {seq}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
+    let mut nats = NatsServer::start_with_jetstream("");
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env_with(
+        data.path(),
+        &[("CHAT_NATS_TIMEOUT", "1s"), ("CHAT_APPEND_RETRY", "1s")],
+    );
+    env.push(("NATS_URL", nats.url()));
+    let chatd = start(&env);
+    create_room(&chatd, data.path(), "sturdy", "alice", &["bob"]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    let mut bob = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
+    bob.subscribe("sturdy", Some(0)).await;
+    bob.events("sturdy", 1).await;
+
+    nats.kill();
+    let id = Uuid::new_v4();
+    let answer = alice.say_with_id("sturdy", "while nats is away", id).await;
+    assert_eq!(
+        answer["type"], "error",
+        "never an ack without the log: {answer}"
+    );
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    // The sockets stay open meanwhile.
+    assert_eq!(alice.request(json!({"type":"ping"})).await["type"], "pong");
+
+    nats.start_again();
+    eventually("readiness after nats returns", || {
+        chatd
+            .get("/readyz")
+            .is_some_and(|(status, _)| status == 200)
+    })
+    .await;
+    // The retry with the same id appends it once, whatever happened to the first attempt.
+    let ack = loop {
+        let answer = alice.say_with_id("sturdy", "while nats is away", id).await;
+        if answer["type"] == "ack" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+    };
+    let seq = ack["seq"].as_u64().unwrap();
+    let event = bob
+        .wait_for(|f| f["type"] == "event" && f["kind"] == "message")
+        .await;
+    assert_eq!(event["seq"].as_u64(), Some(seq));
+    assert_eq!(event["id"], id.to_string());
+    // And the room goes on.
+    let next = alice.say("sturdy", "after").await;
+    assert_eq!(next["seq"].as_u64(), Some(seq + 1), "{next}");
+    let after = bob.events("sturdy", 1).await;
+    assert_eq!(after[0]["text"], "after");
+}

@@ -1,0 +1,328 @@
+//! Rate limits and connection caps of an edge.
+//!
+//! - **Per user** (shared by all of a user's sessions on this edge), one token bucket per kind
+//!   of work: appends (`send`, `edit`, `delete`, `react`: the contract's `CHAT_SEND_RATE`),
+//!   `typing`, `subscribe` and `history` frames.
+//! - **Per connection**, one token bucket over every frame, whatever its type, so that no single
+//!   socket can make the edge parse without bound (pings and malformed frames included).
+//! - **Flooding**: a connection that has more frames refused by a limit than that limit's burst
+//!   within the flood window is closed with 4029.
+//! - **Connection caps**: total sockets on the edge, and authenticated sessions per user.
+//!
+//! The buckets are `governor`'s GCRA limiters.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_model::UserId;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+
+/// A token bucket's settings: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Rate {
+    pub const fn new(per_second: u32, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+
+    fn quota(self) -> Quota {
+        let nz = |n: u32| NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN);
+        Quota::per_second(nz(self.per_second)).allow_burst(nz(self.burst))
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    /// `PER_SECOND/BURST`, both positive integers.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("expected PER_SECOND/BURST with positive integers, got {s:?}");
+        let (rate, burst) = s.split_once('/').ok_or_else(bad)?;
+        let per_second: u32 = rate.trim().parse().map_err(|_| bad())?;
+        let burst: u32 = burst.trim().parse().map_err(|_| bad())?;
+        if per_second == 0 || burst == 0 {
+            return Err(bad());
+        }
+        Ok(Rate { per_second, burst })
+    }
+}
+
+/// The limits of an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    /// Appends per user (`CHAT_SEND_RATE`).
+    pub send: Rate,
+    /// `typing` frames per user.
+    pub typing: Rate,
+    /// `subscribe` frames per user.
+    pub subscribe: Rate,
+    /// `history` frames per user.
+    pub history: Rate,
+    /// Frames of any type per connection.
+    pub frames: Rate,
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Rates {
+            send: Rate::new(10, 20),
+            typing: Rate::new(2, 5),
+            subscribe: Rate::new(5, 20),
+            history: Rate::new(10, 20),
+            frames: Rate::new(50, 100),
+        }
+    }
+}
+
+/// Which per-user bucket a frame draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    Send,
+    Typing,
+    Subscribe,
+    History,
+}
+
+/// The per-user buckets, shared by every session of this edge.
+pub(crate) struct UserLimits {
+    rates: Rates,
+    send: DefaultKeyedRateLimiter<UserId>,
+    typing: DefaultKeyedRateLimiter<UserId>,
+    subscribe: DefaultKeyedRateLimiter<UserId>,
+    history: DefaultKeyedRateLimiter<UserId>,
+}
+
+/// A refusal: the limit's burst and how long until a frame would pass.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limited {
+    pub burst: u32,
+    pub retry_after: Duration,
+}
+
+impl UserLimits {
+    pub(crate) fn new(rates: Rates) -> UserLimits {
+        UserLimits {
+            rates,
+            send: RateLimiter::keyed(rates.send.quota()),
+            typing: RateLimiter::keyed(rates.typing.quota()),
+            subscribe: RateLimiter::keyed(rates.subscribe.quota()),
+            history: RateLimiter::keyed(rates.history.quota()),
+        }
+    }
+
+    pub(crate) fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
+        let (limiter, rate) = match work {
+            Work::Send => (&self.send, self.rates.send),
+            Work::Typing => (&self.typing, self.rates.typing),
+            Work::Subscribe => (&self.subscribe, self.rates.subscribe),
+            Work::History => (&self.history, self.rates.history),
+        };
+        limiter.check_key(user).map_err(|not_until| Limited {
+            burst: rate.burst,
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        })
+    }
+
+    /// Forgets users whose buckets are full again (their state is the same as a new user's).
+    pub(crate) fn forget_idle(&self) {
+        for limiter in [&self.send, &self.typing, &self.subscribe, &self.history] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// One connection's bucket over all its frames, and its record of refusals.
+pub(crate) struct ConnectionLimits {
+    frames: DefaultDirectRateLimiter,
+    frame_rate: Rate,
+    flood_window: Duration,
+    refusals: VecDeque<Instant>,
+}
+
+impl ConnectionLimits {
+    pub(crate) fn new(frame_rate: Rate, flood_window: Duration) -> ConnectionLimits {
+        ConnectionLimits {
+            frames: RateLimiter::direct(frame_rate.quota()),
+            frame_rate,
+            flood_window,
+            refusals: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn check_frame(&self) -> Result<(), Limited> {
+        self.frames.check().map_err(|not_until| Limited {
+            burst: self.frame_rate.burst,
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        })
+    }
+
+    /// Records a refusal; true when the connection has now had more refusals than `burst`
+    /// within the flood window (it keeps sending after being told to stop).
+    pub(crate) fn refused(&mut self, burst: u32) -> bool {
+        let now = Instant::now();
+        while self
+            .refusals
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.flood_window)
+        {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back(now);
+        self.refusals.len() > burst as usize
+    }
+}
+
+/// Connection caps: sockets on this edge, and sessions per user.
+pub(crate) struct Connections {
+    max_total: usize,
+    max_per_user: usize,
+    total: AtomicUsize,
+    per_user: Mutex<HashMap<UserId, usize>>,
+}
+
+/// A socket's place under the total cap; released on drop.
+pub(crate) struct Socket {
+    connections: Arc<Connections>,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.connections.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A session's place under its user's cap; released on drop.
+pub(crate) struct UserSlot {
+    connections: Arc<Connections>,
+    user: UserId,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        if let Ok(mut per_user) = self.connections.per_user.lock() {
+            if let Some(n) = per_user.get_mut(&self.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_user.remove(&self.user);
+                }
+            }
+        }
+    }
+}
+
+impl Connections {
+    pub(crate) fn new(max_total: usize, max_per_user: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            max_total,
+            max_per_user,
+            total: AtomicUsize::new(0),
+            per_user: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for one more socket, unless the edge is full.
+    pub(crate) fn socket(self: &Arc<Self>) -> Option<Socket> {
+        let taken = self
+            .total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_total).then_some(n + 1)
+            });
+        taken.ok().map(|_| Socket {
+            connections: self.clone(),
+        })
+    }
+
+    /// A place for one more session of `user`, unless they have the most allowed.
+    pub(crate) fn user(self: &Arc<Self>, user: &UserId) -> Option<UserSlot> {
+        let mut per_user = self.per_user.lock().ok()?;
+        let n = per_user.entry(user.clone()).or_insert(0);
+        if *n >= self.max_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            connections: self.clone(),
+            user: user.clone(),
+        })
+    }
+
+    pub(crate) fn max_per_user(&self) -> usize {
+        self.max_per_user
+    }
+
+    pub(crate) fn max_total(&self) -> usize {
+        self.max_total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_user_gets_the_burst_then_waits() {
+        let limits = UserLimits::new(Rates {
+            send: Rate::new(1, 3),
+            ..Rates::default()
+        });
+        let alice = user("alice");
+        for _ in 0..3 {
+            limits.check(Work::Send, &alice).unwrap();
+        }
+        let refused = limits.check(Work::Send, &alice).unwrap_err();
+        assert_eq!(refused.burst, 3);
+        assert!(refused.retry_after > Duration::ZERO);
+        // Buckets are per user and per kind of work.
+        limits.check(Work::Send, &user("bob")).unwrap();
+        limits.check(Work::History, &alice).unwrap();
+    }
+
+    #[test]
+    fn more_refusals_than_the_burst_in_the_window_is_flooding() {
+        let mut conn = ConnectionLimits::new(Rate::new(1, 2), Duration::from_secs(10));
+        assert!(!conn.refused(2));
+        assert!(!conn.refused(2));
+        assert!(conn.refused(2), "the third refusal within the window");
+    }
+
+    #[test]
+    fn caps_count_and_release() {
+        let connections = Connections::new(2, 1);
+        let a = connections.socket().unwrap();
+        let _b = connections.socket().unwrap();
+        assert!(connections.socket().is_none(), "the edge is full");
+        drop(a);
+        assert!(connections.socket().is_some());
+
+        let alice = user("alice");
+        let slot = connections.user(&alice).unwrap();
+        assert!(
+            connections.user(&alice).is_none(),
+            "one session per user here"
+        );
+        assert!(connections.user(&user("bob")).is_some());
+        drop(slot);
+        assert!(connections.user(&alice).is_some());
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("10/20".parse::<Rate>().unwrap(), Rate::new(10, 20));
+        for bad in ["10", "0/5", "5/0", "a/b", ""] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+    }
+}
