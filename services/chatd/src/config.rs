@@ -135,6 +135,8 @@ pub struct Config {
     pub max_rooms_per_subscribe: usize,
     /// How long an append with an unknown outcome is retried (same id) before `unavailable`.
     pub append_retry: Duration,
+    /// A typing indicator without a renewal ends after this long (the contract's 5 s).
+    pub typing_expiry: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +275,7 @@ impl Config {
             defaults.max_rooms_per_subscribe,
         )?;
         let append_retry = duration("CHAT_APPEND_RETRY", defaults.append_retry)?;
+        let typing_expiry = duration("CHAT_TYPING_TIMEOUT", Duration::from_secs(5))?;
         let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
             list.split(',')
                 .map(|o| o.trim().to_owned())
@@ -387,6 +390,7 @@ impl Config {
             max_connections_per_user,
             max_rooms_per_subscribe,
             append_retry,
+            typing_expiry,
         })
     }
 }

@@ -83,7 +83,7 @@ pub async fn serve(
             edge_config(&config),
             shutdown.clone(),
             rooms.clone(),
-            chat_edge::Hub::new(log.clone(), 4_096),
+            chat_edge::Hub::with_typing_expiry(log.clone(), 4_096, config.typing_expiry),
         )),
         _ => None,
     };
@@ -122,25 +122,37 @@ pub async fn serve(
 
     // The server task ends only after a shutdown request (its graceful-shutdown future waits
     // for one) or on an error; a drain gets `drain_grace` at most. WebSocket sessions live on
-    // after their HTTP connection is upgraded, so the drain also waits for them: each finishes
-    // the frame it is answering (an append gets its ack), then closes with 1001.
+    // after their HTTP connection is upgraded, so the drain also waits for them, whichever
+    // finished first: each finishes the frame it is answering (an append gets its ack), then
+    // closes with 1001.
     let mut server = server;
-    let drained = tokio::select! {
-        result = &mut server => Some(result),
-        _ = shutdown.cancelled() => {
-            let sessions = async {
-                if let Some(edge) = &edge {
-                    edge.sessions.close();
-                    edge.sessions.wait().await;
-                }
-            };
-            tokio::time::timeout(config.drain_grace, async {
-                let (result, ()) = tokio::join!(&mut server, sessions);
-                result
-            })
-            .await
-            .ok()
-        }
+    let mut finished = None;
+    tokio::select! {
+        // Only an error (or a shutdown that raced this select) ends the server here.
+        result = &mut server => finished = Some(result),
+        _ = shutdown.cancelled() => {}
+    }
+    let drained = if !shutdown.is_cancelled() {
+        finished
+    } else {
+        let sessions = async {
+            if let Some(edge) = &edge {
+                edge.sessions.close();
+                edge.sessions.wait().await;
+            }
+        };
+        let server = async {
+            match finished {
+                Some(result) => result,
+                None => (&mut server).await,
+            }
+        };
+        tokio::time::timeout(config.drain_grace, async {
+            let (result, ()) = tokio::join!(server, sessions);
+            result
+        })
+        .await
+        .ok()
     };
     match drained {
         Some(result) => result.context("http server task")?.context("http server")?,

@@ -418,7 +418,10 @@ async fn a_drain_under_load_closes_with_1001_and_loses_no_acked_message() {
             }
             Some(Ok(Message::Close(Some(frame)))) => code = Some(u16::from(frame.code)),
             Some(Ok(_)) => {}
-            other => panic!("connection ended without a close frame: {other:?}"),
+            other => panic!(
+                "connection ended without a close frame: {other:?}\n{}",
+                chatd.stderr()
+            ),
         }
     }
     assert_eq!(code, Some(1001), "server draining");
@@ -502,4 +505,92 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     assert_eq!(next["seq"].as_u64(), Some(seq + 1), "{next}");
     let after = bob.events("sturdy", 1).await;
     assert_eq!(after[0]["text"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_OUTBOUND_BYTES", "65536"),
+            ("CHAT_OUTBOUND_FRAMES", "64"),
+            ("CHAT_SLOW_CLIENT_GRACE", "60s"),
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+        ],
+    ));
+    create_room(&chatd, data.path(), "lagging", "alice", &["bob", "carol"]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    let mut carol = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "carol", 3600)).await;
+    let mut bob = raw_small_buffer(&chatd, &dev_token(data.path(), "bob", 3600)).await;
+    bob.send(Message::Text(
+        json!({"type":"subscribe","rid":"s","rooms":{"lagging":0}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+
+    // Fill bob's queue past half (his socket jams first). Alice is not subscribed yet, so the
+    // queued bytes are bob's.
+    let text = "y".repeat(3_900);
+    let mut sent = 0u64;
+    while metric(&chatd, "chat_edge_queued_bytes") < 40_000 {
+        assert!(sent < 20_000, "bob's queue never filled");
+        let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            alice
+                .send(json!({"type":"send","rid":id,"room":"lagging","id":id,"text":text}))
+                .await;
+        }
+        for id in &ids {
+            let ack = alice.wait_for(|f| f["rid"] == id.as_str()).await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        sent += 10;
+    }
+    // Carol types: bob's copy is dropped, alice's (an empty queue) is not.
+    alice.subscribe("lagging", None).await;
+    carol
+        .send(json!({"type":"typing","room":"lagging","active":true}))
+        .await;
+    let seen = alice.wait_for(|f| f["type"] == "typing").await;
+    assert_eq!(
+        (&seen["user"], &seen["active"]),
+        (&json!("carol"), &json!(true))
+    );
+    eventually("bob's typing frame to be dropped", || {
+        metric(&chatd, "chat_edge_ephemeral_dropped_total") >= 1
+    })
+    .await;
+
+    // Bob reads at last: every event, in order, and not closed.
+    let head = 1 + sent;
+    let mut events = Vec::new();
+    let mut typing = Vec::new();
+    while events
+        .last()
+        .map_or(0, |e: &Value| e["seq"].as_u64().unwrap())
+        < head
+    {
+        match tokio::time::timeout(DEADLINE, bob.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                match frame["type"].as_str() {
+                    Some("event") => events.push(frame),
+                    Some("typing") => typing.push(frame),
+                    _ => {}
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("bob was closed: {other:?}"),
+        }
+    }
+    assert_eq!(seqs(&events), (1..=head).collect::<Vec<_>>());
+    assert!(
+        !typing.iter().any(|t| t["active"] == true),
+        "the dropped indicator: {typing:?}"
+    );
+    assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
 }

@@ -8,6 +8,10 @@
 //! by sequence at the seam. Whenever it falls behind the feed (a sequence jump, or a lagged
 //! broadcast) it reads the missing range from the log again, so every follower sees every event
 //! once, in order, whatever its speed.
+//!
+//! The feed also carries the room's typing indicators (see [`crate::typing`]): the same task
+//! follows the room's typing subject, so a user's message and the end of their indicator are
+//! decided in one place.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -16,11 +20,13 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use chat_log::{LogError, RangeReader, RoomLog};
 use chat_model::{RoomId, UserId};
+use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
 use crate::render::delivery;
+use crate::typing::{self, Ephemeral, Signal, Typists};
 
 /// One event as every follower receives it.
 #[derive(Clone, Debug)]
@@ -30,6 +36,8 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
     /// For a `member_left` event: who left (their sessions stop following the room after it).
     pub left: Option<UserId>,
+    /// For a `message` event: its author (their typing indicator ends with it).
+    pub message_by: Option<UserId>,
 }
 
 /// This edge's room feeds.
@@ -39,11 +47,15 @@ pub struct Hub {
     feeds: Mutex<HashMap<RoomId, Weak<Feed>>>,
     /// Frames buffered per feed for followers that are a little behind.
     capacity: usize,
+    /// A typing indicator without a renewal ends after this long.
+    typing_expiry: Duration,
 }
 
 /// One room's live feed: the NATS subscription and the task that renders and broadcasts.
 struct Feed {
     tx: broadcast::Sender<Delivery>,
+    /// Typing frames (lossy: a follower that lags skips some).
+    ephemeral: broadcast::Sender<Ephemeral>,
     /// Stops the subscription when the last follower drops the feed.
     task: JoinHandle<()>,
 }
@@ -57,11 +69,45 @@ impl Drop for Feed {
 impl Hub {
     /// A hub over `log`, buffering up to `capacity` frames per room for slow followers.
     pub fn new(log: RoomLog, capacity: usize) -> Arc<Hub> {
+        Hub::with_typing_expiry(log, capacity, Duration::from_secs(5))
+    }
+
+    /// A hub whose typing indicators end after `typing_expiry` without a renewal.
+    pub fn with_typing_expiry(log: RoomLog, capacity: usize, typing_expiry: Duration) -> Arc<Hub> {
         Arc::new(Hub {
             log,
             feeds: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            typing_expiry,
         })
+    }
+
+    /// Tells every edge following `room` that `user` is (or stopped) typing. Core NATS: at most
+    /// once, never stored.
+    pub async fn publish_typing(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        active: bool,
+    ) -> Result<(), LogError> {
+        let signal = Signal {
+            user: user.clone(),
+            active,
+        };
+        let payload = serde_json::to_vec(&signal).unwrap_or_default();
+        self.log
+            .client()
+            .publish(self.typing_subject(room), payload.into())
+            .await
+            .map_err(|e| LogError::Unavailable {
+                room: room.clone(),
+                op: "typing",
+                reason: e.to_string(),
+            })
+    }
+
+    fn typing_subject(&self, room: &RoomId) -> String {
+        format!("{}.typing.{}", self.log.config().prefix, room)
     }
 
     /// Follows `room` from after `after`: every event with a greater sequence, once, in order.
@@ -94,14 +140,36 @@ impl Hub {
         // Start a feed from the current head; followers read anything older from the log.
         let head = self.log.head(room).await?;
         let live = self.log.subscribe_live(room, head).await?;
+        let typing = self
+            .log
+            .client()
+            .subscribe(self.typing_subject(room))
+            .await
+            .map_err(|e| LogError::Unavailable {
+                room: room.clone(),
+                op: "follow typing",
+                reason: e.to_string(),
+            })?;
         let mut feeds = self.feeds.lock().map_err(|_| poisoned(room))?;
         // Another session may have started one meanwhile: use it (ours is dropped unused).
         if let Some(feed) = feeds.get(room).and_then(Weak::upgrade) {
             return Ok(feed);
         }
         let (tx, _) = broadcast::channel(self.capacity);
-        let task = tokio::spawn(run_feed(room.clone(), live, tx.clone()));
-        let feed = Arc::new(Feed { tx, task });
+        let (ephemeral, _) = broadcast::channel(256);
+        let task = tokio::spawn(run_feed(
+            room.clone(),
+            live,
+            tx.clone(),
+            typing,
+            ephemeral.clone(),
+            Typists::new(self.typing_expiry),
+        ));
+        let feed = Arc::new(Feed {
+            tx,
+            ephemeral,
+            task,
+        });
         feeds.retain(|_, weak| weak.strong_count() > 0);
         feeds.insert(room.clone(), Arc::downgrade(&feed));
         Ok(feed)
@@ -120,24 +188,78 @@ fn poisoned(room: &RoomId) -> LogError {
     }
 }
 
-/// Renders each live event once and broadcasts it; retries while NATS is away.
+/// Renders each live event once and broadcasts it; retries while NATS is away. Decides the
+/// room's typing indicators alongside.
 async fn run_feed(
     room: RoomId,
     mut live: chat_log::LiveSubscription,
     tx: broadcast::Sender<Delivery>,
+    mut typing: async_nats::Subscriber,
+    ephemeral: broadcast::Sender<Ephemeral>,
+    mut typists: Typists,
 ) {
     let mut pause = Duration::from_millis(50);
+    let mut typing_open = true;
+    // Nobody receiving right now is fine: followers catch up from the log, and typing is
+    // ephemeral.
+    let show = |user: &UserId, active: bool| {
+        let _ = ephemeral.send(typing::frame(&room, user, active));
+    };
     loop {
-        match live.next().await {
-            Ok(entry) => {
-                pause = Duration::from_millis(50);
-                // No receivers right now is fine: followers catch up from the log.
-                let _ = tx.send(delivery(&room, &entry));
+        let expiry = typists.next_expiry();
+        tokio::select! {
+            entry = live.next() => match entry {
+                Ok(entry) => {
+                    pause = Duration::from_millis(50);
+                    let delivery = delivery(&room, &entry);
+                    let sender = delivery.message_by.clone();
+                    let _ = tx.send(delivery);
+                    if let Some(user) = sender {
+                        if typists.sent(&user) {
+                            show(&user, false);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(room = %room, error = %e, "live feed interrupted; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            },
+            message = typing.next(), if typing_open => match message {
+                Some(message) => match serde_json::from_slice::<Signal>(&message.payload) {
+                    Ok(signal) => {
+                        if let Some(active) = typists.signal(&signal, tokio::time::Instant::now()) {
+                            show(&signal.user, active);
+                        }
+                    }
+                    Err(e) => tracing::debug!(room = %room, error = %e, "malformed typing signal"),
+                },
+                None => typing_open = false,
+            },
+            _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
+                for user in typists.expire(tokio::time::Instant::now()) {
+                    show(&user, false);
+                }
             }
-            Err(e) => {
-                tracing::warn!(room = %room, error = %e, "live feed interrupted; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A room's typing frames for one session.
+pub struct TypingFeed {
+    rx: broadcast::Receiver<Ephemeral>,
+}
+
+impl TypingFeed {
+    /// The next typing frame. Cancel-safe. Lossy: frames missed while behind are skipped;
+    /// pending forever once the feed has stopped.
+    pub async fn next(&mut self) -> Ephemeral {
+        loop {
+            match self.rx.recv().await {
+                Ok(frame) => return frame,
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => std::future::pending().await,
             }
         }
     }
@@ -164,6 +286,13 @@ impl Follower {
     /// The last sequence handed out.
     pub fn position(&self) -> u64 {
         self.delivered
+    }
+
+    /// The room's typing frames from now on, to read beside the events.
+    pub fn typing(&self) -> TypingFeed {
+        TypingFeed {
+            rx: self._feed.ephemeral.subscribe(),
+        }
     }
 
     /// The next event. Cancel-safe; after an error, calling again resumes where it was.

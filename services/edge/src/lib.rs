@@ -16,6 +16,7 @@ mod outbox;
 mod protocol;
 mod render;
 mod session;
+mod typing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use hub::{Delivery, Follower, Hub};
 pub use limits::{Rate, Rates};
 pub use protocol::{close_code, ErrorCode};
 pub use render::event_frame;
+pub use typing::Ephemeral;
 
 /// The subprotocol a client offers (with `bearer.<jwt>`) and the server selects.
 pub const SUBPROTOCOL: &str = "chat.v1";

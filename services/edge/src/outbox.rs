@@ -157,7 +157,6 @@ impl Outbox {
 
     /// Queues an ephemeral frame if the queue is at most half full; otherwise drops it.
     /// Returns whether it was queued.
-    #[allow(dead_code)] // typing and presence frames are its producers
     pub(crate) fn push_ephemeral(&self, frame: impl Into<Utf8Bytes>) -> bool {
         let frame: Utf8Bytes = frame.into();
         let cost = self.cost(frame.len());

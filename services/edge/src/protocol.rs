@@ -51,21 +51,6 @@ impl ErrorCode {
     }
 }
 
-/// Client frame types of the contract.
-pub const CLIENT_TYPES: &[&str] = &[
-    "auth",
-    "subscribe",
-    "unsubscribe",
-    "send",
-    "edit",
-    "delete",
-    "react",
-    "read",
-    "typing",
-    "history",
-    "ping",
-];
-
 /// A client frame, read far enough to answer it: its type and its `rid`.
 #[derive(Debug)]
 pub struct Frame {

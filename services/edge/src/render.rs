@@ -13,18 +13,23 @@ pub fn event_frame(room: &RoomId, entry: &RawEntry) -> Utf8Bytes {
 
 /// One log entry as every session following the room receives it: rendered once.
 pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> crate::Delivery {
-    let (frame, left) = match entry.decode() {
+    let (frame, left, message_by) = match entry.decode() {
         Ok(event) => {
             let left = match &event.body {
                 EventBody::MemberLeft { member } => Some(member.clone()),
                 _ => None,
             };
-            (event_json(room, entry.seq, &event), left)
+            let message_by = match &event.body {
+                EventBody::Message { .. } => Some(event.user.clone()),
+                _ => None,
+            };
+            (event_json(room, entry.seq, &event), left, message_by)
         }
         Err(e) => {
             tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable event sent as unsupported");
             (
                 json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" }),
+                None,
                 None,
             )
         }
@@ -33,6 +38,7 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> crate::Delivery {
         seq: entry.seq,
         frame: frame.to_string().into(),
         left,
+        message_by,
     }
 }
 

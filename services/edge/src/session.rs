@@ -29,8 +29,11 @@ use uuid::Uuid;
 
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
-use crate::protocol::{self, close_code, ErrorCode, CLIENT_TYPES};
+use crate::protocol::{self, close_code, ErrorCode};
 use crate::EdgeState;
+
+/// How long a client gets to answer our close frame with its own, once it is sent.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// A user's read cursor is appended at most this often per room (per session).
 const READ_INTERVAL: Duration = Duration::from_secs(1);
@@ -98,6 +101,7 @@ pub(crate) async fn run(
         subscriptions: HashMap::new(),
         reads: HashMap::new(),
         limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
+        typing: HashMap::new(),
     };
     tracing::debug!(user = %session.user, "session open");
     session.serve(&mut stream, &identity).await;
@@ -117,14 +121,25 @@ pub(crate) async fn run(
             let _ = (&mut writer).await;
         }
     };
-    let handshake = tokio::time::timeout(config.close_timeout, async {
-        while let Some(Ok(message)) = stream.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
+    let client_closed = async {
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(Message::Close(_)) => break,
+                Ok(_) => {}
+                // Frames refused after our close frame; the connection itself is still there.
+                Err(e) if !is_terminal(&e) => {}
+                Err(_) => break,
             }
         }
-    });
-    let _ = tokio::join!(writer_done, handshake);
+    };
+    tokio::pin!(writer_done, client_closed);
+    tokio::select! {
+        _ = &mut client_closed => writer_done.await,
+        _ = &mut writer_done => {
+            // A client that answers close frames does so at once.
+            let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, client_closed).await;
+        }
+    }
     state.stats.sessions.fetch_sub(1, Ordering::Relaxed);
     drop(slots);
     tracing::debug!(user = %identity.user, "session closed");
@@ -154,6 +169,8 @@ struct Session {
     subscriptions: HashMap<RoomId, Subscription>,
     reads: HashMap<RoomId, ReadGate>,
     limits: ConnectionLimits,
+    /// When this session last published `active:true` per room.
+    typing: HashMap<RoomId, Instant>,
 }
 
 /// Whether the session goes on after a frame.
@@ -379,15 +396,8 @@ impl Session {
                 self.append(&frame.kind, rid, body).await;
             }
             "read" => self.read(rid, body).await,
+            "typing" => self.typing(rid, body).await,
             "history" => self.history(rid, body).await,
-            known if CLIENT_TYPES.contains(&known) => {
-                self.error(
-                    rid,
-                    ErrorCode::BadRequest,
-                    &format!("{known} is not available in this server version yet"),
-                )
-                .await
-            }
             unknown => {
                 self.error(
                     rid,
@@ -594,6 +604,11 @@ impl Session {
         match self.append_retrying(&room, id, command).await {
             Ok(ack) => {
                 self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
+                if kind == "send" {
+                    // The message ends the indicator (each edge's feed sees it): the next
+                    // keystroke starts a new one at once.
+                    self.typing.remove(&room);
+                }
                 let fields = json!({
                     "room": room,
                     "id": id.hyphenated().to_string(),
@@ -638,6 +653,46 @@ impl Session {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// `{"type":"typing","room":…,"active":…}`: no reply; members only. A session publishes at
+    /// most one `active:true` per room per debounce interval (what the others see is decided
+    /// by each edge's feed, see [`crate::typing`]).
+    async fn typing(&mut self, rid: Option<&str>, body: Value) {
+        #[derive(Deserialize)]
+        struct Typing {
+            room: String,
+            active: bool,
+        }
+        let Some(frame) = self.fields::<Typing>("typing", rid, body).await else {
+            return;
+        };
+        let Some(room) = self.room_id(rid, &frame.room).await else {
+            return;
+        };
+        if let Err(e) = self.state.rooms.member_state(&room, &self.user).await {
+            return self.room_error(rid, &frame.room, &e).await;
+        }
+        if frame.active {
+            if self
+                .typing
+                .get(&room)
+                .is_some_and(|t| t.elapsed() < crate::typing::DEBOUNCE)
+            {
+                return;
+            }
+            self.typing.insert(room.clone(), Instant::now());
+        } else if self.typing.remove(&room).is_none() {
+            return;
+        }
+        let published = self
+            .state
+            .hub
+            .publish_typing(&room, &self.user, frame.active)
+            .await;
+        if let Err(e) = published {
+            self.room_error(rid, &frame.room, &e.into()).await;
         }
     }
 
@@ -747,8 +802,20 @@ async fn forward(
     ended: mpsc::Sender<Ended>,
 ) {
     let mut pause = Duration::from_millis(50);
+    let mut typing = follower.typing();
     loop {
-        match follower.next().await {
+        let next = tokio::select! {
+            next = follower.next() => next,
+            typing = typing.next() => {
+                // Never to the typing user's own sessions; dropped, not waited for, when this
+                // client is behind.
+                if typing.user != user {
+                    out.push_ephemeral(typing.frame);
+                }
+                continue;
+            }
+        };
+        match next {
             Ok(delivery) => {
                 pause = Duration::from_millis(50);
                 let removed = delivery.left.as_ref() == Some(&user);
@@ -797,6 +864,23 @@ async fn first_frame_auth(socket: &mut WebSocket, state: &EdgeState) -> Result<I
             None => return Err("closed before authenticating".to_owned()),
         }
     }
+}
+
+/// Whether a read error ends the connection (rather than refusing one frame).
+fn is_terminal(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(e) = err.downcast_ref::<tungstenite::Error>() {
+            return matches!(
+                e,
+                tungstenite::Error::ConnectionClosed
+                    | tungstenite::Error::AlreadyClosed
+                    | tungstenite::Error::Io(_)
+            );
+        }
+        source = err.source();
+    }
+    true
 }
 
 fn is_capacity_error(e: &axum::Error) -> bool {

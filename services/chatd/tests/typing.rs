@@ -1,0 +1,137 @@
+//! Typing indicators across edges: two chatd processes on one nats-server, real sockets.
+
+mod common;
+
+use std::path::Path;
+
+use chat_harness::{Chatd, NatsServer};
+use common::client::Client;
+use common::*;
+use serde_json::{json, Value};
+
+const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// An `all` chatd on `nats` whose typing indicators expire after 1 s.
+fn edge(nats: &NatsServer, data: &Path) -> Chatd {
+    start(&[
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_URL", nats.url()),
+        ("CHAT_JWT_HS256_SECRET", SECRET.to_owned()),
+        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
+        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+        ("CHAT_TYPING_TIMEOUT", "1s".to_owned()),
+        ("CHAT_TYPING_RATE", "1000/1000".to_owned()),
+    ])
+}
+
+fn token(user: &str) -> String {
+    mint(SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
+}
+
+fn is_typing(frame: &Value, user: &str) -> bool {
+    frame["type"] == "typing" && frame["user"] == user
+}
+
+async fn typing(client: &mut Client, room: &str, active: bool) {
+    client
+        .send(json!({"type": "typing", "room": room, "active": active}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
+    let (status, body) = api(
+        &edge1,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "keys", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    alice.subscribe("keys", None).await;
+    bob.subscribe("keys", None).await;
+
+    // Keystrokes: many active:true within the interval, then the message.
+    for _ in 0..5 {
+        typing(&mut alice, "keys", true).await;
+    }
+    let first = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(
+        first,
+        json!({"type": "typing", "room": "keys", "user": "alice", "active": true})
+    );
+    for _ in 0..5 {
+        typing(&mut alice, "keys", true).await;
+    }
+    let ack = alice.say("keys", "done typing").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let ended = bob
+        .wait_for(|f| is_typing(f, "alice") && f["active"] == false)
+        .await;
+    assert_eq!(ended["room"], "keys");
+    let event = bob.wait_for(|f| f["type"] == "event").await;
+    assert_eq!(event["text"], "done typing");
+    assert!(
+        !bob.buffered().iter().any(|f| is_typing(f, "alice")),
+        "one active:true for the burst, one active:false for the message: {:?}",
+        bob.buffered()
+    );
+
+    // A renewal-less indicator expires (1 s here, 5 s by default).
+    typing(&mut alice, "keys", true).await;
+    let again = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(again["active"], true);
+    let expired = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(expired["active"], false);
+
+    // Bob types back: alice sees it; nobody ever gets their own.
+    typing(&mut bob, "keys", true).await;
+    let seen = alice.wait_for(|f| is_typing(f, "bob")).await;
+    assert_eq!(seen["active"], true);
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+    assert!(!alice.buffered().iter().any(|f| is_typing(f, "alice")));
+    assert!(!bob.buffered().iter().any(|f| is_typing(f, "bob")));
+
+    // Typing is for members only.
+    let mut carol = Client::connect(&edge2.ws_url(), &token("carol")).await;
+    let refused = carol
+        .request(json!({"type": "typing", "room": "keys", "active": true}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indicator_does_not_stick_when_the_typing_users_edge_is_killed() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
+    let (status, body) = api(
+        &edge2,
+        &token("bob"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "vanish", "kind": "group", "members": ["alice"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    bob.subscribe("vanish", None).await;
+    typing(&mut alice, "vanish", true).await;
+    let shown = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(shown["active"], true);
+
+    edge1.kill();
+    let cleared = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(
+        cleared["active"], false,
+        "the indicator expired without its edge"
+    );
+}
