@@ -512,6 +512,7 @@ impl Session {
         self.send(protocol::reply("subscribed", rid, fields)).await;
         let task = tokio::spawn(forward(
             follower,
+            self.state.rooms.clone(),
             self.user.clone(),
             self.out.clone(),
             ended.clone(),
@@ -797,6 +798,7 @@ impl Session {
 /// forwarder then stops, and the client resumes by sequence when it reconnects.
 async fn forward(
     mut follower: crate::Follower,
+    rooms: std::sync::Arc<chat_rooms::Rooms>,
     user: UserId,
     out: Outbox,
     ended: mpsc::Sender<Ended>,
@@ -819,7 +821,19 @@ async fn forward(
             Ok(delivery) => {
                 pause = Duration::from_millis(50);
                 let removed = delivery.left.as_ref() == Some(&user);
-                if out.push(delivery.frame).await.is_err() {
+                // A message (or edit) by someone this user blocks arrives as a placeholder.
+                let frame = if delivery.hidden.is_some() {
+                    match rooms.blocked(&user).await {
+                        Ok(blocked) => delivery.frame_for(&blocked).clone(),
+                        Err(e) => {
+                            tracing::warn!(user = %user, error = %e, "block list unavailable; sending as is");
+                            delivery.frame.clone()
+                        }
+                    }
+                } else {
+                    delivery.frame.clone()
+                };
+                if out.push(frame).await.is_err() {
                     return;
                 }
                 if removed {
