@@ -11,6 +11,15 @@ CREATE TABLE IF NOT EXISTS rooms (
     created_seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- A room's settings, from the admin's `room_updated` events (the latest wins). A table of its
+-- own rather than columns of `rooms`, so a store made before settings existed gains it with
+-- CREATE TABLE IF NOT EXISTS (no migration); a room without a row has the defaults.
+CREATE TABLE IF NOT EXISTS room_settings (
+    room        TEXT    NOT NULL PRIMARY KEY,
+    read_only   INTEGER NOT NULL,          -- only the admin posts while 1
+    updated_seq INTEGER NOT NULL           -- the room_updated that set it
+) WITHOUT ROWID;
+
 -- Membership as the log defines it: a left member keeps a row with active = 0.
 CREATE TABLE IF NOT EXISTS members (
     room       TEXT    NOT NULL,

@@ -1,4 +1,5 @@
-//! The HTTP API of rooms: create, join, leave, list, history, threads.
+//! The HTTP API of rooms: create, join, leave, list, settings, history, threads; and of block
+//! lists.
 
 // Helpers return a ready error `Response` as their `Err`: it is built only on the failure path
 // and returned straight to axum, so its size does not matter.
@@ -10,7 +11,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use chat_model::{RoomId, RoomKind, UserId};
 use chat_rooms::{RoomError, Rooms};
@@ -25,10 +26,13 @@ use crate::http::{error, AppState, Authenticated};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{room}", patch(update_room))
         .route("/v1/rooms/{room}/members", post(add_member))
         .route("/v1/rooms/{room}/members/{user}", delete(remove_member))
         .route("/v1/rooms/{room}/messages", get(history))
         .route("/v1/rooms/{room}/threads/{root}", get(thread))
+        .route("/v1/blocks", get(list_blocks))
+        .route("/v1/blocks/{user}", put(block).delete(unblock))
 }
 
 fn rooms(state: &AppState) -> Result<&Arc<Rooms>, Response> {
@@ -52,6 +56,10 @@ fn bad_request(message: impl Into<String>) -> Response {
 
 fn room_id(room: &str) -> Result<RoomId, Response> {
     RoomId::parse(room).map_err(|e| bad_request(format!("room: {e}")))
+}
+
+fn user_id(user: String) -> Result<UserId, Response> {
+    UserId::parse(user).map_err(|e| bad_request(format!("user: {e}")))
 }
 
 fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
@@ -142,6 +150,7 @@ pub fn summary_json(r: &RoomSummary) -> Value {
         "head": r.head,
         "last_read": r.last_read,
         "unread": r.unread,
+        "read_only": r.read_only,
     })
 }
 
@@ -194,9 +203,97 @@ async fn remove_member(
     let result = async {
         let rooms = rooms(&state)?;
         let room = room_id(&room)?;
-        let user = UserId::parse(user).map_err(|e| bad_request(format!("user: {e}")))?;
+        let user = user_id(user)?;
         let seq = rooms
             .remove(&identity.user, &room, &user)
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// A room's settings; every field optional, at least one given.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRoom {
+    read_only: Option<bool>,
+}
+
+/// `PATCH /v1/rooms/{room}`: the admin changes the room's settings (a `room_updated` event).
+async fn update_room(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path(room): Path<String>,
+    payload: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        // An object only: serde would also read a struct from an array (`[true]`).
+        let req = match body(payload)? {
+            req @ Value::Object(_) => serde_json::from_value::<UpdateRoom>(req)
+                .map_err(|e| bad_request(format!("room settings: {e}")))?,
+            _ => return Err(bad_request("room settings are a JSON object")),
+        };
+        let read_only = req
+            .read_only
+            .ok_or_else(|| bad_request("nothing to change: give \"read_only\": true or false"))?;
+        let seq = rooms
+            .set_read_only(&identity.user, &room, read_only)
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// `GET /v1/blocks`: the caller's block list, as the user log holds it now.
+async fn list_blocks(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let blocked = rooms.block_list(&identity.user).await.map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"blocked": blocked})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// `PUT /v1/blocks/{user}`: block (idempotent). `seq` is the user-log entry holding the list.
+async fn block(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path(user): Path<String>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let user = user_id(user)?;
+        let seq = rooms
+            .block(&identity.user, &user)
+            .await
+            .map_err(room_error)?;
+        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// `DELETE /v1/blocks/{user}`: unblock (fine if not blocked).
+async fn unblock(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path(user): Path<String>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let user = user_id(user)?;
+        let seq = rooms
+            .unblock(&identity.user, &user)
             .await
             .map_err(room_error)?;
         Ok::<_, Response>(Json(json!({"seq": seq})).into_response())

@@ -137,6 +137,8 @@ pub struct Config {
     pub append_retry: Duration,
     /// A typing indicator without a renewal ends after this long (the contract's 5 s).
     pub typing_expiry: Duration,
+    /// Presence: renewal interval, expiry of a silent edge's users, coalescing interval.
+    pub presence: chat_edge::PresenceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +278,18 @@ impl Config {
         )?;
         let append_retry = duration("CHAT_APPEND_RETRY", defaults.append_retry)?;
         let typing_expiry = duration("CHAT_TYPING_TIMEOUT", Duration::from_secs(5))?;
+        let presence = chat_edge::PresenceConfig {
+            heartbeat: duration("CHAT_PRESENCE_HEARTBEAT", defaults.presence.heartbeat)?,
+            expiry: duration("CHAT_PRESENCE_TIMEOUT", defaults.presence.expiry)?,
+            flush: duration("CHAT_PRESENCE_INTERVAL", defaults.presence.flush)?,
+            ..defaults.presence
+        };
+        if presence.expiry <= presence.heartbeat {
+            return Err(err(
+                "CHAT_PRESENCE_TIMEOUT",
+                "must be longer than CHAT_PRESENCE_HEARTBEAT, or every edge's users would flap",
+            ));
+        }
         let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
             list.split(',')
                 .map(|o| o.trim().to_owned())
@@ -391,6 +405,7 @@ impl Config {
             max_rooms_per_subscribe,
             append_retry,
             typing_expiry,
+            presence,
         })
     }
 }

@@ -195,6 +195,7 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
         max_connections_per_user: config.max_connections_per_user,
         max_rooms_per_subscribe: config.max_rooms_per_subscribe,
         append_retry: config.append_retry,
+        presence: config.presence,
         ..chat_edge::EdgeConfig::default()
     }
 }

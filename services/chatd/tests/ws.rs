@@ -303,6 +303,19 @@ async fn frames_over_the_limit_close_with_1009() {
         let _ = ws.send(Message::Text(frame.into())).await;
         assert_eq!(expect_close(&mut ws).await.0, 1009, "{size} bytes");
     }
+    // Also as the first (auth) frame of a connection without a token in the upgrade.
+    for size in [3_000, 100_000] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+            .await
+            .unwrap();
+        let frame = json!({"type":"auth","token": "x".repeat(size)}).to_string();
+        let _ = ws.send(Message::Text(frame.into())).await;
+        assert_eq!(
+            expect_close(&mut ws).await.0,
+            1009,
+            "first frame, {size} bytes"
+        );
+    }
 }
 
 #[tokio::test]

@@ -38,6 +38,11 @@ pub struct Delivery {
     pub left: Option<UserId>,
     /// For a `message` event: its author (their typing indicator ends with it).
     pub message_by: Option<UserId>,
+    /// Who appended the event (`None` for an entry this build cannot decode).
+    pub author: Option<UserId>,
+    /// For a message or an edit: the frame a reader who blocks `author` gets instead, rendered
+    /// once like `frame` (see `Delivery::frame_for`).
+    pub hidden: Option<Utf8Bytes>,
 }
 
 /// This edge's room feeds.
@@ -104,6 +109,18 @@ impl Hub {
                 op: "typing",
                 reason: e.to_string(),
             })
+    }
+
+    /// The room log this hub follows.
+    pub fn log(&self) -> &RoomLog {
+        &self.log
+    }
+
+    /// Hands an ephemeral frame to the sessions following `room` on this edge (lossy: a
+    /// session that is behind drops it). False when nobody here follows the room.
+    pub fn ephemeral(&self, room: &RoomId, frame: Utf8Bytes, exclude: Option<UserId>) -> bool {
+        self.existing(room)
+            .is_some_and(|feed| feed.ephemeral.send(Ephemeral { frame, exclude }).is_ok())
     }
 
     fn typing_subject(&self, room: &RoomId) -> String {

@@ -13,6 +13,7 @@ mod hub;
 mod limits;
 mod origin;
 mod outbox;
+mod presence;
 mod protocol;
 mod render;
 mod session;
@@ -33,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 pub use hub::{Delivery, Follower, Hub};
 pub use limits::{Rate, Rates};
+pub use presence::{Presence, PresenceConfig};
 pub use protocol::{close_code, ErrorCode};
 pub use render::event_frame;
 pub use typing::Ephemeral;
@@ -79,6 +81,8 @@ pub struct EdgeConfig {
     /// An append whose outcome is unknown (NATS away, timeout) is retried with the same id for
     /// this long before the client is told `unavailable`.
     pub append_retry: Duration,
+    /// Presence heartbeats, expiry and coalescing.
+    pub presence: PresenceConfig,
 }
 
 impl Default for EdgeConfig {
@@ -99,6 +103,7 @@ impl Default for EdgeConfig {
             max_connections_per_user: 32,
             max_rooms_per_subscribe: 256,
             append_retry: Duration::from_secs(3),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -117,6 +122,8 @@ pub struct EdgeState {
     pub stats: Arc<EdgeStats>,
     /// Every session; a drain waits for them to close.
     pub sessions: TaskTracker,
+    /// Who is online where, across edges.
+    pub presence: Arc<Presence>,
     limits: Arc<limits::UserLimits>,
     connections: Arc<limits::Connections>,
 }
@@ -142,8 +149,16 @@ impl EdgeState {
                 }
             }
         });
+        let stats = Arc::new(EdgeStats::default());
+        let presence = Presence::start(
+            hub.clone(),
+            config.presence,
+            shutdown.clone(),
+            stats.clone(),
+        );
         EdgeState {
             verifier,
+            presence,
             connections: limits::Connections::new(
                 config.max_connections,
                 config.max_connections_per_user,
@@ -152,7 +167,7 @@ impl EdgeState {
             shutdown,
             rooms,
             hub,
-            stats: Arc::new(EdgeStats::default()),
+            stats,
             sessions: TaskTracker::new(),
             limits,
         }
@@ -188,12 +203,15 @@ pub struct EdgeStats {
     pub idle_closes: AtomicU64,
     /// Appends retried after an unknown outcome.
     pub append_retries: AtomicU64,
+    /// Presence frames handed to sessions (coalesced).
+    pub presence_frames: AtomicU64,
 }
 
 /// The edge's routes.
 pub fn router(state: EdgeState) -> Router {
     Router::new()
         .route("/v1/ws", get(upgrade))
+        .route("/v1/rooms/{room}/presence", get(presence_of))
         .with_state(state)
 }
 
@@ -280,6 +298,49 @@ async fn upgrade(
                 },
             ))
         })
+}
+
+/// `GET /v1/rooms/{room}/presence`: `{"online":[…]}` for members (Bearer token).
+async fn presence_of(
+    State(state): State<EdgeState>,
+    axum::extract::Path(room): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let identity = match token.map(|t| state.verifier.verify(t.trim())) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
+            return http_error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string())
+        }
+        None => {
+            return http_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing Authorization: Bearer token",
+            )
+        }
+    };
+    let room = match chat_model::RoomId::parse(&room) {
+        Ok(room) => room,
+        Err(e) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("room: {e}"),
+            )
+        }
+    };
+    if let Err(e) = state.rooms.member_state(&room, &identity.user).await {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return http_error(status, e.code(), &e.to_string());
+    }
+    Json(serde_json::json!({ "online": state.presence.online(&room) })).into_response()
 }
 
 fn http_error(status: StatusCode, code: &str, message: &str) -> Response {

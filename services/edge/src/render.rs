@@ -1,9 +1,28 @@
 //! Server → client `event` frames, rendered once per edge and shared by every session.
+//!
+//! A message (or an edit) is rendered twice: as everyone sees it, and as a reader who blocks its
+//! author sees it, `{"kind":"message","hidden":true}` without text (an edit keeps its `target`).
+//! Each session picks one with [`Delivery::frame_for`]; nothing is rendered per session.
+
+use std::collections::HashSet;
 
 use axum::extract::ws::Utf8Bytes;
 use chat_log::RawEntry;
-use chat_model::{Event, EventBody, RoomId};
+use chat_model::{Event, EventBody, RoomId, UserId};
 use serde_json::{json, Value};
+
+use crate::Delivery;
+
+impl Delivery {
+    /// The frame a reader who blocks the users in `blocked` receives: the hidden form when
+    /// they block this message's (or edit's) author, else the frame everyone gets.
+    pub fn frame_for(&self, blocked: &HashSet<UserId>) -> &Utf8Bytes {
+        match (&self.hidden, &self.author) {
+            (Some(hidden), Some(author)) if blocked.contains(author) => hidden,
+            _ => &self.frame,
+        }
+    }
+}
 
 /// The contract's `event` frame for one log entry. An entry this build cannot decode becomes
 /// `{"kind":"unsupported"}` with its sequence, so a client's sequence stays gap-free.
@@ -12,8 +31,8 @@ pub fn event_frame(room: &RoomId, entry: &RawEntry) -> Utf8Bytes {
 }
 
 /// One log entry as every session following the room receives it: rendered once.
-pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> crate::Delivery {
-    let (frame, left, message_by) = match entry.decode() {
+pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
+    match entry.decode() {
         Ok(event) => {
             let left = match &event.body {
                 EventBody::MemberLeft { member } => Some(member.clone()),
@@ -23,23 +42,49 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> crate::Delivery {
                 EventBody::Message { .. } => Some(event.user.clone()),
                 _ => None,
             };
-            (event_json(room, entry.seq, &event), left, message_by)
+            Delivery {
+                seq: entry.seq,
+                frame: event_json(room, entry.seq, &event).to_string().into(),
+                left,
+                message_by,
+                hidden: hidden_json(room, entry.seq, &event).map(|v| v.to_string().into()),
+                author: Some(event.user),
+            }
         }
         Err(e) => {
             tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable event sent as unsupported");
-            (
-                json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" }),
-                None,
-                None,
-            )
+            let frame =
+                json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" });
+            Delivery {
+                seq: entry.seq,
+                frame: frame.to_string().into(),
+                left: None,
+                message_by: None,
+                author: None,
+                hidden: None,
+            }
         }
-    };
-    crate::Delivery {
-        seq: entry.seq,
-        frame: frame.to_string().into(),
-        left,
-        message_by,
     }
+}
+
+/// The frame of a message or edit for a reader who blocks its author; `None` for other kinds.
+fn hidden_json(room: &RoomId, seq: u64, event: &Event) -> Option<Value> {
+    let mut frame = json!({
+        "type": "event",
+        "room": room,
+        "seq": seq,
+        "ts": event.ts,
+        "user": event.user,
+        "kind": event.kind(),
+        "id": event.id.hyphenated().to_string(),
+    });
+    match &event.body {
+        EventBody::Message { .. } => {}
+        EventBody::Edit { target, .. } => frame["target"] = json!(target),
+        _ => return None,
+    }
+    frame["hidden"] = json!(true);
+    Some(frame)
 }
 
 fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
@@ -76,6 +121,7 @@ fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
         } => {
             json!({ "name": name, "room_kind": room_kind.as_str(), "members": members })
         }
+        EventBody::RoomUpdated { read_only } => json!({ "read_only": read_only }),
     };
     if let (Some(frame), Value::Object(fields)) = (frame.as_object_mut(), fields) {
         frame.extend(fields);
@@ -165,6 +211,10 @@ mod tests {
                 },
                 json!({"name":"General","room_kind":"group","members":["bob"]}),
             ),
+            (
+                EventBody::RoomUpdated { read_only: true },
+                json!({"read_only":true}),
+            ),
         ];
         for (body, fields) in cases {
             let kind = body.kind();
@@ -174,6 +224,63 @@ mod tests {
                 assert_eq!(&frame[k], v, "{kind}.{k}");
             }
         }
+    }
+
+    #[test]
+    fn a_reader_who_blocks_the_author_gets_the_hidden_form() {
+        let room = RoomId::parse("general").unwrap();
+        let json = |b: &Utf8Bytes| serde_json::from_str::<Value>(b.as_str()).unwrap();
+        let message = delivery(
+            &room,
+            &entry(
+                46,
+                EventBody::Message {
+                    text: "secret".into(),
+                    thread: Some(40),
+                    reply_to: Some(41),
+                },
+            ),
+        );
+        let alice: HashSet<UserId> = [UserId::parse("alice").unwrap()].into();
+        let nobody = HashSet::new();
+        assert_eq!(json(message.frame_for(&nobody))["text"], "secret");
+        assert_eq!(
+            json(message.frame_for(&alice)),
+            json!({"type":"event","room":"general","seq":46,"ts":1_763_900_000_123_i64,
+                   "user":"alice","kind":"message","id":"01935f2e-4b1c-7a00-8000-000000000001",
+                   "hidden":true})
+        );
+        let edit = delivery(
+            &room,
+            &entry(
+                47,
+                EventBody::Edit {
+                    target: 46,
+                    text: "still secret".into(),
+                },
+            ),
+        );
+        let hidden = json(edit.frame_for(&alice));
+        assert_eq!(
+            (&hidden["target"], &hidden["hidden"]),
+            (&json!(46), &json!(true))
+        );
+        assert!(hidden.get("text").is_none(), "{hidden}");
+        // Other kinds are the same for everyone.
+        let reaction = delivery(
+            &room,
+            &entry(
+                48,
+                EventBody::Reaction {
+                    target: 46,
+                    emoji: "👍".into(),
+                    on: true,
+                },
+            ),
+        );
+        assert!(reaction.hidden.is_none());
+        assert_eq!(reaction.frame_for(&alice), &reaction.frame);
+        assert_eq!(reaction.author, Some(UserId::parse("alice").unwrap()));
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub(crate) async fn run(
         Some(identity) => identity,
         None => match first_frame_auth(&mut socket, &state).await {
             Ok(identity) => identity,
-            Err(reason) => return refuse(&mut socket, close_code::TOKEN, reason).await,
+            Err((code, reason)) => return refuse(&mut socket, code, reason).await,
         },
     };
     if slots.user.is_none() {
@@ -147,6 +147,8 @@ pub(crate) async fn run(
 
 struct Subscription {
     task: JoinHandle<()>,
+    /// The user is online in the room while subscribed.
+    _here: crate::presence::Here,
 }
 
 impl Drop for Subscription {
@@ -517,8 +519,9 @@ impl Session {
             self.out.clone(),
             ended.clone(),
         ));
+        let here = self.state.presence.here(room, &self.user);
         self.subscriptions
-            .insert(room.clone(), Subscription { task });
+            .insert(room.clone(), Subscription { task, _here: here });
         Ok(())
     }
 
@@ -811,7 +814,7 @@ async fn forward(
             typing = typing.next() => {
                 // Never to the typing user's own sessions; dropped, not waited for, when this
                 // client is behind.
-                if typing.user != user {
+                if typing.exclude.as_ref() != Some(&user) {
                     out.push_ephemeral(typing.frame);
                 }
                 continue;
@@ -825,9 +828,14 @@ async fn forward(
                 let frame = if delivery.hidden.is_some() {
                     match rooms.blocked(&user).await {
                         Ok(blocked) => delivery.frame_for(&blocked).clone(),
+                        // Fail closed: a placeholder keeps the sequence, and history shows the
+                        // text later if its author is not blocked after all.
                         Err(e) => {
-                            tracing::warn!(user = %user, error = %e, "block list unavailable; sending as is");
-                            delivery.frame.clone()
+                            tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
+                            delivery
+                                .hidden
+                                .clone()
+                                .unwrap_or_else(|| delivery.frame.clone())
                         }
                     }
                 } else {
@@ -852,30 +860,44 @@ async fn forward(
 }
 
 /// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time.
-async fn first_frame_auth(socket: &mut WebSocket, state: &EdgeState) -> Result<Identity, String> {
+/// Refused first frames: the close code and reason.
+async fn first_frame_auth(
+    socket: &mut WebSocket,
+    state: &EdgeState,
+) -> Result<Identity, (u16, String)> {
+    let refused = |reason: &str| (close_code::TOKEN, reason.to_owned());
     let deadline = Instant::now() + state.config.auth_timeout;
     loop {
         let message = tokio::select! {
-            _ = sleep_until(deadline) => return Err("no auth frame in time".to_owned()),
+            _ = sleep_until(deadline) => return Err(refused("no auth frame in time")),
             message = socket.recv() => message,
         };
         match message {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(text))) if text.len() <= state.config.max_frame_bytes => {
-                let frame = protocol::parse(&text).map_err(|m| m.message)?;
+            Some(Ok(Message::Text(text))) if text.len() > state.config.max_frame_bytes => {
+                return Err((close_code::TOO_BIG, "frame too big".to_owned()))
+            }
+            Some(Ok(Message::Text(text))) => {
+                let frame = protocol::parse(&text).map_err(|m| refused(&m.message))?;
                 if frame.kind != "auth" {
-                    return Err("the first frame must be auth".to_owned());
+                    return Err(refused("the first frame must be auth"));
                 }
                 let token = frame
                     .body
                     .get("token")
                     .and_then(|t| t.as_str())
-                    .ok_or("auth frame without a token")?;
-                return state.verifier.verify(token).map_err(|e| e.to_string());
+                    .ok_or_else(|| refused("auth frame without a token"))?;
+                return state
+                    .verifier
+                    .verify(token)
+                    .map_err(|e| refused(&e.to_string()));
             }
-            Some(Ok(_)) => return Err("the first frame must be an auth text frame".to_owned()),
-            Some(Err(e)) => return Err(format!("read failed: {e}")),
-            None => return Err("closed before authenticating".to_owned()),
+            Some(Ok(_)) => return Err(refused("the first frame must be an auth text frame")),
+            Some(Err(e)) if is_capacity_error(&e) => {
+                return Err((close_code::TOO_BIG, "frame too big".to_owned()))
+            }
+            Some(Err(e)) => return Err(refused(&format!("read failed: {e}"))),
+            None => return Err(refused("closed before authenticating")),
         }
     }
 }

@@ -30,19 +30,19 @@ pub(crate) struct Signal {
     pub active: bool,
 }
 
-/// A typing frame for the room's sessions, except the typing user's own.
+/// An ephemeral frame (typing, presence) for a room's sessions.
 #[derive(Debug, Clone)]
 pub struct Ephemeral {
     pub frame: Utf8Bytes,
-    /// Whose indicator this is: their own sessions do not get it.
-    pub user: UserId,
+    /// This user's sessions do not get it (a typing user's own indicator).
+    pub exclude: Option<UserId>,
 }
 
 pub(crate) fn frame(room: &RoomId, user: &UserId, active: bool) -> Ephemeral {
     let frame = json!({"type": "typing", "room": room, "user": user, "active": active});
     Ephemeral {
         frame: frame.to_string().into(),
-        user: user.clone(),
+        exclude: Some(user.clone()),
     }
 }
 

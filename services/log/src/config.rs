@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chat_model::RoomId;
+use chat_model::{RoomId, UserId};
 use sha2::{Digest, Sha256};
 
 /// Settings of the room log. Every timeout is configuration so tests can shorten it.
@@ -108,10 +108,45 @@ impl LogConfig {
     pub fn live_wildcard(&self) -> String {
         format!("{}.live.*", self.prefix)
     }
+
+    /// The one stream holding every user's block-list changes: `<PREFIX>_USERS`. Room streams
+    /// are `<PREFIX>_` and 32 hex digits, so the names never meet.
+    pub fn users_stream_name(&self) -> String {
+        format!("{}_USERS", self.prefix.to_ascii_uppercase())
+    }
+
+    /// The key of a user in the user log: 32 hex digits of sha256(user id). User ids may hold
+    /// `.` and other characters a subject token may not, so they never become part of one.
+    pub fn user_key(&self, user: &UserId) -> String {
+        hex::encode(&Sha256::digest(user.as_str().as_bytes())[..16])
+    }
+
+    /// The subject a user's block-list changes are appended to.
+    pub fn user_subject(&self, user: &UserId) -> String {
+        format!("{}.user.{}", self.prefix, self.user_key(user))
+    }
+
+    /// Wildcard of every user's subject (the user stream's subjects).
+    pub fn user_wildcard(&self) -> String {
+        format!("{}.user.*", self.prefix)
+    }
+
+    /// The core subject a change of the user with `key` is republished to, so every process
+    /// can drop what it caches of that user.
+    pub fn blocks_notice_subject(&self, key: &str) -> String {
+        format!("{}.blocks.{key}", self.prefix)
+    }
+
+    /// Wildcard of every block-list change notice.
+    pub fn blocks_notice_wildcard(&self) -> String {
+        format!("{}.blocks.*", self.prefix)
+    }
 }
 
 /// Stream metadata key holding the room id (the stream name is only a digest of it).
 pub(crate) const ROOM_METADATA_KEY: &str = "chat.room";
+/// Stream metadata key marking the user stream as this project's (value `users`).
+pub(crate) const LOG_METADATA_KEY: &str = "chat.log";
 
 #[cfg(test)]
 mod tests {
@@ -128,6 +163,27 @@ mod tests {
         assert!(name[5..]
             .bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn user_names_are_digests_and_never_meet_room_names() {
+        let cfg = LogConfig::default();
+        let user = UserId::parse("alice.smith@example.com").unwrap();
+        let subject = cfg.user_subject(&user);
+        assert!(subject.starts_with("chat.user."), "{subject}");
+        let key = &subject["chat.user.".len()..];
+        assert_eq!(key, cfg.user_key(&user));
+        assert!(key.len() == 32 && key.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert!(
+            !subject.contains("alice"),
+            "a user id never becomes part of a subject"
+        );
+        assert_eq!(cfg.blocks_notice_subject(key), format!("chat.blocks.{key}"));
+        assert_eq!(cfg.users_stream_name(), "CHAT_USERS");
+        assert_ne!(
+            cfg.users_stream_name().len(),
+            cfg.stream_name(&RoomId::parse("USERS").unwrap()).len()
+        );
     }
 
     #[test]

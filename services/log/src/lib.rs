@@ -10,6 +10,9 @@
 //!
 //! Streams keep everything (no age or count limits), deny deletes and purges, allow direct gets,
 //! and deduplicate by `Nats-Msg-Id` (the event's client id) within the configured window.
+//!
+//! What belongs to a user rather than a room (block lists) lives in the user log ([`UserLog`]):
+//! one stream, one subject per user named by a digest of the user id.
 #![forbid(unsafe_code)]
 
 mod config;
@@ -17,6 +20,7 @@ mod error;
 mod live;
 mod log;
 mod range;
+mod users;
 
 pub use config::{ConfigError, LogConfig};
 pub use error::LogError;
@@ -26,3 +30,4 @@ pub use log::{
     RoomBounds, RoomLog,
 };
 pub use range::RangeReader;
+pub use users::{BlocksEntry, UserLog, UserLogError};

@@ -67,6 +67,9 @@ pub enum EventBody {
         room_kind: RoomKind,
         members: Vec<UserId>,
     },
+    /// The room's admin changed its settings. `read_only`: only the admin may post (send,
+    /// edit, react) while it is set. Settings added later arrive as further optional fields.
+    RoomUpdated { read_only: bool },
 }
 
 /// Whether a room is a group room or a two-person direct room.
@@ -98,6 +101,7 @@ impl EventBody {
             EventBody::MemberJoined { .. } => "member_joined",
             EventBody::MemberLeft { .. } => "member_left",
             EventBody::RoomCreated { .. } => "room_created",
+            EventBody::RoomUpdated { .. } => "room_updated",
         }
     }
 }
@@ -165,6 +169,8 @@ struct Wire<'a> {
     room_kind: Option<RoomKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     members: Option<Cow<'a, [UserId]>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read_only: Option<bool>,
 }
 
 impl<'a> Wire<'a> {
@@ -186,6 +192,7 @@ impl<'a> Wire<'a> {
             name: None,
             room_kind: None,
             members: None,
+            read_only: None,
         }
     }
 }
@@ -234,6 +241,7 @@ impl Event {
                 w.room_kind = Some(*room_kind);
                 w.members = Some(Cow::Borrowed(members));
             }
+            EventBody::RoomUpdated { read_only } => w.read_only = Some(*read_only),
         }
         let kind = self.kind();
         // Sized for the envelope plus the text, so encoding allocates once.
@@ -309,6 +317,9 @@ impl Event {
                     .clone()
                     .map(Cow::into_owned)
                     .ok_or_else(|| missing("members"))?,
+            },
+            "room_updated" => EventBody::RoomUpdated {
+                read_only: w.read_only.ok_or_else(|| missing("read_only"))?,
             },
             other => return Err(DecodeError::UnknownKind(other.to_owned())),
         };

@@ -2,7 +2,13 @@
 //!
 //! [`RoomState`] is a fold over the room's events (pure, no I/O). The decisions below turn a
 //! request into the event to append, or a [`Refusal`], by the client contract's rules; the
-//! caller appends the event and folds it in. Membership therefore always comes from the log.
+//! caller appends the event and folds it in. Membership and settings therefore always come from
+//! the log.
+//!
+//! Roles: the room's creator is its admin (while a member). The admin removes members, deletes
+//! any message, and makes the room read-only; while it is, only the admin posts (send, edit,
+//! react). Everyone may still read, leave, mark read, invite (membership is not posting) and
+//! delete their own messages (retracting is never taken away).
 
 use std::collections::BTreeMap;
 
@@ -23,6 +29,9 @@ pub enum Refusal {
     /// `conflict`
     #[error("{0}")]
     Conflict(&'static str),
+    /// `too_large`
+    #[error("{0}")]
+    TooLarge(&'static str),
 }
 
 /// The state of one room, folded from its log.
@@ -37,6 +46,8 @@ pub struct RoomState {
     pub members: BTreeMap<UserId, u64>,
     /// The last sequence folded in.
     pub head: u64,
+    /// Set by the admin (`room_updated`): only the admin posts while it is.
+    pub read_only: bool,
 }
 
 impl RoomState {
@@ -58,6 +69,7 @@ impl RoomState {
             creator: event.user.clone(),
             members: all,
             head: seq,
+            read_only: false,
         })
     }
 
@@ -75,6 +87,11 @@ impl RoomState {
             EventBody::MemberLeft { member } => {
                 self.members.remove(member);
             }
+            // Only what the rules allow takes effect (as the store applies it), so a log written
+            // by a faulty writer still folds to a state the rules could have produced.
+            EventBody::RoomUpdated { read_only } if self.may_administer(&event.user) => {
+                self.read_only = *read_only;
+            }
             _ => {}
         }
     }
@@ -85,6 +102,48 @@ impl RoomState {
 
     pub fn is_admin(&self, user: &UserId) -> bool {
         &self.creator == user
+    }
+
+    /// The admin acts as admin only while a member: an admin who left has no power left.
+    fn may_administer(&self, user: &UserId) -> bool {
+        self.is_admin(user) && self.is_member(user)
+    }
+
+    /// The other user of a direct room, while they are in it.
+    pub fn direct_peer(&self, actor: &UserId) -> Option<&UserId> {
+        if self.kind != RoomKind::Direct {
+            return None;
+        }
+        self.members.keys().find(|m| *m != actor)
+    }
+
+    /// Posting (send, react; edits also check authorship): members only, and only the admin
+    /// while the room is read-only.
+    pub fn decide_post(&self, actor: &UserId) -> Result<(), Refusal> {
+        if !self.is_member(actor) {
+            return Err(Refusal::Forbidden("not a member of this room"));
+        }
+        if self.read_only && !self.may_administer(actor) {
+            return Err(Refusal::Forbidden(
+                "the room is read-only: only its admin may post",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The admin changes the room's settings; direct rooms have none to change.
+    pub fn decide_update(&self, actor: &UserId, read_only: bool) -> Result<EventBody, Refusal> {
+        if !self.may_administer(actor) {
+            return Err(Refusal::Forbidden(
+                "only the room's admin may change its settings",
+            ));
+        }
+        if self.kind == RoomKind::Direct {
+            return Err(Refusal::BadRequest(
+                "direct rooms have no settings to change",
+            ));
+        }
+        Ok(EventBody::RoomUpdated { read_only })
     }
 
     /// Any member of a group room may add a user; direct rooms have exactly their pair.
@@ -118,18 +177,17 @@ impl RoomState {
         })
     }
 
-    /// Only the author edits a message (and only while a member).
+    /// Only the author edits a message (and only while a member who may post).
     pub fn decide_edit(&self, actor: &UserId, author: &UserId) -> Result<(), Refusal> {
-        if !self.is_member(actor) {
-            return Err(Refusal::Forbidden("not a member of this room"));
-        }
+        self.decide_post(actor)?;
         if actor != author {
             return Err(Refusal::Forbidden("only the author may edit a message"));
         }
         Ok(())
     }
 
-    /// The author or the room's admin deletes a message.
+    /// The author or the room's admin deletes a message (in a read-only room too: retracting
+    /// one's own words is never taken away).
     pub fn decide_delete(&self, actor: &UserId, author: &UserId) -> Result<(), Refusal> {
         if !self.is_member(actor) {
             return Err(Refusal::Forbidden("not a member of this room"));
@@ -141,6 +199,31 @@ impl RoomState {
         }
         Ok(())
     }
+}
+
+/// Who of a direct room's pair blocks whom, as the block lists say at the time of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairBlocks {
+    /// The requesting user blocks the other one.
+    pub actor_blocks_peer: bool,
+    /// The other user blocks the requesting one.
+    pub peer_blocks_actor: bool,
+}
+
+/// Opening a direct room, or posting in one (send, edit, react), while either of the pair
+/// blocks the other is refused, for both of them: a blocked user cannot reach the blocker, and
+/// the blocker cannot write to someone who cannot answer (they unblock first). Reading the
+/// room's history, leaving it and deleting one's own messages stay possible.
+pub fn decide_direct_contact(blocks: PairBlocks) -> Result<(), Refusal> {
+    if blocks.peer_blocks_actor {
+        return Err(Refusal::Forbidden("you cannot contact this user"));
+    }
+    if blocks.actor_blocks_peer {
+        return Err(Refusal::Forbidden(
+            "you block this user; unblock them to write to them",
+        ));
+    }
+    Ok(())
 }
 
 /// The id of the direct room of two users: the same whoever asks, `dm-` and a digest of the
@@ -365,6 +448,134 @@ mod tests {
                 .is_err(),
             "non-members"
         );
+    }
+
+    fn read_only(by: &str, on: bool) -> Event {
+        event(by, EventBody::RoomUpdated { read_only: on })
+    }
+
+    fn send(by: &str) -> Event {
+        event(
+            by,
+            EventBody::Message {
+                text: "hi".into(),
+                thread: None,
+                reply_to: None,
+            },
+        )
+    }
+
+    #[test]
+    fn read_only_is_folded_from_the_admins_room_updated_only() {
+        let state = given(vec![group("alice", &["bob"]), read_only("alice", true)]);
+        assert!(state.read_only);
+        // A non-admin's room_updated (a faulty writer) changes nothing.
+        let state = given(vec![
+            group("alice", &["bob"]),
+            read_only("alice", true),
+            read_only("bob", false),
+        ]);
+        assert!(state.read_only, "bob is not the admin");
+        // Nor does one by an admin who left.
+        let state = given(vec![
+            group("alice", &["bob"]),
+            event(
+                "alice",
+                EventBody::MemberLeft {
+                    member: user("alice"),
+                },
+            ),
+            read_only("alice", true),
+        ]);
+        assert!(!state.read_only);
+        let state = given(vec![
+            group("alice", &["bob"]),
+            read_only("alice", true),
+            send("alice"),
+            read_only("alice", false),
+        ]);
+        assert!(!state.read_only, "the admin turns it off again");
+    }
+
+    #[test]
+    fn only_the_admin_changes_settings_and_direct_rooms_have_none() {
+        let state = given(vec![group("alice", &["bob"])]);
+        assert_eq!(
+            state.decide_update(&user("alice"), true),
+            Ok(EventBody::RoomUpdated { read_only: true })
+        );
+        assert!(matches!(
+            state.decide_update(&user("bob"), true),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            state.decide_update(&user("mallory"), true),
+            Err(Refusal::Forbidden(_))
+        ));
+        let dm = given(vec![event(
+            "alice",
+            EventBody::RoomCreated {
+                name: String::new(),
+                room_kind: RoomKind::Direct,
+                members: vec![user("bob")],
+            },
+        )]);
+        assert!(matches!(
+            dm.decide_update(&user("alice"), true),
+            Err(Refusal::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_read_only_room_takes_posts_from_its_admin_only() {
+        let state = given(vec![
+            group("alice", &["bob"]),
+            send("bob"),
+            read_only("alice", true),
+        ]);
+        assert!(state.decide_post(&user("alice")).is_ok(), "admin sends");
+        assert!(matches!(
+            state.decide_post(&user("bob")),
+            Err(Refusal::Forbidden(m)) if m.contains("read-only")
+        ));
+        assert!(state.decide_edit(&user("bob"), &user("bob")).is_err());
+        assert!(state.decide_edit(&user("alice"), &user("alice")).is_ok());
+        // Retracting one's own message and the admin's moderation still work.
+        assert!(state.decide_delete(&user("bob"), &user("bob")).is_ok());
+        assert!(state.decide_delete(&user("alice"), &user("bob")).is_ok());
+        assert!(state.decide_remove(&user("bob"), &user("bob")).is_ok());
+        assert!(state.decide_remove(&user("alice"), &user("bob")).is_ok());
+        assert!(matches!(
+            state.decide_post(&user("mallory")),
+            Err(Refusal::Forbidden(m)) if m.contains("not a member")
+        ));
+    }
+
+    #[test]
+    fn a_direct_room_is_closed_while_either_blocks_the_other() {
+        assert!(decide_direct_contact(PairBlocks::default()).is_ok());
+        let blocked = decide_direct_contact(PairBlocks {
+            actor_blocks_peer: false,
+            peer_blocks_actor: true,
+        });
+        assert!(matches!(blocked, Err(Refusal::Forbidden(_))));
+        let blocker = decide_direct_contact(PairBlocks {
+            actor_blocks_peer: true,
+            peer_blocks_actor: false,
+        });
+        assert!(matches!(blocker, Err(Refusal::Forbidden(m)) if m.contains("unblock")));
+        let dm = given(vec![event(
+            "alice",
+            EventBody::RoomCreated {
+                name: String::new(),
+                room_kind: RoomKind::Direct,
+                members: vec![user("bob")],
+            },
+        )]);
+        assert_eq!(dm.direct_peer(&user("alice")), Some(&user("bob")));
+        assert_eq!(dm.direct_peer(&user("bob")), Some(&user("alice")));
+        let group = given(vec![group("alice", &["bob"])]);
+        assert_eq!(group.direct_peer(&user("alice")), None);
     }
 
     #[test]

@@ -135,6 +135,10 @@ fn fixtures() -> Vec<(&'static str, Event)> {
                 },
             ),
         ),
+        (
+            "room_updated_read_only",
+            ev(12, "alice", EventBody::RoomUpdated { read_only: true }),
+        ),
     ]
 }
 

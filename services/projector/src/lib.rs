@@ -260,13 +260,14 @@ pub async fn run(
                 if seq <= track.queued {
                     continue;
                 }
-                let projected = to_entry(&room, &entry, &stats);
                 // Lag is measured on this process's clock from when the event reached it (an
                 // event's own `ts` comes from another machine's clock).
                 track.mark_behind(now_ms());
                 if !track.filling && seq == track.queued + 1 {
                     track.queued = seq;
-                    out.push(&room, projected);
+                    // Decoded (and a dead letter counted) only when queued: an entry dropped
+                    // here is decoded by the fill that covers it.
+                    out.push(&room, to_entry(&room, &entry, &stats));
                 } else if !track.filling {
                     tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
                     track.filling = true;

@@ -28,7 +28,7 @@ const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 fn random_event(rng: &mut StdRng, head: u64) -> Event {
     let by = USERS[rng.random_range(0..USERS.len())];
     let target = rng.random_range(1..=head);
-    let body = match rng.random_range(0..10) {
+    let body = match rng.random_range(0..11) {
         0..=3 => EventBody::Message {
             text: format!("text {}", rng.random::<u32>()),
             thread: rng.random_bool(0.2).then_some(target),
@@ -49,6 +49,10 @@ fn random_event(rng: &mut StdRng, head: u64) -> Event {
         },
         8 => EventBody::MemberJoined {
             member: user(USERS[rng.random_range(0..USERS.len())]),
+        },
+        // By anyone: only the admin's take effect, identically live and rebuilt.
+        9 => EventBody::RoomUpdated {
+            read_only: rng.random_bool(0.5),
         },
         _ => EventBody::MemberLeft {
             member: user(USERS[rng.random_range(0..USERS.len())]),

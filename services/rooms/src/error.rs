@@ -1,6 +1,6 @@
 //! Why a room request was refused, with the contract's code and HTTP status for each.
 
-use chat_log::LogError;
+use chat_log::{LogError, UserLogError};
 use chat_model::Refusal;
 use chat_store::StoreError;
 
@@ -58,6 +58,25 @@ impl From<Refusal> for RoomError {
             Refusal::Forbidden(m) => RoomError::Forbidden(m.into()),
             Refusal::BadRequest(m) => RoomError::BadRequest(m.into()),
             Refusal::Conflict(m) => RoomError::Conflict(m.into()),
+            Refusal::TooLarge(m) => RoomError::TooLarge(m.into()),
+        }
+    }
+}
+
+impl From<UserLogError> for RoomError {
+    fn from(e: UserLogError) -> RoomError {
+        match e {
+            UserLogError::Unavailable { .. } | UserLogError::Timeout { .. } => {
+                RoomError::Unavailable(e.to_string())
+            }
+            UserLogError::WrongLastSequence { .. } => RoomError::Conflict(e.to_string()),
+            UserLogError::Encode(_) => RoomError::TooLarge(e.to_string()),
+            UserLogError::Corrupt { .. }
+            | UserLogError::StreamConflict { .. }
+            | UserLogError::JetStream { .. } => {
+                tracing::error!(error = %e, "user log refused a request");
+                RoomError::Internal(e.to_string())
+            }
         }
     }
 }

@@ -14,22 +14,40 @@
 //!   it does not (or no projector has reported for longer than the window), appends are refused
 //!   with `unavailable` rather than risk a duplicate.
 //! - **Read-your-writes.** History the store does not hold yet is read from the log.
+//! - **Roles.** The creator is the room's admin: removes members, deletes any message, makes
+//!   the room read-only (`room_updated`); while it is, only the admin posts.
+//! - **Blocking.** Block lists live in the user log ([`chat_log::UserLog`]), cached per process
+//!   and invalidated by the log's change notices (see `blocks.rs`). A direct room is closed to
+//!   posts while either of its pair blocks the other; elsewhere, a reader who blocks an author
+//!   gets that author's messages as `hidden` placeholders and does not count them as unread.
 #![forbid(unsafe_code)]
 
+mod blocks;
 mod error;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat_log::{LogError, RoomLog};
-use chat_model::{direct_room_id, Event, EventBody, Refusal, RoomId, RoomKind, RoomState, UserId};
-use chat_store::{render_entry, Page, PageQuery, RoomSummary, Store, ThreadPage};
+use chat_log::{LogError, RoomLog, UserLog, UserLogError};
+use chat_model::{
+    decide_block_change, decide_direct_contact, direct_room_id, BlockChange, BlockEvent, Event,
+    EventBody, PairBlocks, Refusal, RoomId, RoomKind, RoomState, UserId,
+};
+use chat_store::{
+    hide_blocked_authors, render_entry, Page, PageQuery, RoomSummary, Store, ThreadPage,
+};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
+
+use crate::blocks::{BlockCache, Lookup};
 
 pub use error::RoomError;
 pub use validate::{validate_emoji, validate_text, Limits};
+
+/// How often a block-list change is re-decided after losing a race before giving up.
+const CHANGE_ATTEMPTS: u32 = 16;
 
 /// Settings of the room service.
 #[derive(Debug, Clone)]
@@ -43,6 +61,9 @@ pub struct RoomsConfig {
     pub projection_wait: Duration,
     /// Text and emoji limits.
     pub limits: Limits,
+    /// How long a cached block list is trusted without a change notice: the safety net for a
+    /// notice lost without a reconnect or slow-consumer report (which drop the whole cache).
+    pub block_list_ttl: Duration,
 }
 
 impl Default for RoomsConfig {
@@ -52,6 +73,7 @@ impl Default for RoomsConfig {
             dedup_window: Duration::from_secs(600),
             projection_wait: Duration::from_secs(2),
             limits: Limits::default(),
+            block_list_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -103,21 +125,48 @@ pub enum Command {
 /// The room service. Cheap to share (`Arc`).
 pub struct Rooms {
     log: RoomLog,
+    /// Block lists (and whatever else belongs to a user rather than a room).
+    users: UserLog,
     store: Arc<dyn Store>,
     config: RoomsConfig,
     /// Room states folded from the log, by room.
     cache: Mutex<HashMap<RoomId, Cached>>,
+    /// Block lists read recently, kept current by the invalidator.
+    blocks: Arc<BlockCache>,
+    /// Follows the user log's change notices; stopped when the service is dropped.
+    invalidator: Option<JoinHandle<()>>,
     /// The last projector lag check: when, and whether appends were safe then.
     lag_check: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
+impl Drop for Rooms {
+    fn drop(&mut self) {
+        if let Some(task) = self.invalidator.take() {
+            task.abort();
+        }
+    }
+}
+
 impl Rooms {
+    /// The room service over `log` and `store`. Called inside a Tokio runtime it starts the task
+    /// that keeps cached block lists current (without one, they expire by TTL only).
     pub fn new(log: RoomLog, store: Arc<dyn Store>, config: RoomsConfig) -> Arc<Rooms> {
+        let users = UserLog::new(&log);
+        let blocks = Arc::new(BlockCache::new(config.block_list_ttl));
+        let invalidator = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            runtime.spawn(blocks::run_invalidator(
+                users.clone(),
+                Arc::downgrade(&blocks),
+            ))
+        });
         Arc::new(Rooms {
             log,
+            users,
             store,
             config,
             cache: Mutex::new(HashMap::new()),
+            blocks,
+            invalidator,
             lag_check: Mutex::new(None),
         })
     }
@@ -256,6 +305,7 @@ impl Rooms {
                 "a direct room needs another user".into(),
             ));
         }
+        decide_direct_contact(self.pair_blocks(actor, other).await?)?;
         let room = direct_room_id(actor, other);
         // The same id whoever asks: concurrent first requests from both users make one event.
         let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, room.as_str().as_bytes());
@@ -286,7 +336,7 @@ impl Rooms {
         room: &RoomId,
         user: &UserId,
     ) -> Result<u64, RoomError> {
-        self.change_membership(actor, room, |state| state.decide_invite(actor, user))
+        self.change_room(actor, room, |state| state.decide_invite(actor, user))
             .await
     }
 
@@ -297,13 +347,25 @@ impl Rooms {
         room: &RoomId,
         user: &UserId,
     ) -> Result<u64, RoomError> {
-        self.change_membership(actor, room, |state| state.decide_remove(actor, user))
+        self.change_room(actor, room, |state| state.decide_remove(actor, user))
+            .await
+    }
+
+    /// Makes a group room read-only, or not (its admin only): a `room_updated` event. Setting
+    /// the value it already has is allowed and recorded like any other change.
+    pub async fn set_read_only(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        read_only: bool,
+    ) -> Result<u64, RoomError> {
+        self.change_room(actor, room, |state| state.decide_update(actor, read_only))
             .await
     }
 
     /// Decides against the current state and appends only if the log has not moved since, so
     /// two concurrent changes cannot both be decided on the same old state.
-    async fn change_membership(
+    async fn change_room(
         &self,
         actor: &UserId,
         room: &RoomId,
@@ -360,7 +422,7 @@ impl Rooms {
         id: Uuid,
         command: Command,
     ) -> Result<Ack, RoomError> {
-        let state = self.member_state(room, actor).await?;
+        let mut state = self.member_state(room, actor).await?;
         // Past the stream's duplicate window only the store knows this id.
         self.check_projection_lag().await?;
         if let Some(hit) = self.store.find_id(room, id).await? {
@@ -369,6 +431,12 @@ impl Rooms {
                 ts: hit.ts,
                 duplicate: true,
             });
+        }
+        let posting = !matches!(command, Command::Delete { .. });
+        if posting && state.decide_post(actor).is_err() {
+            // A refusal is given on the log's word, not the cache's (the admin may have just
+            // lifted read-only).
+            state = self.refresh(room).await?;
         }
         let body = self.decide(actor, room, &state, command).await?;
         let event = Event {
@@ -414,9 +482,10 @@ impl Rooms {
             )));
         }
         let joined = state.members.get(actor).copied().unwrap_or(0);
+        // Only the cursor is wanted: no block list needed for it.
         let stored = self
             .store
-            .rooms_of(actor)
+            .rooms_of(actor, &HashSet::new())
             .await?
             .into_iter()
             .find(|r| &r.room == room)
@@ -448,6 +517,8 @@ impl Rooms {
                 thread,
                 reply_to,
             } => {
+                state.decide_post(actor)?;
+                self.check_direct(actor, state).await?;
                 validate_text(&text, limits)?;
                 if let Some(root) = thread {
                     match self.message_at(room, root).await? {
@@ -480,6 +551,7 @@ impl Rooms {
                     .await?
                     .ok_or(RoomError::NotFound)?;
                 state.decide_edit(actor, &author)?;
+                self.check_direct(actor, state).await?;
                 EventBody::Edit { target, text }
             }
             Command::Delete { target } => {
@@ -491,6 +563,8 @@ impl Rooms {
                 EventBody::Delete { target }
             }
             Command::React { target, emoji, on } => {
+                state.decide_post(actor)?;
+                self.check_direct(actor, state).await?;
                 validate_emoji(&emoji)?;
                 self.message_at(room, target)
                     .await?
@@ -555,14 +629,28 @@ impl Rooms {
         result.map_err(RoomError::Unavailable)
     }
 
-    /// The rooms `user` is in, with head, last read and unread count.
+    /// The rooms `user` is in, with head, last read and unread count (not counting the
+    /// messages of users they block).
     pub async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>, RoomError> {
-        Ok(self.store.rooms_of(user).await?)
+        let blocked = self.blocked(user).await?;
+        Ok(self.store.rooms_of(user, &blocked).await?)
     }
 
-    /// A page of history for a member: the store's rows, and newer events the store does not
-    /// hold yet straight from the log.
+    /// A page of history for a member, as they see it: messages of users they block are
+    /// `hidden` placeholders.
     pub async fn history(
+        &self,
+        viewer: &UserId,
+        room: &RoomId,
+        query: PageQuery,
+    ) -> Result<Page, RoomError> {
+        let mut page = self.history_page(viewer, room, query).await?;
+        hide_blocked_authors(&mut page.events, &*self.blocked(viewer).await?);
+        Ok(page)
+    }
+
+    /// The store's rows, and newer events the store does not hold yet straight from the log.
+    async fn history_page(
         &self,
         viewer: &UserId,
         room: &RoomId,
@@ -622,11 +710,116 @@ impl Rooms {
         query: PageQuery,
     ) -> Result<ThreadPage, RoomError> {
         self.member_state(room, viewer).await?;
-        let page = self.store.thread(room, root, query).await?;
-        if page.root.is_none() {
+        let mut page = self.store.thread(room, root, query).await?;
+        let Some(root) = page.root.as_mut() else {
             return Err(RoomError::NotFound);
-        }
+        };
+        let blocked = self.blocked(viewer).await?;
+        hide_blocked_authors(std::slice::from_mut(root), &blocked);
+        hide_blocked_authors(&mut page.replies.events, &blocked);
         Ok(page)
+    }
+
+    /// The users `user` blocks: cached, and dropped from the cache as soon as this process
+    /// hears of a change (see `blocks.rs`), else after `block_list_ttl`. Cheap enough to ask
+    /// per event forwarded.
+    pub async fn blocked(&self, user: &UserId) -> Result<Arc<HashSet<UserId>>, RoomError> {
+        let key = self.users.key(user);
+        let epoch = match self.blocks.get(&key) {
+            Lookup::Hit(blocked) => return Ok(blocked),
+            Lookup::Miss { epoch } => epoch,
+        };
+        let (seq, blocked) = match self.users.last_blocks(user, false).await? {
+            Some(entry) => (entry.seq, entry.event.blocked.into_iter().collect()),
+            None => (0, HashSet::new()),
+        };
+        let blocked = Arc::new(blocked);
+        self.blocks.put_read(key, seq, blocked.clone(), epoch);
+        Ok(blocked)
+    }
+
+    /// `user`'s block list as the user log holds it now (not from the cache), sorted.
+    pub async fn block_list(&self, user: &UserId) -> Result<Vec<UserId>, RoomError> {
+        Ok(self
+            .users
+            .last_blocks(user, false)
+            .await?
+            .map(|entry| entry.event.blocked.into_iter().collect())
+            .unwrap_or_default())
+    }
+
+    /// `actor` blocks `target`. Blocking someone already blocked is fine: nothing is appended
+    /// and the answer is the sequence of the entry that holds the list.
+    pub async fn block(&self, actor: &UserId, target: &UserId) -> Result<u64, RoomError> {
+        self.change_blocks(actor, BlockChange::Block(target.clone()))
+            .await
+    }
+
+    /// `actor` stops blocking `target` (fine if they did not).
+    pub async fn unblock(&self, actor: &UserId, target: &UserId) -> Result<u64, RoomError> {
+        self.change_blocks(actor, BlockChange::Unblock(target.clone()))
+            .await
+    }
+
+    /// Read the list (from the stream leader), decide, append on the condition that the list
+    /// is still the last entry; a lost race is re-decided on the newer list. So concurrent
+    /// changes from several edges are all kept, and a retry after an unknown outcome is safe:
+    /// it finds the change made, or makes it.
+    async fn change_blocks(&self, actor: &UserId, change: BlockChange) -> Result<u64, RoomError> {
+        let key = self.users.key(actor);
+        for attempt in 0..CHANGE_ATTEMPTS {
+            if attempt > 0 {
+                // Contenders that lost together should not collide again in lockstep.
+                let spread = 1u128 << attempt.min(5);
+                let jitter = Uuid::new_v4().as_u128() % spread;
+                tokio::time::sleep(Duration::from_millis(jitter as u64)).await;
+            }
+            let (expected, current) = match self.users.last_blocks(actor, true).await? {
+                Some(entry) => (entry.seq, entry.event.blocked),
+                None => (0, BTreeSet::new()),
+            };
+            let Some(next) = decide_block_change(actor, &current, &change)? else {
+                let current = Arc::new(current.into_iter().collect());
+                self.blocks.put_written(key, expected, current);
+                return Ok(expected);
+            };
+            let event = BlockEvent {
+                id: Uuid::new_v4(),
+                user: actor.clone(),
+                ts: now_ms(),
+                change: change.clone(),
+                blocked: next,
+            };
+            match self.users.append_blocks(&event, expected).await {
+                Ok(seq) => {
+                    let next = Arc::new(event.blocked.into_iter().collect());
+                    self.blocks.put_written(key, seq, next);
+                    return Ok(seq);
+                }
+                Err(UserLogError::WrongLastSequence { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RoomError::Unavailable(
+            "the block list changes too fast; try again".into(),
+        ))
+    }
+
+    /// Who of the pair blocks whom.
+    async fn pair_blocks(&self, actor: &UserId, peer: &UserId) -> Result<PairBlocks, RoomError> {
+        let (mine, theirs) = tokio::try_join!(self.blocked(actor), self.blocked(peer))?;
+        Ok(PairBlocks {
+            actor_blocks_peer: mine.contains(peer),
+            peer_blocks_actor: theirs.contains(actor),
+        })
+    }
+
+    /// Posting in a direct room needs neither of the pair to block the other.
+    async fn check_direct(&self, actor: &UserId, state: &RoomState) -> Result<(), RoomError> {
+        let Some(peer) = state.direct_peer(actor) else {
+            return Ok(());
+        };
+        Ok(decide_direct_contact(self.pair_blocks(actor, peer).await?)?)
     }
 }
 

@@ -14,12 +14,14 @@ mod render;
 mod scylla;
 mod sqlite;
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use chat_model::{Event, RoomId, RoomKind, RoomState, UserId};
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use render::render_entry;
+pub use render::{hide_blocked_authors, render_entry};
 pub use scylla::ScyllaStore;
 pub use sqlite::SqliteStore;
 
@@ -91,8 +93,10 @@ pub struct RoomSummary {
     pub head: u64,
     /// The user's read cursor.
     pub last_read: u64,
-    /// Messages by others, not deleted, after `last_read`.
+    /// Messages by others, not deleted, not by a user the reader blocks, after `last_read`.
     pub unread: u64,
+    /// Whether only the room's admin may post (set by `room_updated`).
+    pub read_only: bool,
 }
 
 /// Where an event with a given client id landed.
@@ -155,12 +159,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every room's checkpoint.
     async fn checkpoints(&self) -> Result<Vec<(RoomId, u64)>>;
 
-    /// The room's state (kind, creator, members) as of its checkpoint, `None` before its
-    /// `room_created` is stored.
+    /// The room's state (kind, creator, members, settings) as of its checkpoint, `None` before
+    /// its `room_created` is stored.
     async fn room_state(&self, room: &RoomId) -> Result<Option<RoomState>>;
 
-    /// The rooms `user` is a member of, by room id.
-    async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>>;
+    /// The rooms `user` is a member of, by room id. Unread counts leave out the messages of
+    /// the users in `blocked` (the user's block list: block lists live in the user log, not
+    /// in the store, so the caller passes it).
+    async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>>;
 
     /// A page of the room's history, newest first, as `viewer` sees it.
     async fn history(&self, room: &RoomId, query: PageQuery) -> Result<Page>;

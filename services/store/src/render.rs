@@ -4,8 +4,14 @@
 //! frame. Messages carry their current text, `"edited":true` once edited, `"deleted":true` and
 //! no text once deleted, `reactions` (per emoji, who) and `replies` (count and last reply's
 //! sequence) when they have any.
+//!
+//! For a reader who blocks the author, a message is `{"seq","ts","user","kind":"message","id",
+//! "hidden":true}` and nothing else, and an edit of it keeps its `target` but not its text
+//! ([`hide_blocked_authors`]): the sequence stays gap-free, the words stay out.
 
-use chat_model::{Event, EventBody};
+use std::collections::HashSet;
+
+use chat_model::{Event, EventBody, UserId};
 use serde_json::{json, Map, Value};
 
 /// An event as a backend reads it back.
@@ -97,6 +103,37 @@ pub(crate) fn fields_of(body: &EventBody) -> Value {
             "room_kind": room_kind.as_str(),
             "members": members.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
         }),
+        EventBody::RoomUpdated { read_only } => json!({"read_only": read_only}),
+    }
+}
+
+/// The keys a hidden message keeps (the event frame adds `type` and `room`).
+const HIDDEN_KEEPS: &[&str] = &["type", "room", "seq", "ts", "user", "kind", "id"];
+
+/// Replaces, in a page of materialized events, every message and edit whose author is in
+/// `blocked` by its hidden form (see the module docs). Other kinds are left as they are.
+pub fn hide_blocked_authors(events: &mut [Value], blocked: &HashSet<UserId>) {
+    if blocked.is_empty() {
+        return;
+    }
+    for event in events {
+        let Some(map) = event.as_object_mut() else {
+            continue;
+        };
+        let kind = map.get("kind").and_then(Value::as_str);
+        if !matches!(kind, Some("message" | "edit")) {
+            continue;
+        }
+        let by_blocked = map
+            .get("user")
+            .and_then(Value::as_str)
+            .and_then(|u| UserId::parse(u).ok())
+            .is_some_and(|u| blocked.contains(&u));
+        if by_blocked {
+            let is_edit = kind == Some("edit");
+            map.retain(|k, _| HIDDEN_KEEPS.contains(&k.as_str()) || (is_edit && k == "target"));
+            map.insert("hidden".into(), json!(true));
+        }
     }
 }
 
@@ -113,4 +150,43 @@ pub fn render_entry(seq: u64, event: &Event) -> Value {
         out.extend(fields);
     }
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_edits_of_blocked_authors_keep_their_place_but_not_their_words() {
+        let mut events = vec![
+            json!({"seq": 5, "ts": 1, "user": "bob", "kind": "message", "id": "i5", "text": "secret",
+                   "thread": 2, "reply_to": 3, "edited": true,
+                   "reactions": [{"emoji": "👍", "count": 1, "users": ["alice"]}],
+                   "replies": {"count": 1, "last": 6}}),
+            json!({"seq": 4, "ts": 1, "user": "bob", "kind": "edit", "id": "i4", "target": 2, "text": "x"}),
+            json!({"seq": 3, "ts": 1, "user": "carol", "kind": "message", "id": "i3", "text": "hi",
+                   "thread": null, "reply_to": null}),
+            json!({"seq": 2, "ts": 1, "user": "bob", "kind": "reaction", "id": "i2", "target": 3,
+                   "emoji": "👍", "on": true}),
+        ];
+        let untouched = events.clone();
+        hide_blocked_authors(&mut events, &HashSet::new());
+        assert_eq!(events, untouched, "nothing blocked: nothing changes");
+
+        let blocked: HashSet<UserId> = [UserId::parse("bob").unwrap()].into();
+        hide_blocked_authors(&mut events, &blocked);
+        assert_eq!(
+            events[0],
+            json!({"seq": 5, "ts": 1, "user": "bob", "kind": "message", "id": "i5", "hidden": true})
+        );
+        assert_eq!(
+            events[1],
+            json!({"seq": 4, "ts": 1, "user": "bob", "kind": "edit", "id": "i4", "target": 2, "hidden": true})
+        );
+        assert_eq!(events[2], untouched[2], "others' messages are shown");
+        assert_eq!(
+            events[3], untouched[3],
+            "only messages and edits are hidden"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! file never holds rows without the checkpoint that covers them. Auditors can open the file with
 //! the `sqlite3` tool; the schema is in `schema/sqlite.sql`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +27,7 @@ pub const SCHEMA: &str = include_str!("../../../schema/sqlite.sql");
 /// Tables and the order their rows are hashed in by [`Store::digest`].
 const DIGEST_TABLES: &[(&str, &str)] = &[
     ("rooms", "room"),
+    ("room_settings", "room"),
     ("members", "room, user"),
     ("cursors", "room, user"),
     ("events", "room, seq"),
@@ -264,6 +266,19 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
                 )?;
                 advance_cursor(tx, room, member, seq)?;
             }
+        }
+        EventBody::RoomUpdated { read_only } => {
+            // The admin's (the creator, while a member) only, as the room aggregate folds it.
+            tx.prepare_cached(
+                "INSERT INTO room_settings (room, read_only, updated_seq)
+                 SELECT ?1, ?2, ?3 FROM rooms r
+                 WHERE r.room = ?1 AND r.creator = ?4
+                   AND EXISTS (SELECT 1 FROM members m
+                               WHERE m.room = ?1 AND m.user = ?4 AND m.active = 1)
+                 ON CONFLICT (room) DO UPDATE
+                 SET read_only = excluded.read_only, updated_seq = excluded.updated_seq",
+            )?
+            .execute(params![room, read_only, s, user])?;
         }
     }
     let target = match &event.body {
@@ -521,15 +536,17 @@ impl Store for SqliteStore {
         let room = room.clone();
         self.read(move |conn| {
             let err = backend_err("room state");
-            let meta: Option<(String, String, String)> = conn
+            let meta: Option<(String, String, String, bool)> = conn
                 .query_row(
-                    "SELECT kind, name, creator FROM rooms WHERE room = ?1",
+                    "SELECT r.kind, r.name, r.creator, coalesce(s.read_only, 0)
+                     FROM rooms r LEFT JOIN room_settings s ON s.room = r.room
+                     WHERE r.room = ?1",
                     [room.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()
                 .map_err(&err)?;
-            let Some((kind, name, creator)) = meta else {
+            let Some((kind, name, creator, read_only)) = meta else {
                 return Ok(None);
             };
             let head = checkpoint_in(conn, room.as_str()).map_err(&err)?;
@@ -562,21 +579,33 @@ impl Store for SqliteStore {
                 })?,
                 members,
                 head,
+                read_only,
             }))
         })
         .await
     }
 
-    async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>> {
+    async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>> {
         let user = user.clone();
+        // One JSON array parameter instead of a statement per list length: the statement stays
+        // cached, and `json_each` makes it a set SQLite can probe.
+        let blocked = serde_json::Value::from(
+            blocked
+                .iter()
+                .map(|u| u.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
         self.read(move |conn| {
             let err = backend_err("rooms of user");
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT m.room, r.kind, r.name, coalesce(c.seq, 0),
-                            max(coalesce(cu.last_read, 0), m.joined_seq)
+                            max(coalesce(cu.last_read, 0), m.joined_seq),
+                            coalesce(s.read_only, 0)
                      FROM members m
                      JOIN rooms r ON r.room = m.room
+                     LEFT JOIN room_settings s ON s.room = m.room
                      LEFT JOIN checkpoints c ON c.room = m.room
                      LEFT JOIN cursors cu ON cu.room = m.room AND cu.user = m.user
                      WHERE m.user = ?1 AND m.active = 1
@@ -591,6 +620,7 @@ impl Store for SqliteStore {
                         r.get::<_, String>(2)?,
                         r.get::<_, i64>(3)?,
                         r.get::<_, i64>(4)?,
+                        r.get::<_, bool>(5)?,
                     ))
                 })
                 .map_err(&err)?
@@ -599,13 +629,17 @@ impl Store for SqliteStore {
             let mut unread = conn
                 .prepare_cached(
                     "SELECT count(*) FROM events
-                     WHERE room = ?1 AND seq > ?2 AND kind = 'message' AND deleted = 0 AND user <> ?3",
+                     WHERE room = ?1 AND seq > ?2 AND kind = 'message' AND deleted = 0 AND user <> ?3
+                       AND user NOT IN (SELECT value FROM json_each(?4))",
                 )
                 .map_err(&err)?;
             let mut out = Vec::with_capacity(rows.len());
-            for (room, kind, name, head, last_read) in rows {
+            for (room, kind, name, head, last_read, read_only) in rows {
                 let count: i64 = unread
-                    .query_row(params![room, last_read, user.as_str()], |r| r.get(0))
+                    .query_row(
+                        params![room, last_read, user.as_str(), blocked.as_str()],
+                        |r| r.get(0),
+                    )
                     .map_err(&err)?;
                 let Ok(room) = RoomId::parse(room) else {
                     continue;
@@ -621,6 +655,7 @@ impl Store for SqliteStore {
                     head: head as u64,
                     last_read: last_read as u64,
                     unread: count as u64,
+                    read_only,
                 });
             }
             Ok(out)

@@ -4,6 +4,7 @@
 //! is set (`scylla://host:port`; each run gets a keyspace of its own). The backends a test ran
 //! on are printed, so a run's log says plainly whether ScyllaDB was exercised.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chat_model::{Event, EventBody, RoomId, RoomKind, RoomState, UserId};
@@ -50,6 +51,11 @@ fn room(s: &str) -> RoomId {
 
 fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
+}
+
+/// An empty block list.
+fn none() -> HashSet<UserId> {
+    HashSet::new()
 }
 
 fn ev(by: &str, body: EventBody) -> Event {
@@ -386,12 +392,12 @@ async fn cursors_only_move_forward_and_unread_counts_follow_the_contract() {
         log.push(ev("bob", EventBody::Read { up_to: a1 })); // backwards: ignored
         s.apply(&[log.batch()]).await.unwrap();
 
-        let rooms = s.rooms_of(&user("bob")).await.unwrap();
+        let rooms = s.rooms_of(&user("bob"), &none()).await.unwrap();
         assert_eq!(rooms.len(), 1);
         let r = &rooms[0];
         assert_eq!((r.head, r.last_read, r.unread), (9, 5, 1), "{r:?}");
         assert_eq!((r.kind, r.name.as_str()), (RoomKind::Group, "General"));
-        let alice = &s.rooms_of(&user("alice")).await.unwrap()[0];
+        let alice = &s.rooms_of(&user("alice"), &none()).await.unwrap()[0];
         assert_eq!((alice.last_read, alice.unread), (7, 0), "{alice:?}");
 
         let mut more = Log {
@@ -402,7 +408,7 @@ async fn cursors_only_move_forward_and_unread_counts_follow_the_contract() {
         more.push(ev("bob", EventBody::Read { up_to: a3 }));
         more.push(msg("carol-not-member", "x"));
         s.apply(&[more.batch()]).await.unwrap();
-        let r = &s.rooms_of(&user("bob")).await.unwrap()[0];
+        let r = &s.rooms_of(&user("bob"), &none()).await.unwrap()[0];
         assert_eq!((r.last_read, r.unread), (5, 2), "still 5: 3 is behind it");
     }
 }
@@ -434,10 +440,16 @@ async fn rooms_of_a_user_follow_membership() {
                 .map(|r| r.room.to_string())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(s.rooms_of(&user("alice")).await.unwrap()), ["a-room"]);
-        assert!(s.rooms_of(&user("bob")).await.unwrap().is_empty());
-        assert_eq!(names(s.rooms_of(&user("carol")).await.unwrap()), ["b-room"]);
-        let dave = &s.rooms_of(&user("dave")).await.unwrap()[0];
+        assert_eq!(
+            names(s.rooms_of(&user("alice"), &none()).await.unwrap()),
+            ["a-room"]
+        );
+        assert!(s.rooms_of(&user("bob"), &none()).await.unwrap().is_empty());
+        assert_eq!(
+            names(s.rooms_of(&user("carol"), &none()).await.unwrap()),
+            ["b-room"]
+        );
+        let dave = &s.rooms_of(&user("dave"), &none()).await.unwrap()[0];
         assert_eq!(
             (dave.last_read, dave.unread),
             (3, 1),
@@ -455,6 +467,113 @@ async fn rooms_of_a_user_follow_membership() {
         }
         assert_eq!(s.room_state(&a.room).await.unwrap(), folded);
         assert_eq!(s.room_state(&room("nowhere")).await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn unread_counts_leave_out_the_authors_a_reader_blocks() {
+    for b in backends().await {
+        let s = &*b.store;
+        let mut log = Log::new("bl", vec![created("alice", &["bob", "carol"])]);
+        log.push(msg("alice", "1"));
+        log.push(msg("carol", "2"));
+        let c3 = log.push(msg("carol", "3"));
+        log.push(msg("alice", "4"));
+        log.push(ev("carol", EventBody::Delete { target: c3 }));
+        s.apply(&[log.batch()]).await.unwrap();
+
+        let bob = |blocked: &[&str]| {
+            let blocked: HashSet<UserId> = blocked.iter().map(|u| user(u)).collect();
+            async move { s.rooms_of(&user("bob"), &blocked).await.unwrap()[0].clone() }
+        };
+        assert_eq!(bob(&[]).await.unread, 3, "{}", s.backend());
+        assert_eq!(
+            bob(&["carol"]).await.unread,
+            2,
+            "carol's messages are not counted"
+        );
+        assert_eq!(bob(&["carol", "alice"]).await.unread, 0);
+        assert_eq!(
+            bob(&["dave"]).await.unread,
+            3,
+            "blocking a stranger changes nothing"
+        );
+        // The head and cursor are the same whoever is blocked.
+        let (plain, blocking) = (bob(&[]).await, bob(&["carol"]).await);
+        assert_eq!(
+            (plain.head, plain.last_read),
+            (blocking.head, blocking.last_read)
+        );
+    }
+}
+
+#[tokio::test]
+async fn read_only_is_materialized_from_the_admins_room_updated_only() {
+    for b in backends().await {
+        let s = &*b.store;
+        let mut log = Log::new("ro", vec![created("alice", &["bob"])]);
+        log.push(msg("bob", "before"));
+        // bob is not the admin: his room_updated is in the history but changes nothing.
+        log.push(ev("bob", EventBody::RoomUpdated { read_only: true }));
+        s.apply(&[log.batch()]).await.unwrap();
+        assert!(!s.room_state(&log.room).await.unwrap().unwrap().read_only);
+        assert!(!s.rooms_of(&user("bob"), &none()).await.unwrap()[0].read_only);
+
+        let on = log.push(ev("alice", EventBody::RoomUpdated { read_only: true }));
+        s.apply(&[log.batch()]).await.unwrap();
+        let fold = |entries: &[Entry]| {
+            let mut state = None::<RoomState>;
+            for e in entries {
+                let event = e.event.as_ref().unwrap();
+                match &mut state {
+                    None => state = RoomState::created(e.seq, event),
+                    Some(st) => st.apply(e.seq, event),
+                }
+            }
+            state
+        };
+        let stored = s.room_state(&log.room).await.unwrap();
+        assert!(stored.as_ref().unwrap().read_only, "{}", s.backend());
+        assert_eq!(stored, fold(&log.entries), "the store's state is the fold");
+        for who in ["alice", "bob"] {
+            let r = &s.rooms_of(&user(who), &none()).await.unwrap()[0];
+            assert!(r.read_only, "{who}");
+        }
+        let events = page(s, &log.room, None, 10).await;
+        assert_eq!(
+            (
+                &events[0]["seq"],
+                &events[0]["kind"],
+                &events[0]["read_only"]
+            ),
+            (&json!(on), &json!("room_updated"), &json!(true))
+        );
+        assert_eq!(events[0]["user"], "alice");
+
+        // Turned off again; the latest wins, and a replay or a rebuild ends in the same rows.
+        log.push(ev("alice", EventBody::RoomUpdated { read_only: false }));
+        s.apply(&[log.batch()]).await.unwrap();
+        assert!(!s.room_state(&log.room).await.unwrap().unwrap().read_only);
+        let digest = s.digest(Some(&log.room)).await.unwrap();
+        s.apply(&[log.batch()]).await.unwrap();
+        assert_eq!(s.digest(Some(&log.room)).await.unwrap(), digest);
+        s.clear_room(&log.room).await.unwrap();
+        assert_eq!(s.room_state(&log.room).await.unwrap(), None);
+        for chunk in log.entries.chunks(2) {
+            s.apply(&[RoomBatch {
+                room: log.room.clone(),
+                entries: chunk.to_vec(),
+            }])
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            s.digest(Some(&log.room)).await.unwrap(),
+            digest,
+            "{}",
+            s.backend()
+        );
+        assert_eq!(s.room_state(&log.room).await.unwrap(), fold(&log.entries));
     }
 }
 

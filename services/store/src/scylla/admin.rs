@@ -245,6 +245,7 @@ impl ScyllaStore {
             &st.member_drop,
             &st.cursor_drop,
             &st.room_drop,
+            &st.settings_drop,
             &st.dead_drop,
         ] {
             self.exec("clear room", statement, (at, room)).await?;
@@ -291,6 +292,15 @@ impl ScyllaStore {
             h.text(r.name.as_deref());
             h.text(r.creator.as_deref());
             h.int(r.created_seq);
+            h.end_row();
+        }
+
+        h.table("room_settings");
+        let settings: Option<(Option<bool>, Option<i64>)> =
+            self.first("digest", &st.settings_get, (room,)).await?;
+        if let Some((read_only, updated_seq)) = settings {
+            h.flag(read_only);
+            h.int(updated_seq);
             h.end_row();
         }
 

@@ -48,7 +48,8 @@ fn reads_state(entry: &Entry) -> bool {
                 | EventBody::Delete { .. }
                 | EventBody::Reaction { on: true, .. }
                 | EventBody::MemberJoined { .. }
-                | EventBody::RoomCreated { .. },
+                | EventBody::RoomCreated { .. }
+                | EventBody::RoomUpdated { .. },
             ..
         })
     )
@@ -485,6 +486,29 @@ impl ScyllaStore {
                     self.join(ctx, member, seq, false).await?;
                 }
                 Ok(())
+            }
+            EventBody::RoomUpdated { read_only } => {
+                let fields = fields_of(&event.body).to_string();
+                self.put_event_row(ctx, seq, event, &fields).await?;
+                // The admin's (the creator, while a member) only, as the room aggregate folds
+                // it. Every earlier event is written (this kind reads state), so the check sees
+                // the membership the log had at `seq`; a later one re-applied has a higher
+                // timestamp and wins anyway.
+                if self.creator_of(room).await?.as_deref() != Some(user) {
+                    return Ok(());
+                }
+                let member: Option<(Option<i64>, Option<bool>)> = self
+                    .first("read member", &st.member_get, (room, user))
+                    .await?;
+                if !matches!(member, Some((_, Some(true)))) {
+                    return Ok(());
+                }
+                self.exec(
+                    "write room settings",
+                    &st.settings_put,
+                    (room, *read_only, cql_seq(seq), effect_ts),
+                )
+                .await
             }
         }
     }

@@ -19,6 +19,7 @@ mod rows;
 mod statements;
 mod uri;
 
+use std::collections::HashSet;
 use std::fmt::Display;
 use std::sync::Arc;
 
@@ -262,8 +263,8 @@ impl Store for ScyllaStore {
         self.state_of(room).await
     }
 
-    async fn rooms_of(&self, user: &UserId) -> Result<Vec<RoomSummary>> {
-        self.summaries(user).await
+    async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>> {
+        self.summaries(user, blocked).await
     }
 
     async fn history(&self, room: &RoomId, query: PageQuery) -> Result<Page> {
@@ -312,7 +313,7 @@ mod tests {
     #[test]
     fn the_schema_file_splits_into_its_tables() {
         let statements = cql_statements(SCHEMA);
-        assert_eq!(statements.len(), 13, "{statements:#?}");
+        assert_eq!(statements.len(), 14, "{statements:#?}");
         for s in &statements {
             assert!(s.starts_with("CREATE TABLE IF NOT EXISTS "), "{s}");
             assert!(!s.contains("--"), "{s}");

@@ -1,6 +1,6 @@
 //! Reads: history and thread pages, room lists with unread counts, room state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chat_model::{RoomId, RoomKind, RoomState, UserId};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -46,6 +46,14 @@ fn page_top(query: &PageQuery, checkpoint: u64) -> u64 {
 impl ScyllaStore {
     pub(super) async fn room_row(&self, room: &str) -> Result<Option<RoomRow>> {
         self.first("read room", &self.st().room_get, (room,)).await
+    }
+
+    /// Whether the room is read-only (no settings row: the default, not).
+    pub(super) async fn read_only(&self, room: &str) -> Result<bool> {
+        let row: Option<(Option<bool>, Option<i64>)> = self
+            .first("read room settings", &self.st().settings_get, (room,))
+            .await?;
+        Ok(matches!(row, Some((Some(true), _))))
     }
 
     /// A page of history: walks the buckets downward from the page's top until it has
@@ -230,13 +238,17 @@ impl ScyllaStore {
         Ok((count > 0).then_some((count, last.max(0) as u64)))
     }
 
-    /// The rooms `user` belongs to, by room id.
-    pub(super) async fn summaries(&self, user: &UserId) -> Result<Vec<RoomSummary>> {
+    /// The rooms `user` belongs to, by room id; unread counts leave out `blocked` authors.
+    pub(super) async fn summaries(
+        &self,
+        user: &UserId,
+        blocked: &HashSet<UserId>,
+    ) -> Result<Vec<RoomSummary>> {
         let rooms: Vec<(String,)> = self
             .all("rooms of user", &self.st().user_room_list, (user.as_str(),))
             .await?;
         let summaries: Vec<Option<RoomSummary>> = stream::iter(rooms)
-            .map(|(room,)| async move { self.summary(&room, user).await })
+            .map(|(room,)| async move { self.summary(&room, user, blocked).await })
             .buffered(READS_IN_FLIGHT)
             .try_collect()
             .await?;
@@ -247,17 +259,23 @@ impl ScyllaStore {
 
     /// One room of a user's list; `None` if the user is not an active member or the room is
     /// not created (the user's-rooms row is only a pointer; `members` is the truth).
-    async fn summary(&self, room: &str, user: &UserId) -> Result<Option<RoomSummary>> {
+    async fn summary(
+        &self,
+        room: &str,
+        user: &UserId,
+        blocked: &HashSet<UserId>,
+    ) -> Result<Option<RoomSummary>> {
         let st = self.st();
         let member =
             self.first::<MemberRow, _>("rooms of user", &st.member_get, (room, user.as_str()));
         let cursor =
             self.first::<(Option<i64>,), _>("rooms of user", &st.cursor_get, (room, user.as_str()));
-        let (member, meta, checkpoint, cursor) = futures::try_join!(
+        let (member, meta, checkpoint, cursor, read_only) = futures::try_join!(
             member,
             self.room_row(room),
             self.checkpoint_row(room),
             cursor,
+            self.read_only(room),
         )?;
         let Some((joined_seq, Some(true))) = member else {
             return Ok(None);
@@ -271,7 +289,9 @@ impl ScyllaStore {
         let head = checkpoint.seq();
         let cursor = cursor.and_then(|(c,)| c).unwrap_or(0);
         let last_read = cursor.max(joined_seq.unwrap_or(0)).max(0) as u64;
-        let unread = self.unread(room, user.as_str(), last_read, head).await?;
+        let unread = self
+            .unread(room, user.as_str(), blocked, last_read, head)
+            .await?;
         Ok(Some(RoomSummary {
             room: room_id,
             kind: kind_of(meta.kind.as_deref().unwrap_or("group")),
@@ -279,15 +299,25 @@ impl ScyllaStore {
             head,
             last_read,
             unread,
+            read_only,
         }))
     }
 
-    /// Messages by others, not deleted, in `(last_read, head]`: walks the buckets of that range,
-    /// filtering inside each partition (see `statements::event_unread`).
-    async fn unread(&self, room: &str, user: &str, last_read: u64, head: u64) -> Result<u64> {
+    /// Messages by others, not deleted, not by `blocked` authors, in `(last_read, head]`: walks
+    /// the buckets of that range, filtering inside each partition (see
+    /// `statements::event_unread`; authors are compared here, as CQL has no `!=` or `NOT IN`).
+    async fn unread(
+        &self,
+        room: &str,
+        user: &str,
+        blocked: &HashSet<UserId>,
+        last_read: u64,
+        head: u64,
+    ) -> Result<u64> {
         if head <= last_read {
             return Ok(0);
         }
+        let blocked: HashSet<&str> = blocked.iter().map(UserId::as_str).collect();
         let mut count = 0;
         for b in bucket(last_read + 1)..=bucket(head) {
             let authors: Vec<(Option<String>,)> = self
@@ -299,7 +329,10 @@ impl ScyllaStore {
                 .await?;
             count += authors
                 .iter()
-                .filter(|(author,)| author.as_deref() != Some(user))
+                .filter(|(author,)| match author.as_deref() {
+                    Some(author) => author != user && !blocked.contains(author),
+                    None => true,
+                })
                 .count() as u64;
         }
         Ok(count)
@@ -312,6 +345,7 @@ impl ScyllaStore {
             return Ok(None);
         };
         let head = self.checkpoint_row(r).await?.seq();
+        let read_only = self.read_only(r).await?;
         let rows: Vec<(String, Option<i64>, Option<bool>)> =
             self.all("room state", &self.st().member_list, (r,)).await?;
         let members = rows
@@ -332,6 +366,7 @@ impl ScyllaStore {
             })?,
             members,
             head,
+            read_only,
         }))
     }
 }

@@ -119,6 +119,12 @@ statements! {
         USING TIMESTAMP ?";
     room_drop = "DELETE FROM rooms USING TIMESTAMP ? WHERE room = ?";
 
+    // room_settings
+    settings_put = "INSERT INTO room_settings (room, read_only, updated_seq) VALUES (?, ?, ?) \
+        USING TIMESTAMP ?";
+    settings_get = "SELECT read_only, updated_seq FROM room_settings WHERE room = ?";
+    settings_drop = "DELETE FROM room_settings USING TIMESTAMP ? WHERE room = ?";
+
     // members and rooms_by_user
     member_join = "INSERT INTO members (room, member, joined_seq, active) VALUES (?, ?, ?, true) \
         USING TIMESTAMP ?";

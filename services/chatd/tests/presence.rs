@@ -1,0 +1,145 @@
+//! Presence across edges: two chatd processes on one nats-server, real sockets, short timeouts.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chat_harness::{Chatd, NatsServer};
+use common::client::Client;
+use common::*;
+use serde_json::{json, Value};
+
+const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// An `all` chatd on `nats`: presence renewed every 200 ms, a silent edge's users gone after
+/// 1 s, changes shown every 100 ms.
+fn edge(nats: &NatsServer, data: &Path) -> Chatd {
+    start(&[
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_URL", nats.url()),
+        ("CHAT_JWT_HS256_SECRET", SECRET.to_owned()),
+        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
+        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+        ("CHAT_PRESENCE_HEARTBEAT", "200ms".to_owned()),
+        ("CHAT_PRESENCE_TIMEOUT", "1s".to_owned()),
+        ("CHAT_PRESENCE_INTERVAL", "100ms".to_owned()),
+    ])
+}
+
+fn token(user: &str) -> String {
+    mint(SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
+}
+
+fn presence_of(frame: &Value, user: &str) -> Option<String> {
+    (frame["type"] == "presence" && frame["user"] == user)
+        .then(|| frame["status"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The presence endpoint's answer on `chatd`, as `bob` asks it.
+fn online(chatd: &Chatd, room: &str) -> Vec<String> {
+    let (status, body) = api(
+        chatd,
+        &token("bob"),
+        "GET",
+        &format!("/v1/rooms/{room}/presence"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    body["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sessions(chatd: &Chatd) -> u64 {
+    let (_, text) = chatd.get("/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("chat_edge_sessions ")?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_across_edges_without_flapping_and_a_killed_edge_takes_its_users_offline() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
+    let (status, body) = api(
+        &edge2,
+        &token("bob"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "lobby", "kind": "group", "members": ["alice", "carol"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    bob.subscribe("lobby", None).await;
+
+    // Alice subscribes on edge 1: bob, on edge 2, sees her come online; both endpoints agree.
+    let mut alice1 = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    alice1.subscribe("lobby", None).await;
+    let came = bob.wait_for(|f| presence_of(f, "alice").is_some()).await;
+    assert_eq!(
+        came,
+        json!({"type": "presence", "room": "lobby", "user": "alice", "status": "online"})
+    );
+    assert_eq!(online(&edge2, "lobby"), ["alice", "bob"]);
+    eventually("edge 1 to see bob", || {
+        online(&edge1, "lobby") == ["alice", "bob"]
+    })
+    .await;
+
+    // A second session of alice (edge 2), then the first one leaves: no flap.
+    let mut alice2 = Client::connect(&edge2.ws_url(), &token("alice")).await;
+    alice2.subscribe("lobby", None).await;
+    alice1.close().await;
+    eventually("alice's first session to end", || sessions(&edge1) == 0).await;
+    // A marker published by edge 1 after alice's departure from it: by the time bob sees it,
+    // any offline frame for alice would have come first.
+    let mut carol = Client::connect(&edge1.ws_url(), &token("carol")).await;
+    carol.subscribe("lobby", None).await;
+    bob.wait_for(|f| presence_of(f, "carol").as_deref() == Some("online"))
+        .await;
+    assert!(
+        !bob.buffered()
+            .iter()
+            .any(|f| presence_of(f, "alice").is_some()),
+        "alice flapped: {:?}",
+        bob.buffered()
+    );
+    assert_eq!(online(&edge2, "lobby"), ["alice", "bob", "carol"]);
+
+    // Her last session closes cleanly: offline promptly (well before the 1 s expiry matters).
+    alice2.close().await;
+    let gone = bob.wait_for(|f| presence_of(f, "alice").is_some()).await;
+    assert_eq!(gone["status"], "offline");
+    assert_eq!(online(&edge2, "lobby"), ["bob", "carol"]);
+
+    // Edge 1 is killed with carol on it: she goes offline on edge 2 once its renewals stop.
+    edge1.kill();
+    let killed = bob.wait_for(|f| presence_of(f, "carol").is_some()).await;
+    assert_eq!(killed["status"], "offline");
+    assert_eq!(online(&edge2, "lobby"), ["bob"]);
+
+    // Presence is for members only.
+    let (status, _) = api(
+        &edge2,
+        &token("mallory"),
+        "GET",
+        "/v1/rooms/lobby/presence",
+        None,
+    );
+    assert_eq!(status, 403);
+}

@@ -1,0 +1,446 @@
+//! Presence: who is online in each room, across every edge. Ephemeral: core NATS only.
+//!
+//! A user is online in a room while at least one of their sessions, on any edge, is subscribed
+//! to it. Each edge owns its own sessions' presence (see docs/decisions/0006-presence-owned-by-edges.md):
+//! - on a local change (a user's first session here subscribes, their last one here leaves) it
+//!   publishes a delta on `<prefix>.presence.<room>`;
+//! - every heartbeat interval it publishes, per room where it has users, a snapshot of them:
+//!   the snapshot renews its entries and replaces what the edge said before (anti-entropy, and
+//!   late-joining edges learn the state within one interval);
+//! - every edge follows `<prefix>.presence.>` and keeps the whole view: (room, user) → the edges
+//!   that vouch for them, each until a deadline. An edge that stops (SIGKILL, partition) stops
+//!   renewing; its users go offline everywhere once the expiry passes, with nothing left behind;
+//! - what sessions see is coalesced: changes are collected and, once per flush interval, each
+//!   user whose status differs from what the room was last shown gets one frame; a user who
+//!   left and came back within the interval gets none. At most `max_frames` per room per flush;
+//!   past that, one `{"type":"presence","room":…,"changed":N}` frame tells clients to read the
+//!   presence endpoint instead.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_model::{RoomId, UserId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Hub;
+
+/// Settings of presence.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceConfig {
+    /// How often an edge renews its users (per room snapshot).
+    pub heartbeat: Duration,
+    /// An edge's users expire this long after its last renewal (the contract's 90 s).
+    pub expiry: Duration,
+    /// Changes shown to a room's sessions at most this often, coalesced.
+    pub flush: Duration,
+    /// At most this many presence frames per room per flush.
+    pub max_frames: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            heartbeat: Duration::from_secs(30),
+            expiry: Duration::from_secs(90),
+            flush: Duration::from_secs(1),
+            max_frames: 100,
+        }
+    }
+}
+
+/// What edges publish on a room's presence subject.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Signal {
+    edge: String,
+    users: Vec<UserId>,
+    /// Delta: these users came online (true) or went offline (false) on `edge`.
+    online: bool,
+    /// A snapshot: exactly `users` are online on `edge` (their entries renewed).
+    #[serde(default)]
+    snapshot: bool,
+}
+
+enum Local {
+    Join(RoomId, UserId),
+    Leave(RoomId, UserId),
+}
+
+/// A session's presence in one room: online while held.
+pub(crate) struct Here {
+    room: RoomId,
+    user: UserId,
+    tx: mpsc::UnboundedSender<Local>,
+}
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        let _ = self
+            .tx
+            .send(Local::Leave(self.room.clone(), self.user.clone()));
+    }
+}
+
+#[derive(Default)]
+struct View {
+    /// (room, user) → edge → until when that edge vouches for them.
+    online: HashMap<RoomId, HashMap<UserId, HashMap<String, Instant>>>,
+    /// Per room: the online users as its sessions were last shown.
+    shown: HashMap<RoomId, HashSet<UserId>>,
+    /// Rooms with changes not shown yet.
+    dirty: HashSet<RoomId>,
+}
+
+impl View {
+    fn vouch(&mut self, room: &RoomId, user: &UserId, edge: &str, until: Instant) {
+        self.online
+            .entry(room.clone())
+            .or_default()
+            .entry(user.clone())
+            .or_default()
+            .insert(edge.to_owned(), until);
+        self.dirty.insert(room.clone());
+    }
+
+    fn withdraw(&mut self, room: &RoomId, user: &UserId, edge: &str) {
+        if let Some(users) = self.online.get_mut(room) {
+            if let Some(edges) = users.get_mut(user) {
+                edges.remove(edge);
+                if edges.is_empty() {
+                    users.remove(user);
+                }
+            }
+            if users.is_empty() {
+                self.online.remove(room);
+            }
+        }
+        self.dirty.insert(room.clone());
+    }
+
+    fn apply(&mut self, room: &RoomId, signal: &Signal, until: Instant) {
+        if signal.snapshot {
+            let listed: HashSet<&UserId> = signal.users.iter().collect();
+            let before: Vec<UserId> = self
+                .online
+                .get(room)
+                .map(|users| {
+                    users
+                        .iter()
+                        .filter(|(u, edges)| {
+                            edges.contains_key(&signal.edge) && !listed.contains(u)
+                        })
+                        .map(|(u, _)| u.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for user in before {
+                self.withdraw(room, &user, &signal.edge);
+            }
+            for user in &signal.users {
+                self.vouch(room, user, &signal.edge, until);
+            }
+        } else {
+            for user in &signal.users {
+                if signal.online {
+                    self.vouch(room, user, &signal.edge, until);
+                } else {
+                    self.withdraw(room, user, &signal.edge);
+                }
+            }
+        }
+    }
+
+    /// Drops every entry whose edge stopped renewing it.
+    fn expire(&mut self, now: Instant) {
+        let mut changed = Vec::new();
+        self.online.retain(|room, users| {
+            users.retain(|_, edges| {
+                let before = edges.len();
+                edges.retain(|_, until| *until > now);
+                if edges.len() != before {
+                    changed.push(room.clone());
+                }
+                !edges.is_empty()
+            });
+            !users.is_empty()
+        });
+        self.dirty.extend(changed);
+    }
+
+    fn online_in(&self, room: &RoomId) -> BTreeSet<UserId> {
+        self.online
+            .get(room)
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// This edge's presence: its own sessions, and the whole view.
+pub struct Presence {
+    edge: String,
+    subject_prefix: String,
+    client: async_nats::Client,
+    config: PresenceConfig,
+    tx: mpsc::UnboundedSender<Local>,
+    view: Mutex<View>,
+    stats: Arc<crate::EdgeStats>,
+}
+
+impl Presence {
+    /// Starts this edge's presence: follows every room's presence subject, renews its own users
+    /// every heartbeat, shows changes to the hub's sessions every flush. Stops (telling the
+    /// others its users are gone) when `shutdown` is cancelled.
+    pub(crate) fn start(
+        hub: Arc<Hub>,
+        config: PresenceConfig,
+        shutdown: CancellationToken,
+        stats: Arc<crate::EdgeStats>,
+    ) -> Arc<Presence> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let log = hub.log().clone();
+        let presence = Arc::new(Presence {
+            edge: uuid::Uuid::new_v4().simple().to_string(),
+            subject_prefix: format!("{}.presence", log.config().prefix),
+            client: log.client().clone(),
+            config,
+            tx,
+            view: Mutex::new(View::default()),
+            stats,
+        });
+        tokio::spawn(run(presence.clone(), hub, rx, shutdown));
+        presence
+    }
+
+    /// Marks `user` online in `room` for as long as the returned guard lives.
+    pub(crate) fn here(&self, room: &RoomId, user: &UserId) -> Here {
+        let _ = self.tx.send(Local::Join(room.clone(), user.clone()));
+        Here {
+            room: room.clone(),
+            user: user.clone(),
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Who is online in `room` now, as this edge knows it.
+    pub fn online(&self, room: &RoomId) -> Vec<UserId> {
+        let now = Instant::now();
+        self.view
+            .lock()
+            .map(|view| {
+                view.online
+                    .get(room)
+                    .map(|users| {
+                        let mut online: Vec<UserId> = users
+                            .iter()
+                            .filter(|(_, edges)| edges.values().any(|until| *until > now))
+                            .map(|(u, _)| u.clone())
+                            .collect();
+                        online.sort();
+                        online
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    fn subject(&self, room: &RoomId) -> String {
+        format!("{}.{}", self.subject_prefix, room)
+    }
+
+    async fn publish(&self, room: &RoomId, users: Vec<UserId>, online: bool, snapshot: bool) {
+        let signal = Signal {
+            edge: self.edge.clone(),
+            users,
+            online,
+            snapshot,
+        };
+        let payload = serde_json::to_vec(&signal).unwrap_or_default();
+        if let Err(e) = self
+            .client
+            .publish(self.subject(room), payload.into())
+            .await
+        {
+            tracing::debug!(room = %room, error = %e, "presence not published");
+        }
+    }
+
+    /// Shows each dirty room's net changes to its sessions (bounded per room).
+    fn flush(&self, hub: &Hub) {
+        let Ok(mut view) = self.view.lock() else {
+            return;
+        };
+        view.expire(Instant::now());
+        let dirty: Vec<RoomId> = view.dirty.drain().collect();
+        for room in dirty {
+            let now_online = view.online_in(&room);
+            let shown = view.shown.entry(room.clone()).or_default();
+            let mut frames: Vec<(UserId, bool)> = now_online
+                .iter()
+                .filter(|u| !shown.contains(*u))
+                .map(|u| (u.clone(), true))
+                .collect();
+            frames.extend(
+                shown
+                    .iter()
+                    .filter(|u| !now_online.contains(*u))
+                    .map(|u| (u.clone(), false)),
+            );
+            *shown = now_online.into_iter().collect();
+            if shown.is_empty() {
+                view.shown.remove(&room);
+            }
+            if frames.is_empty() {
+                continue;
+            }
+            let sent = if frames.len() > self.config.max_frames {
+                let frame = json!({"type": "presence", "room": room, "changed": frames.len()});
+                usize::from(hub.ephemeral(&room, frame.to_string().into(), None))
+            } else {
+                frames
+                    .iter()
+                    .filter(|(user, online)| {
+                        let status = if *online { "online" } else { "offline" };
+                        let frame =
+                            json!({"type": "presence", "room": room, "user": user, "status": status});
+                        hub.ephemeral(&room, frame.to_string().into(), None)
+                    })
+                    .count()
+            };
+            self.stats
+                .presence_frames
+                .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+async fn run(
+    presence: Arc<Presence>,
+    hub: Arc<Hub>,
+    mut local_rx: mpsc::UnboundedReceiver<Local>,
+    shutdown: CancellationToken,
+) {
+    let wildcard = format!("{}.>", presence.subject_prefix);
+    let mut signals = loop {
+        match presence.client.subscribe(wildcard.clone()).await {
+            Ok(subscriber) => break subscriber,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence subscription failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    // Local sessions per (room, user).
+    let mut local: HashMap<RoomId, HashMap<UserId, usize>> = HashMap::new();
+    let mut heartbeat = tokio::time::interval(presence.config.heartbeat);
+    let mut flush = tokio::time::interval(presence.config.flush);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let prefix_len = presence.subject_prefix.len() + 1;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            change = local_rx.recv() => match change {
+                Some(Local::Join(room, user)) => {
+                    let n = local.entry(room.clone()).or_default().entry(user.clone()).or_insert(0);
+                    *n += 1;
+                    if *n == 1 {
+                        presence.publish(&room, vec![user], true, false).await;
+                    }
+                }
+                Some(Local::Leave(room, user)) => {
+                    let Some(users) = local.get_mut(&room) else { continue };
+                    let Some(n) = users.get_mut(&user) else { continue };
+                    *n -= 1;
+                    if *n == 0 {
+                        users.remove(&user);
+                        if users.is_empty() {
+                            local.remove(&room);
+                        }
+                        presence.publish(&room, vec![user], false, false).await;
+                    }
+                }
+                None => break,
+            },
+            Some(message) = signals.next() => {
+                let Some(room) = message.subject.get(prefix_len..).and_then(|r| RoomId::parse(r).ok()) else {
+                    continue;
+                };
+                match serde_json::from_slice::<Signal>(&message.payload) {
+                    Ok(signal) => {
+                        let until = Instant::now() + presence.config.expiry;
+                        if let Ok(mut view) = presence.view.lock() {
+                            view.apply(&room, &signal, until);
+                        }
+                    }
+                    Err(e) => tracing::debug!(room = %room, error = %e, "malformed presence signal"),
+                }
+            }
+            _ = heartbeat.tick() => {
+                for (room, users) in &local {
+                    presence.publish(room, users.keys().cloned().collect(), true, true).await;
+                }
+            }
+            _ = flush.tick() => presence.flush(&hub),
+        }
+    }
+    // A clean stop: the other edges need not wait for the expiry.
+    for (room, users) in local {
+        presence
+            .publish(&room, users.into_keys().collect(), false, false)
+            .await;
+    }
+    let _ = presence.client.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(u: &str) -> UserId {
+        UserId::parse(u).unwrap()
+    }
+
+    fn signal(edge: &str, users: &[&str], online: bool, snapshot: bool) -> Signal {
+        Signal {
+            edge: edge.into(),
+            users: users.iter().map(|u| user(u)).collect(),
+            online,
+            snapshot,
+        }
+    }
+
+    #[test]
+    fn online_while_any_edge_vouches_and_until_its_deadline() {
+        let room = RoomId::parse("r").unwrap();
+        let mut view = View::default();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(90);
+        view.apply(&room, &signal("e1", &["alice"], true, false), later);
+        view.apply(
+            &room,
+            &signal("e2", &["alice", "bob"], true, false),
+            t0 + Duration::from_secs(10),
+        );
+        // alice leaves e1: still online through e2.
+        view.apply(&room, &signal("e1", &["alice"], false, false), later);
+        assert_eq!(view.online_in(&room), [user("alice"), user("bob")].into());
+        // e2 stops renewing: its users expire.
+        view.expire(t0 + Duration::from_secs(11));
+        assert!(view.online_in(&room).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_replaces_what_the_edge_said_before() {
+        let room = RoomId::parse("r").unwrap();
+        let mut view = View::default();
+        let until = Instant::now() + Duration::from_secs(90);
+        view.apply(&room, &signal("e1", &["alice", "bob"], true, false), until);
+        view.apply(&room, &signal("e2", &["bob"], true, false), until);
+        view.apply(&room, &signal("e1", &["carol"], true, true), until);
+        assert_eq!(view.online_in(&room), [user("bob"), user("carol")].into());
+    }
+}
