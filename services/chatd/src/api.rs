@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
+use chat_auth::Identity;
 use chat_model::{RoomId, RoomKind, UserId};
 use chat_rooms::{RoomError, Rooms};
 use chat_store::{PageQuery, RoomSummary};
@@ -270,17 +271,7 @@ async fn block(
     Authenticated(identity): Authenticated,
     Path(user): Path<String>,
 ) -> Response {
-    let result = async {
-        let rooms = rooms(&state)?;
-        let user = user_id(user)?;
-        let seq = rooms
-            .block(&identity.user, &user)
-            .await
-            .map_err(room_error)?;
-        Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
-    }
-    .await;
-    result.unwrap_or_else(|r| r)
+    change_block(&state, &identity, user, true).await
 }
 
 /// `DELETE /v1/blocks/{user}`: unblock (fine if not blocked).
@@ -289,13 +280,19 @@ async fn unblock(
     Authenticated(identity): Authenticated,
     Path(user): Path<String>,
 ) -> Response {
+    change_block(&state, &identity, user, false).await
+}
+
+async fn change_block(state: &AppState, identity: &Identity, user: String, on: bool) -> Response {
     let result = async {
-        let rooms = rooms(&state)?;
+        let rooms = rooms(state)?;
         let user = user_id(user)?;
-        let seq = rooms
-            .unblock(&identity.user, &user)
-            .await
-            .map_err(room_error)?;
+        let changed = if on {
+            rooms.block(&identity.user, &user).await
+        } else {
+            rooms.unblock(&identity.user, &user).await
+        };
+        let seq = changed.map_err(room_error)?;
         Ok::<_, Response>(Json(json!({"seq": seq})).into_response())
     }
     .await;

@@ -6,52 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chat_harness::Chatd;
-use common::client::Client;
-use common::*;
+use common::server::Server;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-struct Server {
-    chatd: Chatd,
-    _data: tempfile::TempDir,
-    data_path: std::path::PathBuf,
-}
-
 impl Server {
-    fn start() -> Server {
-        let data = tempfile::tempdir().unwrap();
-        let chatd = start(&standalone_env(data.path()));
-        Server {
-            chatd,
-            data_path: data.path().to_owned(),
-            _data: data,
-        }
-    }
-
-    fn token(&self, user: &str) -> String {
-        dev_token(&self.data_path, user, 3600)
-    }
-
-    async fn client(&self, user: &str) -> Client {
-        Client::connect(&self.chatd.ws_url(), &self.token(user)).await
-    }
-
-    fn api(&self, user: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        api(&self.chatd, &self.token(user), method, path, body)
-    }
-
-    fn group(&self, owner: &str, room: &str, members: &[&str]) {
-        let (status, body) = self.api(
-            owner,
-            "POST",
-            "/v1/rooms",
-            Some(json!({"room": room, "kind": "group", "name": room, "members": members})),
-        );
-        assert_eq!((status, &body), (201, &json!({"room": room, "seq": 1})));
-    }
-
-    /// Opens the direct room of `user` and `other`: `(status, body)`.
     fn direct(&self, user: &str, other: &str) -> (u16, Value) {
         self.api(
             user,

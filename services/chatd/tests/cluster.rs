@@ -17,25 +17,9 @@ use common::*;
 use serde_json::json;
 use uuid::Uuid;
 
-const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
-
 /// A chatd on `nats` with its own data dir and the shared secret.
 fn node(nats: &NatsServer, data: &Path, role: &str) -> Chatd {
-    start(&[
-        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
-        ("CHAT_DATA_DIR", data.display().to_string()),
-        ("NATS_URL", nats.url()),
-        ("CHAT_ROLE", role.to_owned()),
-        ("CHAT_JWT_HS256_SECRET", SECRET.to_owned()),
-        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
-        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
-        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
-        ("CHAT_RECONCILE_EVERY", "500ms".to_owned()),
-    ])
-}
-
-fn token(user: &str) -> String {
-    mint(SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
+    common::node(nats, data, role, &[("CHAT_RECONCILE_EVERY", "500ms")])
 }
 
 #[tokio::test]
@@ -105,7 +89,7 @@ fn chatd_command(data: &Path, nats: &NatsServer, args: &[&str]) -> String {
         .args(args)
         .env("CHAT_DATA_DIR", data)
         .env("NATS_URL", nats.url())
-        .env("CHAT_JWT_HS256_SECRET", SECRET)
+        .env("CHAT_JWT_HS256_SECRET", SHARED_SECRET)
         .env("CHAT_JWT_ISSUER", "test-issuer")
         .env("CHAT_JWT_AUDIENCE", "chat")
         .output()

@@ -532,12 +532,14 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     .await
     .unwrap();
 
-    // Fill bob's queue past half (his socket jams first). Alice is not subscribed yet, so the
-    // queued bytes are bob's.
+    // Fill bob's queue past half: his socket jams first (the server's send buffer grows for a
+    // while, so the queue fills and drains until it stays full). Carol's typing starts and
+    // stops in between. Bob is the only subscriber, so every dropped typing frame is his.
     let text = "y".repeat(3_900);
     let mut sent = 0u64;
-    while metric(&chatd, "chat_edge_queued_bytes") < 40_000 {
-        assert!(sent < 20_000, "bob's queue never filled");
+    let mut signals = 0u64;
+    while metric(&chatd, "chat_edge_ephemeral_dropped_total") == 0 {
+        assert!(sent < 20_000, "no typing frame was ever dropped for bob");
         let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
         for id in &ids {
             alice
@@ -549,8 +551,17 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
             assert_eq!(ack["type"], "ack", "{ack}");
         }
         sent += 10;
+        if metric(&chatd, "chat_edge_queued_bytes") >= 40_000 {
+            // true then false: both published at once (the 2 s debounce is for renewals).
+            for active in [true, false] {
+                carol
+                    .send(json!({"type":"typing","room":"lagging","active":active}))
+                    .await;
+            }
+            signals += 2;
+        }
     }
-    // Carol types: bob's copy is dropped, alice's (an empty queue) is not.
+    // A reader that keeps up gets them.
     alice.subscribe("lagging", None).await;
     carol
         .send(json!({"type":"typing","room":"lagging","active":true}))
@@ -560,10 +571,6 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
         (&seen["user"], &seen["active"]),
         (&json!("carol"), &json!(true))
     );
-    eventually("bob's typing frame to be dropped", || {
-        metric(&chatd, "chat_edge_ephemeral_dropped_total") >= 1
-    })
-    .await;
 
     // Bob reads at last: every event, in order, and not closed.
     let head = 1 + sent;
@@ -588,9 +595,12 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
         }
     }
     assert_eq!(seqs(&events), (1..=head).collect::<Vec<_>>());
+    // Some of carol's indicators reached him before his queue was half full, not all.
     assert!(
-        !typing.iter().any(|t| t["active"] == true),
-        "the dropped indicator: {typing:?}"
+        (typing.len() as u64) < signals + 1,
+        "{} typing frames of {} sent",
+        typing.len(),
+        signals + 1
     );
     assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
 }

@@ -3,52 +3,10 @@
 
 mod common;
 
-use chat_harness::Chatd;
-use common::client::{seqs, Client};
-use common::*;
+use common::client::seqs;
+use common::server::Server;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-struct Server {
-    chatd: Chatd,
-    _data: tempfile::TempDir,
-    data_path: std::path::PathBuf,
-}
-
-impl Server {
-    fn start() -> Server {
-        let data = tempfile::tempdir().unwrap();
-        let chatd = start(&standalone_env(data.path()));
-        Server {
-            chatd,
-            data_path: data.path().to_owned(),
-            _data: data,
-        }
-    }
-
-    fn token(&self, user: &str) -> String {
-        dev_token(&self.data_path, user, 3600)
-    }
-
-    async fn client(&self, user: &str) -> Client {
-        Client::connect(&self.chatd.ws_url(), &self.token(user)).await
-    }
-
-    fn api(&self, user: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        api(&self.chatd, &self.token(user), method, path, body)
-    }
-
-    /// Creates a group room owned by `owner` with `members`.
-    fn group(&self, owner: &str, room: &str, members: &[&str]) {
-        let (status, body) = self.api(
-            owner,
-            "POST",
-            "/v1/rooms",
-            Some(json!({"room": room, "kind": "group", "name": room, "members": members})),
-        );
-        assert_eq!((status, &body), (201, &json!({"room": room, "seq": 1})));
-    }
-}
 
 #[tokio::test]
 async fn a_message_from_a_appears_in_bs_stream_and_both_see_one_order() {

@@ -9,25 +9,17 @@ use common::client::Client;
 use common::*;
 use serde_json::{json, Value};
 
-const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
-
 /// An `all` chatd on `nats` whose typing indicators expire after 1 s.
 fn edge(nats: &NatsServer, data: &Path) -> Chatd {
-    start(&[
-        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
-        ("CHAT_DATA_DIR", data.display().to_string()),
-        ("NATS_URL", nats.url()),
-        ("CHAT_JWT_HS256_SECRET", SECRET.to_owned()),
-        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
-        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
-        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
-        ("CHAT_TYPING_TIMEOUT", "1s".to_owned()),
-        ("CHAT_TYPING_RATE", "1000/1000".to_owned()),
-    ])
-}
-
-fn token(user: &str) -> String {
-    mint(SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
+    node(
+        nats,
+        data,
+        "all",
+        &[
+            ("CHAT_TYPING_TIMEOUT", "1s"),
+            ("CHAT_TYPING_RATE", "1000/1000"),
+        ],
+    )
 }
 
 fn is_typing(frame: &Value, user: &str) -> bool {

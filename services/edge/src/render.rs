@@ -69,15 +69,7 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
 
 /// The frame of a message or edit for a reader who blocks its author; `None` for other kinds.
 fn hidden_json(room: &RoomId, seq: u64, event: &Event) -> Option<Value> {
-    let mut frame = json!({
-        "type": "event",
-        "room": room,
-        "seq": seq,
-        "ts": event.ts,
-        "user": event.user,
-        "kind": event.kind(),
-        "id": event.id.hyphenated().to_string(),
-    });
+    let mut frame = envelope_json(room, seq, event);
     match &event.body {
         EventBody::Message { .. } => {}
         EventBody::Edit { target, .. } => frame["target"] = json!(target),
@@ -87,8 +79,9 @@ fn hidden_json(room: &RoomId, seq: u64, event: &Event) -> Option<Value> {
     Some(frame)
 }
 
-fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
-    let mut frame = json!({
+/// The fields every `event` frame has, whatever its kind.
+fn envelope_json(room: &RoomId, seq: u64, event: &Event) -> Value {
+    json!({
         "type": "event",
         "room": room,
         "seq": seq,
@@ -96,7 +89,11 @@ fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
         "user": event.user,
         "kind": event.kind(),
         "id": event.id.hyphenated().to_string(),
-    });
+    })
+}
+
+fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
+    let mut frame = envelope_json(room, seq, event);
     let fields = match &event.body {
         EventBody::Message {
             text,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod server;
 
 use std::path::Path;
 
@@ -80,4 +81,34 @@ pub fn api(
     .expect("http answer");
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json)
+}
+
+/// The HS256 secret shared by the processes of a multi-edge test.
+pub const SHARED_SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// A chatd of `role` on `nats` with its own data dir, verifying tokens with [`SHARED_SECRET`]
+/// (issuer `test-issuer`, audience `chat`); `extra` settings last (they win).
+pub fn node(
+    nats: &chat_harness::NatsServer,
+    data: &Path,
+    role: &str,
+    extra: &[(&'static str, &str)],
+) -> Chatd {
+    let mut env = vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_URL", nats.url()),
+        ("CHAT_ROLE", role.to_owned()),
+        ("CHAT_JWT_HS256_SECRET", SHARED_SECRET.to_owned()),
+        ("CHAT_JWT_ISSUER", "test-issuer".to_owned()),
+        ("CHAT_JWT_AUDIENCE", "chat".to_owned()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    start(&env)
+}
+
+/// A token for `user` that [`node`]s accept.
+pub fn token(user: &str) -> String {
+    mint(SHARED_SECRET.as_bytes(), "test-issuer", "chat", user, 3600)
 }
