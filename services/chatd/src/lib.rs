@@ -109,6 +109,12 @@ pub async fn serve(
             tracing::info!("draining");
         }
     };
+    // No Nagle: acks and events are small frames that must not wait for the peer's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(stop_accepting)

@@ -566,11 +566,11 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     carol
         .send(json!({"type":"typing","room":"lagging","active":true}))
         .await;
-    let seen = alice.wait_for(|f| f["type"] == "typing").await;
-    assert_eq!(
-        (&seen["user"], &seen["active"]),
-        (&json!("carol"), &json!(true))
-    );
+    // (An active:false of the loop may still be on its way: the active:true is what counts.)
+    let seen = alice
+        .wait_for(|f| f["type"] == "typing" && f["active"] == true)
+        .await;
+    assert_eq!(seen["user"], "carol");
 
     // Bob reads at last: every event, in order, and not closed.
     let head = 1 + sent;

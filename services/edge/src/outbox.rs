@@ -224,6 +224,9 @@ impl Outbox {
     }
 }
 
+/// Frames written together before one flush, at most.
+const BATCH: usize = 64;
+
 /// Sends what the session queues, pings on an interval, and closes the socket.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -249,12 +252,32 @@ async fn write_loop(
             },
             _ = ping.tick() => Message::Ping(Default::default()),
         };
+        // Everything already queued goes out with this frame in one flush (one write where
+        // the socket takes it), rather than a write per frame.
+        let mut close_after = None;
         let sent = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            sent = sink.send(message) => sent,
+            sent = async {
+                sink.feed(message).await?;
+                for _ in 0..BATCH {
+                    match rx.try_recv() {
+                        Ok(Item::Frame(message, _bytes)) => sink.feed(message).await?,
+                        Ok(Item::Close(code, reason)) => {
+                            close_after = Some((code, reason));
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                sink.flush().await
+            } => sent,
         };
         if sent.is_err() {
+            return;
+        }
+        if let Some((code, reason)) = close_after {
+            close(&mut sink, code, reason, limits.close_timeout).await;
             return;
         }
     }
