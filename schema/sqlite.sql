@@ -39,6 +39,17 @@ CREATE TABLE IF NOT EXISTS cursors (
     PRIMARY KEY (room, user)
 ) WITHOUT ROWID;
 
+-- Delivered cursors: how far each user's devices have received the room. They only move
+-- forward (max of `delivered` events, read events and own messages). A table of its own rather
+-- than a column of `cursors`, so a store made before receipts existed gains it with CREATE
+-- TABLE IF NOT EXISTS (no migration); a user without a row has received up to their read cursor.
+CREATE TABLE IF NOT EXISTS delivered_cursors (
+    room      TEXT    NOT NULL,
+    user      TEXT    NOT NULL,
+    delivered INTEGER NOT NULL,
+    PRIMARY KEY (room, user)
+) WITHOUT ROWID;
+
 -- Every event of every room, in the room's order. Messages hold their current text
 -- (original_text keeps the first text once edited, for audit; a delete clears both);
 -- other kinds hold their fields as JSON.

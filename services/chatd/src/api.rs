@@ -1,5 +1,5 @@
-//! The HTTP API of rooms: create, join, leave, list, settings, history, threads; and of block
-//! lists.
+//! The HTTP API of rooms: create, join, leave, list, settings, history, receipts, threads; and
+//! of block lists.
 
 // Helpers return a ready error `Response` as their `Err`: it is built only on the failure path
 // and returned straight to axum, so its size does not matter.
@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/rooms/{room}/members", post(add_member))
         .route("/v1/rooms/{room}/members/{user}", delete(remove_member))
         .route("/v1/rooms/{room}/messages", get(history))
+        .route("/v1/rooms/{room}/messages/{seq}/receipts", get(receipts))
         .route("/v1/rooms/{room}/threads/{root}", get(thread))
         .route("/v1/blocks", get(list_blocks))
         .route("/v1/blocks/{user}", put(block).delete(unblock))
@@ -340,6 +341,31 @@ async fn history(
         Ok::<_, Response>(
             Json(json!({"room": room, "events": page.events, "more": page.more})).into_response(),
         )
+    }
+    .await;
+    result.unwrap_or_else(|r| r)
+}
+
+/// `GET /v1/rooms/{room}/messages/{seq}/receipts`: for any member, how many of the other
+/// members the message was delivered to and read by; 404 if `seq` is not a message.
+async fn receipts(
+    State(state): State<AppState>,
+    Authenticated(identity): Authenticated,
+    Path((room, seq)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let rooms = rooms(&state)?;
+        let room = room_id(&room)?;
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| bad_request("the message is named by its sequence number"))?;
+        let receipts = rooms
+            .receipts(&identity.user, &room, seq)
+            .await
+            .map_err(room_error)?;
+        let mut body = receipts.to_json();
+        body["seq"] = json!(seq);
+        Ok::<_, Response>(Json(body).into_response())
     }
     .await;
     result.unwrap_or_else(|r| r)

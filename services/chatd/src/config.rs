@@ -139,6 +139,8 @@ pub struct Config {
     pub typing_expiry: Duration,
     /// Presence: renewal interval, expiry of a silent edge's users, coalescing interval.
     pub presence: chat_edge::PresenceConfig,
+    /// Delivered cursors: how often each room's are appended (one event per room).
+    pub delivered: chat_edge::DeliveredConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +292,10 @@ impl Config {
                 "must be longer than CHAT_PRESENCE_HEARTBEAT, or every edge's users would flap",
             ));
         }
+        let delivered = chat_edge::DeliveredConfig {
+            interval: duration("CHAT_DELIVERED_INTERVAL", defaults.delivered.interval)?,
+            ..defaults.delivered
+        };
         let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
             list.split(',')
                 .map(|o| o.trim().to_owned())
@@ -406,6 +412,7 @@ impl Config {
             append_retry,
             typing_expiry,
             presence,
+            delivered,
         })
     }
 }
@@ -522,6 +529,7 @@ mod tests {
             ("CHAT_OUTBOUND_BYTES", "-1"),
             ("CHAT_IDLE_TIMEOUT", "0s"),
             ("CHAT_PING_INTERVAL", "soon"),
+            ("CHAT_DELIVERED_INTERVAL", "0s"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
             assert!(e.var.split('/').any(|v| v == var), "{var}={value}: {e}");

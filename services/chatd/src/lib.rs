@@ -202,6 +202,7 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
         max_rooms_per_subscribe: config.max_rooms_per_subscribe,
         append_retry: config.append_retry,
         presence: config.presence,
+        delivered: config.delivered,
         ..chat_edge::EdgeConfig::default()
     }
 }

@@ -518,6 +518,7 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
             ("CHAT_SLOW_CLIENT_GRACE", "60s"),
             ("CHAT_SEND_RATE", "100000/100000"),
             ("CHAT_FRAME_RATE", "100000/100000"),
+            ("CHAT_TYPING_RATE", "100000/100000"),
         ],
     ));
     create_room(&chatd, data.path(), "lagging", "alice", &["bob", "carol"]);
@@ -532,9 +533,9 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     .await
     .unwrap();
 
-    // Fill bob's queue past half: his socket jams first (the server's send buffer grows for a
-    // while, so the queue fills and drains until it stays full). Carol's typing starts and
-    // stops in between. Bob is the only subscriber, so every dropped typing frame is his.
+    // Fill bob's queue: his socket jams first (the server's send buffer grows for a while), then
+    // his queue, then his forwarder waits to queue the next event. Carol's typing starts and
+    // stops all along. Bob is the only subscriber, so every dropped typing frame is his.
     let text = "y".repeat(3_900);
     let mut sent = 0u64;
     let mut signals = 0u64;
@@ -551,15 +552,13 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
             assert_eq!(ack["type"], "ack", "{ack}");
         }
         sent += 10;
-        if metric(&chatd, "chat_edge_queued_bytes") >= 40_000 {
-            // true then false: both published at once (the 2 s debounce is for renewals).
-            for active in [true, false] {
-                carol
-                    .send(json!({"type":"typing","room":"lagging","active":active}))
-                    .await;
-            }
-            signals += 2;
+        // true then false: both published at once (the 2 s debounce is for renewals).
+        for active in [true, false] {
+            carol
+                .send(json!({"type":"typing","room":"lagging","active":active}))
+                .await;
         }
+        signals += 2;
     }
     // A reader that keeps up gets them.
     alice.subscribe("lagging", None).await;

@@ -173,7 +173,8 @@ impl Hub {
             return Ok(feed);
         }
         let (tx, _) = broadcast::channel(self.capacity);
-        let (ephemeral, _) = broadcast::channel(256);
+        // Small: typing and presence frames a session is this far behind on are stale anyway.
+        let (ephemeral, _) = broadcast::channel(32);
         let task = tokio::spawn(run_feed(
             room.clone(),
             live,
@@ -269,15 +270,13 @@ pub struct TypingFeed {
 }
 
 impl TypingFeed {
-    /// The next typing frame. Cancel-safe. Lossy: frames missed while behind are skipped;
-    /// pending forever once the feed has stopped.
-    pub async fn next(&mut self) -> Ephemeral {
-        loop {
-            match self.rx.recv().await {
-                Ok(frame) => return frame,
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => std::future::pending().await,
-            }
+    /// The next ephemeral frame, or how many were skipped because this session fell behind.
+    /// Cancel-safe. Pending forever once the feed has stopped.
+    pub async fn next(&mut self) -> Result<Ephemeral, u64> {
+        match self.rx.recv().await {
+            Ok(frame) => Ok(frame),
+            Err(RecvError::Lagged(skipped)) => Err(skipped),
+            Err(RecvError::Closed) => std::future::pending().await,
         }
     }
 }

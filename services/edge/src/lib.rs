@@ -9,6 +9,7 @@
 //! [`chat_rooms::Rooms`]; live events come from the edge's [`Hub`].
 #![forbid(unsafe_code)]
 
+mod delivered;
 mod hub;
 mod limits;
 mod origin;
@@ -32,6 +33,7 @@ use chat_auth::Verifier;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use delivered::{DeliveredConfig, DeliveredCursors};
 pub use hub::{Delivery, Follower, Hub};
 pub use limits::{Rate, Rates};
 pub use presence::{Presence, PresenceConfig};
@@ -83,6 +85,8 @@ pub struct EdgeConfig {
     pub append_retry: Duration,
     /// Presence heartbeats, expiry and coalescing.
     pub presence: PresenceConfig,
+    /// How `delivered` frames are coalesced into events.
+    pub delivered: DeliveredConfig,
 }
 
 impl Default for EdgeConfig {
@@ -104,6 +108,7 @@ impl Default for EdgeConfig {
             max_rooms_per_subscribe: 256,
             append_retry: Duration::from_secs(3),
             presence: PresenceConfig::default(),
+            delivered: DeliveredConfig::default(),
         }
     }
 }
@@ -124,12 +129,15 @@ pub struct EdgeState {
     pub sessions: TaskTracker,
     /// Who is online where, across edges.
     pub presence: Arc<Presence>,
+    /// Delivered cursors waiting to be appended, one event per room per interval.
+    pub delivered: Arc<DeliveredCursors>,
     limits: Arc<limits::UserLimits>,
     connections: Arc<limits::Connections>,
 }
 
 impl EdgeState {
-    /// An edge; starts a task that forgets idle users' rate-limit state.
+    /// An edge; starts a task that forgets idle users' rate-limit state, and the one that
+    /// appends delivered cursors (until `shutdown`, then once more).
     pub fn new(
         verifier: Arc<Verifier>,
         config: EdgeConfig,
@@ -156,9 +164,17 @@ impl EdgeState {
             shutdown.clone(),
             stats.clone(),
         );
+        let delivered = Arc::new(DeliveredCursors::new(config.delivered.max_pending));
+        tokio::spawn(delivered::run(
+            delivered.clone(),
+            rooms.clone(),
+            config.delivered.interval,
+            shutdown.clone(),
+        ));
         EdgeState {
             verifier,
             presence,
+            delivered,
             connections: limits::Connections::new(
                 config.max_connections,
                 config.max_connections_per_user,

@@ -179,6 +179,11 @@ impl Outbox {
         queued
     }
 
+    /// Counts ephemeral frames lost before they reached this queue (the session fell behind).
+    pub(crate) fn dropped_ephemeral(&self, n: u64) {
+        self.stats.ephemeral_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Closes the session after what is queued (waiting at most the grace for room).
     pub(crate) async fn close(&self, code: u16, reason: &str) {
         if self.stop.is_cancelled() {

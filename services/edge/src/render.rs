@@ -108,6 +108,7 @@ fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
             json!({ "target": target, "emoji": emoji, "on": on })
         }
         EventBody::Read { up_to } => json!({ "up_to": up_to }),
+        EventBody::Delivered { cursors } => json!({ "cursors": cursors }),
         EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
             json!({ "member": member })
         }
@@ -188,6 +189,12 @@ mod tests {
                 json!({"target":46,"emoji":"👍","on":false}),
             ),
             (EventBody::Read { up_to: 46 }, json!({"up_to":46})),
+            (
+                EventBody::Delivered {
+                    cursors: vec![(bob.clone(), 46)],
+                },
+                json!({"cursors":[["bob",46]]}),
+            ),
             (
                 EventBody::MemberJoined {
                     member: bob.clone(),

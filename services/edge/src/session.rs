@@ -398,6 +398,7 @@ impl Session {
                 self.append(&frame.kind, rid, body).await;
             }
             "read" => self.read(rid, body).await,
+            "delivered" => self.delivered(rid, body).await,
             "typing" => self.typing(rid, body).await,
             "history" => self.history(rid, body).await,
             unknown => {
@@ -700,6 +701,42 @@ impl Session {
         }
     }
 
+    /// `{"type":"delivered","room":…,"seq":…}`: no reply; members only. The client says its
+    /// device has received the room up to `seq` (explicit, because a frame written to a socket
+    /// is not a frame the device received). Only recorded here: the edge appends every room's
+    /// recorded cursors as one event per interval (see [`crate::delivered`]).
+    async fn delivered(&mut self, rid: Option<&str>, body: Value) {
+        #[derive(Deserialize)]
+        struct Delivered {
+            room: String,
+            seq: u64,
+        }
+        let Some(frame) = self.fields::<Delivered>("delivered", rid, body).await else {
+            return;
+        };
+        let Some(room) = self.room_id(rid, &frame.room).await else {
+            return;
+        };
+        if let Err(e) = self.state.rooms.member_state(&room, &self.user).await {
+            return self.room_error(rid, &frame.room, &e).await;
+        }
+        let delivered = &self.state.delivered;
+        if !delivered.within_known_head(&room, frame.seq) {
+            match self.state.rooms.log().head(&room).await {
+                Ok(head) if frame.seq > head => {
+                    let e = RoomError::BadRequest(format!(
+                        "seq {} is above the room's head {head}",
+                        frame.seq
+                    ));
+                    return self.room_error(rid, &frame.room, &e).await;
+                }
+                Ok(head) => delivered.note_head(&room, head),
+                Err(e) => return self.room_error(rid, &frame.room, &e.into()).await,
+            }
+        }
+        delivered.record(&room, &self.user, frame.seq);
+    }
+
     async fn read(&mut self, rid: Option<&str>, body: Value) {
         #[derive(Deserialize)]
         struct Read {
@@ -811,11 +848,15 @@ async fn forward(
     loop {
         let next = tokio::select! {
             next = follower.next() => next,
-            typing = typing.next() => {
+            ephemeral = typing.next() => {
                 // Never to the typing user's own sessions; dropped, not waited for, when this
-                // client is behind.
-                if typing.exclude.as_ref() != Some(&user) {
-                    out.push_ephemeral(typing.frame);
+                // client is behind (also when this forwarder was, waiting to queue an event).
+                match ephemeral {
+                    Ok(e) if e.exclude.as_ref() != Some(&user) => {
+                        out.push_ephemeral(e.frame);
+                    }
+                    Ok(_) => {}
+                    Err(skipped) => out.dropped_ephemeral(skipped),
                 }
                 continue;
             }

@@ -131,16 +131,29 @@ impl UserLog {
         }
         let config = self.stream_config();
         let name = config.name.clone();
-        let mut info = match self.log.jetstream().create_stream(config).await {
-            Ok(stream) => stream.cached_info().clone(),
-            Err(e) if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut => {
-                return Err(UserLogError::Timeout {
-                    op: "create stream",
-                });
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "create user stream refused; reading its info");
-                self.stream_info(&name).await?
+        let deadline = tokio::time::Instant::now() + self.log.config().request_timeout;
+        let mut pause = std::time::Duration::from_millis(5);
+        let mut info = loop {
+            match self.log.jetstream().create_stream(config.clone()).await {
+                Ok(stream) => break stream.cached_info().clone(),
+                Err(e) if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut => {
+                    return Err(UserLogError::Timeout {
+                        op: "create stream",
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "create user stream refused; reading its info");
+                    match self.stream_info(&name).await {
+                        Ok(info) => break info,
+                        // Created concurrently by another process, and not visible yet on
+                        // every server of a cluster: try again until the deadline.
+                        Err(_) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         };
         let owner = info.config.metadata.get(LOG_METADATA_KEY);
@@ -148,7 +161,6 @@ impl UserLog {
             return Err(UserLogError::StreamConflict { stream: name });
         }
         // A replicated stream serves reads and appends once its Raft group has a leader.
-        let deadline = tokio::time::Instant::now() + self.log.config().request_timeout;
         let mut pause = std::time::Duration::from_millis(5);
         let has_leader = |info: &stream::Info| {
             let leader = info.cluster.as_ref().and_then(|c| c.leader.as_ref());

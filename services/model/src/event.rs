@@ -57,6 +57,11 @@ pub enum EventBody {
     },
     /// `user` has read the room up to and including `up_to`.
     Read { up_to: u64 },
+    /// Delivery cursors: each user's device has received the room up to and including the seq
+    /// next to them. One event carries every cursor an edge gathered for the room during one
+    /// interval (so a busy room costs one event per edge per interval, not one per message per
+    /// member); the envelope's `user` is the first user of the batch.
+    Delivered { cursors: Vec<(UserId, u64)> },
     /// `member` joined (added by `user`, or `user` themself).
     MemberJoined { member: UserId },
     /// `member` left (removed by `user`, or `user` themself).
@@ -98,6 +103,7 @@ impl EventBody {
             EventBody::Delete { .. } => "delete",
             EventBody::Reaction { .. } => "reaction",
             EventBody::Read { .. } => "read",
+            EventBody::Delivered { .. } => "delivered",
             EventBody::MemberJoined { .. } => "member_joined",
             EventBody::MemberLeft { .. } => "member_left",
             EventBody::RoomCreated { .. } => "room_created",
@@ -171,6 +177,9 @@ struct Wire<'a> {
     members: Option<Cow<'a, [UserId]>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     read_only: Option<bool>,
+    /// `delivered`: `[[user, seq], …]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursors: Option<Cow<'a, [(UserId, u64)]>>,
 }
 
 impl<'a> Wire<'a> {
@@ -193,6 +202,7 @@ impl<'a> Wire<'a> {
             room_kind: None,
             members: None,
             read_only: None,
+            cursors: None,
         }
     }
 }
@@ -229,6 +239,7 @@ impl Event {
                 w.on = Some(*on);
             }
             EventBody::Read { up_to } => w.up_to = Some(*up_to),
+            EventBody::Delivered { cursors } => w.cursors = Some(Cow::Borrowed(cursors)),
             EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
                 w.member = Some(Cow::Borrowed(member));
             }
@@ -306,6 +317,13 @@ impl Event {
             },
             "read" => EventBody::Read {
                 up_to: w.up_to.ok_or_else(|| missing("up_to"))?,
+            },
+            "delivered" => EventBody::Delivered {
+                cursors: w
+                    .cursors
+                    .clone()
+                    .map(Cow::into_owned)
+                    .ok_or_else(|| missing("cursors"))?,
             },
             "member_joined" => EventBody::MemberJoined { member: member()? },
             "member_left" => EventBody::MemberLeft { member: member()? },

@@ -139,6 +139,16 @@ fn fixtures() -> Vec<(&'static str, Event)> {
             "room_updated_read_only",
             ev(12, "alice", EventBody::RoomUpdated { read_only: true }),
         ),
+        (
+            "delivered",
+            ev(
+                13,
+                "bob",
+                EventBody::Delivered {
+                    cursors: vec![(user("bob"), 46), (user("carol@example.com"), 45)],
+                },
+            ),
+        ),
     ]
 }
 

@@ -26,7 +26,7 @@ mod blocks;
 mod error;
 mod validate;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,8 @@ use chat_model::{
     EventBody, PairBlocks, Refusal, RoomId, RoomKind, RoomState, UserId,
 };
 use chat_store::{
-    hide_blocked_authors, render_entry, Page, PageQuery, RoomSummary, Store, ThreadPage,
+    add_receipts, hide_blocked_authors, render_entry, wants_receipts, Page, PageQuery,
+    ReceiptIndex, Receipts, RoomSummary, Store, ThreadPage,
 };
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -45,6 +46,10 @@ use crate::blocks::{BlockCache, Lookup};
 
 pub use error::RoomError;
 pub use validate::{validate_emoji, validate_text, Limits};
+
+/// Distinct cursor targets of one `delivered` flush checked for crossing a message (one store
+/// read each); targets past these are appended unchecked.
+const RECEIPT_LOOKUPS: usize = 16;
 
 /// How often a block-list change is re-decided after losing a race before giving up.
 const CHANGE_ATTEMPTS: u32 = 16;
@@ -502,6 +507,89 @@ impl Rooms {
         Ok(Some(self.log.append(room, &event).await?.seq))
     }
 
+    /// Appends one `delivered` event carrying the delivered cursors an edge gathered for `room`
+    /// (each user was a member when their cursor was recorded). Left out: users no longer in
+    /// the room, cursors that would not move the user's stored delivered cursor forward, and
+    /// cursors that move it across no message. The last rule is what keeps receipts from
+    /// feeding themselves: a client that acknowledges the room's head, which is often a
+    /// `delivered` or `read` event, moves its cursor over events no receipt counts, and
+    /// appending that would raise the head again, every interval, for ever. Nothing is appended
+    /// when no cursor is left. Returns the appended sequence, if any.
+    pub async fn delivered(
+        &self,
+        room: &RoomId,
+        cursors: Vec<(UserId, u64)>,
+    ) -> Result<Option<u64>, RoomError> {
+        let stored: HashMap<UserId, u64> = self
+            .store
+            .member_cursors(room)
+            .await?
+            .into_iter()
+            .map(|c| (c.user, c.delivered))
+            .collect();
+        let state = self.state(room).await?;
+        // A member the store does not know yet (just joined) is checked against the log.
+        let moving: Vec<(UserId, u64, u64)> = cursors
+            .into_iter()
+            .filter(|(user, _)| state.is_member(user))
+            .map(|(user, seq)| {
+                let from = stored.get(&user).copied().unwrap_or(0);
+                (user, from, seq)
+            })
+            .filter(|(_, from, seq)| seq > from)
+            .collect();
+        // Whether a move crosses a message is known for what the store holds; a move beyond it
+        // is kept. One read per distinct target seq (clients mostly acknowledge the same recent
+        // heads), the newest first, at most `RECEIPT_LOOKUPS`; moves past that are kept.
+        let checkpoint = self.store.checkpoint(room).await?;
+        let mut lowest_from: BTreeMap<u64, u64> = BTreeMap::new();
+        for (_, from, seq) in moving.iter().filter(|(_, _, seq)| *seq <= checkpoint) {
+            let low = lowest_from.entry(*seq).or_insert(*from);
+            *low = (*low).min(*from);
+        }
+        let mut last_message: HashMap<u64, Option<u64>> = HashMap::new();
+        for (&seq, &low) in lowest_from.iter().rev().take(RECEIPT_LOOKUPS) {
+            let last = self.store.last_message_in(room, low, seq).await?;
+            last_message.insert(seq, last);
+        }
+        let cursors: Vec<(UserId, u64)> = moving
+            .into_iter()
+            .filter(|(_, from, seq)| match last_message.get(seq) {
+                // The newest message in (lowest from, seq] is after this one's start.
+                Some(last) => last.is_some_and(|last| last > *from),
+                None => true,
+            })
+            .map(|(user, _, seq)| (user, seq))
+            .collect();
+        let Some((first, _)) = cursors.first() else {
+            return Ok(None);
+        };
+        let event = Event {
+            id: Uuid::new_v4(),
+            user: first.clone(),
+            ts: now_ms(),
+            body: EventBody::Delivered { cursors },
+        };
+        Ok(Some(self.log.append(room, &event).await?.seq))
+    }
+
+    /// The receipts of the message at `seq` for a member: how many of the other members it was
+    /// delivered to and read by.
+    pub async fn receipts(
+        &self,
+        viewer: &UserId,
+        room: &RoomId,
+        seq: u64,
+    ) -> Result<Receipts, RoomError> {
+        self.member_state(room, viewer).await?;
+        let (author, _) = self
+            .message_at(room, seq)
+            .await?
+            .ok_or(RoomError::NotFound)?;
+        let cursors = self.store.member_cursors(room).await?;
+        Ok(ReceiptIndex::new(&cursors).receipts(seq, author.as_str()))
+    }
+
     /// Turns a command into the event to append, by the contract's rules.
     async fn decide(
         &self,
@@ -637,7 +725,7 @@ impl Rooms {
     }
 
     /// A page of history for a member, as they see it: messages of users they block are
-    /// `hidden` placeholders.
+    /// `hidden` placeholders, and their own messages carry `receipts`.
     pub async fn history(
         &self,
         viewer: &UserId,
@@ -646,6 +734,11 @@ impl Rooms {
     ) -> Result<Page, RoomError> {
         let mut page = self.history_page(viewer, room, query).await?;
         hide_blocked_authors(&mut page.events, &*self.blocked(viewer).await?);
+        // The viewer's own messages show their receipts: the room's cursors read once a page.
+        if wants_receipts(&page.events, viewer) {
+            let cursors = self.store.member_cursors(room).await?;
+            add_receipts(&mut page.events, viewer, &ReceiptIndex::new(&cursors));
+        }
         Ok(page)
     }
 

@@ -10,6 +10,7 @@
 //! checkpoint with the rows, so a replay, a duplicate or a restart converges to the same rows.
 #![forbid(unsafe_code)]
 
+mod receipts;
 mod render;
 mod scylla;
 mod sqlite;
@@ -21,6 +22,7 @@ use chat_model::{Event, RoomId, RoomKind, RoomState, UserId};
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use receipts::{add_receipts, wants_receipts, MemberCursors, ReceiptIndex, Receipts};
 pub use render::{hide_blocked_authors, render_entry};
 pub use scylla::ScyllaStore;
 pub use sqlite::SqliteStore;
@@ -167,6 +169,15 @@ pub trait Store: Send + Sync + 'static {
     /// the users in `blocked` (the user's block list: block lists live in the user log, not
     /// in the store, so the caller passes it).
     async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>>;
+
+    /// Every active member's read and delivered cursors in `room` (for delivery receipts), by
+    /// user; empty for a room the store does not hold.
+    async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>>;
+
+    /// The highest sequence in `(after, up_to]` holding a message (deleted ones included),
+    /// among what the store holds. Receipts count messages only, so a delivered cursor that
+    /// crosses none changes no count (see `Rooms::delivered`).
+    async fn last_message_in(&self, room: &RoomId, after: u64, up_to: u64) -> Result<Option<u64>>;
 
     /// A page of the room's history, newest first, as `viewer` sees it.
     async fn history(&self, room: &RoomId, query: PageQuery) -> Result<Page>;

@@ -91,6 +91,7 @@ pub(crate) fn fields_of(body: &EventBody) -> Value {
             json!({"target": target, "emoji": emoji, "on": on})
         }
         EventBody::Read { up_to } => json!({"up_to": up_to}),
+        EventBody::Delivered { cursors } => json!({"cursors": cursors}),
         EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
             json!({"member": member.as_str()})
         }

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::render::{fields_of, StoredEvent};
 use crate::{
-    DeadLetter, IdHit, Page, PageQuery, ProjectorStatus, Result, RoomBatch, RoomSummary, Store,
-    StoreError, ThreadPage,
+    DeadLetter, IdHit, MemberCursors, Page, PageQuery, ProjectorStatus, Result, RoomBatch,
+    RoomSummary, Store, StoreError, ThreadPage,
 };
 
 /// The schema, also shipped as `schema/sqlite.sql`.
@@ -30,6 +30,7 @@ const DIGEST_TABLES: &[(&str, &str)] = &[
     ("room_settings", "room"),
     ("members", "room, user"),
     ("cursors", "room, user"),
+    ("delivered_cursors", "room, user"),
     ("events", "room, seq"),
     ("reactions", "room, target, emoji, user"),
     ("checkpoints", "room"),
@@ -167,6 +168,21 @@ fn advance_cursor(tx: &Transaction<'_>, room: &str, user: &str, seq: u64) -> rus
     Ok(())
 }
 
+/// Moves `user`'s delivered cursor in `room` forward to `seq` (never back).
+fn advance_delivered(
+    tx: &Transaction<'_>,
+    room: &str,
+    user: &str,
+    seq: u64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO delivered_cursors (room, user, delivered) VALUES (?1, ?2, ?3)
+         ON CONFLICT (room, user) DO UPDATE SET delivered = max(delivered, excluded.delivered)",
+    )?
+    .execute(params![room, user, seq_sql(seq)])?;
+    Ok(())
+}
+
 /// Applies one decoded event at `seq` of `room`.
 fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rusqlite::Result<()> {
     let user = event.user.as_str();
@@ -192,8 +208,9 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
                     reply_to.map(seq_sql)
                 ],
             )?;
-            // Writing a message reads the room up to it (contract: cursors).
+            // Writing a message reads the room up to it (contract: cursors), and so has it.
             advance_cursor(tx, room, user, seq)?;
+            advance_delivered(tx, room, user, seq)?;
             return Ok(());
         }
         EventBody::Edit { target, text } => {
@@ -234,7 +251,14 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             }
         }
         EventBody::Read { up_to } => {
+            // Reading implies having received.
             advance_cursor(tx, room, user, (*up_to).min(seq))?;
+            advance_delivered(tx, room, user, (*up_to).min(seq))?;
+        }
+        EventBody::Delivered { cursors } => {
+            for (member, up_to) in cursors {
+                advance_delivered(tx, room, member.as_str(), (*up_to).min(seq))?;
+            }
         }
         EventBody::MemberJoined { member } => {
             // As the room aggregate folds it: joining again while a member changes nothing.
@@ -659,6 +683,70 @@ impl Store for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>> {
+        let room = room.clone();
+        self.read(move |conn| {
+            let err = backend_err("member cursors");
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT m.user, max(coalesce(c.last_read, 0), m.joined_seq),
+                            coalesce(d.delivered, 0)
+                     FROM members m
+                     LEFT JOIN cursors c ON c.room = m.room AND c.user = m.user
+                     LEFT JOIN delivered_cursors d ON d.room = m.room AND d.user = m.user
+                     WHERE m.room = ?1 AND m.active = 1
+                     ORDER BY m.user",
+                )
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([room.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(&err)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(&err)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(user, read, delivered)| {
+                    let read = read.max(0) as u64;
+                    Some(MemberCursors {
+                        // Only valid ids are ever written.
+                        user: UserId::parse(user).ok()?,
+                        read,
+                        delivered: (delivered.max(0) as u64).max(read),
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn last_message_in(&self, room: &RoomId, after: u64, up_to: u64) -> Result<Option<u64>> {
+        let room = room.clone();
+        self.read(move |conn| {
+            // Walks the room's range backwards from `up_to` and stops at the first message.
+            conn.prepare_cached(
+                "SELECT seq FROM events WHERE room = ?1 AND seq > ?2 AND seq <= ?3
+                   AND kind = 'message'
+                 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![room.as_str(), seq_sql(after), seq_sql(up_to)],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            })
+            .map(|seq| seq.map(|s| s.max(0) as u64))
+            .map_err(backend_err("last message"))
         })
         .await
     }

@@ -414,6 +414,108 @@ async fn cursors_only_move_forward_and_unread_counts_follow_the_contract() {
 }
 
 #[tokio::test]
+async fn delivered_cursors_only_move_forward_and_receipts_count_members_other_than_the_author() {
+    for b in backends().await {
+        let s = &*b.store;
+        let mut log = Log::new("rcpt", vec![created("alice", &["bob", "carol", "dave"])]);
+        let m1 = log.push(msg("alice", "1"));
+        let m2 = log.push(msg("alice", "2"));
+        let m3 = log.push(msg("alice", "3"));
+        // One coalesced event for two users; then bob reads m1 (reading implies delivery, but
+        // his delivered cursor is already further), then a stale batch that would move both back.
+        log.push(ev(
+            "bob",
+            EventBody::Delivered {
+                cursors: vec![(user("bob"), m3), (user("carol"), m2)],
+            },
+        ));
+        log.push(ev("bob", EventBody::Read { up_to: m1 }));
+        log.push(ev(
+            "carol",
+            EventBody::Delivered {
+                cursors: vec![(user("carol"), m1), (user("bob"), m1)],
+            },
+        ));
+        // A cursor above the event's own seq is capped at it.
+        log.push(ev(
+            "dave",
+            EventBody::Delivered {
+                cursors: vec![(user("dave"), 999)],
+            },
+        ));
+        s.apply(&[log.batch()]).await.unwrap();
+
+        let cursors = s.member_cursors(&log.room).await.unwrap();
+        let by_user = |u: &str| {
+            cursors
+                .iter()
+                .find(|c| c.user.as_str() == u)
+                .map(|c| (c.read, c.delivered))
+                .unwrap()
+        };
+        assert_eq!(cursors.len(), 4, "{cursors:?}");
+        assert_eq!(by_user("alice"), (m3, m3), "own messages read and deliver");
+        assert_eq!(by_user("bob"), (m1, m3));
+        assert_eq!(by_user("carol"), (1, m2), "never moved back");
+        assert_eq!(by_user("dave"), (1, 8), "capped at the event's own seq");
+
+        // What a delivered cursor's move crosses: the last message in (after, up_to].
+        let last = |after, up_to| s.last_message_in(&log.room, after, up_to);
+        assert_eq!(last(0, 8).await.unwrap(), Some(m3));
+        assert_eq!(last(0, m2).await.unwrap(), Some(m2));
+        assert_eq!(last(m1, m2).await.unwrap(), Some(m2));
+        assert_eq!(last(m3, 8).await.unwrap(), None, "only receipts after m3");
+        assert_eq!(last(m2, m2).await.unwrap(), None);
+        assert_eq!(
+            last(0, 1).await.unwrap(),
+            None,
+            "room_created is no message"
+        );
+        assert_eq!(last(0, 99).await.unwrap(), Some(m3));
+
+        let index = chat_store::ReceiptIndex::new(&cursors);
+        let r = |seq| {
+            let r = index.receipts(seq, "alice");
+            (r.delivered, r.read, r.members)
+        };
+        assert_eq!(r(m1), (3, 1, 3));
+        assert_eq!(r(m2), (3, 0, 3));
+        assert_eq!(r(m3), (2, 0, 3));
+
+        // A read further than any delivered cursor raises it; a member who left is not counted.
+        let mut more = Log {
+            room: log.room.clone(),
+            entries: log.entries.clone(),
+        };
+        more.push(ev("carol", EventBody::Read { up_to: m3 }));
+        more.push(ev(
+            "dave",
+            EventBody::MemberLeft {
+                member: user("dave"),
+            },
+        ));
+        s.apply(&[more.batch()]).await.unwrap();
+        let cursors = s.member_cursors(&log.room).await.unwrap();
+        assert_eq!(
+            cursors.iter().map(|c| c.user.as_str()).collect::<Vec<_>>(),
+            vec!["alice", "bob", "carol"]
+        );
+        let carol = cursors.iter().find(|c| c.user.as_str() == "carol").unwrap();
+        assert_eq!((carol.read, carol.delivered), (m3, m3));
+        let r = chat_store::ReceiptIndex::new(&cursors).receipts(m3, "alice");
+        assert_eq!((r.delivered, r.read, r.members), (2, 1, 2));
+
+        // The cursors are part of the digest, and a rebuild lands the same rows.
+        let live = s.digest(Some(&log.room)).await.unwrap();
+        s.clear_room(&log.room).await.unwrap();
+        assert!(s.member_cursors(&log.room).await.unwrap().is_empty());
+        s.apply(&[more.batch()]).await.unwrap();
+        assert_eq!(s.digest(Some(&log.room)).await.unwrap(), live);
+        assert!(s.member_cursors(&room("nowhere")).await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
 async fn rooms_of_a_user_follow_membership() {
     for b in backends().await {
         let s = &*b.store;

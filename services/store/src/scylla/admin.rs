@@ -244,6 +244,7 @@ impl ScyllaStore {
         for statement in [
             &st.member_drop,
             &st.cursor_drop,
+            &st.delivered_drop,
             &st.room_drop,
             &st.settings_drop,
             &st.dead_drop,
@@ -322,6 +323,16 @@ impl ScyllaStore {
         for (member, last_read) in &cursors {
             h.text(Some(member));
             h.int(*last_read);
+            h.end_row();
+        }
+
+        h.table("delivered_cursors");
+        let mut delivered: Vec<(String, Option<i64>)> =
+            self.all("digest", &st.delivered_list, (room,)).await?;
+        delivered.sort();
+        for (member, up_to) in &delivered {
+            h.text(Some(member));
+            h.int(*up_to);
             h.end_row();
         }
 

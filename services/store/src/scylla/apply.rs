@@ -307,8 +307,9 @@ impl ScyllaStore {
                     )
                     .await?;
                 }
-                // Writing a message reads the room up to it (contract: cursors).
-                self.advance_cursor(ctx, user, seq).await
+                // Writing a message reads the room up to it (contract: cursors), and so has it.
+                self.advance_cursor(ctx, user, seq).await?;
+                self.advance_delivered(ctx, user, seq).await
             }
             EventBody::Edit { target, text } => {
                 let message = self.message_at(room, *target).await?;
@@ -433,7 +434,18 @@ impl ScyllaStore {
             EventBody::Read { up_to } => {
                 let fields = fields_of(&event.body).to_string();
                 self.put_event_row(ctx, seq, event, &fields).await?;
-                self.advance_cursor(ctx, user, (*up_to).min(seq)).await
+                // Reading implies having received.
+                self.advance_cursor(ctx, user, (*up_to).min(seq)).await?;
+                self.advance_delivered(ctx, user, (*up_to).min(seq)).await
+            }
+            EventBody::Delivered { cursors } => {
+                let fields = fields_of(&event.body).to_string();
+                self.put_event_row(ctx, seq, event, &fields).await?;
+                for (member, up_to) in cursors {
+                    self.advance_delivered(ctx, member.as_str(), (*up_to).min(seq))
+                        .await?;
+                }
+                Ok(())
             }
             EventBody::MemberJoined { member } => {
                 let fields = fields_of(&event.body).to_string();
@@ -558,6 +570,17 @@ impl ScyllaStore {
         self.exec(
             "write cursor",
             &self.st().cursor_put,
+            (ctx.ts(seq, OFF_CURSOR), cql_seq(seq), ctx.room, user),
+        )
+        .await
+    }
+
+    /// Moves `user`'s delivered cursor forward to `seq`, written at the timestamp of its value
+    /// like the read cursor: the highest value wins whatever the order of arrival.
+    async fn advance_delivered(&self, ctx: &RoomCtx<'_>, user: &str, seq: u64) -> Result<()> {
+        self.exec(
+            "write delivered cursor",
+            &self.st().delivered_put,
             (ctx.ts(seq, OFF_CURSOR), cql_seq(seq), ctx.room, user),
         )
         .await

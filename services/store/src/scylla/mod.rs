@@ -36,8 +36,8 @@ use futures::TryStreamExt;
 use uuid::Uuid;
 
 use crate::{
-    DeadLetter, IdHit, Page, PageQuery, ProjectorStatus, Result, RoomBatch, RoomSummary, Store,
-    StoreError, ThreadPage,
+    DeadLetter, IdHit, MemberCursors, Page, PageQuery, ProjectorStatus, Result, RoomBatch,
+    RoomSummary, Store, StoreError, ThreadPage,
 };
 use statements::Statements;
 
@@ -267,6 +267,14 @@ impl Store for ScyllaStore {
         self.summaries(user, blocked).await
     }
 
+    async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>> {
+        self.cursors_of(room.as_str()).await
+    }
+
+    async fn last_message_in(&self, room: &RoomId, after: u64, up_to: u64) -> Result<Option<u64>> {
+        self.last_message(room.as_str(), after, up_to).await
+    }
+
     async fn history(&self, room: &RoomId, query: PageQuery) -> Result<Page> {
         self.history_page(room.as_str(), query).await
     }
@@ -313,7 +321,7 @@ mod tests {
     #[test]
     fn the_schema_file_splits_into_its_tables() {
         let statements = cql_statements(SCHEMA);
-        assert_eq!(statements.len(), 14, "{statements:#?}");
+        assert_eq!(statements.len(), 15, "{statements:#?}");
         for s in &statements {
             assert!(s.starts_with("CREATE TABLE IF NOT EXISTS "), "{s}");
             assert!(!s.contains("--"), "{s}");

@@ -1,6 +1,6 @@
 //! Reads: history and thread pages, room lists with unread counts, room state.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chat_model::{RoomId, RoomKind, RoomState, UserId};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -9,7 +9,7 @@ use super::clock::{bucket, cql_seq};
 use super::rows::{EventRow, RoomRow};
 use super::ScyllaStore;
 use crate::render::StoredEvent;
-use crate::{Page, PageQuery, Result, RoomSummary, StoreError, ThreadPage};
+use crate::{MemberCursors, Page, PageQuery, Result, RoomSummary, StoreError, ThreadPage};
 
 /// Reads one page decoration or one room summary runs at once.
 const READS_IN_FLIGHT: usize = 16;
@@ -336,6 +336,80 @@ impl ScyllaStore {
                 .count() as u64;
         }
         Ok(count)
+    }
+
+    /// The highest message sequence in `(after, up_to]`, at or below the checkpoint: walks the
+    /// buckets of the range downward and stops at the first that holds one.
+    pub(super) async fn last_message(
+        &self,
+        room: &str,
+        after: u64,
+        up_to: u64,
+    ) -> Result<Option<u64>> {
+        let up_to = up_to.min(self.checkpoint_row(room).await?.seq());
+        if up_to <= after {
+            return Ok(None);
+        }
+        let mut b = bucket(up_to);
+        loop {
+            let found: Option<(i64,)> = self
+                .first(
+                    "last message",
+                    &self.st().event_last_message,
+                    (room, b, cql_seq(after), cql_seq(up_to)),
+                )
+                .await?;
+            if let Some((seq,)) = found {
+                return Ok(Some(seq.max(0) as u64));
+            }
+            if b <= bucket(after + 1) {
+                return Ok(None);
+            }
+            b -= 1;
+        }
+    }
+
+    /// Every active member's read and delivered cursors: three single-partition reads of the
+    /// room (members, read cursors, delivered cursors), joined here.
+    pub(super) async fn cursors_of(&self, room: &str) -> Result<Vec<MemberCursors>> {
+        let st = self.st();
+        let (members, read, delivered) = futures::try_join!(
+            self.all::<(String, Option<i64>, Option<bool>), _>(
+                "member cursors",
+                &st.member_list,
+                (room,)
+            ),
+            self.all::<(String, Option<i64>), _>("member cursors", &st.cursor_list, (room,)),
+            self.all::<(String, Option<i64>), _>("member cursors", &st.delivered_list, (room,)),
+        )?;
+        let read: HashMap<String, i64> = read
+            .into_iter()
+            .filter_map(|(m, c)| Some((m, c?)))
+            .collect();
+        let delivered: HashMap<String, i64> = delivered
+            .into_iter()
+            .filter_map(|(m, c)| Some((m, c?)))
+            .collect();
+        let mut out: Vec<MemberCursors> = members
+            .into_iter()
+            .filter(|(_, _, active)| *active == Some(true))
+            .filter_map(|(member, joined_seq, _)| {
+                let read_cursor = read
+                    .get(&member)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(joined_seq.unwrap_or(0))
+                    .max(0) as u64;
+                let delivered_cursor = delivered.get(&member).copied().unwrap_or(0).max(0) as u64;
+                Some(MemberCursors {
+                    user: UserId::parse(member).ok()?,
+                    read: read_cursor,
+                    delivered: delivered_cursor.max(read_cursor),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.user.cmp(&b.user));
+        Ok(out)
     }
 
     /// The room's kind, creator and active members as of its checkpoint.

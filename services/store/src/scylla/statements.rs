@@ -68,6 +68,10 @@ statements! {
     /// CQL has no `!=`).
     event_unread = "SELECT author FROM events WHERE room = ? AND bucket = ? AND seq > ? AND seq <= ? \
         AND kind = 'message' AND deleted = false ALLOW FILTERING";
+    /// The newest message of one bucket in a seq range: filtering inside one partition, newest
+    /// first (the clustering order), stopping at the first.
+    event_last_message = "SELECT seq FROM events WHERE room = ? AND bucket = ? AND seq > ? \
+        AND seq <= ? AND kind = 'message' LIMIT 1 ALLOW FILTERING";
     event_edit = "UPDATE events USING TIMESTAMP ? SET body = ?, original_body = ?, edit_seq = ? \
         WHERE room = ? AND bucket = ? AND seq = ?";
     event_delete = "UPDATE events USING TIMESTAMP ? SET deleted = true, body = null, \
@@ -143,6 +147,12 @@ statements! {
     cursor_get = "SELECT last_read FROM cursors WHERE room = ? AND member = ?";
     cursor_list = "SELECT member, last_read FROM cursors WHERE room = ?";
     cursor_drop = "DELETE FROM cursors USING TIMESTAMP ? WHERE room = ?";
+
+    // delivered_cursors
+    delivered_put = "UPDATE delivered_cursors USING TIMESTAMP ? SET delivered = ? \
+        WHERE room = ? AND member = ?";
+    delivered_list = "SELECT member, delivered FROM delivered_cursors WHERE room = ?";
+    delivered_drop = "DELETE FROM delivered_cursors USING TIMESTAMP ? WHERE room = ?";
 
     // checkpoints
     checkpoint_get = "SELECT seq, written, generation FROM checkpoints WHERE room = ?";
