@@ -4,8 +4,15 @@
 //!
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
 //! room_log_read, room_log_append_sync_always, projection_throughput, history_page_reads,
-//! projection_lag).
+//! projection_lag, edge_send_ack, edge_fanout, edge_latency, edge_idle_memory).
+//!
+//! The edge benchmarks run the chatd release binary and drive it from this same binary started
+//! again as a load generator (`chat-bench loadgen`, plan on stdin) and, for the fan-out
+//! baseline, as a bare broadcast server (`chat-bench broadcast-server`); see [`edge`].
 
+mod broadcast;
+mod edge;
+mod loadgen;
 mod projection;
 
 use std::time::{Duration, Instant};
@@ -32,9 +39,14 @@ struct Sizes {
     durable: usize,
 }
 
+/// ~200 bytes of text, as in the measured facts of the architecture notes (nothing in it needs
+/// escaping in JSON).
+fn message_text(i: usize) -> String {
+    format!("{i:08} {}", "lorem ipsum dolor sit amet ".repeat(7))
+}
+
 fn event(i: usize) -> Event {
-    // ~200 bytes of text, as in the measured facts of the architecture notes.
-    let text = format!("{i:08} {}", "lorem ipsum dolor sit amet ".repeat(7));
+    let text = message_text(i);
     Event {
         id: uuid::Uuid::new_v4(),
         user: UserId::parse("bench-user").unwrap(),
@@ -273,7 +285,17 @@ impl Bench {
 
 #[tokio::main]
 async fn main() {
+    // Raised here, so every child (chatd, the load generator, nats-server) inherits it.
+    let fd_limit = edge::raise_fd_limit();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // The helper processes of the edge benchmarks.
+    match args.first().map(String::as_str) {
+        Some("loadgen") => return exit_on_error("loadgen", loadgen::main().await),
+        Some("broadcast-server") => {
+            return exit_on_error("broadcast-server", broadcast::serve(&args[1..]).await)
+        }
+        _ => {}
+    }
     let quick = args.iter().any(|a| a == "--quick");
     args.retain(|a| a != "--quick");
     let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
@@ -355,4 +377,37 @@ async fn main() {
     }
     // The server lives until every benchmark is done.
     drop(server);
+
+    // Edge benchmarks: each starts its own nats-server and chatd.
+    let edge_names = [
+        "edge_send_ack",
+        "edge_fanout",
+        "edge_latency",
+        "edge_idle_memory",
+    ];
+    if edge_names.iter().any(|name| wanted(name)) {
+        let chatd = edge::chatd_bin();
+        let sizes = edge::EdgeSizes::new(quick);
+        let mut max_send_rate = None;
+        if wanted("edge_send_ack") {
+            max_send_rate = Some(edge::send_ack(&chatd, &sizes).await);
+        }
+        if wanted("edge_fanout") {
+            edge::fanout(&chatd, &sizes).await;
+        }
+        if wanted("edge_latency") {
+            edge::latency(&chatd, &sizes, max_send_rate).await;
+        }
+        if wanted("edge_idle_memory") {
+            edge::idle_memory(&chatd, &sizes, fd_limit).await;
+        }
+    }
+}
+
+/// Ends a helper process: status 1 with the error on stderr if it failed.
+fn exit_on_error(what: &str, result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        eprintln!("chat-bench {what}: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,640 @@
+//! Edge benchmarks: the real `chatd` release binary, on a nats-server of its own, under load from
+//! real WebSocket clients running in a process of their own (`chat-bench loadgen`, see
+//! [`crate::loadgen`]), against baselines measured in the same run by the same load generator.
+//!
+//! Each benchmark starts a fresh nats-server and chatd (`CHAT_LISTEN=127.0.0.1:0`, a temporary
+//! data dir, HS256 tokens, every rate limit out of the way), creates its rooms over the HTTP API,
+//! and runs one load generator process. The baselines go to the same nats-server (raw
+//! JetStream) or to a bare broadcast server process ([`crate::broadcast`]).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_harness::{Chatd, NatsServer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+use crate::loadgen::{Auth, FanoutPlan, Group, IdlePlan, LatencyPlan, Plan, SendAckPlan};
+use crate::{emit, median};
+
+/// Clients of `edge_send_ack` and senders of `edge_latency`: one user and connection each.
+const CLIENTS: usize = 64;
+/// Rooms they are spread over (`CLIENTS / ROOMS` members each).
+const ROOMS: usize = 8;
+/// Sends each `edge_send_ack` client keeps unacknowledged.
+const WINDOW: usize = 4;
+/// Acks the raw publisher keeps outstanding: as many as all clients' windows together.
+const RAW_IN_FLIGHT: usize = CLIENTS * WINDOW;
+/// Subscribers of the `edge_fanout` room.
+const SUBSCRIBERS: usize = 200;
+/// Messages the `edge_fanout` sender keeps sent but not yet echoed back to itself.
+const FANOUT_WINDOW: usize = 32;
+/// Users per room in `edge_idle_memory` (a room is created with at most 1000 members).
+const IDLE_ROOM_SIZE: usize = 1_000;
+/// The per-connection memory target of `edge_idle_memory`, KiB.
+const IDLE_TARGET_KIB: f64 = 16.0;
+/// File descriptors a process needs besides its connections (NATS, store, logs, runtime).
+const FD_HEADROOM: u64 = 256;
+
+/// Sizes of the edge benchmarks (`--quick` or full).
+pub struct EdgeSizes {
+    /// Messages each `edge_send_ack` client sends per round.
+    pub send_per_client: usize,
+    pub send_rounds: usize,
+    /// Messages the `edge_fanout` sender sends per round (each to 200 subscribers).
+    pub fanout_messages: usize,
+    pub fanout_rounds: usize,
+    /// Messages per side per round of `edge_latency`.
+    pub latency_messages: usize,
+    pub latency_rounds: usize,
+    /// Connections held open by `edge_idle_memory`.
+    pub idle_connections: usize,
+}
+
+impl EdgeSizes {
+    pub fn new(quick: bool) -> EdgeSizes {
+        if quick {
+            EdgeSizes {
+                send_per_client: 40,
+                send_rounds: 3,
+                fanout_messages: 200,
+                fanout_rounds: 3,
+                latency_messages: 1_500,
+                latency_rounds: 2,
+                idle_connections: 1_000,
+            }
+        } else {
+            EdgeSizes {
+                send_per_client: 300,
+                send_rounds: 5,
+                fanout_messages: 2_000,
+                fanout_rounds: 5,
+                latency_messages: 10_000,
+                latency_rounds: 4,
+                idle_connections: 10_000,
+            }
+        }
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it: chatd, the
+/// load generator, the broadcast server). Returns `(soft, hard)` after the change.
+pub fn raise_fd_limit() -> (u64, u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (0, 0);
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return (hard, hard);
+    }
+    (soft, hard)
+}
+
+/// The chatd release binary: `$CHATD_BIN`, else built with `cargo build --release -p chatd`
+/// (a no-op when it is up to date) next to this binary.
+pub fn chatd_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CHATD_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("own executable");
+    let bin = exe.with_file_name("chatd");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release", "-q", "-p", "chatd"])
+        .current_dir(chat_harness::workspace_root())
+        .status();
+    match built {
+        Ok(status) if status.success() => {}
+        other if bin.exists() => eprintln!(
+            "bench: building chatd failed ({other:?}); using the existing {}",
+            bin.display()
+        ),
+        other => panic!("cannot build chatd ({other:?}); set CHATD_BIN to a chatd binary"),
+    }
+    bin
+}
+
+/// `u{i}` for `i` in `range`.
+fn users(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("u{i}")).collect()
+}
+
+/// A fresh nats-server and chatd, and the tokens chatd accepts.
+struct Rig {
+    chatd: Chatd,
+    auth: Auth,
+    nats: NatsServer,
+    /// chatd's data directory (SQLite store), removed on drop.
+    _data: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start(chatd_bin: &std::path::Path) -> Rig {
+        let nats = NatsServer::start();
+        let data = tempfile::Builder::new()
+            .prefix("chat-bench-")
+            .tempdir()
+            .expect("temp dir");
+        let auth = Auth {
+            secret: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
+            issuer: "chat-bench".to_owned(),
+            audience: "chat".to_owned(),
+        };
+        // Rate limits and connection caps out of the way: this measures capacity, not policy.
+        let unlimited = "1000000/1000000";
+        let env = [
+            ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+            ("CHAT_DATA_DIR", data.path().display().to_string()),
+            ("NATS_URL", nats.url()),
+            ("CHAT_JWT_HS256_SECRET", auth.secret.clone()),
+            ("CHAT_JWT_ISSUER", auth.issuer.clone()),
+            ("CHAT_JWT_AUDIENCE", auth.audience.clone()),
+            ("CHAT_SEND_RATE", unlimited.to_owned()),
+            ("CHAT_TYPING_RATE", unlimited.to_owned()),
+            ("CHAT_SUBSCRIBE_RATE", unlimited.to_owned()),
+            ("CHAT_HISTORY_RATE", unlimited.to_owned()),
+            ("CHAT_FRAME_RATE", unlimited.to_owned()),
+            ("CHAT_MAX_CONNECTIONS", "100000".to_owned()),
+            ("CHAT_MAX_CONNECTIONS_PER_USER", "100000".to_owned()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let chatd = Chatd::start(chatd_bin, &[], &env);
+        Rig {
+            chatd,
+            auth,
+            nats,
+            _data: data,
+        }
+    }
+
+    /// Creates a group room over the HTTP API: `users[0]` creates it with the others as members.
+    fn create_room(&self, room: &str, users: &[String]) {
+        let token = self.auth.token(&users[0]).expect("token");
+        let body = json!({"room": room, "kind": "group", "name": room, "members": users[1..]});
+        let auth = format!("Bearer {token}");
+        let (status, answer) = chat_harness::http_request(
+            self.chatd.http_addr(),
+            "POST",
+            "/v1/rooms",
+            &[("Authorization", auth.as_str())],
+            Some(&body.to_string()),
+        )
+        .expect("chatd answers");
+        assert_eq!(status, 201, "create room {room}: {answer}");
+    }
+
+    /// `ROOMS` rooms named `{prefix}-{r}` with `CLIENTS / ROOMS` users each (`u0`…), and as many
+    /// rooms `raw{prefix}-{r}` for the raw side (made by chatd too, so the streams are alike).
+    fn groups(&self, prefix: &str) -> (Vec<Group>, Vec<String>) {
+        let per_room = CLIENTS / ROOMS;
+        let mut groups = Vec::new();
+        let mut raw_rooms = Vec::new();
+        for r in 0..ROOMS {
+            let group = Group {
+                room: format!("{prefix}-{r}"),
+                users: users(r * per_room..(r + 1) * per_room),
+            };
+            self.create_room(&group.room, &group.users);
+            groups.push(group);
+            let raw = format!("raw{prefix}-{r}");
+            self.create_room(&raw, &users(r * per_room..r * per_room + 1));
+            raw_rooms.push(raw);
+        }
+        (groups, raw_rooms)
+    }
+
+    fn ws_url(&self) -> String {
+        self.chatd.ws_url()
+    }
+}
+
+/// A load generator child process (this binary, `loadgen`), talking JSON lines.
+struct Loadgen {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Loadgen {
+    async fn start(plan: &Plan) -> Loadgen {
+        let exe = std::env::current_exe().expect("own executable");
+        let mut child = tokio::process::Command::new(exe)
+            .arg("loadgen")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the load generator");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let plan = serde_json::to_string(plan).expect("plan as JSON");
+        stdin
+            .write_all(format!("{plan}\n").as_bytes())
+            .await
+            .expect("hand the plan over");
+        Loadgen {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        }
+    }
+
+    /// The next line with `key`, within `deadline`; panics if the load generator fails.
+    async fn expect(&mut self, key: &str, deadline: Duration) -> Value {
+        let waiting = async {
+            loop {
+                match self.stdout.next_line().await {
+                    Ok(Some(line)) => {
+                        let value: Value = serde_json::from_str(&line)
+                            .unwrap_or_else(|e| panic!("loadgen printed {line:?}: {e}"));
+                        if value.get(key).is_some() {
+                            return value;
+                        }
+                    }
+                    _ => {
+                        let status = self.child.wait().await;
+                        panic!("the load generator ended early ({status:?}); see its errors above")
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(deadline, waiting)
+            .await
+            .unwrap_or_else(|_| panic!("the load generator printed no {key:?} in {deadline:?}"))
+    }
+
+    async fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("talk to the load generator");
+    }
+
+    /// Closes its stdin (the idle plan ends then) and returns its `result`.
+    async fn finish(mut self, deadline: Duration) -> Value {
+        self.stdin = None;
+        let result = self.expect("result", deadline).await["result"].take();
+        let status = self.child.wait().await.expect("load generator exit");
+        assert!(status.success(), "load generator: {status}");
+        result
+    }
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
+/// Per-round rates as whole numbers, for the JSON line.
+fn whole(rates: &[f64]) -> Vec<f64> {
+    rates.iter().map(|r| r.round()).collect()
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// `edge_send_ack`: send → ack throughput of `CLIENTS` WebSocket clients (one user each, `ROOMS`
+/// rooms of 8 members, not subscribed: this is the append path alone), each with `WINDOW`
+/// sends unacknowledged, against raw JetStream publishing of the same number of pre-encoded
+/// events, with `RAW_IN_FLIGHT` (= all clients' windows) acks outstanding, to room streams of the
+/// same chatd on the same nats-server. After an uncounted warm-up round of each side, rounds
+/// alternate which side goes first; medians.
+///
+/// Fair in that both sides append the same events to identical room streams (republish and
+/// dedup on, same sizes) and chatd's projector stores both sides' events alike while they run;
+/// ours pays for WebSocket framing, JSON, token-checked sessions, membership checks and the
+/// event encoding, which is what the edge adds. Returns our median rate.
+pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
+    let rig = Rig::start(chatd_bin);
+    let (groups, raw_rooms) = rig.groups("ack");
+    let plan = Plan::SendAck(SendAckPlan {
+        ws_url: rig.ws_url(),
+        nats_url: rig.nats.url(),
+        auth: rig.auth.clone(),
+        groups,
+        raw_rooms,
+        window: WINDOW,
+        per_client: sizes.send_per_client,
+        raw_in_flight: RAW_IN_FLIGHT,
+        rounds: sizes.send_rounds,
+        raw: true,
+    });
+    let result = Loadgen::start(&plan)
+        .await
+        .finish(Duration::from_secs(600))
+        .await;
+    let (ours, raw) = (floats(&result["ours"]), floats(&result["raw"]));
+    let ours_median = median(ours.clone());
+    emit(
+        "edge_send_ack",
+        ours_median,
+        median(raw.clone()),
+        "msg/s",
+        json!({
+            "clients": CLIENTS, "rooms": ROOMS, "window_per_client": WINDOW,
+            "raw_in_flight": RAW_IN_FLIGHT, "messages_per_round": CLIENTS * sizes.send_per_client,
+            "rounds": sizes.send_rounds, "ours_rounds": whole(&ours), "raw_rounds": whole(&raw),
+            "target": ">= 0.5",
+        }),
+    );
+    ours_median
+}
+
+/// Our send → ack rate alone (for `edge_latency` when `edge_send_ack` did not run): one round.
+async fn probe_rate(rig: &Rig, groups: Vec<Group>, sizes: &EdgeSizes) -> f64 {
+    let plan = Plan::SendAck(SendAckPlan {
+        ws_url: rig.ws_url(),
+        nats_url: rig.nats.url(),
+        auth: rig.auth.clone(),
+        groups,
+        raw_rooms: Vec::new(),
+        window: WINDOW,
+        per_client: sizes.send_per_client,
+        raw_in_flight: RAW_IN_FLIGHT,
+        rounds: 1,
+        raw: false,
+    });
+    let result = Loadgen::start(&plan)
+        .await
+        .finish(Duration::from_secs(600))
+        .await;
+    median(floats(&result["ours"]))
+}
+
+/// `edge_fanout`: one room, `SUBSCRIBERS` subscribed WebSocket clients and one sender; frames
+/// received by all subscribers per second, against the bare broadcast server
+/// ([`crate::broadcast`]) driven by the same client code in the same run (a warm-up round each,
+/// then rounds alternating which side goes first; medians).
+///
+/// The sender is also subscribed and paces itself by its own echoes (at most `FANOUT_WINDOW`
+/// sent and not yet seen back) on both servers, and a round ends when every subscriber has every
+/// message. Ours persists each message before broadcasting it (and the projector stores it);
+/// the bare server forwards the sender's frame as is, so its frames are also ~90 bytes shorter.
+pub async fn fanout(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
+    let rig = Rig::start(chatd_bin);
+    let room = "fanout".to_owned();
+    let all = users(0..SUBSCRIBERS + 1);
+    rig.create_room(&room, &all);
+    let exe = std::env::current_exe().expect("own executable");
+    let bare = Chatd::start(&exe, &["broadcast-server"], &[]);
+    let plan = Plan::Fanout(FanoutPlan {
+        chat_ws: rig.ws_url(),
+        bare_ws: bare.ws_url(),
+        auth: rig.auth.clone(),
+        room,
+        sender: all[0].clone(),
+        subscribers: all[1..].to_vec(),
+        messages: sizes.fanout_messages,
+        window: FANOUT_WINDOW,
+        rounds: sizes.fanout_rounds,
+    });
+    let result = Loadgen::start(&plan)
+        .await
+        .finish(Duration::from_secs(600))
+        .await;
+    let (ours, bare_rates) = (floats(&result["ours"]), floats(&result["bare"]));
+    emit(
+        "edge_fanout",
+        median(ours.clone()),
+        median(bare_rates.clone()),
+        "deliveries/s",
+        json!({
+            "subscribers": SUBSCRIBERS, "messages_per_round": sizes.fanout_messages,
+            "sender_window": FANOUT_WINDOW, "rounds": sizes.fanout_rounds,
+            "ours_rounds": whole(&ours), "bare_rounds": whole(&bare_rates), "target": ">= 0.7",
+        }),
+    );
+}
+
+/// `edge_latency`: send → delivery latency through chatd, measured at a client subscribed to
+/// the room (one receiver per room; the `CLIENTS` senders spread over `ROOMS` rooms and paced
+/// together at half our maximum send → ack rate), against raw publish → republish delivery
+/// (publishers paced the same way to room streams, a core subscriber of the republish
+/// subjects) at the same rate, on the same nats-server. A warm-up round each, then rounds
+/// alternate which side goes first; the percentiles pool every counted round of a side.
+///
+/// Both sides time from just before the send (the WebSocket write, the NATS publish) to the
+/// arrival at a subscriber in the same process; the message id carries the message's number.
+pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, max_rate: Option<f64>) {
+    let rig = Rig::start(chatd_bin);
+    let (groups, raw_rooms) = rig.groups("lat");
+    let (max_rate, measured_here) = match max_rate {
+        Some(rate) => (rate, false),
+        None => (probe_rate(&rig, groups.clone(), sizes).await, true),
+    };
+    let rate = max_rate / 2.0;
+    let receivers = users(CLIENTS..CLIENTS + ROOMS);
+    for (group, receiver) in groups.iter().zip(&receivers) {
+        invite(&rig, &group.room, &group.users[0], receiver);
+    }
+    let plan = Plan::Latency(LatencyPlan {
+        ws_url: rig.ws_url(),
+        nats_url: rig.nats.url(),
+        auth: rig.auth.clone(),
+        groups,
+        receivers,
+        raw_rooms,
+        rate,
+        messages: sizes.latency_messages,
+        rounds: sizes.latency_rounds,
+    });
+    let result = Loadgen::start(&plan)
+        .await
+        .finish(Duration::from_secs(900))
+        .await;
+    let (ours, raw) = (&result["ours"], &result["raw"]);
+    let common = json!({
+        "rate": rate.round(), "max_rate": max_rate.round(),
+        "max_rate_from": if measured_here { "a probe round in this benchmark" } else { "edge_send_ack in this run" },
+        "senders": CLIENTS, "rooms": ROOMS, "messages_per_round": sizes.latency_messages,
+        "rounds": sizes.latency_rounds, "samples_per_side": ours["samples"],
+    });
+    let mut p99 = common.clone();
+    p99["target"] = json!("<= 4");
+    p99["ours_round_p99_us"] = ours["round_p99_us"].clone();
+    p99["raw_round_p99_us"] = raw["round_p99_us"].clone();
+    // Where our delivery time goes: send → ack is the append alone.
+    p99["ours_send_to_ack_p99_us"] = ours["ack"]["p99_us"].clone();
+    p99["ours_max_us"] = ours["max_us"].clone();
+    p99["raw_max_us"] = raw["max_us"].clone();
+    emit(
+        "edge_latency_p99",
+        ours["p99_us"].as_f64().unwrap_or(f64::NAN),
+        raw["p99_us"].as_f64().unwrap_or(f64::NAN),
+        "us",
+        p99,
+    );
+    let mut p50 = common;
+    p50["ours_send_to_ack_p50_us"] = ours["ack"]["p50_us"].clone();
+    emit(
+        "edge_latency_p50",
+        ours["p50_us"].as_f64().unwrap_or(f64::NAN),
+        raw["p50_us"].as_f64().unwrap_or(f64::NAN),
+        "us",
+        p50,
+    );
+}
+
+/// Invites `user` to `room` over the HTTP API, as `by` (a member).
+fn invite(rig: &Rig, room: &str, by: &str, user: &str) {
+    let token = rig.auth.token(by).expect("token");
+    let auth = format!("Bearer {token}");
+    let (status, answer) = chat_harness::http_request(
+        rig.chatd.http_addr(),
+        "POST",
+        &format!("/v1/rooms/{room}/members"),
+        &[("Authorization", auth.as_str())],
+        Some(&json!({ "user": user }).to_string()),
+    )
+    .expect("chatd answers");
+    assert_eq!(status, 200, "invite {user} to {room}: {answer}");
+}
+
+/// Resident memory of a process, KiB (`VmRSS` of `/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
+}
+
+/// The process's resident memory once it stops growing: read every 100 ms until two readings
+/// differ by less than 0.5% (at most 5 s).
+async fn settled_rss_kib(pid: u32) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = rss_kib(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(last) * 200 < last || tokio::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Resident memory of one server process around the idle plan, KiB.
+struct IdleMemory {
+    before: u64,
+    authenticated: u64,
+    subscribed: u64,
+    /// The load generator's result: how long connecting and subscribing took, frames received.
+    timing: Value,
+}
+
+/// Runs the idle plan against the server at `ws_url` (process `pid`), reading its resident
+/// memory before the first connection, once all are authenticated, and once all are subscribed.
+async fn measure_idle(pid: u32, ws_url: String, auth: &Auth, groups: &[Group]) -> IdleMemory {
+    let before = settled_rss_kib(pid).await;
+    let mut loadgen = Loadgen::start(&Plan::Idle(IdlePlan {
+        ws_url,
+        auth: auth.clone(),
+        groups: groups.to_vec(),
+    }))
+    .await;
+    let deadline = Duration::from_secs(300);
+    loadgen.expect("phase", deadline).await;
+    let authenticated = settled_rss_kib(pid).await;
+    loadgen.say("subscribe").await;
+    loadgen.expect("phase", deadline).await;
+    let subscribed = settled_rss_kib(pid).await;
+    let timing = loadgen.finish(deadline).await;
+    IdleMemory {
+        before,
+        authenticated,
+        subscribed,
+        timing,
+    }
+}
+
+/// `edge_idle_memory`: chatd's resident memory per idle authenticated connection subscribed to
+/// one room (rooms of `IDLE_ROOM_SIZE` users, each user one connection), from the growth of
+/// VmRSS between before the first connection and after the last `subscribed` reply. Measured in
+/// two steps (all connections authenticated and welcomed; then all subscribed), so the growth
+/// splits into the cost of a session and the cost of its subscription. The "baseline" is the
+/// target (16 KiB), not a measurement. For reference, the same load generator plan is run
+/// against the bare broadcast server, with tungstenite's default buffers and with a 4 KiB read
+/// buffer: what a WebSocket connection costs before any chat state.
+pub async fn idle_memory(chatd_bin: &std::path::Path, sizes: &EdgeSizes, fd_limit: (u64, u64)) {
+    let (soft, hard) = fd_limit;
+    let mut connections = sizes.idle_connections;
+    let mut note = None;
+    if soft < connections as u64 + FD_HEADROOM {
+        connections = soft.saturating_sub(FD_HEADROOM) as usize;
+        note = Some(format!(
+            "open-file limit {soft} (hard {hard}) is too low for {} connections; measured {connections}",
+            sizes.idle_connections
+        ));
+    }
+    let per = |kib: u64| round1(kib as f64 / connections as f64);
+
+    let rig = Rig::start(chatd_bin);
+    let mut groups = Vec::new();
+    for (r, first) in (0..connections).step_by(IDLE_ROOM_SIZE).enumerate() {
+        let group = Group {
+            room: format!("idle-{r}"),
+            users: users(first..(first + IDLE_ROOM_SIZE).min(connections)),
+        };
+        rig.create_room(&group.room, &group.users);
+        groups.push(group);
+    }
+    let nats_pid = rig.nats.pid().expect("nats-server running");
+    let nats_before = rss_kib(nats_pid);
+    let chatd = measure_idle(rig.chatd.pid(), rig.ws_url(), &rig.auth, &groups).await;
+    let nats_after = rss_kib(nats_pid);
+    drop(rig);
+
+    let exe = std::env::current_exe().expect("own executable");
+    let mut bare = Vec::new();
+    for args in [
+        &["broadcast-server"][..],
+        &["broadcast-server", "--read-buffer", "4096"][..],
+    ] {
+        let server = Chatd::start(&exe, args, &[]);
+        let auth = Auth {
+            secret: "unused by the bare server".to_owned(),
+            issuer: String::new(),
+            audience: String::new(),
+        };
+        let m = measure_idle(server.pid(), server.ws_url(), &auth, &groups).await;
+        bare.push(per(m.subscribed.saturating_sub(m.before)));
+    }
+
+    let mut extra = json!({
+        "baseline_is": "the target, 16 KiB per connection (not a measurement)",
+        "target": "<= 16 KiB/connection",
+        "connections": connections, "rooms": groups.len(),
+        "rss_kib_before": chatd.before, "rss_kib_authenticated": chatd.authenticated,
+        "rss_kib_subscribed": chatd.subscribed,
+        "session_kib_per_connection": per(chatd.authenticated.saturating_sub(chatd.before)),
+        "subscription_kib_per_connection": per(chatd.subscribed.saturating_sub(chatd.authenticated)),
+        "nats_server_kib_per_connection": per(nats_after.saturating_sub(nats_before)),
+        "bare_tungstenite_kib_per_connection": bare[0],
+        "bare_tungstenite_4k_read_buffer_kib_per_connection": bare[1],
+        "fd_limit": { "soft": soft, "hard": hard },
+        "connect_s": chatd.timing["connect_s"], "subscribe_s": chatd.timing["subscribe_s"],
+        "frames_received_besides_replies": chatd.timing["frames_received"],
+    });
+    if let Some(note) = note {
+        extra["note"] = json!(note);
+    }
+    emit(
+        "edge_idle_memory",
+        per(chatd.subscribed.saturating_sub(chatd.before)),
+        IDLE_TARGET_KIB,
+        "KiB/connection",
+        extra,
+    );
+}
