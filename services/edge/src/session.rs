@@ -849,15 +849,7 @@ async fn forward(
         let next = tokio::select! {
             next = follower.next() => next,
             ephemeral = typing.next() => {
-                // Never to the typing user's own sessions; dropped, not waited for, when this
-                // client is behind (also when this forwarder was, waiting to queue an event).
-                match ephemeral {
-                    Ok(e) if e.exclude.as_ref() != Some(&user) => {
-                        out.push_ephemeral(e.frame);
-                    }
-                    Ok(_) => {}
-                    Err(skipped) => out.dropped_ephemeral(skipped),
-                }
+                pass_ephemeral(&out, &user, ephemeral);
                 continue;
             }
         };
@@ -882,7 +874,18 @@ async fn forward(
                 } else {
                     delivery.frame.clone()
                 };
-                if out.push(frame).await.is_err() {
+                // While the event waits for room, typing and presence frames keep moving: to
+                // the queue if it has room for them, else dropped (and counted).
+                let push = out.push(frame);
+                tokio::pin!(push);
+                let pushed = loop {
+                    tokio::select! {
+                        biased;
+                        pushed = &mut push => break pushed,
+                        ephemeral = typing.next() => pass_ephemeral(&out, &user, ephemeral),
+                    }
+                };
+                if pushed.is_err() {
                     return;
                 }
                 if removed {
@@ -897,6 +900,19 @@ async fn forward(
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// An ephemeral frame of a followed room: never to the typing user's own sessions; queued only
+/// if the queue has room for it, else dropped and counted (as are frames skipped because this
+/// session fell behind the room's feed).
+fn pass_ephemeral(out: &Outbox, user: &UserId, ephemeral: Result<crate::Ephemeral, u64>) {
+    match ephemeral {
+        Ok(e) if e.exclude.as_ref() != Some(user) => {
+            out.push_ephemeral(e.frame);
+        }
+        Ok(_) => {}
+        Err(skipped) => out.dropped_ephemeral(skipped),
     }
 }
 

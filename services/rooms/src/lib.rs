@@ -136,6 +136,8 @@ pub struct Rooms {
     config: RoomsConfig,
     /// Room states folded from the log, by room.
     cache: Mutex<HashMap<RoomId, Cached>>,
+    /// One refresh at a time per room: concurrent callers wait for it and share its result.
+    refreshing: Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Block lists read recently, kept current by the invalidator.
     blocks: Arc<BlockCache>,
     /// Follows the user log's change notices; stopped when the service is dropped.
@@ -170,6 +172,7 @@ impl Rooms {
             store,
             config,
             cache: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
             blocks,
             invalidator,
             lag_check: Mutex::new(None),
@@ -196,6 +199,13 @@ impl Rooms {
         self.refresh(room).await
     }
 
+    /// The cached state if it was read from the log after `since`.
+    fn cached_since(&self, room: &RoomId, since: Instant) -> Option<RoomState> {
+        let cache = self.cache.lock().ok()?;
+        let cached = cache.get(room)?;
+        (cached.checked >= since).then(|| cached.state.clone())
+    }
+
     fn cached(&self, room: &RoomId, ttl: Duration) -> Option<RoomState> {
         let cache = self.cache.lock().ok()?;
         let cached = cache.get(room)?;
@@ -204,6 +214,23 @@ impl Rooms {
 
     /// Reads the room from the log (after the cached or stored state) and caches it.
     pub async fn refresh(&self, room: &RoomId) -> Result<RoomState, RoomError> {
+        let asked = Instant::now();
+        // Single flight per room: a busy room's appends would otherwise each read and decode
+        // the same new log entries when the cache expires. A refresh that began after this
+        // call did is as good as our own.
+        let gate = self.refreshing.lock().ok().map(|mut gates| {
+            if gates.len() > 4_096 {
+                gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+            }
+            gates.entry(room.clone()).or_default().clone()
+        });
+        let _turn = match &gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        };
+        if let Some(state) = self.cached_since(room, asked) {
+            return Ok(state);
+        }
         let checked = Instant::now();
         let start = match self.cached(room, Duration::MAX) {
             Some(state) => Some(state),

@@ -817,19 +817,21 @@ impl Store for SqliteStore {
     async fn find_id(&self, room: &RoomId, id: Uuid) -> Result<Option<IdHit>> {
         let room = room.clone();
         self.read(move |conn| {
-            conn.query_row(
+            // Every append asks this: a cached statement, not a parse per call.
+            let err = backend_err("find id");
+            conn.prepare_cached(
                 "SELECT seq, ts FROM events INDEXED BY events_by_id
                  WHERE room = ?1 AND id = ?2 ORDER BY seq LIMIT 1",
-                params![room.as_str(), id.hyphenated().to_string()],
-                |r| {
-                    Ok(IdHit {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        ts: r.get(1)?,
-                    })
-                },
             )
+            .map_err(&err)?
+            .query_row(params![room.as_str(), id.hyphenated().to_string()], |r| {
+                Ok(IdHit {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    ts: r.get(1)?,
+                })
+            })
             .optional()
-            .map_err(backend_err("find id"))
+            .map_err(&err)
         })
         .await
     }
