@@ -72,73 +72,74 @@ async fn me(Authenticated(identity): Authenticated) -> impl IntoResponse {
 /// Prometheus text exposition of this process's counters.
 async fn metrics(State(state): State<AppState>) -> Response {
     use std::fmt::Write;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+    use std::sync::atomic::AtomicU64;
+    // (name, type, help, value) of every metric this process has.
+    let mut metrics: Vec<(&str, &str, &str, u64)> = Vec::new();
+    let mut add = |rows: &[(&'static str, &'static str, &'static str, &AtomicU64)]| {
+        for (name, kind, help, value) in rows {
+            metrics.push((name, kind, help, value.load(Ordering::Relaxed)));
+        }
     };
     if let Some(p) = &state.projector {
-        let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        metric(
-            "chat_projector_events_total",
-            "counter",
-            "Log entries written to the store.",
-            get(&p.projected),
-        );
-        metric(
-            "chat_projector_dead_letters_total",
-            "counter",
-            "Entries that could not be decoded.",
-            get(&p.dead_letters),
-        );
-        metric(
-            "chat_projector_fills_total",
-            "counter",
-            "Ranges read from streams (gaps, catch-up).",
-            get(&p.fills),
-        );
-        metric(
-            "chat_projector_store_errors_total",
-            "counter",
-            "Failed (and retried) store writes.",
-            get(&p.store_errors),
-        );
-        metric(
-            "chat_projector_lag_ms",
-            "gauge",
-            "Age of the oldest known event not yet stored.",
-            get(&p.lag_ms),
-        );
+        add(&[
+            (
+                "chat_projector_events_total",
+                "counter",
+                "Log entries written to the store.",
+                &p.projected,
+            ),
+            (
+                "chat_projector_dead_letters_total",
+                "counter",
+                "Entries that could not be decoded.",
+                &p.dead_letters,
+            ),
+            (
+                "chat_projector_fills_total",
+                "counter",
+                "Ranges read from streams (gaps, catch-up).",
+                &p.fills,
+            ),
+            (
+                "chat_projector_store_errors_total",
+                "counter",
+                "Failed (and retried) store writes.",
+                &p.store_errors,
+            ),
+            (
+                "chat_projector_lag_ms",
+                "gauge",
+                "Age of the oldest known event not yet stored.",
+                &p.lag_ms,
+            ),
+        ]);
     }
     if let Some(e) = &state.edge {
-        let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        metric(
-            "chat_edge_sessions",
-            "gauge",
-            "Open authenticated WebSocket sessions.",
-            get(&e.sessions),
-        );
-        metric(
-            "chat_edge_frames_in_total",
-            "counter",
-            "Frames received from clients.",
-            get(&e.frames_in),
-        );
-        metric(
-            "chat_edge_appends_total",
-            "counter",
-            "Events appended for clients.",
-            get(&e.appends),
-        );
-        metric(
-            "chat_edge_errors_total",
-            "counter",
-            "Error frames sent.",
-            get(&e.errors),
-        );
-        let edge_metrics: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 9] = [
+        add(&[
+            (
+                "chat_edge_sessions",
+                "gauge",
+                "Open authenticated WebSocket sessions.",
+                &e.sessions,
+            ),
+            (
+                "chat_edge_frames_in_total",
+                "counter",
+                "Frames received from clients.",
+                &e.frames_in,
+            ),
+            (
+                "chat_edge_appends_total",
+                "counter",
+                "Events appended for clients.",
+                &e.appends,
+            ),
+            (
+                "chat_edge_errors_total",
+                "counter",
+                "Error frames sent.",
+                &e.errors,
+            ),
             (
                 "chat_edge_queued_bytes",
                 "gauge",
@@ -193,17 +194,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 "Appends retried (same id) after an unknown outcome.",
                 &e.append_retries,
             ),
-        ];
-        for (name, kind, help, value) in edge_metrics {
-            metric(name, kind, help, get(value));
-        }
+            (
+                "chat_edge_presence_frames_total",
+                "counter",
+                "Presence frames handed to sessions (coalesced).",
+                &e.presence_frames,
+            ),
+        ]);
     }
-    metric(
+    let draining = u64::from(state.draining.load(Ordering::SeqCst));
+    metrics.push((
         "chat_draining",
         "gauge",
         "1 while the process drains.",
-        u64::from(state.draining.load(Ordering::SeqCst)),
-    );
+        draining,
+    ));
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -441,6 +441,19 @@ impl Session {
         }
     }
 
+    /// The frame's room if its id is valid and the user is a member; otherwise the error is
+    /// answered and `None` returned.
+    async fn member_room(&self, rid: Option<&str>, name: &str) -> Option<RoomId> {
+        let room = self.room_id(rid, name).await?;
+        match self.state.rooms.member_state(&room, &self.user).await {
+            Ok(_) => Some(room),
+            Err(e) => {
+                self.room_error(rid, name, &e).await;
+                None
+            }
+        }
+    }
+
     async fn subscribe(&mut self, rid: Option<&str>, body: Value, ended: &mpsc::Sender<Ended>) {
         #[derive(Deserialize)]
         struct Subscribe {
@@ -673,12 +686,9 @@ impl Session {
         let Some(frame) = self.fields::<Typing>("typing", rid, body).await else {
             return;
         };
-        let Some(room) = self.room_id(rid, &frame.room).await else {
+        let Some(room) = self.member_room(rid, &frame.room).await else {
             return;
         };
-        if let Err(e) = self.state.rooms.member_state(&room, &self.user).await {
-            return self.room_error(rid, &frame.room, &e).await;
-        }
         if frame.active {
             if self
                 .typing
@@ -714,12 +724,9 @@ impl Session {
         let Some(frame) = self.fields::<Delivered>("delivered", rid, body).await else {
             return;
         };
-        let Some(room) = self.room_id(rid, &frame.room).await else {
+        let Some(room) = self.member_room(rid, &frame.room).await else {
             return;
         };
-        if let Err(e) = self.state.rooms.member_state(&room, &self.user).await {
-            return self.room_error(rid, &frame.room, &e).await;
-        }
         let delivered = &self.state.delivered;
         if !delivered.within_known_head(&room, frame.seq) {
             match self.state.rooms.log().head(&room).await {
