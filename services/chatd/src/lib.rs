@@ -145,6 +145,9 @@ pub async fn serve(
             if let Some(edge) = &edge {
                 edge.sessions.close();
                 edge.sessions.wait().await;
+                // Then what the sessions left behind: their last delivered cursors.
+                edge.background.close();
+                edge.background.wait().await;
             }
         };
         let server = async {

@@ -293,3 +293,57 @@ async fn delivered_and_read_counts_are_right_for_a_room_with_members_offline() {
         client.close().await;
     }
 }
+
+/// A `delivered` frame an edge took just before a drain is appended before the process exits,
+/// though its interval (an hour here) is far from over: a drain flushes what its sessions left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_appends_the_delivered_cursors_still_waiting() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_DELIVERED_INTERVAL", "1h".to_owned()));
+    let mut chatd = start(&env);
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    let room = json!({"room": "general", "kind": "group", "members": ["bob"]});
+    let (status, body) = api(&chatd, &t("alice"), "POST", "/v1/rooms", Some(room));
+    assert_eq!(status, 201, "{body}");
+
+    let mut bob = Client::connect(&chatd.ws_url(), &t("bob")).await;
+    bob.subscribe("general", None).await;
+    let mut alice = Client::connect(&chatd.ws_url(), &t("alice")).await;
+    let ack = alice.say("general", "hello").await;
+    let seq = ack["seq"].as_u64().expect("acked");
+    bob.events("general", 1).await;
+    bob.send(json!({"type": "delivered", "room": "general", "seq": seq}))
+        .await;
+    let pong = bob.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "the frame was taken: {pong}");
+    let path = format!("/v1/rooms/general/messages/{seq}/receipts");
+    let (_, before) = api(&chatd, &t("alice"), "GET", &path, None);
+    assert_eq!(
+        before["delivered"], 0,
+        "nothing appended before the drain: {before}"
+    );
+
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(bob.closed().await, 1001, "the edge drains");
+    assert!(
+        chatd.wait_exit(Duration::from_secs(30)).is_some(),
+        "chatd exits after the drain"
+    );
+    drop(chatd);
+
+    let chatd = start(&env);
+    let expected = json!({"seq": seq, "delivered": 1, "read": 0, "members": 1});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = api(&chatd, &t("alice"), "GET", &path, None);
+        if (status, &body) == (200, &expected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "receipts after the restart: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

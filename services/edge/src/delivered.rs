@@ -5,8 +5,9 @@
 //! [`chat_rooms::Rooms::delivered`]), so a busy room costs one event per edge per interval,
 //! not one per message per member. A cursor that would not move the user's stored cursor
 //! forward is dropped there. Cursors are receipts, not messages: what waits is lost if the
-//! process dies (the client's next `delivered` or `read` frame carries it again), and a flush
-//! that fails for want of NATS keeps them for the next one.
+//! process is killed (the client's next `delivered` or `read` frame carries it again), a drain
+//! appends it before the process exits, and a flush that fails for want of NATS keeps them for
+//! the next one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use chat_rooms::{RoomError, Rooms};
 use futures::stream::{self, StreamExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Rooms whose events one flush appends at once.
 const APPENDS_IN_FLIGHT: usize = 16;
@@ -146,19 +148,27 @@ impl DeliveredCursors {
     }
 }
 
-/// Flushes `cursors` every interval (or early when too many wait) until `shutdown`, then once
-/// more, so what sessions recorded before a drain is not lost.
+/// Flushes `cursors` every interval (or early when too many wait). After `shutdown`, sessions
+/// still finish the frame they are answering and may record more, so it goes on until
+/// `sessions` is closed and empty, then flushes once more: what sessions recorded before a
+/// drain is appended before the process exits (it waits for this task).
 pub(crate) async fn run(
     cursors: Arc<DeliveredCursors>,
     rooms: Arc<Rooms>,
     interval: Duration,
     shutdown: CancellationToken,
+    sessions: TaskTracker,
 ) {
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                continue;
+            }
+            _ = sessions.wait(), if draining => break,
             _ = every.tick() => {}
             _ = cursors.full.notified() => {}
         }

@@ -127,6 +127,9 @@ pub struct EdgeState {
     pub stats: Arc<EdgeStats>,
     /// Every session; a drain waits for them to close.
     pub sessions: TaskTracker,
+    /// Work that outlives the sessions in a drain: the last append of delivered cursors. A
+    /// drain closes and waits for it after `sessions`.
+    pub background: TaskTracker,
     /// Who is online where, across edges.
     pub presence: Arc<Presence>,
     /// Delivered cursors waiting to be appended, one event per room per interval.
@@ -137,7 +140,7 @@ pub struct EdgeState {
 
 impl EdgeState {
     /// An edge; starts a task that forgets idle users' rate-limit state, and the one that
-    /// appends delivered cursors (until `shutdown`, then once more).
+    /// appends delivered cursors (until `shutdown` and every session has ended, then once more).
     pub fn new(
         verifier: Arc<Verifier>,
         config: EdgeConfig,
@@ -165,11 +168,14 @@ impl EdgeState {
             stats.clone(),
         );
         let delivered = Arc::new(DeliveredCursors::new(config.delivered.max_pending));
-        tokio::spawn(delivered::run(
+        let sessions = TaskTracker::new();
+        let background = TaskTracker::new();
+        background.spawn(delivered::run(
             delivered.clone(),
             rooms.clone(),
             config.delivered.interval,
             shutdown.clone(),
+            sessions.clone(),
         ));
         EdgeState {
             verifier,
@@ -184,7 +190,8 @@ impl EdgeState {
             rooms,
             hub,
             stats,
-            sessions: TaskTracker::new(),
+            sessions,
+            background,
             limits,
         }
     }
