@@ -134,4 +134,18 @@ async fn presence_across_edges_without_flapping_and_a_killed_edge_takes_its_user
         None,
     );
     assert_eq!(status, 403);
+    // And for valid tokens, named rooms that exist.
+    let endpoint = |token: &str, path: &str| api(&edge2, token, "GET", path, None);
+    let (status, body) = endpoint("not-a-token", "/v1/rooms/lobby/presence");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized"))
+    );
+    let (status, body) = endpoint(&token("bob"), "/v1/rooms/nowhere/presence");
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")));
+    let (status, body) = endpoint(&token("bob"), "/v1/rooms/Bad%20Room!/presence");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("bad_request"))
+    );
 }
