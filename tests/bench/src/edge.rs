@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::loadgen::{Auth, FanoutPlan, Group, IdlePlan, LatencyPlan, Plan, SendAckPlan};
+use crate::loadgen::{
+    Auth, FanoutPlan, Group, IdlePlan, LatencyPlan, Plan, PresencePlan, SendAckPlan,
+};
 use crate::{emit, median};
 
 /// Clients of `edge_send_ack` and senders of `edge_latency`: one user and connection each.
@@ -51,6 +53,11 @@ pub struct EdgeSizes {
     pub latency_rounds: usize,
     /// Connections held open by `edge_idle_memory`.
     pub idle_connections: usize,
+    /// `presence_churn`: members online for the whole run, the churner counts measured, and
+    /// seconds per phase.
+    pub presence_observers: usize,
+    pub presence_churners: &'static [usize],
+    pub presence_seconds: f64,
 }
 
 impl EdgeSizes {
@@ -64,6 +71,9 @@ impl EdgeSizes {
                 latency_messages: 1_500,
                 latency_rounds: 2,
                 idle_connections: 1_000,
+                presence_observers: 500,
+                presence_churners: &[20, 200],
+                presence_seconds: 10.0,
             }
         } else {
             EdgeSizes {
@@ -74,6 +84,9 @@ impl EdgeSizes {
                 latency_messages: 10_000,
                 latency_rounds: 4,
                 idle_connections: 10_000,
+                presence_observers: 1_000,
+                presence_churners: &[20, 200, 1_000],
+                presence_seconds: 30.0,
             }
         }
     }
@@ -637,4 +650,136 @@ pub async fn idle_memory(chatd_bin: &std::path::Path, sizes: &EdgeSizes, fd_limi
         "KiB/connection",
         extra,
     );
+}
+
+/// Members of the `presence_churn` room.
+const PRESENCE_MEMBERS: usize = 2_000;
+/// Mean online (and offline) time of a churner, ms.
+const PRESENCE_MEAN_ONLINE_MS: u64 = 2_000;
+
+/// CPU time a process has used, user and system, in seconds (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+        panic!("no CPU times for process {pid}");
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (utime + stime) / hz
+}
+
+/// One phase of the presence plan, with the CPU chatd and nats-server used in it.
+struct ChurnPhase {
+    report: Value,
+    chatd_cpu_s: f64,
+    nats_cpu_s: f64,
+}
+
+impl ChurnPhase {
+    fn cycles(&self) -> f64 {
+        self.report["cycles"].as_f64().unwrap_or(0.0)
+    }
+}
+
+async fn churn_phase(loadgen: &mut Loadgen, command: &str, chatd: u32, nats: u32) -> ChurnPhase {
+    let (chatd0, nats0) = (cpu_seconds(chatd), cpu_seconds(nats));
+    loadgen.say(command).await;
+    let report = loadgen.expect("phase", Duration::from_secs(600)).await;
+    ChurnPhase {
+        report,
+        chatd_cpu_s: cpu_seconds(chatd) - chatd0,
+        nats_cpu_s: cpu_seconds(nats) - nats0,
+    }
+}
+
+/// `presence_churn`: a room of `PRESENCE_MEMBERS` members, `presence_observers` of them online
+/// (subscribed) for the whole run; N others churn: connect, subscribe, stay online, close, stay
+/// away (online and offline times spread around 2 s), for `presence_seconds` per phase. Ours is
+/// the presence frames all observers received per second; the baseline is what one frame per
+/// change per online member would be (observers × changes/s), so the ratio is the coalescing
+/// ratio (lower is better). The CPU cost per presence change is chatd's CPU per churn cycle minus
+/// its CPU per cycle of a `connect-only` phase run just before (the same churners connecting,
+/// authenticating and closing without subscribing, so without presence), halved (two changes
+/// per cycle); it includes the subscribe request itself.
+pub async fn presence_churn(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
+    let rig = Rig::start(chatd_bin);
+    let room = "presence";
+    let members = users(0..PRESENCE_MEMBERS);
+    rig.create_room(room, &members[..IDLE_ROOM_SIZE]);
+    for user in &members[IDLE_ROOM_SIZE..] {
+        invite(&rig, room, &members[0], user);
+    }
+    let observers = members[..sizes.presence_observers].to_vec();
+    let churners = members[sizes.presence_observers..].to_vec();
+    let most = sizes.presence_churners.iter().copied().max().unwrap_or(0);
+    assert!(
+        most <= churners.len(),
+        "{most} churners, {} members left",
+        churners.len()
+    );
+    let chatd = rig.chatd.pid();
+    let nats = rig.nats.pid().expect("nats-server running");
+    let mut loadgen = Loadgen::start(&Plan::Presence(PresencePlan {
+        ws_url: rig.ws_url(),
+        auth: rig.auth.clone(),
+        room: room.to_owned(),
+        observers: observers.clone(),
+        churners,
+        seconds: sizes.presence_seconds,
+        mean_online_ms: PRESENCE_MEAN_ONLINE_MS,
+        // Longer than two presence flushes (CHAT_PRESENCE_INTERVAL, 1 s).
+        settle_ms: 2_500,
+    }))
+    .await;
+    loadgen.expect("phase", Duration::from_secs(300)).await;
+    for &n in sizes.presence_churners {
+        let plain = churn_phase(&mut loadgen, &format!("connect-only {n}"), chatd, nats).await;
+        let churn = churn_phase(&mut loadgen, &format!("churn {n}"), chatd, nats).await;
+        let seconds = churn.report["seconds"].as_f64().unwrap_or(f64::NAN);
+        let changes = churn.report["changes"].as_f64().unwrap_or(0.0);
+        let user_frames = churn.report["presence_frames"].as_f64().unwrap_or(0.0);
+        let changed_frames = churn.report["changed_frames"].as_f64().unwrap_or(0.0);
+        let frames_per_s = (user_frames + changed_frames) / seconds;
+        let naive_per_s = observers.len() as f64 * changes / seconds;
+        let per_cycle = |p: &ChurnPhase, cpu: f64| cpu / p.cycles().max(1.0);
+        let chatd_us_per_change =
+            (per_cycle(&churn, churn.chatd_cpu_s) - per_cycle(&plain, plain.chatd_cpu_s)) / 2.0
+                * 1e6;
+        let nats_us_per_change =
+            (per_cycle(&churn, churn.nats_cpu_s) - per_cycle(&plain, plain.nats_cpu_s)) / 2.0 * 1e6;
+        emit(
+            "presence_churn",
+            frames_per_s,
+            naive_per_s,
+            "presence frames/s",
+            json!({
+                "baseline_is": "observers x changes/s: one frame per change per online member",
+                "members": PRESENCE_MEMBERS,
+                "observers": observers.len(),
+                "churners": n,
+                "changes_per_s": round1(changes / seconds),
+                "changes": changes,
+                "user_frames": user_frames,
+                "changed_frames": changed_frames,
+                "frames_per_observer_per_s": round1(frames_per_s / observers.len() as f64),
+                "chatd_cpu_us_per_frame": round1((churn.chatd_cpu_s - plain.chatd_cpu_s).max(0.0)
+                    * 1e6 / (user_frames + changed_frames).max(1.0)),
+                "chatd_cpu_us_per_change": chatd_us_per_change.round(),
+                "nats_server_cpu_us_per_change": nats_us_per_change.round(),
+                "chatd_cpu_s": { "churn": churn.chatd_cpu_s, "connect_only": plain.chatd_cpu_s },
+                "cycles": { "churn": churn.cycles(), "connect_only": plain.cycles() },
+                "seconds": seconds,
+            }),
+        );
+    }
+    loadgen.finish(Duration::from_secs(60)).await;
 }

@@ -84,6 +84,7 @@ pub enum Plan {
     Fanout(FanoutPlan),
     Latency(LatencyPlan),
     Idle(IdlePlan),
+    Presence(PresencePlan),
 }
 
 /// `edge_send_ack`: each client sends `per_client` messages per round to its group's room with
@@ -151,6 +152,26 @@ pub struct IdlePlan {
     pub groups: Vec<Group>,
 }
 
+/// `presence_churn`: `observers` connect and subscribe to `room` and stay, counting the presence
+/// frames they receive; then, for each `churn N` or `connect-only N` line on stdin, the first N
+/// churners (all without N) run cycles for `seconds`: connect, subscribe (`churn`: a presence change, online) or not
+/// (`connect-only`: the same sockets and sessions without presence), stay for an online time,
+/// close (`churn`: a change, offline), stay away for an offline time. Online and offline times
+/// are spread over 0.25–1.75 × `mean_online_ms`. After the phase, waits until the observers'
+/// counts stay still for `settle_ms`, then prints `{"phase":"done",…}`: changes made, presence
+/// frames received (per-user and `changed:N` ones), seconds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PresencePlan {
+    pub ws_url: String,
+    pub auth: Auth,
+    pub room: String,
+    pub observers: Vec<String>,
+    pub churners: Vec<String>,
+    pub seconds: f64,
+    pub mean_online_ms: u64,
+    pub settle_ms: u64,
+}
+
 /// Entry point of `chat-bench loadgen`.
 pub async fn main() -> anyhow::Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -164,6 +185,7 @@ pub async fn main() -> anyhow::Result<()> {
         Plan::Fanout(plan) => fanout(plan).await?,
         Plan::Latency(plan) => latency(plan).await?,
         Plan::Idle(plan) => idle(plan, stdin).await?,
+        Plan::Presence(plan) => presence(plan, stdin).await?,
     };
     println!("{}", json!({ "result": result }));
     Ok(())
@@ -1016,4 +1038,213 @@ async fn idle(plan: IdlePlan, mut stdin: Lines<BufReader<Stdin>>) -> anyhow::Res
         "subscribe_s": (subscribe_s * 100.0).round() / 100.0,
         "frames_received": frames.load(Ordering::Relaxed),
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// presence_churn
+
+/// What the observers of `presence_churn` have received.
+#[derive(Default)]
+struct PresenceCounts {
+    /// Per-user presence frames.
+    users: AtomicU64,
+    /// `changed:N` frames (read the endpoint instead).
+    changed: AtomicU64,
+    /// Every other frame.
+    other: AtomicU64,
+}
+
+impl PresenceCounts {
+    fn total(&self) -> u64 {
+        self.users.load(Ordering::Relaxed)
+            + self.changed.load(Ordering::Relaxed)
+            + self.other.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, text: &str) {
+        let counter = if !text.contains(r#""type":"presence""#) {
+            &self.other
+        } else if text.contains(r#""changed":"#) {
+            &self.changed
+        } else {
+            &self.users
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Online or offline time number `n` of `churner`: spread over 0.25–1.75 × `mean`, the same in
+/// every phase and run.
+fn spread(mean: u64, churner: usize, n: usize) -> Duration {
+    let x = (churner
+        .wrapping_mul(7_919)
+        .wrapping_add(n.wrapping_mul(104_729)))
+        % 1_000;
+    Duration::from_millis(mean / 4 + mean * 3 * x as u64 / 2_000)
+}
+
+/// One churner's cycles until `until`; returns how many completed. Frames that arrive while it
+/// is online are read and dropped.
+async fn churn_cycles(
+    plan: &PresencePlan,
+    churner: usize,
+    subscribe_too: bool,
+    until: Instant,
+) -> anyhow::Result<u64> {
+    let user = &plan.churners[churner];
+    let mut cycles = 0u64;
+    // Churners start spread over one mean cycle (online and offline), not all at once.
+    let start = (churner as u64).wrapping_mul(7_919) % (2 * plan.mean_online_ms.max(1));
+    tokio::time::sleep(Duration::from_millis(start)).await;
+    while Instant::now() < until {
+        let mut ws = connect(&plan.ws_url, &plan.auth, user).await?;
+        if subscribe_too {
+            subscribe(&mut ws, &plan.room).await?;
+        }
+        let online = spread(plan.mean_online_ms, churner, 2 * cycles as usize + 1);
+        let reading = async {
+            loop {
+                if let Err(e) = next_text(&mut ws).await {
+                    return e;
+                }
+            }
+        };
+        if let Ok(e) = tokio::time::timeout(online, reading).await {
+            return Err(e.context(format!("{user} while online")));
+        }
+        ws.close(None).await?;
+        // The server's close reply, then the end.
+        let _ = tokio::time::timeout(FRAME_DEADLINE, async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        cycles += 1;
+        let offline = spread(plan.mean_online_ms, churner, 2 * cycles as usize);
+        tokio::time::sleep(offline.min(until.saturating_duration_since(Instant::now()))).await;
+    }
+    Ok(cycles)
+}
+
+async fn presence(plan: PresencePlan, mut stdin: Lines<BufReader<Stdin>>) -> anyhow::Result<Value> {
+    let plan = Arc::new(plan);
+    let counts = Arc::new(PresenceCounts::default());
+    let stop = CancellationToken::new();
+    let (tx, mut reports) = mpsc::channel::<anyhow::Result<Stage>>(1_024);
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut observers = JoinSet::new();
+    for user in plan.observers.clone() {
+        let (plan, counts, stop, gate, tx) = (
+            plan.clone(),
+            counts.clone(),
+            stop.clone(),
+            gate.clone(),
+            tx.clone(),
+        );
+        observers.spawn(async move {
+            let run = async {
+                let permit = gate.acquire().await?;
+                let mut ws = connect(&plan.ws_url, &plan.auth, &user).await?;
+                subscribe(&mut ws, &plan.room).await?;
+                drop(permit);
+                tx.send(Ok(Stage::Subscribed)).await?;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        text = next_text(&mut ws) => counts.count(&text?),
+                    }
+                }
+            };
+            if let Err(e) = run.await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
+    drop(tx);
+    wait_all(&mut reports, plan.observers.len(), Stage::Subscribed).await?;
+    // The observers' own arrivals are shown within a flush or two: let them pass first.
+    settle(&counts, &mut reports, plan.settle_ms).await?;
+    println!(
+        "{}",
+        json!({"phase": "ready", "observers": plan.observers.len()})
+    );
+
+    let mut phases = Vec::new();
+    while let Some(line) = stdin.next_line().await? {
+        let mut words = line.split_whitespace();
+        let mode = words.next().unwrap_or_default().to_owned();
+        let subscribe_too = match mode.as_str() {
+            "churn" => true,
+            "connect-only" => false,
+            "" => continue,
+            other => bail!("unknown command {other:?}"),
+        };
+        let n: usize = match words.next() {
+            Some(n) => n.parse().context("churners")?,
+            None => plan.churners.len(),
+        };
+        if n > plan.churners.len() {
+            bail!("{n} churners asked, {} in the plan", plan.churners.len());
+        }
+        let (users0, changed0, other0) = (
+            counts.users.load(Ordering::Relaxed),
+            counts.changed.load(Ordering::Relaxed),
+            counts.other.load(Ordering::Relaxed),
+        );
+        let start = Instant::now();
+        let until = start + Duration::from_secs_f64(plan.seconds);
+        let mut churners = JoinSet::new();
+        for churner in 0..n {
+            let plan = plan.clone();
+            churners.spawn(async move { churn_cycles(&plan, churner, subscribe_too, until).await });
+        }
+        let mut cycles = 0;
+        while let Some(done) = churners.join_next().await {
+            cycles += done??;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        settle(&counts, &mut reports, plan.settle_ms).await?;
+        let phase = json!({
+            "phase": "done",
+            "mode": mode,
+            "churners": n,
+            "seconds": (seconds * 100.0).round() / 100.0,
+            "cycles": cycles,
+            "changes": if subscribe_too { 2 * cycles } else { 0 },
+            "presence_frames": counts.users.load(Ordering::Relaxed) - users0,
+            "changed_frames": counts.changed.load(Ordering::Relaxed) - changed0,
+            "other_frames": counts.other.load(Ordering::Relaxed) - other0,
+        });
+        println!("{phase}");
+        phases.push(phase);
+    }
+    stop.cancel();
+    while observers.join_next().await.is_some() {}
+    Ok(json!({ "phases": phases }))
+}
+
+/// Waits until the observers have received nothing for `quiet_ms` (at most `ROUND_DEADLINE`);
+/// an observer's failure fails the run.
+async fn settle(
+    counts: &PresenceCounts,
+    reports: &mut mpsc::Receiver<anyhow::Result<Stage>>,
+    quiet_ms: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + ROUND_DEADLINE;
+    let quiet = Duration::from_millis(quiet_ms);
+    let mut last = counts.total();
+    let mut since = Instant::now();
+    while since.elapsed() < quiet {
+        if Instant::now() > deadline {
+            bail!("the observers still receive frames after {ROUND_DEADLINE:?}");
+        }
+        tokio::select! {
+            Some(Err(e)) = reports.recv() => return Err(e.context("an observer failed")),
+            _ = tokio::time::sleep(quiet / 10) => {}
+        }
+        let now = counts.total();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    Ok(())
 }

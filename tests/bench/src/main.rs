@@ -384,6 +384,7 @@ async fn main() {
         "edge_fanout",
         "edge_latency",
         "edge_idle_memory",
+        "presence_churn",
     ];
     if edge_names.iter().any(|name| wanted(name)) {
         let chatd = edge::chatd_bin();
@@ -400,6 +401,9 @@ async fn main() {
         }
         if wanted("edge_idle_memory") {
             edge::idle_memory(&chatd, &sizes, fd_limit).await;
+        }
+        if wanted("presence_churn") {
+            edge::presence_churn(&chatd, &sizes).await;
         }
     }
 }
