@@ -284,7 +284,7 @@ impl Config {
             heartbeat: duration("CHAT_PRESENCE_HEARTBEAT", defaults.presence.heartbeat)?,
             expiry: duration("CHAT_PRESENCE_TIMEOUT", defaults.presence.expiry)?,
             flush: duration("CHAT_PRESENCE_INTERVAL", defaults.presence.flush)?,
-            ..defaults.presence
+            max_frames: count("CHAT_PRESENCE_MAX_FRAMES", defaults.presence.max_frames)?,
         };
         if presence.expiry <= presence.heartbeat {
             return Err(err(
