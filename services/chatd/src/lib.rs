@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod devauth;
 pub mod http;
+pub mod logtool;
 pub mod nats_child;
 
 use std::fs::File;

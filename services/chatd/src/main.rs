@@ -53,6 +53,11 @@ enum Cmd {
         #[arg(long)]
         into: Option<std::path::PathBuf>,
     },
+    /// Read room logs straight from their streams: export or follow a room, verify logs.
+    Log {
+        #[command(subcommand)]
+        command: LogCmd,
+    },
     /// Print a digest of the store's rows (or one room's): equal digests, equal contents.
     Digest {
         #[arg(long)]
@@ -60,6 +65,31 @@ enum Cmd {
         /// Read this SQLite file instead of the configured store.
         #[arg(long)]
         store: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// Print ROOM's events as JSON lines in sequence order, as appended (edits and deletes are
+    /// events of their own); an entry that does not decode is printed with its bytes.
+    Export {
+        room: String,
+        /// First sequence to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last sequence to print (default: the head when the export starts).
+        #[arg(long)]
+        to: Option<u64>,
+        /// After the head, go on printing each new event as it is stored, until interrupted.
+        #[arg(long, conflicts_with = "to")]
+        follow: bool,
+    },
+    /// Check a room's log (or every room's): stream settings, no gaps, every event decodes,
+    /// no id twice, every event allowed by the room's rules; a SHA-256 of the log to compare
+    /// copies. One JSON line per room; exit status 1 if any room has a problem.
+    Verify {
+        /// Only this room.
+        room: Option<String>,
     },
 }
 
@@ -78,6 +108,11 @@ fn main() -> ExitCode {
         Cmd::Token { user, name, ttl } => token(&config, &user, name.as_deref(), ttl),
         Cmd::Rebuild { room, into } => rebuild(config, room, into),
         Cmd::Digest { room, store } => digest(config, room, store),
+        Cmd::Log { command } => match log_command(config, command) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -232,6 +267,85 @@ fn digest(
         println!("{}", store.digest(room.as_ref()).await?);
         anyhow::Ok(())
     })
+}
+
+/// The NATS a log command reads: `NATS_URL`; else the nats-server of a chatd running on the
+/// data dir (reading a log beside a running server is safe); else one of our own, started in
+/// the data dir for the command's duration.
+fn log_nats(
+    config: &Config,
+) -> anyhow::Result<(
+    Option<std::fs::File>,
+    Option<chatd::nats_child::NatsChild>,
+    String,
+)> {
+    if let Some(url) = &config.nats_url {
+        return Ok((None, None, url.clone()));
+    }
+    match lock_data_dir(&config.data_dir) {
+        Ok(lock) => {
+            let (nats, url) = nats_for(config)?;
+            Ok((Some(lock), nats, url))
+        }
+        Err(busy) => match chatd::nats_child::running_url(&config.data_dir) {
+            Some(url) => Ok((None, None, url)),
+            None => Err(busy),
+        },
+    }
+}
+
+/// Runs a `chatd log` command; `Ok(false)`: it ran and found problems.
+fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
+    let (_lock, nats, url) = log_nats(&config)?;
+    let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
+    let result = runtime.block_on(async {
+        let log = chatd::connect(&url, &config).await?;
+        match command {
+            LogCmd::Export {
+                room,
+                from,
+                to,
+                follow,
+            } => {
+                let room = chat_model::RoomId::parse(&room)?;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let to = to.unwrap_or(0);
+                let exported = tokio::select! {
+                    done = chatd::logtool::export(&log, &room, from, to, follow, &mut out) => done?,
+                    _ = tokio::signal::ctrl_c(), if follow => 0,
+                };
+                drop(out);
+                tracing::debug!(exported, "export done");
+                anyhow::Ok(true)
+            }
+            LogCmd::Verify { room } => {
+                let rooms = match room {
+                    Some(room) => vec![chat_model::RoomId::parse(&room)?],
+                    None => log
+                        .rooms()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("list rooms: {e}"))?
+                        .into_iter()
+                        .map(|(room, _)| room)
+                        .collect(),
+                };
+                let mut all_ok = true;
+                for room in rooms {
+                    if !log.room_exists(&room).await? {
+                        anyhow::bail!("no room {room} in this deployment's log");
+                    }
+                    let verdict = chatd::logtool::verify_room(&log, &room).await?;
+                    all_ok &= verdict.ok();
+                    println!("{}", verdict.to_json(&room));
+                }
+                anyhow::Ok(all_ok)
+            }
+        }
+    });
+    if let Some(nats) = nats {
+        nats.stop(Duration::from_secs(5));
+    }
+    result
 }
 
 fn token(config: &Config, user: &str, name: Option<&str>, ttl: Duration) -> anyhow::Result<()> {

@@ -168,6 +168,12 @@ impl Drop for NatsChild {
     }
 }
 
+/// The URL of the nats-server a running chatd started in `data_dir`, from its ports file.
+pub fn running_url(data_dir: &Path) -> Option<String> {
+    let port = reported_port(&data_dir.join("nats").join("ports"))?;
+    Some(format!("nats://127.0.0.1:{port}"))
+}
+
 /// The client port nats-server wrote to its ports file (`{"nats":["nats://127.0.0.1:PORT"],…}`).
 fn reported_port(ports_dir: &Path) -> Option<u16> {
     let file = fs::read_dir(ports_dir)
