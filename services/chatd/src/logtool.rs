@@ -7,7 +7,7 @@
 //!   with each new event as it is stored, until interrupted: a replay of the room that does not
 //!   stop at the head.
 //! - `verify`: checks one room's log or every room's, and prints one JSON line per room; the
-//!   exit status is 1 when any room has a problem. See [`verify_room`] for what is checked.
+//!   exit status is 3 when any room has a problem (1 when the check itself failed). See [`verify_room`] for what is checked.
 
 use std::collections::HashMap;
 use std::io::Write;

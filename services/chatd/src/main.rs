@@ -86,7 +86,7 @@ enum LogCmd {
     },
     /// Check a room's log (or every room's): stream settings, no gaps, every event decodes,
     /// no id twice, every event allowed by the room's rules; a SHA-256 of the log to compare
-    /// copies. One JSON line per room; exit status 1 if any room has a problem.
+    /// copies. One JSON line per room; exit status 3 if any room has a problem (1: could not check).
     Verify {
         /// Only this room.
         room: Option<String>,
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
         Cmd::Digest { room, store } => digest(config, room, store),
         Cmd::Log { command } => match log_command(config, command) {
             Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(1),
+            Ok(false) => return ExitCode::from(3),
             Err(e) => Err(e),
         },
     };
