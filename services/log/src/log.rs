@@ -233,7 +233,19 @@ impl RoomLog {
             Err(e) => {
                 // Exists with other settings, or a transient failure: ask what is there.
                 tracing::debug!(room = %room, error = %e, "create stream refused; reading its info");
-                self.stream_info(room, "create stream").await?
+                match self.stream_info(room, "create stream").await {
+                    Ok(info) => info,
+                    // Not there and not creatable now (e.g. fewer servers up than replicas):
+                    // the room is unavailable, not unknown.
+                    Err(LogError::RoomNotFound { .. }) => {
+                        return Err(LogError::Unavailable {
+                            room: room.clone(),
+                            op: "create stream",
+                            reason: e.to_string(),
+                        })
+                    }
+                    Err(other) => return Err(other),
+                }
             }
         };
         let owner = info.config.metadata.get(ROOM_METADATA_KEY);

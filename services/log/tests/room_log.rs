@@ -341,4 +341,18 @@ async fn a_three_node_cluster_serves_r3_rooms_with_dedup_and_reads() {
         .cached_info()
         .clone();
     assert_eq!(info.config.num_replicas, 3);
+
+    // With one server of three down, a new R3 room cannot be placed: that is unavailable (retry
+    // later), never "no such room".
+    let mut cluster = cluster;
+    cluster.nodes[2].stop();
+    // (Timeouts while the survivors elect a new meta leader, if the stopped one led.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match log.ensure_room(&common::room("placed-later")).await {
+            Err(LogError::Unavailable { .. }) => break,
+            Err(LogError::Timeout { .. }) if std::time::Instant::now() < deadline => continue,
+            other => panic!("creating an R3 room on two servers: {other:?}"),
+        }
+    }
 }
