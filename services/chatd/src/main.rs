@@ -289,9 +289,8 @@ fn log_nats(
         }
         Err(busy) => match chatd::nats_child::running_url(&config.data_dir) {
             Some(url) => Ok((None, None, url)),
-            None => Err(busy.context(
-                "the chatd on this data dir uses an external NATS: set NATS_URL to it",
-            )),
+            None => Err(busy
+                .context("the chatd on this data dir uses an external NATS: set NATS_URL to it")),
         },
     }
 }
