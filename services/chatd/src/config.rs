@@ -135,6 +135,8 @@ pub struct Config {
     pub max_rooms_per_subscribe: usize,
     /// How long an append with an unknown outcome is retried (same id) before `unavailable`.
     pub append_retry: Duration,
+    /// Appends one session may have in flight (`CHAT_APPENDS_IN_FLIGHT`).
+    pub appends_in_flight: usize,
     /// A typing indicator without a renewal ends after this long (the contract's 5 s).
     pub typing_expiry: Duration,
     /// Presence: renewal interval, expiry of a silent edge's users, coalescing interval.
@@ -279,6 +281,7 @@ impl Config {
             defaults.max_rooms_per_subscribe,
         )?;
         let append_retry = duration("CHAT_APPEND_RETRY", defaults.append_retry)?;
+        let appends_in_flight = count("CHAT_APPENDS_IN_FLIGHT", defaults.appends_in_flight)?;
         let typing_expiry = duration("CHAT_TYPING_TIMEOUT", Duration::from_secs(5))?;
         let presence = chat_edge::PresenceConfig {
             heartbeat: duration("CHAT_PRESENCE_HEARTBEAT", defaults.presence.heartbeat)?,
@@ -410,6 +413,7 @@ impl Config {
             max_connections_per_user,
             max_rooms_per_subscribe,
             append_retry,
+            appends_in_flight,
             typing_expiry,
             presence,
             delivered,

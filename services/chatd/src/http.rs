@@ -117,6 +117,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(e) = &state.edge {
         add(&[
             (
+                "chat_edge_sockets",
+                "gauge",
+                "Open WebSocket connections, authenticated or not.",
+                &e.sockets,
+            ),
+            (
                 "chat_edge_sessions",
                 "gauge",
                 "Open authenticated WebSocket sessions.",

@@ -205,6 +205,7 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
         max_connections_per_user: config.max_connections_per_user,
         max_rooms_per_subscribe: config.max_rooms_per_subscribe,
         append_retry: config.append_retry,
+        appends_in_flight: config.appends_in_flight,
         presence: config.presence,
         delivered: config.delivered,
         ..chat_edge::EdgeConfig::default()

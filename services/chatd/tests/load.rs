@@ -341,6 +341,11 @@ async fn connection_caps_refuse_with_a_clear_status() {
     .unwrap();
     let (_, code) = read_until_closed(&mut ws).await;
     assert_eq!(code, 1013);
+    // Its socket's place is free once the closing handshake is over.
+    eventually("the refused socket to close", || {
+        metric(&chatd, "chat_edge_sockets") == 2
+    })
+    .await;
 
     // Bob takes the last place; carol finds the edge full: 503.
     let _b = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
@@ -602,4 +607,103 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
         signals + 1
     );
     assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
+}
+
+/// A client that writes many frames without waiting: its appends are pipelined, but every
+/// reply still comes in the order of the frames, a non-append frame is answered after the
+/// appends before it, a refusal in the middle keeps its place, a resend of an id inside the
+/// pipeline acks the original, and the log holds the sends in the order they were written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_are_answered_and_stored_in_the_clients_order() {
+    let data = tempfile::tempdir().unwrap();
+    let env = env_with(
+        data.path(),
+        &[
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+            ("CHAT_APPENDS_IN_FLIGHT", "16"),
+        ],
+    );
+    let chatd = start(&env);
+    create_room(&chatd, data.path(), "piped", "alice", &[]);
+    let token = dev_token(data.path(), "alice", 3600);
+    let mut ws = raw(&chatd, &token).await;
+
+    // 200 frames written at once: sends, a ping at 50, a refused send (no such room) at 100,
+    // a resend of frame 10's id at 150.
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let frame = match i {
+            50 => json!({"type": "ping", "rid": "50"}),
+            100 => json!({"type": "send", "rid": "100", "room": "nowhere", "id": id, "text": "x"}),
+            150 => {
+                json!({"type": "send", "rid": "150", "room": "piped", "id": ids[10], "text": "again"})
+            }
+            _ => {
+                json!({"type": "send", "rid": i.to_string(), "room": "piped", "id": id, "text": format!("m{i}")})
+            }
+        };
+        ws.feed(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+
+    let mut replies = Vec::new();
+    while replies.len() < 200 {
+        let message = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("a reply in time");
+        if let Some(Ok(Message::Text(text))) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] != "welcome" {
+                replies.push(frame);
+            }
+        }
+    }
+    let rids: Vec<String> = replies
+        .iter()
+        .map(|r| r["rid"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        rids,
+        (0..200).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "replies in order"
+    );
+    assert_eq!(replies[50]["type"], "pong");
+    assert_eq!(
+        (&replies[100]["type"], &replies[100]["code"]),
+        (&json!("error"), &json!("not_found"))
+    );
+    assert_eq!(replies[150]["type"], "ack");
+    assert_eq!(replies[150]["duplicate"], true);
+    assert_eq!(replies[150]["seq"], replies[10]["seq"]);
+    let acked: Vec<u64> = replies
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![50, 100, 150].contains(i))
+        .map(|(_, r)| {
+            assert_eq!(
+                (&r["type"], &r["duplicate"]),
+                (&json!("ack"), &json!(false)),
+                "{r}"
+            );
+            r["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        acked.windows(2).all(|w| w[0] + 1 == w[1]),
+        "stored in the order written: {acked:?}"
+    );
+
+    // The log agrees: the texts in sequence order are the frames' order.
+    let mut reader = Client::connect(&chatd.ws_url(), &token).await;
+    reader.subscribe("piped", Some(acked[0] - 1)).await;
+    let events = reader.events("piped", acked.len()).await;
+    let texts: Vec<&str> = events.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..200)
+        .filter(|i| ![50, 100, 150].contains(i))
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(texts, expected);
 }

@@ -315,7 +315,9 @@ impl Follower {
     pub async fn next(&mut self) -> Result<Delivery, LogError> {
         loop {
             if let Some(reader) = self.catch_up.as_mut() {
-                match reader.next().await {
+                // Boxed: reading the log is a large future, needed only while catching up; a
+                // follower waiting on the live feed keeps no room for it.
+                match Box::pin(reader.next()).await {
                     Some(Ok(entry)) => {
                         if entry.seq > self.delivered {
                             self.delivered = entry.seq;

@@ -80,6 +80,9 @@ pub struct EdgeConfig {
     pub max_connections_per_user: usize,
     /// The most rooms one `subscribe` frame may name.
     pub max_rooms_per_subscribe: usize,
+    /// Appends one session may have in flight: checked concurrently, sent to the log and
+    /// answered in the client's order. At the limit the session reads no further frames.
+    pub appends_in_flight: usize,
     /// An append whose outcome is unknown (NATS away, timeout) is retried with the same id for
     /// this long before the client is told `unavailable`.
     pub append_retry: Duration,
@@ -106,6 +109,7 @@ impl Default for EdgeConfig {
             max_connections: 50_000,
             max_connections_per_user: 32,
             max_rooms_per_subscribe: 256,
+            appends_in_flight: 32,
             append_retry: Duration::from_secs(3),
             presence: PresenceConfig::default(),
             delivered: DeliveredConfig::default(),
@@ -184,6 +188,7 @@ impl EdgeState {
             connections: limits::Connections::new(
                 config.max_connections,
                 config.max_connections_per_user,
+                stats.clone(),
             ),
             config: Arc::new(config),
             shutdown,
@@ -200,6 +205,8 @@ impl EdgeState {
 /// Counters of an edge (for `/metrics`).
 #[derive(Debug, Default)]
 pub struct EdgeStats {
+    /// Open WebSocket connections, authenticated or not (what `CHAT_MAX_CONNECTIONS` caps).
+    pub sockets: AtomicU64,
     /// Open authenticated sessions.
     pub sessions: AtomicU64,
     /// Text frames received after authentication.

@@ -186,6 +186,8 @@ pub(crate) struct Connections {
     max_total: usize,
     max_per_user: usize,
     total: AtomicUsize,
+    /// Where the open socket count is exported (`chat_edge_sockets`).
+    stats: Arc<crate::EdgeStats>,
     per_user: Mutex<HashMap<UserId, usize>>,
 }
 
@@ -197,6 +199,10 @@ pub(crate) struct Socket {
 impl Drop for Socket {
     fn drop(&mut self) {
         self.connections.total.fetch_sub(1, Ordering::Relaxed);
+        self.connections
+            .stats
+            .sockets
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -220,11 +226,16 @@ impl Drop for UserSlot {
 }
 
 impl Connections {
-    pub(crate) fn new(max_total: usize, max_per_user: usize) -> Arc<Connections> {
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_user: usize,
+        stats: Arc<crate::EdgeStats>,
+    ) -> Arc<Connections> {
         Arc::new(Connections {
             max_total,
             max_per_user,
             total: AtomicUsize::new(0),
+            stats,
             per_user: Mutex::new(HashMap::new()),
         })
     }
@@ -236,8 +247,11 @@ impl Connections {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < self.max_total).then_some(n + 1)
             });
-        taken.ok().map(|_| Socket {
-            connections: self.clone(),
+        taken.ok().map(|_| {
+            self.stats.sockets.fetch_add(1, Ordering::Relaxed);
+            Socket {
+                connections: self.clone(),
+            }
         })
     }
 
@@ -300,7 +314,7 @@ mod tests {
 
     #[test]
     fn caps_count_and_release() {
-        let connections = Connections::new(2, 1);
+        let connections = Connections::new(2, 1, Arc::default());
         let a = connections.socket().unwrap();
         let _b = connections.socket().unwrap();
         assert!(connections.socket().is_none(), "the edge is full");

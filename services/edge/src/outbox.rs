@@ -10,16 +10,18 @@
 //!   queued (too slow, flooding).
 //!
 //! Memory per session is bounded by the queue's byte limit (one frame larger than the limit
-//! counts as the limit) plus the socket's write buffer.
+//! counts as the limit) plus the socket's write buffer. The queue itself is a deque that grows
+//! with what is queued: an idle session's queue holds no buffer.
 
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::SplitSink;
 use futures::SinkExt;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::close_code;
@@ -35,22 +37,80 @@ pub(crate) enum Refused {
 }
 
 enum Item {
-    Frame(Message, Bytes),
+    /// A text frame holding one slot and `cost` bytes of the budget.
+    Frame(Utf8Bytes, u32),
+    /// Holds one slot.
     Close(u16, String),
 }
 
-/// A queued frame's share of the byte budget, returned when the writer has sent it.
-struct Bytes {
-    _permit: Option<OwnedSemaphorePermit>,
-    len: u64,
+/// What a session's producers and its writer share.
+struct Queue {
+    items: Mutex<VecDeque<Item>>,
+    /// Wakes the writer: something was queued, or the last producer left.
+    ready: Notify,
+    /// Free room, in frames.
+    slots: Semaphore,
+    /// Free room, in bytes.
+    bytes: Semaphore,
+    /// `Outbox` handles alive; the writer ends once none is left and the queue is empty.
+    producers: AtomicUsize,
     stats: Arc<EdgeStats>,
 }
 
-impl Drop for Bytes {
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Item>> {
+        // A deque of frames holds no invariant a panicking holder could break half-way.
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an item whose room (slot, bytes) is already taken.
+    fn put(&self, item: Item) {
+        if let Item::Frame(frame, _) = &item {
+            let len = frame.len() as u64;
+            let queued = self.stats.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+            if queued > self.stats.queued_bytes_peak.load(Ordering::Relaxed) {
+                self.stats
+                    .queued_bytes_peak
+                    .fetch_max(queued, Ordering::Relaxed);
+            }
+        }
+        self.lock().push_back(item);
+        self.ready.notify_one();
+    }
+
+    /// The next item, its room given back.
+    fn take(&self) -> Option<Item> {
+        let item = {
+            let mut items = self.lock();
+            let item = items.pop_front();
+            if items.is_empty() && items.capacity() > KEEP_CAPACITY {
+                // A burst (a presence flush, a replay) is over: an idle session keeps no
+                // buffer sized for it.
+                *items = VecDeque::new();
+            }
+            item
+        }?;
+        self.slots.add_permits(1);
+        if let Item::Frame(frame, cost) = &item {
+            self.bytes.add_permits(*cost as usize);
+            self.stats
+                .queued_bytes
+                .fetch_sub(frame.len() as u64, Ordering::Relaxed);
+        }
+        Some(item)
+    }
+
+    /// No more frames: producers are refused from now on, and what is queued is dropped.
+    fn shut(&self) {
+        self.slots.close();
+        self.bytes.close();
+        while self.take().is_some() {}
+    }
+}
+
+impl Drop for Queue {
     fn drop(&mut self) {
-        self.stats
-            .queued_bytes
-            .fetch_sub(self.len, Ordering::Relaxed);
+        self.shut();
     }
 }
 
@@ -69,15 +129,32 @@ pub(crate) struct OutboxLimits {
 }
 
 /// The producers' side of a session's queue. Cheap to clone.
-#[derive(Clone)]
 pub(crate) struct Outbox {
-    tx: mpsc::Sender<Item>,
-    budget: Arc<Semaphore>,
+    queue: Arc<Queue>,
     limits: OutboxLimits,
     /// Cancelled when the session must stop at once; the code and reason are in `abort`.
     stop: CancellationToken,
     abort: Arc<Mutex<Option<(u16, String)>>>,
-    stats: Arc<EdgeStats>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.queue.producers.fetch_add(1, Ordering::Relaxed);
+        Outbox {
+            queue: self.queue.clone(),
+            limits: self.limits,
+            stop: self.stop.clone(),
+            abort: self.abort.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.queue.producers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.queue.ready.notify_one();
+        }
+    }
 }
 
 impl Outbox {
@@ -87,19 +164,24 @@ impl Outbox {
         limits: OutboxLimits,
         stats: Arc<EdgeStats>,
     ) -> (Outbox, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(limits.frames.max(16));
+        let queue = Arc::new(Queue {
+            items: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            slots: Semaphore::new(limits.frames.max(16)),
+            bytes: Semaphore::new(limits.bytes.max(1)),
+            producers: AtomicUsize::new(1),
+            stats,
+        });
         let outbox = Outbox {
-            tx,
-            budget: Arc::new(Semaphore::new(limits.bytes.max(1))),
+            queue: queue.clone(),
             limits,
             stop: CancellationToken::new(),
             abort: Arc::new(Mutex::new(None)),
-            stats,
         };
-        // The writer holds no sender: it ends when every producer is gone.
+        // The writer is no producer: it ends when every producer is gone.
         let writer = tokio::spawn(write_loop(
             sink,
-            rx,
+            queue,
             outbox.stop.clone(),
             outbox.abort.clone(),
             limits,
@@ -128,10 +210,28 @@ impl Outbox {
         }
         let frame: Utf8Bytes = frame.into();
         let cost = self.cost(frame.len());
+        let queue = &self.queue;
+        // Room now (the usual case): no timer, no wait registered.
+        match queue.bytes.try_acquire_many(cost) {
+            Ok(bytes) => match queue.slots.try_acquire() {
+                Ok(slot) => {
+                    bytes.forget();
+                    slot.forget();
+                    queue.put(Item::Frame(frame, cost));
+                    return Ok(());
+                }
+                Err(TryAcquireError::Closed) => return Err(Refused::Closed),
+                Err(TryAcquireError::NoPermits) => {}
+            },
+            Err(TryAcquireError::Closed) => return Err(Refused::Closed),
+            Err(TryAcquireError::NoPermits) => {}
+        }
         let room = async {
-            let permit = self.budget.clone().acquire_many_owned(cost).await.ok()?;
-            let slot = self.tx.reserve().await.ok()?;
-            Some((permit, slot))
+            let bytes = queue.bytes.acquire_many(cost).await.ok()?;
+            let slot = queue.slots.acquire().await.ok()?;
+            bytes.forget();
+            slot.forget();
+            Some(())
         };
         let waited = tokio::select! {
             biased;
@@ -139,13 +239,13 @@ impl Outbox {
             waited = tokio::time::timeout(self.limits.grace, room) => waited,
         };
         match waited {
-            Ok(Some((permit, slot))) => {
-                slot.send(self.item(frame, Some(permit)));
+            Ok(Some(())) => {
+                queue.put(Item::Frame(frame, cost));
                 Ok(())
             }
             Ok(None) => Err(Refused::Closed),
             Err(_) => {
-                self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
                 self.abort(
                     close_code::TOO_SLOW,
                     "too slow to keep up; resume by sequence",
@@ -160,28 +260,37 @@ impl Outbox {
     pub(crate) fn push_ephemeral(&self, frame: impl Into<Utf8Bytes>) -> bool {
         let frame: Utf8Bytes = frame.into();
         let cost = self.cost(frame.len());
-        let half_free = self.budget.available_permits() >= self.limits.bytes / 2
-            && self.tx.capacity() >= self.tx.max_capacity() / 2;
+        let queue = &self.queue;
+        let half_free = queue.bytes.available_permits() >= self.limits.bytes / 2
+            && queue.slots.available_permits() >= self.limits.frames.max(16) / 2;
         let queued = half_free
             && match (
-                self.budget.clone().try_acquire_many_owned(cost),
-                self.tx.try_reserve(),
+                queue.bytes.try_acquire_many(cost),
+                queue.slots.try_acquire(),
             ) {
-                (Ok(permit), Ok(slot)) => {
-                    slot.send(self.item(frame, Some(permit)));
+                (Ok(bytes), Ok(slot)) => {
+                    bytes.forget();
+                    slot.forget();
+                    queue.put(Item::Frame(frame, cost));
                     true
                 }
                 _ => false,
             };
         if !queued {
-            self.stats.ephemeral_dropped.fetch_add(1, Ordering::Relaxed);
+            queue
+                .stats
+                .ephemeral_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
         queued
     }
 
     /// Counts ephemeral frames lost before they reached this queue (the session fell behind).
     pub(crate) fn dropped_ephemeral(&self, n: u64) {
-        self.stats.ephemeral_dropped.fetch_add(n, Ordering::Relaxed);
+        self.queue
+            .stats
+            .ephemeral_dropped
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Closes the session after what is queued (waiting at most the grace for room).
@@ -189,9 +298,12 @@ impl Outbox {
         if self.stop.is_cancelled() {
             return;
         }
-        let sent = tokio::time::timeout(self.limits.grace, self.tx.reserve()).await;
-        match sent {
-            Ok(Ok(slot)) => slot.send(Item::Close(code, reason.to_owned())),
+        let slot = tokio::time::timeout(self.limits.grace, self.queue.slots.acquire()).await;
+        match slot {
+            Ok(Ok(slot)) => {
+                slot.forget();
+                self.queue.put(Item::Close(code, reason.to_owned()));
+            }
             Ok(Err(_)) => {}
             // Nothing moves: close at once instead.
             Err(_) => self.abort(code, reason),
@@ -211,31 +323,18 @@ impl Outbox {
         len.clamp(1, self.limits.bytes.max(1))
             .min(u32::MAX as usize) as u32
     }
-
-    fn item(&self, frame: Utf8Bytes, permit: Option<OwnedSemaphorePermit>) -> Item {
-        let len = frame.len() as u64;
-        let queued = self.stats.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        self.stats
-            .queued_bytes_peak
-            .fetch_max(queued, Ordering::Relaxed);
-        Item::Frame(
-            Message::Text(frame),
-            Bytes {
-                _permit: permit,
-                len,
-                stats: self.stats.clone(),
-            },
-        )
-    }
 }
 
 /// Frames written together before one flush, at most.
 const BATCH: usize = 64;
 
+/// A queue emptied while holding room for more frames than this gives its buffer back.
+const KEEP_CAPACITY: usize = 8;
+
 /// Sends what the session queues, pings on an interval, and closes the socket.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Item>,
+    queue: Arc<Queue>,
     stop: CancellationToken,
     abort: Arc<Mutex<Option<(u16, String)>>>,
     limits: OutboxLimits,
@@ -243,52 +342,61 @@ async fn write_loop(
     let mut ping = tokio::time::interval(limits.ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    // One wait for the stop, polled again at every turn rather than registered anew.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        let message = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            item = rx.recv() => match item {
-                None => break,
-                Some(Item::Frame(message, _bytes)) => message,
-                Some(Item::Close(code, reason)) => {
-                    close(&mut sink, code, reason, limits.close_timeout).await;
-                    return;
-                }
+        if stop.is_cancelled() {
+            break;
+        }
+        let message = match queue.take() {
+            Some(Item::Frame(frame, _)) => Message::Text(frame),
+            Some(Item::Close(code, reason)) => {
+                queue.shut();
+                close(&mut sink, code, reason, limits.close_timeout).await;
+                return;
+            }
+            None if queue.producers.load(Ordering::Acquire) == 0 => break,
+            None => tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                _ = queue.ready.notified() => continue,
+                _ = ping.tick() => Message::Ping(Default::default()),
             },
-            _ = ping.tick() => Message::Ping(Default::default()),
         };
         // Everything already queued goes out with this frame in one flush (one write where
         // the socket takes it), rather than a write per frame.
         let mut close_after = None;
         let sent = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             sent = async {
                 sink.feed(message).await?;
                 for _ in 0..BATCH {
-                    match rx.try_recv() {
-                        Ok(Item::Frame(message, _bytes)) => sink.feed(message).await?,
-                        Ok(Item::Close(code, reason)) => {
+                    match queue.take() {
+                        Some(Item::Frame(frame, _)) => sink.feed(Message::Text(frame)).await?,
+                        Some(Item::Close(code, reason)) => {
                             close_after = Some((code, reason));
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 sink.flush().await
             } => sent,
         };
         if sent.is_err() {
+            queue.shut();
             return;
         }
         if let Some((code, reason)) = close_after {
+            queue.shut();
             close(&mut sink, code, reason, limits.close_timeout).await;
             return;
         }
     }
-    // Discard what is queued: its byte shares return as the items drop.
-    rx.close();
-    while rx.try_recv().is_ok() {}
+    // Discard what is queued: the client resumes by sequence.
+    queue.shut();
     let abort = abort.lock().ok().and_then(|mut a| a.take());
     match abort {
         Some((code, reason)) => close(&mut sink, code, reason, limits.close_timeout).await,

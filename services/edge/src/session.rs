@@ -1,6 +1,9 @@
 //! One client connection, from upgrade to close.
 //!
-//! The session reads frames and answers them in order; a writer task owns the socket's sending
+//! The session reads frames and answers them in order. Appends (`send`, `edit`, `delete`,
+//! `react`) are pipelined: up to `EdgeConfig::appends_in_flight` of them are checked at once,
+//! sent to the log in the client's order and acknowledged in that order (see [`Appends`]); any
+//! other frame waits for the appends before it. A writer task owns the socket's sending
 //! half and drains one bounded queue (see [`crate::outbox`]), into which replies and every
 //! followed room's events go. Each subscribed room has a forwarder task moving the room's events
 //! (from the edge's shared feed, see [`crate::Hub`]) into that queue, so a room's events keep
@@ -12,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -19,10 +23,11 @@ use chat_auth::Identity;
 use chat_model::{RoomId, UserId};
 use chat_rooms::{Command, RoomError};
 use chat_store::PageQuery;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use uuid::Uuid;
@@ -102,6 +107,7 @@ pub(crate) async fn run(
         reads: HashMap::new(),
         limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
         typing: HashMap::new(),
+        appends: std::sync::Mutex::default(),
     };
     tracing::debug!(user = %session.user, "session open");
     session.serve(&mut stream, &identity).await;
@@ -157,6 +163,100 @@ impl Drop for Subscription {
     }
 }
 
+/// The session's appends in flight, at most `EdgeConfig::appends_in_flight`: each is checked
+/// against the room's rules concurrently with the others, but sent to the log in the order
+/// the client sent them (one NATS connection keeps that order), and answered in that order.
+/// Other frames wait until the pipeline is empty, so every reply keeps the client's order.
+#[derive(Default)]
+struct Appends {
+    /// Being decided; yielded in the client's order.
+    deciding: FuturesOrdered<BoxFuture<'static, Decided>>,
+    /// Sent to the log (or refused), waiting for the outcome; yielded in the client's order.
+    settling: FuturesOrdered<BoxFuture<'static, Settled>>,
+}
+
+impl Appends {
+    fn len(&self) -> usize {
+        self.deciding.len() + self.settling.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deciding.is_empty() && self.settling.is_empty()
+    }
+}
+
+/// An append frame on its way through the pipeline: what its reply and its retries need.
+struct AppendFrame {
+    rid: Option<String>,
+    room: RoomId,
+    id: Uuid,
+    /// A `send` (its ack ends the user's typing indicator).
+    is_send: bool,
+    /// Asked again with the same id while the outcome is unknown.
+    command: Command,
+    /// No retry starts after this.
+    deadline: Instant,
+}
+
+/// The first stage's result. Only ever a future's output, moved once: boxing the common
+/// variant would cost an allocation per append for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Decided {
+    Append(AppendFrame, Result<chat_rooms::DecidedAppend, RoomError>),
+    /// A reply to a frame between appends (e.g. a refused one), given in its turn.
+    Reply(String),
+}
+
+/// The second stage's result.
+enum Settled {
+    Append(AppendFrame, Result<chat_rooms::Ack, RoomError>),
+    Reply(String),
+}
+
+/// What retrying an append needs, outside the session.
+struct Retry {
+    rooms: Arc<chat_rooms::Rooms>,
+    user: UserId,
+    out: Outbox,
+    stats: Arc<crate::EdgeStats>,
+}
+
+impl Retry {
+    /// Appends again with the same id while the outcome is unknown (NATS away or slow), until
+    /// the frame's deadline: a retry is answered as the original, so it can never append twice.
+    /// What is still unknown then is `unavailable` to the client.
+    async fn until_known(
+        &self,
+        frame: &AppendFrame,
+        first: Result<chat_rooms::Ack, RoomError>,
+    ) -> Result<chat_rooms::Ack, RoomError> {
+        let mut result = first;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match result {
+                Err(RoomError::Unavailable(reason))
+                    if Instant::now() + pause < frame.deadline && !self.out.is_stopped() =>
+                {
+                    tracing::debug!(room = %frame.room, id = %frame.id, reason, "append outcome unknown; retrying");
+                    self.stats.append_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(800));
+                    // Boxed: a retry is rare, and every append's future would otherwise
+                    // keep room for a whole second append.
+                    result = Box::pin(self.rooms.append(
+                        &self.user,
+                        &frame.room,
+                        frame.id,
+                        frame.command.clone(),
+                    ))
+                    .await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Read-cursor coalescing for one room.
 struct ReadGate {
     last_append: Option<Instant>,
@@ -173,6 +273,9 @@ struct Session {
     limits: ConnectionLimits,
     /// When this session last published `active:true` per room.
     typing: HashMap<RoomId, Instant>,
+    /// Appends in flight. Only reached through `&mut self` (`get_mut`: never locked); the
+    /// mutex makes the session `Sync`, which its `&self` futures need.
+    appends: std::sync::Mutex<Appends>,
 }
 
 /// Whether the session goes on after a frame.
@@ -190,12 +293,35 @@ enum Admission {
     Closed,
 }
 
-/// Why the session's read loop ended (a removed member's forwarder tells it so).
-enum Ended {
-    Removed(RoomId),
+/// Rooms whose forwarder stopped because the user was removed from them: the forwarders tell
+/// the session's read loop, which drops the subscription and says so.
+#[derive(Default)]
+struct Removals {
+    rooms: std::sync::Mutex<Vec<RoomId>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Removals {
+    fn removed(&self, room: RoomId) {
+        if let Ok(mut rooms) = self.rooms.lock() {
+            rooms.push(room);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<RoomId> {
+        self.rooms
+            .lock()
+            .map(|mut rooms| std::mem::take(&mut *rooms))
+            .unwrap_or_default()
+    }
 }
 
 impl Session {
+    fn appends_mut(&mut self) -> &mut Appends {
+        self.appends.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Queues a reply; a client too slow to take it is being closed (the loop sees that).
     async fn send(&self, frame: String) {
         let _ = self.out.push(frame).await;
@@ -205,12 +331,14 @@ impl Session {
         self.out.close(code, reason).await;
     }
 
+    /// The read loop. What it awaits rarely, or only while answering, is boxed: an idle
+    /// session's future keeps no room for it.
     async fn serve(
         &mut self,
         stream: &mut futures::stream::SplitStream<WebSocket>,
         identity: &Identity,
     ) {
-        let rooms = match self.state.rooms.rooms_of(&self.user).await {
+        let rooms = match Box::pin(self.state.rooms.rooms_of(&self.user)).await {
             Ok(rooms) => rooms
                 .iter()
                 .map(|r| {
@@ -224,11 +352,12 @@ impl Session {
         };
         self.send(protocol::welcome(self.user.as_str(), &rooms))
             .await;
-        let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(16);
+        let removals = Arc::new(Removals::default());
         // The session ends when verification would start refusing the token.
         let expiry = sleep_until(Instant::now() + Duration::from_secs(identity.seconds_accepted()));
         tokio::pin!(expiry);
         let idle_timeout = self.state.config.idle_timeout;
+        let max_in_flight = self.state.config.appends_in_flight.max(1);
         let mut heard = Instant::now();
         loop {
             let next_read_flush = self
@@ -237,14 +366,17 @@ impl Session {
                 .filter(|g| g.pending.is_some())
                 .filter_map(|g| g.last_append.map(|t| t + READ_INTERVAL))
                 .min();
+            let appends = self.appends.get_mut().unwrap_or_else(|p| p.into_inner());
             let message = tokio::select! {
                 // Too slow, flooding: the writer is already closing the socket.
                 _ = self.out.stopped() => return,
                 _ = self.state.shutdown.cancelled() => {
+                    Box::pin(self.finish_appends()).await;
                     self.close(close_code::DRAINING, "server draining, reconnect elsewhere").await;
                     return;
                 }
                 _ = &mut expiry => {
+                    Box::pin(self.finish_appends()).await;
                     self.close(close_code::TOKEN, "token expired").await;
                     return;
                 }
@@ -255,17 +387,31 @@ impl Session {
                     return;
                 }
                 _ = sleep_until(next_read_flush.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next_read_flush.is_some() => {
-                    self.flush_reads().await;
+                    Box::pin(self.flush_reads()).await;
                     continue;
                 }
-                Some(Ended::Removed(room)) = ended_rx.recv() => {
-                    self.subscriptions.remove(&room);
-                    self.send(protocol::reply("unsubscribed", None, json!({"room": room, "reason": "removed"}))).await;
+                _ = removals.notify.notified() => {
+                    for room in removals.take() {
+                        self.subscriptions.remove(&room);
+                        self.send(protocol::reply("unsubscribed", None, json!({"room": room, "reason": "removed"}))).await;
+                    }
                     continue;
                 }
-                message = stream.next() => message,
+                Some(settled) = appends.settling.next(), if !appends.settling.is_empty() => {
+                    Box::pin(self.settled(settled)).await;
+                    continue;
+                }
+                Some(decided) = appends.deciding.next(), if !appends.deciding.is_empty() => {
+                    Box::pin(self.decided(decided)).await;
+                    continue;
+                }
+                message = stream.next(), if appends.len() < max_in_flight => message,
             };
             heard = Instant::now();
+            if matches!(message, None | Some(Ok(Message::Close(_)) | Err(_))) {
+                // The frames read before are answered (their events appended) all the same.
+                Box::pin(self.finish_appends()).await;
+            }
             match message {
                 None | Some(Ok(Message::Close(_))) => return,
                 Some(Err(e)) => {
@@ -277,7 +423,7 @@ impl Session {
                 }
                 // Control frames are answered by the WebSocket layer.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Binary(_))) => match self.admit(None, None).await {
+                Some(Ok(Message::Binary(_))) => match Box::pin(self.admit_after_appends()).await {
                     Admission::Pass => {
                         self.error(
                             None,
@@ -295,7 +441,9 @@ impl Session {
                         return;
                     }
                     self.state.stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                    if let Flow::Stop = self.answer(&text, &ended_tx).await {
+                    // Boxed: answering is the largest future a session has, and an idle session
+                    // should not keep room for it.
+                    if let Flow::Stop = Box::pin(self.answer(&text, &removals)).await {
                         return;
                     }
                 }
@@ -349,19 +497,29 @@ impl Session {
             frame["rid"] = json!(rid);
         }
         self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.send(frame.to_string()).await;
+        self.reply_in_turn(frame.to_string()).await;
         Admission::Refused
     }
 
+    /// Admits a frame that is not an append, once the appends before it are answered.
+    async fn admit_after_appends(&mut self) -> Admission {
+        self.finish_appends().await;
+        self.admit(None, None).await
+    }
+
     /// Answers one text frame.
-    async fn answer(&mut self, text: &str, ended: &mpsc::Sender<Ended>) -> Flow {
+    async fn answer(&mut self, text: &str, removals: &Arc<Removals>) -> Flow {
         let parsed = protocol::parse(text);
         let (rid, kind) = match &parsed {
             Ok(frame) => (frame.rid.clone(), Some(frame.kind.as_str())),
             Err(malformed) => (malformed.rid.clone(), None),
         };
+        let is_append = matches!(kind, Some("send" | "edit" | "delete" | "react"));
+        if !is_append {
+            self.finish_appends().await;
+        }
         let work = match kind {
-            Some("send" | "edit" | "delete" | "react") => Some(Work::Send),
+            _ if is_append => Some(Work::Send),
             Some("typing") => Some(Work::Typing),
             Some("subscribe") => Some(Work::Subscribe),
             Some("history") => Some(Work::History),
@@ -392,7 +550,7 @@ impl Session {
                 self.error(rid, ErrorCode::BadRequest, "already authenticated")
                     .await
             }
-            "subscribe" => self.subscribe(rid, body, ended).await,
+            "subscribe" => self.subscribe(rid, body, removals).await,
             "unsubscribe" => self.unsubscribe(rid, body).await,
             "send" | "edit" | "delete" | "react" => {
                 self.append(&frame.kind, rid, body).await;
@@ -454,7 +612,7 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, rid: Option<&str>, body: Value, ended: &mpsc::Sender<Ended>) {
+    async fn subscribe(&mut self, rid: Option<&str>, body: Value, removals: &Arc<Removals>) {
         #[derive(Deserialize)]
         struct Subscribe {
             rooms: serde_json::Map<String, Value>,
@@ -487,7 +645,7 @@ impl Session {
                     continue;
                 }
             };
-            if let Err(e) = self.subscribe_room(rid, &room, from, ended).await {
+            if let Err(e) = self.subscribe_room(rid, &room, from, removals).await {
                 self.room_error(rid, &name, &e).await;
             }
         }
@@ -498,7 +656,7 @@ impl Session {
         rid: Option<&str>,
         room: &RoomId,
         from: Option<u64>,
-        ended: &mpsc::Sender<Ended>,
+        removals: &Arc<Removals>,
     ) -> Result<(), RoomError> {
         let rooms = &self.state.rooms;
         rooms.member_state(room, &self.user).await?;
@@ -531,7 +689,7 @@ impl Session {
             self.state.rooms.clone(),
             self.user.clone(),
             self.out.clone(),
-            ended.clone(),
+            removals.clone(),
         ));
         let here = self.state.presence.here(room, &self.user);
         self.subscriptions
@@ -558,7 +716,32 @@ impl Session {
         self.subscriptions.clear();
     }
 
+    /// Puts an append frame into the session's pipeline (see [`Appends`]); a frame that cannot
+    /// be read is answered in its turn.
     async fn append(&mut self, kind: &str, rid: Option<&str>, body: Value) {
+        let frame = match self.read_append(kind, rid, body) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return self.reply_in_turn(error).await;
+            }
+        };
+        let rooms = self.state.rooms.clone();
+        let user = self.user.clone();
+        let (room, id, command) = (frame.room.clone(), frame.id, frame.command.clone());
+        self.appends_mut().deciding.push_back(Box::pin(async move {
+            let decided = rooms.decide_append(&user, &room, id, command).await;
+            Decided::Append(frame, decided)
+        }));
+    }
+
+    /// An append frame's fields, or the `error` frame answering it.
+    fn read_append(
+        &self,
+        kind: &str,
+        rid: Option<&str>,
+        body: Value,
+    ) -> Result<AppendFrame, String> {
         #[derive(Deserialize)]
         struct Append {
             room: String,
@@ -576,17 +759,19 @@ impl Session {
             #[serde(default)]
             on: Option<bool>,
         }
-        let Some(frame) = self.fields::<Append>(kind, rid, body).await else {
-            return;
-        };
-        let Some(room) = self.room_id(rid, &frame.room).await else {
-            return;
-        };
+        let frame = serde_json::from_value::<Append>(body).map_err(|e| {
+            protocol::error(rid, ErrorCode::BadRequest, &format!("{kind} frame: {e}"))
+        })?;
+        let refuse =
+            |e: RoomError| protocol::room_error(rid, &frame.room, e.code(), &e.to_string());
+        let room = RoomId::parse(&frame.room)
+            .map_err(|e| refuse(RoomError::BadRequest(format!("room: {e}"))))?;
         let id = match frame.id.as_str().map(Uuid::parse_str) {
             Some(Ok(id)) => id,
             _ => {
-                let e = RoomError::BadRequest("id must be a UUID string".into());
-                return self.room_error(rid, &frame.room, &e).await;
+                return Err(refuse(RoomError::BadRequest(
+                    "id must be a UUID string".into(),
+                )))
             }
         };
         let missing = |field: &str| RoomError::BadRequest(format!("{kind} needs \"{field}\""));
@@ -614,62 +799,109 @@ impl Session {
                 (_, None, _) => Err(missing("emoji")),
                 (_, _, None) => Err(missing("on")),
             },
+        }
+        .map_err(refuse)?;
+        Ok(AppendFrame {
+            rid: rid.map(str::to_owned),
+            room,
+            id,
+            is_send: kind == "send",
+            command,
+            deadline: Instant::now() + self.state.config.append_retry,
+        })
+    }
+
+    /// The next decided frame of the pipeline (in the client's order): sends its event to the
+    /// log, and queues the wait for the log's answer.
+    async fn decided(&mut self, decided: Decided) {
+        let (frame, decided) = match decided {
+            Decided::Append(frame, decided) => (frame, decided),
+            Decided::Reply(reply) => return self.settled_in_turn(Settled::Reply(reply)).await,
         };
-        let command = match command {
-            Ok(command) => command,
-            Err(e) => return self.room_error(rid, &frame.room, &e).await,
+        let sent = match decided {
+            Ok(decided) => self.state.rooms.send_append(decided).await,
+            Err(e) => Err(e),
         };
-        match self.append_retrying(&room, id, command).await {
-            Ok(ack) => {
-                self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
-                if kind == "send" {
-                    // The message ends the indicator (each edge's feed sees it): the next
-                    // keystroke starts a new one at once.
-                    self.typing.remove(&room);
-                }
-                let fields = json!({
-                    "room": room,
-                    "id": id.hyphenated().to_string(),
-                    "seq": ack.seq,
-                    "ts": ack.ts,
-                    "duplicate": ack.duplicate,
-                });
-                self.send(protocol::reply("ack", rid, fields)).await;
-            }
-            Err(e) => self.room_error(rid, &frame.room, &e).await,
+        let retry = Retry {
+            rooms: self.state.rooms.clone(),
+            user: self.user.clone(),
+            out: self.out.clone(),
+            stats: self.state.stats.clone(),
+        };
+        self.appends_mut().settling.push_back(Box::pin(async move {
+            let first = match sent {
+                Ok(pending) => pending.ack().await,
+                Err(e) => Err(e),
+            };
+            let result = retry.until_known(&frame, first).await;
+            Settled::Append(frame, result)
+        }));
+    }
+
+    /// Queues `settled` behind the appends still waiting for the log, or answers it now.
+    async fn settled_in_turn(&mut self, settled: Settled) {
+        if self.appends_mut().settling.is_empty() {
+            self.settled(settled).await;
+        } else {
+            self.appends_mut()
+                .settling
+                .push_back(Box::pin(async move { settled }));
         }
     }
 
-    /// Appends, retrying with the same id while the outcome is unknown (NATS away or slow),
-    /// for at most the configured time: a retry is answered as the original, so it can never
-    /// append twice. What is still unknown then is `unavailable` to the client.
-    async fn append_retrying(
-        &self,
-        room: &RoomId,
-        id: Uuid,
-        command: Command,
-    ) -> Result<chat_rooms::Ack, RoomError> {
-        let deadline = Instant::now() + self.state.config.append_retry;
-        let mut pause = Duration::from_millis(50);
-        loop {
-            let result = self
-                .state
-                .rooms
-                .append(&self.user, room, id, command.clone())
-                .await;
-            match result {
-                Err(RoomError::Unavailable(reason))
-                    if Instant::now() + pause < deadline && !self.out.is_stopped() =>
-                {
-                    tracing::debug!(room = %room, %id, reason, "append outcome unknown; retrying");
-                    self.state
-                        .stats
-                        .append_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(800));
+    /// Answers the next settled frame of the pipeline (in the client's order).
+    async fn settled(&mut self, settled: Settled) {
+        let (frame, ack) = match settled {
+            Settled::Append(frame, Ok(ack)) => (frame, ack),
+            Settled::Append(frame, Err(e)) => {
+                return self
+                    .room_error(frame.rid.as_deref(), frame.room.as_str(), &e)
+                    .await
+            }
+            Settled::Reply(reply) => return self.send(reply).await,
+        };
+        self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
+        if frame.is_send {
+            // The message ends the indicator (each edge's feed sees it): the next keystroke
+            // starts a new one at once.
+            self.typing.remove(&frame.room);
+        }
+        let fields = json!({
+            "room": frame.room,
+            "id": frame.id.hyphenated().to_string(),
+            "seq": ack.seq,
+            "ts": ack.ts,
+            "duplicate": ack.duplicate,
+        });
+        self.send(protocol::reply("ack", frame.rid.as_deref(), fields))
+            .await;
+    }
+
+    /// Answers a frame after the appends the client sent before it (now, if there are none).
+    async fn reply_in_turn(&mut self, reply: String) {
+        if self.appends_mut().deciding.is_empty() {
+            self.settled_in_turn(Settled::Reply(reply)).await;
+        } else {
+            self.appends_mut()
+                .deciding
+                .push_back(Box::pin(async move { Decided::Reply(reply) }));
+        }
+    }
+
+    /// Answers every append in the pipeline (a frame of another kind waits for them; so do a
+    /// drain and a token expiry before the socket closes).
+    async fn finish_appends(&mut self) {
+        while !self.appends_mut().is_empty() {
+            let appends = self.appends.get_mut().unwrap_or_else(|p| p.into_inner());
+            tokio::select! {
+                biased;
+                _ = self.out.stopped() => return,
+                Some(settled) = appends.settling.next(), if !appends.settling.is_empty() => {
+                    self.settled(settled).await;
                 }
-                other => return other,
+                Some(decided) = appends.deciding.next(), if !appends.deciding.is_empty() => {
+                    self.decided(decided).await;
+                }
             }
         }
     }
@@ -848,14 +1080,21 @@ async fn forward(
     rooms: std::sync::Arc<chat_rooms::Rooms>,
     user: UserId,
     out: Outbox,
-    ended: mpsc::Sender<Ended>,
+    removals: Arc<Removals>,
 ) {
     let mut pause = Duration::from_millis(50);
-    let mut typing = follower.typing();
+    // A stream keeps its pending receive between events: waiting for typing frames costs
+    // nothing per event.
+    let typing = futures::stream::unfold(follower.typing(), |mut feed| async move {
+        let next = feed.next().await;
+        Some((next, feed))
+    });
+    let mut typing = std::pin::pin!(typing);
+    let mut blocks = chat_rooms::HeldBlocks::default();
     loop {
         let next = tokio::select! {
             next = follower.next() => next,
-            ephemeral = typing.next() => {
+            Some(ephemeral) = typing.next() => {
                 pass_ephemeral(&out, &user, ephemeral);
                 continue;
             }
@@ -864,22 +1103,21 @@ async fn forward(
             Ok(delivery) => {
                 pause = Duration::from_millis(50);
                 let removed = delivery.left.as_ref() == Some(&user);
-                // A message (or edit) by someone this user blocks arrives as a placeholder.
-                let frame = if delivery.hidden.is_some() {
-                    match rooms.blocked(&user).await {
-                        Ok(blocked) => delivery.frame_for(&blocked).clone(),
+                // A message (or edit) by someone this user blocks arrives as a placeholder. The
+                // frame is moved out, not cloned: its bytes are shared by every session, and
+                // each clone or drop of them is a write they all contend for.
+                let frame = if delivery.hidden.is_none() {
+                    delivery.frame
+                } else {
+                    match rooms.blocked_held(&user, &mut blocks).await {
+                        Ok(blocked) => delivery.into_frame_for(blocked),
                         // Fail closed: a placeholder keeps the sequence, and history shows the
                         // text later if its author is not blocked after all.
                         Err(e) => {
                             tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
-                            delivery
-                                .hidden
-                                .clone()
-                                .unwrap_or_else(|| delivery.frame.clone())
+                            delivery.hidden.unwrap_or(delivery.frame)
                         }
                     }
-                } else {
-                    delivery.frame.clone()
                 };
                 // While the event waits for room, typing and presence frames keep moving: to
                 // the queue if it has room for them, else dropped (and counted).
@@ -889,14 +1127,14 @@ async fn forward(
                     tokio::select! {
                         biased;
                         pushed = &mut push => break pushed,
-                        ephemeral = typing.next() => pass_ephemeral(&out, &user, ephemeral),
+                        Some(ephemeral) = typing.next() => pass_ephemeral(&out, &user, ephemeral),
                     }
                 };
                 if pushed.is_err() {
                     return;
                 }
                 if removed {
-                    let _ = ended.send(Ended::Removed(follower.room().clone())).await;
+                    removals.removed(follower.room().clone());
                     return;
                 }
             }

@@ -26,8 +26,8 @@ pub use config::{ConfigError, LogConfig};
 pub use error::LogError;
 pub use live::LiveSubscription;
 pub use log::{
-    Appended, ConnectError, ConnectionEvent, ConnectionEvents, ListRoomsError, RawEntry,
-    RoomBounds, RoomLog,
+    Appended, ConnectError, ConnectionEvent, ConnectionEvents, ListRoomsError, PendingAppend,
+    RawEntry, RoomBounds, RoomLog,
 };
 pub use range::RangeReader;
 pub use users::{BlocksEntry, UserLog, UserLogError};

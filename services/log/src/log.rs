@@ -381,6 +381,32 @@ impl RoomLog {
         payload: Bytes,
         expected_last: Option<u64>,
     ) -> Result<Appended, LogError> {
+        self.send_raw(room, msg_id, payload, expected_last)
+            .await?
+            .appended()
+            .await
+    }
+
+    /// Sends an event to the room's stream without waiting for the stream's answer; see
+    /// [`PendingAppend`]. Appends sent one after another by one caller are stored in that order
+    /// (one connection), so a caller may have several in flight and still keep its order.
+    pub async fn send(&self, room: &RoomId, event: &Event) -> Result<PendingAppend, LogError> {
+        let payload = event.encode().map_err(|source| LogError::Encode {
+            room: room.clone(),
+            source,
+        })?;
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = event.id.hyphenated().encode_lower(&mut id);
+        self.send_raw(room, id, payload.into(), None).await
+    }
+
+    async fn send_raw(
+        &self,
+        room: &RoomId,
+        msg_id: &str,
+        payload: Bytes,
+        expected_last: Option<u64>,
+    ) -> Result<PendingAppend, LogError> {
         let max = self.inner.config.max_event_bytes;
         if payload.len() > max {
             return Err(LogError::TooLarge {
@@ -389,48 +415,21 @@ impl RoomLog {
                 max,
             });
         }
-        // Built per attempt rather than cloned: almost every append takes exactly one attempt.
-        let headers = || {
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, msg_id);
-            if let Some(expected) = expected_last {
-                headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
-            }
-            headers
-        };
-        for attempt in 0..=ZERO_SEQ_RETRIES {
-            let subject = self.inner.config.room_subject(room);
-            let published = self
-                .inner
-                .js
-                .publish_with_headers(subject, headers(), payload.clone())
-                .await;
-            let ack = match published {
-                Ok(ack_future) => ack_future.await,
-                Err(e) => Err(e),
-            };
-            let ack = match ack {
-                Ok(ack) => ack,
-                Err(e) => {
-                    return Err(self
-                        .publish_error(room, expected_last, payload.len(), e)
-                        .await)
-                }
-            };
-            if ack.sequence != 0 {
-                return Ok(Appended {
-                    seq: ack.sequence,
-                    duplicate: ack.duplicate,
-                });
-            }
-            tracing::debug!(room = %room, attempt, "duplicate acknowledged without a sequence");
-            tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
-        }
-        Err(LogError::Unavailable {
+        let pending = PendingAppend {
+            log: self.clone(),
             room: room.clone(),
-            op: "append",
-            reason: "duplicate acknowledged without its original sequence".to_owned(),
-        })
+            msg_id: msg_id.to_owned(),
+            payload,
+            expected_last,
+            ack: None,
+        };
+        match pending.publish().await {
+            Ok(ack) => Ok(PendingAppend {
+                ack: Some(ack),
+                ..pending
+            }),
+            Err(e) => Err(pending.error(e).await),
+        }
     }
 
     async fn publish_error(
@@ -597,6 +596,73 @@ impl RoomLog {
 
     pub(crate) fn jetstream(&self) -> &jetstream::Context {
         &self.inner.js
+    }
+}
+
+/// An append sent to a room's stream, its acknowledgement not awaited yet.
+pub struct PendingAppend {
+    log: RoomLog,
+    room: RoomId,
+    msg_id: String,
+    payload: Bytes,
+    expected_last: Option<u64>,
+    /// The stream's answer to the first attempt.
+    ack: Option<jetstream::context::PublishAckFuture>,
+}
+
+impl PendingAppend {
+    /// The stream's answer. Never a sequence of 0: a clustered duplicate acknowledged without
+    /// one is asked again (same id, so it cannot be appended twice) until the original's
+    /// sequence is known.
+    pub async fn appended(mut self) -> Result<Appended, LogError> {
+        for attempt in 0..=ZERO_SEQ_RETRIES {
+            let ack = match self.ack.take() {
+                Some(ack) => ack.await,
+                None => match self.publish().await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                },
+            };
+            let ack = match ack {
+                Ok(ack) => ack,
+                Err(e) => return Err(self.error(e).await),
+            };
+            if ack.sequence != 0 {
+                return Ok(Appended {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+            tracing::debug!(room = %self.room, attempt, "duplicate acknowledged without a sequence");
+            tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
+        }
+        Err(LogError::Unavailable {
+            room: self.room.clone(),
+            op: "append",
+            reason: "duplicate acknowledged without its original sequence".to_owned(),
+        })
+    }
+
+    async fn publish(
+        &self,
+    ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, self.msg_id.as_str());
+        if let Some(expected) = self.expected_last {
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+        }
+        let subject = self.log.inner.config.room_subject(&self.room);
+        self.log
+            .inner
+            .js
+            .publish_with_headers(subject, headers, self.payload.clone())
+            .await
+    }
+
+    async fn error(&self, e: jetstream::context::PublishError) -> LogError {
+        self.log
+            .publish_error(&self.room, self.expected_last, self.payload.len(), e)
+            .await
     }
 }
 

@@ -17,6 +17,7 @@
 //! same change (same sequence) leaves it in place.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -50,12 +51,18 @@ struct Inner {
 pub(crate) struct BlockCache {
     ttl: Duration,
     inner: Mutex<Inner>,
+    /// Bumped by every notice, every drop of the whole cache and every change this process
+    /// makes: a list held outside the cache (see `HeldBlocks`) is good while this stands still.
+    changes: AtomicU64,
 }
 
 /// A cache lookup: the list, or the epoch to hand back with what the caller reads instead.
 pub(crate) enum Lookup {
-    Hit(Arc<HashSet<UserId>>),
-    Miss { epoch: u64 },
+    /// The list, and until when the cache vouches for it.
+    Hit(Arc<HashSet<UserId>>, Instant),
+    Miss {
+        epoch: u64,
+    },
 }
 
 impl BlockCache {
@@ -63,7 +70,17 @@ impl BlockCache {
         BlockCache {
             ttl,
             inner: Mutex::new(Inner::default()),
+            changes: AtomicU64::new(0),
         }
+    }
+
+    /// The change counter (see the field).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -74,7 +91,7 @@ impl BlockCache {
     pub fn get(&self, key: &str) -> Lookup {
         let inner = self.lock();
         match inner.by_key.get(key) {
-            Some(c) if c.at.elapsed() < self.ttl => Lookup::Hit(c.blocked.clone()),
+            Some(c) if c.at.elapsed() < self.ttl => Lookup::Hit(c.blocked.clone(), c.at + self.ttl),
             _ => Lookup::Miss { epoch: inner.epoch },
         }
     }
@@ -96,6 +113,7 @@ impl BlockCache {
             return;
         }
         Self::put(&mut inner, self.ttl, key, seq, blocked);
+        self.changed();
     }
 
     fn put(inner: &mut Inner, ttl: Duration, key: String, seq: u64, blocked: Arc<HashSet<UserId>>) {
@@ -119,6 +137,7 @@ impl BlockCache {
     pub fn notice(&self, key: &str, seq: Option<u64>) {
         let mut inner = self.lock();
         inner.epoch += 1;
+        self.changed();
         let stale = match (inner.by_key.get(key), seq) {
             (Some(c), Some(seq)) => c.seq < seq,
             (Some(_), None) => true,
@@ -133,6 +152,7 @@ impl BlockCache {
     pub fn clear(&self) {
         let mut inner = self.lock();
         inner.epoch += 1;
+        self.changed();
         inner.by_key.clear();
     }
 }
@@ -200,7 +220,7 @@ mod tests {
 
     fn hit(cache: &BlockCache, key: &str) -> Option<Arc<HashSet<UserId>>> {
         match cache.get(key) {
-            Lookup::Hit(set) => Some(set),
+            Lookup::Hit(set, _) => Some(set),
             Lookup::Miss { .. } => None,
         }
     }
@@ -208,7 +228,7 @@ mod tests {
     fn epoch(cache: &BlockCache, key: &str) -> u64 {
         match cache.get(key) {
             Lookup::Miss { epoch } => epoch,
-            Lookup::Hit(_) => panic!("expected a miss"),
+            Lookup::Hit(..) => panic!("expected a miss"),
         }
     }
 

@@ -27,7 +27,7 @@ mod error;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use chat_log::{LogError, RoomLog, UserLog, UserLogError};
@@ -39,7 +39,7 @@ use chat_store::{
     add_receipts, hide_blocked_authors, render_entry, wants_receipts, Page, PageQuery,
     ReceiptIndex, Receipts, RoomSummary, Store, ThreadPage,
 };
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
 use crate::blocks::{BlockCache, Lookup};
@@ -100,9 +100,76 @@ pub struct Created {
     pub new: bool,
 }
 
+/// A block list one reader keeps between lookups (see [`Rooms::blocked_held`]); the default
+/// holds nothing yet.
+#[derive(Default)]
+pub struct HeldBlocks {
+    blocked: Arc<HashSet<UserId>>,
+    /// The cache's change counter when it was looked up.
+    changes: u64,
+    /// When the cache would stop answering with it; `None`: never looked up.
+    until: Option<Instant>,
+}
+
+/// An append checked against the room's rules, not sent yet (see [`Rooms::decide_append`]).
+#[derive(Debug)]
+pub enum DecidedAppend {
+    /// The id is already in the room (the store's index knows it): nothing to send.
+    Known(Ack),
+    /// The event to append.
+    Event { room: RoomId, event: Event },
+}
+
+/// An append sent to the log, its outcome not known yet (see [`Rooms::send_append`]).
+pub enum PendingAck {
+    Known(Ack),
+    Sent {
+        log: RoomLog,
+        room: RoomId,
+        /// The event's time (a duplicate's is read back from the log).
+        ts: i64,
+        pending: chat_log::PendingAppend,
+    },
+}
+
+impl PendingAck {
+    /// Waits for the log's answer: the `ack` to give.
+    pub async fn ack(self) -> Result<Ack, RoomError> {
+        let (log, room, ts, pending) = match self {
+            PendingAck::Known(ack) => return Ok(ack),
+            PendingAck::Sent {
+                log,
+                room,
+                ts,
+                pending,
+            } => (log, room, ts, pending),
+        };
+        let appended = pending.appended().await?;
+        if !appended.duplicate {
+            return Ok(Ack {
+                seq: appended.seq,
+                ts,
+                duplicate: false,
+            });
+        }
+        // A resend within the window: the original's time, from the log.
+        let original = log
+            .get(&room, appended.seq)
+            .await?
+            .and_then(|entry| entry.decode().ok());
+        Ok(Ack {
+            seq: appended.seq,
+            ts: original.map_or(ts, |e| e.ts),
+            duplicate: true,
+        })
+    }
+}
+
 struct Cached {
-    state: RoomState,
+    state: Arc<RoomState>,
     checked: Instant,
+    /// A background refresh of this entry is under way (see `Rooms::cached_renewing`).
+    renewing: bool,
 }
 
 /// What a user asks to append to a room (the client frames that append).
@@ -143,7 +210,20 @@ pub struct Rooms {
     /// Follows the user log's change notices; stopped when the service is dropped.
     invalidator: Option<JoinHandle<()>>,
     /// The last projector lag check: when, and whether appends were safe then.
-    lag_check: Mutex<Option<(Instant, Result<(), String>)>>,
+    lag_check: Mutex<LagCheck>,
+    /// This service, for the background refreshes it starts.
+    this: Weak<Rooms>,
+    /// Background refreshes of cached room states; aborted when the service is dropped.
+    renewals: Mutex<JoinSet<()>>,
+}
+
+/// The projector lag check's last result, shared by every append.
+#[derive(Default)]
+struct LagCheck {
+    /// When it was made, and whether appends were safe then.
+    last: Option<(Instant, Result<(), String>)>,
+    /// Someone is asking the store again (the others go on with `last` meanwhile).
+    asking: bool,
 }
 
 impl Drop for Rooms {
@@ -166,7 +246,7 @@ impl Rooms {
                 Arc::downgrade(&blocks),
             ))
         });
-        Arc::new(Rooms {
+        Arc::new_cyclic(|this| Rooms {
             log,
             users,
             store,
@@ -175,7 +255,9 @@ impl Rooms {
             refreshing: Mutex::new(HashMap::new()),
             blocks,
             invalidator,
-            lag_check: Mutex::new(None),
+            lag_check: Mutex::new(LagCheck::default()),
+            this: this.clone(),
+            renewals: Mutex::new(JoinSet::new()),
         })
     }
 
@@ -193,20 +275,52 @@ impl Rooms {
 
     /// The room's state, at most `membership_ttl` old.
     pub async fn state(&self, room: &RoomId) -> Result<RoomState, RoomError> {
-        if let Some(state) = self.cached(room, self.config.membership_ttl) {
+        Ok(RoomState::clone(&*self.shared_state(room).await?))
+    }
+
+    /// `state` without copying it.
+    async fn shared_state(&self, room: &RoomId) -> Result<Arc<RoomState>, RoomError> {
+        if let Some(state) = self.cached_renewing(room, self.config.membership_ttl) {
             return Ok(state);
         }
-        self.refresh(room).await
+        self.refresh_shared(room).await
+    }
+
+    /// The cached state if it is at most `ttl` old. Past half of that, one refresh starts in
+    /// the background, so a busy room's state is renewed before anyone has to wait for it.
+    fn cached_renewing(&self, room: &RoomId, ttl: Duration) -> Option<Arc<RoomState>> {
+        let mut cache = self.cache.lock().ok()?;
+        let cached = cache.get_mut(room)?;
+        let age = cached.checked.elapsed();
+        if age > ttl {
+            return None;
+        }
+        if age > ttl / 2 && !cached.renewing {
+            if let (Some(rooms), Ok(mut renewals)) = (self.this.upgrade(), self.renewals.lock()) {
+                cached.renewing = true;
+                while renewals.try_join_next().is_some() {}
+                let room = room.clone();
+                renewals.spawn(async move {
+                    if let Err(e) = rooms.refresh_shared(&room).await {
+                        tracing::debug!(room = %room, error = %e, "background membership refresh failed");
+                        if let Some(cached) = rooms.cache.lock().ok().as_mut().and_then(|c| c.get_mut(&room)) {
+                            cached.renewing = false;
+                        }
+                    }
+                });
+            }
+        }
+        Some(cached.state.clone())
     }
 
     /// The cached state if it was read from the log after `since`.
-    fn cached_since(&self, room: &RoomId, since: Instant) -> Option<RoomState> {
+    fn cached_since(&self, room: &RoomId, since: Instant) -> Option<Arc<RoomState>> {
         let cache = self.cache.lock().ok()?;
         let cached = cache.get(room)?;
         (cached.checked >= since).then(|| cached.state.clone())
     }
 
-    fn cached(&self, room: &RoomId, ttl: Duration) -> Option<RoomState> {
+    fn cached(&self, room: &RoomId, ttl: Duration) -> Option<Arc<RoomState>> {
         let cache = self.cache.lock().ok()?;
         let cached = cache.get(room)?;
         (cached.checked.elapsed() <= ttl).then(|| cached.state.clone())
@@ -214,6 +328,10 @@ impl Rooms {
 
     /// Reads the room from the log (after the cached or stored state) and caches it.
     pub async fn refresh(&self, room: &RoomId) -> Result<RoomState, RoomError> {
+        Ok(RoomState::clone(&*self.refresh_shared(room).await?))
+    }
+
+    async fn refresh_shared(&self, room: &RoomId) -> Result<Arc<RoomState>, RoomError> {
         let asked = Instant::now();
         // Single flight per room: a busy room's appends would otherwise each read and decode
         // the same new log entries when the cache expires. A refresh that began after this
@@ -232,11 +350,10 @@ impl Rooms {
             return Ok(state);
         }
         let checked = Instant::now();
-        let start = match self.cached(room, Duration::MAX) {
-            Some(state) => Some(state),
+        let mut state = match self.cached(room, Duration::MAX) {
+            Some(state) => Some(RoomState::clone(&state)),
             None => self.store.room_state(room).await?,
         };
-        let mut state = start;
         let from = state.as_ref().map_or(1, |s| s.head + 1);
         let mut reader = self.log.read_range(room, from, u64::MAX);
         while let Some(entry) = reader.next().await {
@@ -256,12 +373,14 @@ impl Rooms {
         let Some(state) = state else {
             return Err(RoomError::NotFound);
         };
+        let state = Arc::new(state);
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(
                 room.clone(),
                 Cached {
                     state: state.clone(),
                     checked,
+                    renewing: false,
                 },
             );
         }
@@ -269,12 +388,16 @@ impl Rooms {
     }
 
     /// The room's state if `user` is a member; a refusal is re-checked against the log first.
-    pub async fn member_state(&self, room: &RoomId, user: &UserId) -> Result<RoomState, RoomError> {
-        let state = self.state(room).await?;
+    pub async fn member_state(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<Arc<RoomState>, RoomError> {
+        let state = self.shared_state(room).await?;
         if state.is_member(user) {
             return Ok(state);
         }
-        let state = self.refresh(room).await?;
+        let state = self.refresh_shared(room).await?;
         if state.is_member(user) {
             Ok(state)
         } else {
@@ -454,48 +577,64 @@ impl Rooms {
         id: Uuid,
         command: Command,
     ) -> Result<Ack, RoomError> {
+        let decided = self.decide_append(actor, room, id, command).await?;
+        self.send_append(decided).await?.ack().await
+    }
+
+    /// The first half of [`Rooms::append`]: checks what `actor` asks against the room's rules
+    /// and turns it into the event to append (or finds that `id` is already in the room).
+    /// Nothing is appended yet: see [`Rooms::send_append`].
+    pub async fn decide_append(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        id: Uuid,
+        command: Command,
+    ) -> Result<DecidedAppend, RoomError> {
         let mut state = self.member_state(room, actor).await?;
         // Past the stream's duplicate window only the store knows this id.
         self.check_projection_lag().await?;
         if let Some(hit) = self.store.find_id(room, id).await? {
-            return Ok(Ack {
+            return Ok(DecidedAppend::Known(Ack {
                 seq: hit.seq,
                 ts: hit.ts,
                 duplicate: true,
-            });
+            }));
         }
         let posting = !matches!(command, Command::Delete { .. });
         if posting && state.decide_post(actor).is_err() {
             // A refusal is given on the log's word, not the cache's (the admin may have just
             // lifted read-only).
-            state = self.refresh(room).await?;
+            state = self.refresh_shared(room).await?;
         }
         let body = self.decide(actor, room, &state, command).await?;
-        let event = Event {
-            id,
-            user: actor.clone(),
-            ts: now_ms(),
-            body,
-        };
-        let appended = self.log.append(room, &event).await?;
-        if !appended.duplicate {
-            return Ok(Ack {
-                seq: appended.seq,
-                ts: event.ts,
-                duplicate: false,
-            });
-        }
-        // A resend within the window: the original's time, from the log.
-        let original = self
-            .log
-            .get(room, appended.seq)
-            .await?
-            .and_then(|entry| entry.decode().ok());
-        Ok(Ack {
-            seq: appended.seq,
-            ts: original.map_or(event.ts, |e| e.ts),
-            duplicate: true,
+        Ok(DecidedAppend::Event {
+            room: room.clone(),
+            event: Event {
+                id,
+                user: actor.clone(),
+                ts: now_ms(),
+                body,
+            },
         })
+    }
+
+    /// The second half of [`Rooms::append`]: sends a decided event to the room's log without
+    /// waiting for the log's answer. Appends sent one after another are stored in that order,
+    /// so a caller may keep several in flight (then await each [`PendingAck`]).
+    pub async fn send_append(&self, decided: DecidedAppend) -> Result<PendingAck, RoomError> {
+        match decided {
+            DecidedAppend::Known(ack) => Ok(PendingAck::Known(ack)),
+            DecidedAppend::Event { room, event } => {
+                let pending = self.log.send(&room, &event).await?;
+                Ok(PendingAck::Sent {
+                    log: self.log.clone(),
+                    room,
+                    ts: event.ts,
+                    pending,
+                })
+            }
+        }
     }
 
     /// Appends a `read` event moving `actor`'s cursor to `up_to`, unless the cursor is already
@@ -554,7 +693,7 @@ impl Rooms {
             .into_iter()
             .map(|c| (c.user, c.delivered))
             .collect();
-        let state = self.state(room).await?;
+        let state = self.shared_state(room).await?;
         // A member the store does not know yet (just joined) is checked against the log.
         let moving: Vec<(UserId, u64, u64)> = cursors
             .into_iter()
@@ -714,13 +853,29 @@ impl Rooms {
     /// Refuses appends while the projector lags more than the duplicate window (checked at
     /// most once a second).
     async fn check_projection_lag(&self) -> Result<(), RoomError> {
-        if let Ok(check) = self.lag_check.lock() {
-            if let Some((at, result)) = check.as_ref() {
-                if at.elapsed() < Duration::from_secs(1) {
+        if let Ok(mut check) = self.lag_check.lock() {
+            if let Some((at, result)) = check.last.as_ref() {
+                // Past a second one caller asks the store again; the others go on with the last
+                // answer meanwhile (for a few seconds at most: the window is minutes long).
+                let age = at.elapsed();
+                if age < Duration::from_secs(1) || (check.asking && age < Duration::from_secs(5)) {
                     return result.clone().map_err(RoomError::Unavailable);
                 }
             }
+            check.asking = true;
         }
+        let result = self.ask_projection_lag().await;
+        if let Ok(mut check) = self.lag_check.lock() {
+            check.asking = false;
+            if let Ok(result) = &result {
+                check.last = Some((Instant::now(), result.clone()));
+            }
+        }
+        result?.map_err(RoomError::Unavailable)
+    }
+
+    /// Whether projection lags past the duplicate window (`Err` with why), from the store.
+    async fn ask_projection_lag(&self) -> Result<Result<(), String>, RoomError> {
         let window = self.config.dedup_window.as_millis() as i64;
         let reports = self.store.projectors().await?;
         let now = now_ms();
@@ -738,10 +893,7 @@ impl Rooms {
                 _ => Ok(()),
             },
         };
-        if let Ok(mut check) = self.lag_check.lock() {
-            *check = Some((Instant::now(), result.clone()));
-        }
-        result.map_err(RoomError::Unavailable)
+        Ok(result)
     }
 
     /// The rooms `user` is in, with head, last read and unread count (not counting the
@@ -844,9 +996,17 @@ impl Rooms {
     /// hears of a change (see `blocks.rs`), else after `block_list_ttl`. Cheap enough to ask
     /// per event forwarded.
     pub async fn blocked(&self, user: &UserId) -> Result<Arc<HashSet<UserId>>, RoomError> {
+        Ok(self.blocked_until(user).await?.0)
+    }
+
+    /// `blocked`, and until when it may be used without asking again (absent a change).
+    async fn blocked_until(
+        &self,
+        user: &UserId,
+    ) -> Result<(Arc<HashSet<UserId>>, Instant), RoomError> {
         let key = self.users.key(user);
         let epoch = match self.blocks.get(&key) {
-            Lookup::Hit(blocked) => return Ok(blocked),
+            Lookup::Hit(blocked, until) => return Ok((blocked, until)),
             Lookup::Miss { epoch } => epoch,
         };
         let (seq, blocked) = match self.users.last_blocks(user, false).await? {
@@ -855,7 +1015,34 @@ impl Rooms {
         };
         let blocked = Arc::new(blocked);
         self.blocks.put_read(key, seq, blocked.clone(), epoch);
-        Ok(blocked)
+        // Held for one use only: whether the cache took it is for the next lookup to find.
+        Ok((blocked, Instant::now()))
+    }
+
+    /// `user`'s block list, from `held` while no block list changed and the cache would still
+    /// answer with it, so a reader that needs it for every event (a session's room feed) costs
+    /// the cache nothing per event; otherwise looked up (as [`Rooms::blocked`]) and held.
+    pub async fn blocked_held<'a>(
+        &self,
+        user: &UserId,
+        held: &'a mut HeldBlocks,
+    ) -> Result<&'a HashSet<UserId>, RoomError> {
+        let fresh = held
+            .until
+            .is_some_and(|until| held.changes == self.blocks.changes() && Instant::now() < until);
+        if !fresh {
+            // Read before the lookup: a change during it makes the next call look again.
+            let changes = self.blocks.changes();
+            // Boxed: the lookup's future is large and rarely needed; a caller's own future
+            // (held for a whole subscription) stays small.
+            let (blocked, until) = Box::pin(self.blocked_until(user)).await?;
+            *held = HeldBlocks {
+                blocked,
+                changes,
+                until: Some(until),
+            };
+        }
+        Ok(&held.blocked)
     }
 
     /// `user`'s block list as the user log holds it now (not from the cache), sorted.
