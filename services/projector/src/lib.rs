@@ -26,7 +26,7 @@ use async_nats::header::NATS_SEQUENCE;
 use chat_log::{ConnectionEvent, RawEntry, RoomLog};
 use chat_model::RoomId;
 use chat_store::{Entry, ProjectorStatus, RoomBatch, Store};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,11 @@ pub struct ProjectorConfig {
     pub report_every: Duration,
     /// How many rooms are read from their streams at once.
     pub concurrent_fills: usize,
+    /// While rooms are read from their streams, how long entries may wait for a fuller batch
+    /// before they are written anyway. A stream read delivers far faster than one event at a
+    /// time, and a transaction of a few hundred rows costs nearly as much as one of a few
+    /// thousand (the id index takes random keys: each commit rewrites the index pages it touched).
+    pub fill_linger: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -57,6 +62,7 @@ impl Default for ProjectorConfig {
             reconcile_every: Duration::from_secs(30),
             report_every: Duration::from_secs(1),
             concurrent_fills: 8,
+            fill_linger: Duration::from_millis(50),
         }
     }
 }
@@ -115,10 +121,17 @@ impl Track {
     }
 }
 
+/// Entries one stream read hands the loop at a time, at most (whatever is already there, up to
+/// this many, goes as one input).
+const FILL_CHUNK: usize = 512;
+
+/// Inputs waiting for the loop, at most (each up to [`FILL_CHUNK`] entries).
+const INPUT_CAPACITY: usize = 64;
+
 /// What arrives at the projector's loop besides live messages.
 enum Input {
-    /// An entry read from a stream.
-    Filled(RoomId, RawEntry),
+    /// Consecutive entries read from a stream, decoded (dead letters not counted yet).
+    Filled(RoomId, Vec<Entry>),
     /// A stream read ended (an error means: try again later).
     FillDone(RoomId, Result<(), String>),
     /// The stream list: every room's last sequence.
@@ -151,7 +164,7 @@ pub async fn run(
         .collect();
     tracing::info!(partition = %config.partition, rooms = tracks.len(), "projector starting");
 
-    let (input_tx, mut input_rx) = mpsc::channel::<Input>(4_096);
+    let (input_tx, mut input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
     let (write_tx, write_rx) = mpsc::channel::<Vec<RoomBatch>>(1);
     // Its own channel, never full: the writer must not wait for the loop, which may itself be
     // waiting to hand the writer a batch. It holds at most a couple of reports, because the loop
@@ -170,8 +183,21 @@ pub async fn run(
     reconcile.tick().await; // the first tick is now: the list above covers it
     let mut report = tokio::time::interval(config.report_every);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let linger = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(linger);
 
     loop {
+        // Until when the outbox waits for a fill to bring more before going to the free writer.
+        let linger_until = out
+            .since
+            .filter(|_| !writer_busy && fills_running > 0)
+            .map(|since| since + config.fill_linger)
+            .filter(|&until| until > tokio::time::Instant::now());
+        if let Some(until) = linger_until {
+            if linger.deadline() != until {
+                linger.as_mut().reset(until);
+            }
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -189,15 +215,19 @@ pub async fn run(
             input = input_rx.recv() => {
                 let Some(input) = input else { break };
                 match input {
-                    Input::Filled(room, entry) => {
+                    Input::Filled(room, entries) => {
                         if let Some(track) = tracks.get_mut(&room) {
                             // A fill hands out what the log holds; a jump means the log no
                             // longer holds what lies between (retention), so move past it.
-                            if entry.seq > track.queued {
-                                track.queued = entry.seq;
-                                track.known = track.known.max(entry.seq);
-                                out.push(&room, to_entry(&room, &entry, &stats));
-                            }
+                            let queued = track.queued;
+                            let fresh = entries.into_iter().filter(|entry| entry.seq > queued);
+                            let mut last = queued;
+                            out.extend(&room, fresh.inspect(|entry| {
+                                last = entry.seq;
+                                count_dead_letter(&room, entry, &stats);
+                            }));
+                            track.queued = last;
+                            track.known = track.known.max(last);
                         }
                     }
                     Input::FillDone(room, result) => {
@@ -267,7 +297,9 @@ pub async fn run(
                     track.queued = seq;
                     // Decoded (and a dead letter counted) only when queued: an entry dropped
                     // here is decoded by the fill that covers it.
-                    out.push(&room, to_entry(&room, &entry, &stats));
+                    let entry = decode(entry);
+                    count_dead_letter(&room, &entry, &stats);
+                    out.extend(&room, [entry]);
                 } else if !track.filling {
                     tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
                     track.filling = true;
@@ -303,6 +335,7 @@ pub async fn run(
                     }
                 });
             }
+            () = &mut linger, if linger_until.is_some() => {}
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
@@ -329,8 +362,12 @@ pub async fn run(
                 input_tx.clone(),
             ));
         }
-        // Hand what is ready to the writer when it is free, or when the batch is full.
-        if !out.is_empty() && (!writer_busy || out.len >= config.batch_max) {
+        // Hand what is ready to the writer when it is free (unless a fill is about to bring more
+        // and the oldest entry has not waited `fill_linger` yet), or when the batch is full.
+        let Some(since) = out.since else { continue };
+        let linger_over =
+            fills_running == 0 || since + config.fill_linger <= tokio::time::Instant::now();
+        if (!writer_busy && linger_over) || out.len >= config.batch_max {
             let batches = out.take();
             writer_busy = true;
             if write_tx.send(batches).await.is_err() {
@@ -356,12 +393,23 @@ pub async fn run(
 struct Outbox {
     rooms: HashMap<RoomId, Vec<Entry>>,
     len: usize,
+    /// When the oldest entry was queued.
+    since: Option<tokio::time::Instant>,
 }
 
 impl Outbox {
-    fn push(&mut self, room: &RoomId, entry: Entry) {
-        self.rooms.entry(room.clone()).or_default().push(entry);
-        self.len += 1;
+    /// Appends `entries` to the room's.
+    fn extend(&mut self, room: &RoomId, entries: impl IntoIterator<Item = Entry>) {
+        let queued = match self.rooms.get_mut(room) {
+            Some(queued) => queued,
+            None => self.rooms.entry(room.clone()).or_default(),
+        };
+        let before = queued.len();
+        queued.extend(entries);
+        self.len += queued.len() - before;
+        if self.len > 0 && self.since.is_none() {
+            self.since = Some(tokio::time::Instant::now());
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -370,6 +418,7 @@ impl Outbox {
 
     fn take(&mut self) -> Vec<RoomBatch> {
         self.len = 0;
+        self.since = None;
         self.rooms
             .drain()
             .map(|(room, entries)| RoomBatch { room, entries })
@@ -377,15 +426,18 @@ impl Outbox {
     }
 }
 
-fn to_entry(room: &RoomId, entry: &RawEntry, stats: &ProjectorStats) -> Entry {
-    let event = entry.decode().map_err(|e| {
-        stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable entry: dead letter");
-        e.to_string()
-    });
+fn decode(entry: RawEntry) -> Entry {
     Entry {
         seq: entry.seq,
-        event,
+        event: entry.decode().map_err(|e| e.to_string()),
+    }
+}
+
+/// Counts (and logs) an entry that is queued for the store as a dead letter.
+fn count_dead_letter(room: &RoomId, entry: &Entry, stats: &ProjectorStats) {
+    if let Err(e) = &entry.event {
+        stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(room = %room, seq = entry.seq, error = %e, "undecodable entry: dead letter");
     }
 }
 
@@ -421,22 +473,39 @@ async fn writer(
     }
 }
 
-/// Reads `from..=to` of a room's stream into the projector's loop.
+/// Reads `from..=to` of a room's stream into the projector's loop, decoded here (off the loop),
+/// in chunks of whatever has arrived.
 async fn fill(log: RoomLog, room: RoomId, from: u64, to: u64, input: mpsc::Sender<Input>) {
     let mut reader = log.read_range(&room, from, to);
     let result = loop {
-        match reader.next().await {
-            None => break Ok(()),
+        let mut chunk = Vec::new();
+        // Wait for one entry, then take what is already there (the reader is cancel-safe).
+        let mut end = match reader.next().await {
+            None => Some(Ok(())),
             Some(Ok(entry)) => {
-                if input
-                    .send(Input::Filled(room.clone(), entry))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                chunk.push(decode(entry));
+                None
             }
-            Some(Err(e)) => break Err(e.to_string()),
+            Some(Err(e)) => Some(Err(e.to_string())),
+        };
+        while end.is_none() && chunk.len() < FILL_CHUNK {
+            match reader.next().now_or_never() {
+                None => break,
+                Some(None) => end = Some(Ok(())),
+                Some(Some(Ok(entry))) => chunk.push(decode(entry)),
+                Some(Some(Err(e))) => end = Some(Err(e.to_string())),
+            }
+        }
+        if !chunk.is_empty()
+            && input
+                .send(Input::Filled(room.clone(), chunk))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        if let Some(result) = end {
+            break result;
         }
     };
     if result.is_err() {

@@ -4,12 +4,13 @@
 //! file never holds rows without the checkpoint that covers them. Auditors can open the file with
 //! the `sqlite3` tool; the schema is in `schema/sqlite.sql`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chat_model::{Event, EventBody, RoomId, RoomKind, RoomState, UserId};
+use rusqlite::config::DbConfig;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
@@ -39,6 +40,11 @@ const DIGEST_TABLES: &[(&str, &str)] = &[
 
 // Queries name their index (`INDEXED BY`): without statistics SQLite would rather scan a room's
 // primary-key range than use a secondary index, which turns a lookup into a scan of the room.
+
+/// The writer's page cache: 64 MiB instead of SQLite's 2 MiB. The id index takes random
+/// client ids, so its inserts land all over it; with the default cache a large batch spills and
+/// reads pages back from the file, which made writes several times slower than appends.
+const WRITER_PRAGMAS: &str = "PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 8192;";
 
 /// Read connections kept open between queries.
 const IDLE_READERS: usize = 4;
@@ -73,6 +79,9 @@ impl SqliteStore {
         writer
             .execute_batch(SCHEMA)
             .map_err(backend_err("create schema"))?;
+        writer
+            .execute_batch(WRITER_PRAGMAS)
+            .map_err(backend_err("open"))?;
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
@@ -94,6 +103,12 @@ impl SqliteStore {
              PRAGMA foreign_keys = OFF;",
         )
         .map_err(backend_err("open"))?;
+        // Plans do not depend on bound values. Without this, a statement whose plan could
+        // (a bound `LIMIT`, a bound value compared with an indexed column) is compiled again
+        // every time that parameter is bound, which made every cached history query a fresh
+        // parse. Queries here name their index where it matters, so nothing is lost.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(backend_err("open"))?;
         Ok(conn)
     }
 
@@ -115,32 +130,46 @@ impl SqliteStore {
         })?
     }
 
-    /// Runs `f` with a read connection on a blocking thread.
+    /// Runs `f` with a read connection, blocking in place on a multi-threaded runtime (a read
+    /// takes well under a millisecond: handing it to the blocking pool and waking the task again
+    /// cost as much as the query), on a blocking thread otherwise.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            return tokio::task::block_in_place(|| Self::with_reader(&self.readers, &self.path, f));
+        }
         let readers = self.readers.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let idle = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let conn = match idle {
-                Some(conn) => conn,
-                None => Self::connect(&path)?,
-            };
-            let out = f(&conn);
-            let mut idle = readers.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < IDLE_READERS {
-                idle.push(conn);
-            }
-            out
-        })
-        .await
-        .map_err(|e| StoreError::Backend {
-            op: "read",
-            message: e.to_string(),
-        })?
+        tokio::task::spawn_blocking(move || Self::with_reader(&readers, &path, f))
+            .await
+            .map_err(|e| StoreError::Backend {
+                op: "read",
+                message: e.to_string(),
+            })?
+    }
+
+    /// Runs `f` with an idle read connection (or a new one) and keeps it for the next read.
+    fn with_reader<T>(
+        readers: &Mutex<Vec<Connection>>,
+        path: &Path,
+        f: impl FnOnce(&Connection) -> Result<T>,
+    ) -> Result<T> {
+        let idle = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => Self::connect(path)?,
+        };
+        let out = f(&conn);
+        let mut idle = readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        out
     }
 }
 
@@ -151,42 +180,75 @@ fn seq_sql(seq: u64) -> i64 {
 
 fn checkpoint_in(tx: &Connection, room: &str) -> rusqlite::Result<u64> {
     let seq: Option<i64> = tx
-        .query_row("SELECT seq FROM checkpoints WHERE room = ?1", [room], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT seq FROM checkpoints WHERE room = ?1")?
+        .query_row([room], |r| r.get(0))
         .optional()?;
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
 
-/// Moves `user`'s read cursor in `room` forward to `seq` (never back).
-fn advance_cursor(tx: &Transaction<'_>, room: &str, user: &str, seq: u64) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO cursors (room, user, last_read) VALUES (?1, ?2, ?3)
-         ON CONFLICT (room, user) DO UPDATE SET last_read = max(last_read, excluded.last_read)",
-    )?
-    .execute(params![room, user, seq_sql(seq)])?;
-    Ok(())
+/// The cursor moves of one room's entries in a batch, written once per user when the room's
+/// entries are done. Cursors only move forward (`max`) and nothing in a batch reads them, so one
+/// upsert per user with the highest sequence leaves the same rows as one per event would.
+#[derive(Default)]
+struct CursorMoves<'a> {
+    /// Read cursors: user → furthest sequence.
+    read: HashMap<&'a str, u64>,
+    /// Delivered cursors: user → furthest sequence.
+    delivered: HashMap<&'a str, u64>,
 }
 
-/// Moves `user`'s delivered cursor in `room` forward to `seq` (never back).
-fn advance_delivered(
+impl<'a> CursorMoves<'a> {
+    fn read(&mut self, user: &'a str, seq: u64) {
+        let at = self.read.entry(user).or_insert(seq);
+        *at = (*at).max(seq);
+    }
+
+    fn delivered(&mut self, user: &'a str, seq: u64) {
+        let at = self.delivered.entry(user).or_insert(seq);
+        *at = (*at).max(seq);
+    }
+
+    /// Writes the moves of `room` and forgets them.
+    fn flush(&mut self, tx: &Transaction<'_>, room: &str) -> rusqlite::Result<()> {
+        if !self.read.is_empty() {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO cursors (room, user, last_read) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (room, user) DO UPDATE SET last_read = max(last_read, excluded.last_read)",
+            )?;
+            for (user, seq) in self.read.drain() {
+                stmt.execute(params![room, user, seq_sql(seq)])?;
+            }
+        }
+        if !self.delivered.is_empty() {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO delivered_cursors (room, user, delivered) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (room, user) DO UPDATE SET delivered = max(delivered, excluded.delivered)",
+            )?;
+            for (user, seq) in self.delivered.drain() {
+                stmt.execute(params![room, user, seq_sql(seq)])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The statement every message runs, prepared once per batch.
+const INSERT_MESSAGE: &str = "INSERT OR IGNORE INTO events
+     (room, seq, id, user, ts, kind, text, thread, reply_to)
+     VALUES (?1, ?2, ?3, ?4, ?5, 'message', ?6, ?7, ?8)";
+
+/// Applies one decoded event at `seq` of `room`; its cursor moves go to `moves`.
+fn apply_event<'a>(
     tx: &Transaction<'_>,
+    insert_message: &mut rusqlite::Statement<'_>,
+    moves: &mut CursorMoves<'a>,
     room: &str,
-    user: &str,
     seq: u64,
+    event: &'a Event,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO delivered_cursors (room, user, delivered) VALUES (?1, ?2, ?3)
-         ON CONFLICT (room, user) DO UPDATE SET delivered = max(delivered, excluded.delivered)",
-    )?
-    .execute(params![room, user, seq_sql(seq)])?;
-    Ok(())
-}
-
-/// Applies one decoded event at `seq` of `room`.
-fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rusqlite::Result<()> {
     let user = event.user.as_str();
-    let id = event.id.hyphenated().to_string();
+    let mut id_buf = Uuid::encode_buffer();
+    let id: &str = event.id.hyphenated().encode_lower(&mut id_buf);
     let kind = event.body.kind();
     let s = seq_sql(seq);
     match &event.body {
@@ -195,22 +257,19 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
             thread,
             reply_to,
         } => {
-            tx.prepare_cached("INSERT OR IGNORE INTO events (room, seq, id, user, ts, kind, text, thread, reply_to)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'message', ?6, ?7, ?8)")?.execute(
-                params![
-                    room,
-                    s,
-                    id,
-                    user,
-                    event.ts,
-                    text,
-                    thread.map(seq_sql),
-                    reply_to.map(seq_sql)
-                ],
-            )?;
+            insert_message.execute(params![
+                room,
+                s,
+                id,
+                user,
+                event.ts,
+                text,
+                thread.map(seq_sql),
+                reply_to.map(seq_sql)
+            ])?;
             // Writing a message reads the room up to it (contract: cursors), and so has it.
-            advance_cursor(tx, room, user, seq)?;
-            advance_delivered(tx, room, user, seq)?;
+            moves.read(user, seq);
+            moves.delivered(user, seq);
             return Ok(());
         }
         EventBody::Edit { target, text } => {
@@ -252,12 +311,12 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
         }
         EventBody::Read { up_to } => {
             // Reading implies having received.
-            advance_cursor(tx, room, user, (*up_to).min(seq))?;
-            advance_delivered(tx, room, user, (*up_to).min(seq))?;
+            moves.read(user, (*up_to).min(seq));
+            moves.delivered(user, (*up_to).min(seq));
         }
         EventBody::Delivered { cursors } => {
             for (member, up_to) in cursors {
-                advance_delivered(tx, room, member.as_str(), (*up_to).min(seq))?;
+                moves.delivered(member.as_str(), (*up_to).min(seq));
             }
         }
         EventBody::MemberJoined { member } => {
@@ -267,7 +326,7 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
                      joined_seq = CASE WHEN active = 1 THEN joined_seq ELSE excluded.joined_seq END")?.execute(
                 params![room, member.as_str(), s],
             )?;
-            advance_cursor(tx, room, member.as_str(), seq)?;
+            moves.read(member.as_str(), seq);
         }
         EventBody::MemberLeft { member } => {
             tx.prepare_cached("UPDATE members SET active = 0 WHERE room = ?1 AND user = ?2")?
@@ -288,7 +347,7 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
                      ON CONFLICT (room, user) DO UPDATE SET joined_seq = excluded.joined_seq, active = 1")?.execute(
                     params![room, member, s],
                 )?;
-                advance_cursor(tx, room, member, seq)?;
+                moves.read(member, seq);
             }
         }
         EventBody::RoomUpdated { read_only } => {
@@ -344,8 +403,32 @@ fn apply_event(tx: &Transaction<'_>, room: &str, seq: u64, event: &Event) -> rus
     Ok(())
 }
 
-const EVENT_COLUMNS: &str =
-    "seq, ts, user, id, kind, text, edit_seq IS NOT NULL, deleted, thread, reply_to, fields";
+/// The columns [`stored_event`] reads, as a macro so the queries below are constants.
+macro_rules! event_columns {
+    () => {
+        "seq, ts, user, id, kind, text, edit_seq IS NOT NULL, deleted, thread, reply_to, fields"
+    };
+}
+
+const HISTORY_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+);
+
+const THREAD_ROOT: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE room = ?1 AND seq = ?2 AND kind = 'message' LIMIT ?3"
+);
+
+const THREAD_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events INDEXED BY events_by_thread
+     WHERE room = ?1 AND thread = ?2 AND thread IS NOT NULL AND kind = 'message' AND seq < ?3
+     ORDER BY seq DESC LIMIT ?4"
+);
 
 fn stored_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
@@ -493,36 +576,53 @@ impl Store for SqliteStore {
         let batches = batches.to_vec();
         self.write(move |conn| {
             let tx = conn.transaction().map_err(backend_err("apply"))?;
-            for batch in &batches {
-                let room = batch.room.as_str();
-                let room_err = |e: rusqlite::Error| StoreError::Room {
-                    op: "apply",
-                    room: batch.room.clone(),
-                    message: e.to_string(),
-                };
-                let mut checkpoint = checkpoint_in(&tx, room).map_err(room_err)?;
-                for entry in &batch.entries {
-                    if entry.seq <= checkpoint {
-                        continue;
+            {
+                let mut insert_message = tx
+                    .prepare_cached(INSERT_MESSAGE)
+                    .map_err(backend_err("apply"))?;
+                let mut cursors = CursorMoves::default();
+                for batch in &batches {
+                    let room = batch.room.as_str();
+                    let room_err = |e: rusqlite::Error| StoreError::Room {
+                        op: "apply",
+                        room: batch.room.clone(),
+                        message: e.to_string(),
+                    };
+                    let mut checkpoint = checkpoint_in(&tx, room).map_err(room_err)?;
+                    for entry in &batch.entries {
+                        if entry.seq <= checkpoint {
+                            continue;
+                        }
+                        match &entry.event {
+                            Ok(event) => apply_event(
+                                &tx,
+                                &mut insert_message,
+                                &mut cursors,
+                                room,
+                                entry.seq,
+                                event,
+                            ),
+                            Err(error) => tx
+                                .prepare_cached(
+                                    "INSERT OR IGNORE INTO dead_letters (room, seq, error)
+                                     VALUES (?1, ?2, ?3)",
+                                )
+                                .and_then(|mut stmt| {
+                                    stmt.execute(params![room, seq_sql(entry.seq), error])
+                                })
+                                .map(|_| ()),
+                        }
+                        .map_err(room_err)?;
+                        checkpoint = entry.seq;
                     }
-                    match &entry.event {
-                        Ok(event) => apply_event(&tx, room, entry.seq, event),
-                        Err(error) => tx
-                            .prepare_cached(
-                                "INSERT OR IGNORE INTO dead_letters (room, seq, error) VALUES (?1, ?2, ?3)",
-                            )
-                            .and_then(|mut stmt| stmt.execute(params![room, seq_sql(entry.seq), error]))
-                            .map(|_| ()),
-                    }
+                    cursors.flush(&tx, room).map_err(room_err)?;
+                    tx.prepare_cached(
+                        "INSERT INTO checkpoints (room, seq) VALUES (?1, ?2)
+                         ON CONFLICT (room) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![room, seq_sql(checkpoint)]))
                     .map_err(room_err)?;
-                    checkpoint = entry.seq;
                 }
-                tx.execute(
-                    "INSERT INTO checkpoints (room, seq) VALUES (?1, ?2)
-                     ON CONFLICT (room) DO UPDATE SET seq = max(seq, excluded.seq)",
-                    params![room, seq_sql(checkpoint)],
-                )
-                .map_err(room_err)?;
             }
             tx.commit().map_err(backend_err("apply"))
         })
@@ -759,10 +859,7 @@ impl Store for SqliteStore {
             page_of(
                 conn,
                 room.as_str(),
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE room = ?1 AND seq < ?2
-                     ORDER BY seq DESC LIMIT ?3"
-                ),
+                HISTORY_PAGE,
                 &[&room.as_str(), &before, &((limit + 1) as i64)],
                 limit,
             )
@@ -780,10 +877,7 @@ impl Store for SqliteStore {
             let root_page = page_of(
                 conn,
                 room.as_str(),
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM events
-                     WHERE room = ?1 AND seq = ?2 AND kind = 'message' LIMIT ?3"
-                ),
+                THREAD_ROOT,
                 &[&room.as_str(), &seq_sql(root), &1i64],
                 1,
             )
@@ -791,12 +885,7 @@ impl Store for SqliteStore {
             let replies = page_of(
                 conn,
                 room.as_str(),
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM events INDEXED BY events_by_thread
-                     WHERE room = ?1 AND thread = ?2 AND thread IS NOT NULL AND kind = 'message'
-                       AND seq < ?3
-                     ORDER BY seq DESC LIMIT ?4"
-                ),
+                THREAD_PAGE,
                 &[
                     &room.as_str(),
                     &seq_sql(root),
