@@ -360,13 +360,9 @@ impl RoomLog {
         event: &Event,
         expected_last: Option<u64>,
     ) -> Result<Appended, LogError> {
-        let payload = event.encode().map_err(|source| LogError::Encode {
-            room: room.clone(),
-            source,
-        })?;
-        let mut id = uuid::Uuid::encode_buffer();
-        let id = event.id.hyphenated().encode_lower(&mut id);
-        self.append_raw(room, id, payload.into(), expected_last)
+        self.send_event(room, event, expected_last)
+            .await?
+            .appended()
             .await
     }
 
@@ -391,13 +387,23 @@ impl RoomLog {
     /// [`PendingAppend`]. Appends sent one after another by one caller are stored in that order
     /// (one connection), so a caller may have several in flight and still keep its order.
     pub async fn send(&self, room: &RoomId, event: &Event) -> Result<PendingAppend, LogError> {
+        self.send_event(room, event, None).await
+    }
+
+    /// Encodes `event` and sends it under its id (see [`RoomLog::send`]).
+    async fn send_event(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        expected_last: Option<u64>,
+    ) -> Result<PendingAppend, LogError> {
         let payload = event.encode().map_err(|source| LogError::Encode {
             room: room.clone(),
             source,
         })?;
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id.hyphenated().encode_lower(&mut id);
-        self.send_raw(room, id, payload.into(), None).await
+        self.send_raw(room, id, payload.into(), expected_last).await
     }
 
     async fn send_raw(
