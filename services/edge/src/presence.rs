@@ -330,7 +330,11 @@ async fn run(
             Ok(subscriber) => break subscriber,
             Err(e) => {
                 tracing::warn!(error = %e, "presence subscription failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // A backoff while NATS refuses; a drain does not wait for it.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
     };
