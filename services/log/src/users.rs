@@ -195,6 +195,25 @@ impl UserLog {
         Ok(stream.info().await.map_err(|e| unavailable(&e))?.clone())
     }
 
+    /// Whether the user stream exists (any settings).
+    async fn exists(&self) -> Result<bool, UserLogError> {
+        let name = self.log.config().users_stream_name();
+        match self.log.jetstream().get_stream(&name).await {
+            Ok(_) => Ok(true),
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(UserLogError::Unavailable {
+                    op: "stream info",
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+
     /// After a failure, the stream is checked again on the next call (an operator may have
     /// removed it, or it may be moving).
     fn recheck<T>(&self, result: Result<T, UserLogError>) -> Result<T, UserLogError> {
@@ -237,6 +256,12 @@ impl UserLog {
         user: &UserId,
         fresh: bool,
     ) -> Result<Option<BlocksEntry>, UserLogError> {
+        // Reading never creates the stream: it exists once anyone has changed a list, so its
+        // absence means every list is empty. (Creating it here made every read wait, then fail,
+        // while a cluster could not place a new replicated stream, e.g. with a server down.)
+        if !self.ensured.load(Ordering::Relaxed) && !self.exists().await? {
+            return Ok(None);
+        }
         let stream = self.stream("read block list").await?;
         let subject = self.log.config().user_subject(user);
         let message = if fresh {

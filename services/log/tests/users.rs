@@ -237,3 +237,53 @@ async fn on_a_three_node_cluster_the_list_is_replicated_and_changes_stay_compare
     let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
     assert_eq!(info["config"]["num_replicas"], 3, "{info}");
 }
+
+/// Reading a list never creates the user stream: before anyone changes a list every list is
+/// empty, and that is the answer even while the cluster cannot place a new replicated stream
+/// (a server down), where creating it on a read made every read wait and then fail.
+#[tokio::test]
+async fn reading_lists_before_any_change_needs_no_stream_even_with_a_server_down() {
+    let mut cluster = chat_harness::Cluster::start();
+    let config = chat_log::LogConfig {
+        replicas: 3,
+        ..chat_log::LogConfig::default()
+    };
+    let log = chat_log::RoomLog::connect(&cluster.urls(), config)
+        .await
+        .unwrap();
+    let users = UserLog::new(&log);
+    assert!(users
+        .last_blocks(&user("bob"), false)
+        .await
+        .unwrap()
+        .is_none());
+    let info = log
+        .client()
+        .request("$JS.API.STREAM.INFO.CHAT_USERS", "".into())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(
+        info["error"]["err_code"], 10059,
+        "no stream created by a read: {info}"
+    );
+
+    cluster.nodes[2].stop();
+    let started = std::time::Instant::now();
+    // (A timeout while the survivors elect a new meta leader, if the stopped server led.)
+    let answer = loop {
+        match users.last_blocks(&user("bob"), true).await {
+            Err(UserLogError::Timeout { .. } | UserLogError::Unavailable { .. })
+                if started.elapsed() < Duration::from_secs(60) => {}
+            other => break other,
+        }
+    };
+    assert!(answer.unwrap().is_none(), "an empty list, not an error");
+    // A change cannot be made until the stream can be placed: said so, not hidden.
+    let event = change(
+        "bob",
+        BlockChange::Block(user("mallory")),
+        &[user("mallory")].into(),
+    );
+    assert!(users.append_blocks(&event, 0).await.is_err());
+}
