@@ -70,12 +70,33 @@ CREATE TABLE IF NOT EXISTS events (
     fields        TEXT,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
--- The idempotency index past the stream's duplicate window: (room, client id) -> seq.
-CREATE INDEX IF NOT EXISTS events_by_id ON events (room, id);
 -- Thread views and reply counts.
 CREATE INDEX IF NOT EXISTS events_by_thread ON events (room, thread, seq) WHERE thread IS NOT NULL;
 -- Edits of a message (cleared with it on delete).
 CREATE INDEX IF NOT EXISTS events_by_target ON events (room, target) WHERE target IS NOT NULL;
+
+-- The idempotency index past the stream's duplicate window: (room, client id) -> seq.
+-- Client ids are random, so every batch of new events lands on nearly every page of this index
+-- and each commit writes all of those pages again; an index on `events (room, id)` (the room's
+-- name and the id as 36 characters per entry) made a batch of rows cost three times as much as
+-- the rows themselves. Entries here are a few bytes: the room as a small integer (`room_keys`)
+-- and the id's first 8 bytes. Two ids may share those bytes, so a lookup reads each candidate's
+-- event and compares the whole id (`events.id`), and never answers with another event's seq.
+-- A store made before this table existed had the index `events_by_id ON events (room, id)`:
+-- opening it fills this table from `events` and drops that index, in one transaction.
+CREATE TABLE IF NOT EXISTS event_ids (
+    room_key INTEGER NOT NULL,             -- room_keys.key of the event's room
+    id_head  BLOB    NOT NULL,             -- the first 8 bytes of the client id
+    seq      INTEGER NOT NULL,
+    PRIMARY KEY (room_key, id_head, seq)
+) WITHOUT ROWID;
+
+-- A small integer per room, so the entries of `event_ids` do not repeat the room's name.
+-- Derived like everything else: a room cleared for a rebuild loses its key and its entries.
+CREATE TABLE IF NOT EXISTS room_keys (
+    key  INTEGER PRIMARY KEY,
+    room TEXT    NOT NULL UNIQUE
+);
 
 -- Reactions that are on: one row per (message, emoji, user).
 CREATE TABLE IF NOT EXISTS reactions (

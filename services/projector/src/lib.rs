@@ -80,6 +80,9 @@ pub struct ProjectorStats {
     pub lag_ms: AtomicU64,
     /// Store writes that failed (and were retried).
     pub store_errors: AtomicU64,
+    /// Time spent writing batches to the store (retries included), µs: against the time it took
+    /// to project them, it says whether the store or the stream reads set the pace.
+    pub store_write_us: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -449,6 +452,7 @@ async fn writer(
     stats: Arc<ProjectorStats>,
 ) {
     while let Some(batch) = batches.recv().await {
+        let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
             match store.apply(&batch).await {
@@ -461,6 +465,8 @@ async fn writer(
                 }
             }
         }
+        let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        stats.store_write_us.fetch_add(busy, Ordering::Relaxed);
         let count: usize = batch.iter().map(|b| b.entries.len()).sum();
         stats.projected.fetch_add(count as u64, Ordering::Relaxed);
         let stored = batch

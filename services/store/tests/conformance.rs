@@ -717,6 +717,62 @@ async fn client_ids_find_their_event_and_dead_letters_are_kept() {
     }
 }
 
+/// An id with the given first 8 bytes and last 8 bytes.
+fn id_of(head: u64, tail: u64) -> Uuid {
+    Uuid::from_u64_pair(head, tail)
+}
+
+#[tokio::test]
+async fn ids_sharing_a_prefix_or_used_in_two_rooms_find_only_their_own_event() {
+    for b in backends().await {
+        let s = &*b.store;
+        let mut x = Log::new("ids-x", vec![created("alice", &[])]);
+        let mut y = Log::new("ids-y", vec![created("alice", &[])]);
+        let with_id = |id: Uuid, text: &str| Event {
+            id,
+            ..msg("alice", text)
+        };
+        // Three ids that agree in their first 8 bytes, one of them in both rooms at the same seq.
+        let shared = id_of(0xfeed_0000_0000_0001, 1);
+        let (a, c) = (
+            id_of(0xfeed_0000_0000_0001, 2),
+            id_of(0xfeed_0000_0000_0001, 3),
+        );
+        let in_x = [x.push(with_id(shared, "x1")), x.push(with_id(a, "x2"))];
+        let in_y = [y.push(with_id(shared, "y1")), y.push(with_id(c, "y2"))];
+        s.apply(&[x.batch(), y.batch()]).await.unwrap();
+
+        let seq = |hit: Option<chat_store::IdHit>| hit.map(|h| h.seq);
+        assert_eq!(
+            seq(s.find_id(&x.room, shared).await.unwrap()),
+            Some(in_x[0])
+        );
+        assert_eq!(seq(s.find_id(&x.room, a).await.unwrap()), Some(in_x[1]));
+        assert_eq!(
+            s.find_id(&x.room, c).await.unwrap(),
+            None,
+            "same first bytes as ids of x, but only y holds it"
+        );
+        assert_eq!(
+            seq(s.find_id(&y.room, shared).await.unwrap()),
+            Some(in_y[0])
+        );
+        assert_eq!(seq(s.find_id(&y.room, c).await.unwrap()), Some(in_y[1]));
+        assert_eq!(s.find_id(&y.room, a).await.unwrap(), None);
+
+        // Clearing one room leaves the other's ids; re-applying it finds them again.
+        s.clear_room(&x.room).await.unwrap();
+        assert_eq!(s.find_id(&x.room, shared).await.unwrap(), None);
+        assert_eq!(
+            seq(s.find_id(&y.room, shared).await.unwrap()),
+            Some(in_y[0])
+        );
+        assert_eq!(seq(s.find_id(&y.room, c).await.unwrap()), Some(in_y[1]));
+        s.apply(&[x.batch()]).await.unwrap();
+        assert_eq!(seq(s.find_id(&x.room, a).await.unwrap()), Some(in_x[1]));
+    }
+}
+
 #[tokio::test]
 async fn digests_tell_rooms_and_contents_apart() {
     for b in backends().await {
