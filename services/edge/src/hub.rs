@@ -11,7 +11,8 @@
 //!
 //! The feed also carries the room's typing indicators (see [`crate::typing`]): the same task
 //! follows the room's typing subject, so a user's message and the end of their indicator are
-//! decided in one place.
+//! decided in one place. Ephemeral frames (typing, presence) go straight into the queues of the
+//! sessions following the room (see [`Follower::listen`]), dropped where a queue is half full.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -25,6 +26,7 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
+use crate::outbox::EphemeralOutbox;
 use crate::render::delivery;
 use crate::typing::{self, Ephemeral, Signal, Typists};
 
@@ -59,10 +61,54 @@ pub struct Hub {
 /// One room's live feed: the NATS subscription and the task that renders and broadcasts.
 struct Feed {
     tx: broadcast::Sender<Delivery>,
-    /// Typing frames (lossy: a follower that lags skips some).
-    ephemeral: broadcast::Sender<Ephemeral>,
+    /// Where the room's ephemeral frames go: the sessions following it here.
+    listeners: Arc<Listeners>,
     /// Stops the subscription when the last follower drops the feed.
     task: JoinHandle<()>,
+}
+
+/// The sessions that take a room's ephemeral frames, by a key their follower holds.
+#[derive(Default)]
+struct Listeners {
+    by_key: Mutex<Listening>,
+}
+
+#[derive(Default)]
+struct Listening {
+    next_key: u64,
+    sessions: HashMap<u64, (UserId, EphemeralOutbox)>,
+}
+
+impl Listeners {
+    /// Queues `e` for every listening session but those of `e.exclude` (lossy: a session whose
+    /// queue is half full drops it). False when nobody listens.
+    fn pass(&self, e: &Ephemeral) -> bool {
+        let Ok(listening) = self.by_key.lock() else {
+            return false;
+        };
+        for (user, out) in listening.sessions.values() {
+            if e.exclude.as_ref() != Some(user) {
+                out.push(e.frame.clone());
+            }
+        }
+        !listening.sessions.is_empty()
+    }
+
+    fn add(&self, user: UserId, out: EphemeralOutbox) -> u64 {
+        let Ok(mut listening) = self.by_key.lock() else {
+            return u64::MAX;
+        };
+        listening.next_key += 1;
+        let key = listening.next_key;
+        listening.sessions.insert(key, (user, out));
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        if let Ok(mut listening) = self.by_key.lock() {
+            listening.sessions.remove(&key);
+        }
+    }
 }
 
 impl Drop for Feed {
@@ -120,7 +166,7 @@ impl Hub {
     /// session that is behind drops it). False when nobody here follows the room.
     pub fn ephemeral(&self, room: &RoomId, frame: Utf8Bytes, exclude: Option<UserId>) -> bool {
         self.existing(room)
-            .is_some_and(|feed| feed.ephemeral.send(Ephemeral { frame, exclude }).is_ok())
+            .is_some_and(|feed| feed.listeners.pass(&Ephemeral { frame, exclude }))
     }
 
     fn typing_subject(&self, room: &RoomId) -> String {
@@ -139,6 +185,7 @@ impl Hub {
             rx,
             delivered: after,
             catch_up: Some(self.log.read_range(room, after + 1, u64::MAX)),
+            listening: None,
         })
     }
 
@@ -173,19 +220,18 @@ impl Hub {
             return Ok(feed);
         }
         let (tx, _) = broadcast::channel(self.capacity);
-        // Small: typing and presence frames a session is this far behind on are stale anyway.
-        let (ephemeral, _) = broadcast::channel(32);
+        let listeners = Arc::new(Listeners::default());
         let task = tokio::spawn(run_feed(
             room.clone(),
             live,
             tx.clone(),
             typing,
-            ephemeral.clone(),
+            listeners.clone(),
             Typists::new(self.typing_expiry),
         ));
         let feed = Arc::new(Feed {
             tx,
-            ephemeral,
+            listeners,
             task,
         });
         feeds.retain(|_, weak| weak.strong_count() > 0);
@@ -213,7 +259,7 @@ async fn run_feed(
     mut live: chat_log::LiveSubscription,
     tx: broadcast::Sender<Delivery>,
     mut typing: async_nats::Subscriber,
-    ephemeral: broadcast::Sender<Ephemeral>,
+    listeners: Arc<Listeners>,
     mut typists: Typists,
 ) {
     let mut pause = Duration::from_millis(50);
@@ -221,7 +267,7 @@ async fn run_feed(
     // Nobody receiving right now is fine: followers catch up from the log, and typing is
     // ephemeral.
     let show = |user: &UserId, active: bool| {
-        let _ = ephemeral.send(typing::frame(&room, user, active));
+        listeners.pass(&typing::frame(&room, user, active));
     };
     loop {
         let expiry = typists.next_expiry();
@@ -264,23 +310,6 @@ async fn run_feed(
     }
 }
 
-/// A room's typing frames for one session.
-pub struct TypingFeed {
-    rx: broadcast::Receiver<Ephemeral>,
-}
-
-impl TypingFeed {
-    /// The next ephemeral frame, or how many were skipped because this session fell behind.
-    /// Cancel-safe. Pending forever once the feed has stopped.
-    pub async fn next(&mut self) -> Result<Ephemeral, u64> {
-        match self.rx.recv().await {
-            Ok(frame) => Ok(frame),
-            Err(RecvError::Lagged(skipped)) => Err(skipped),
-            Err(RecvError::Closed) => std::future::pending().await,
-        }
-    }
-}
-
 /// One session's view of a room: every event after its starting point, once, in order.
 pub struct Follower {
     log: RoomLog,
@@ -292,6 +321,16 @@ pub struct Follower {
     delivered: u64,
     /// A range being read from the log (the initial catch-up, or a gap).
     catch_up: Option<RangeReader>,
+    /// This follower's session takes the room's ephemeral frames under this key.
+    listening: Option<u64>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if let Some(key) = self.listening.take() {
+            self._feed.listeners.remove(key);
+        }
+    }
 }
 
 impl Follower {
@@ -304,11 +343,13 @@ impl Follower {
         self.delivered
     }
 
-    /// The room's typing frames from now on, to read beside the events.
-    pub fn typing(&self) -> TypingFeed {
-        TypingFeed {
-            rx: self._feed.ephemeral.subscribe(),
+    /// From now until this follower is dropped, the room's ephemeral frames (typing, presence)
+    /// go to `out`, but not those that exclude `user`.
+    pub(crate) fn listen(&mut self, user: UserId, out: EphemeralOutbox) {
+        if let Some(key) = self.listening.take() {
+            self._feed.listeners.remove(key);
         }
+        self.listening = Some(self._feed.listeners.add(user, out));
     }
 
     /// The next event. Cancel-safe; after an error, calling again resumes where it was.

@@ -1,26 +1,31 @@
 //! A session's outbound queue: bounded in frames and in bytes, and the writer task that drains
-//! it into the socket.
+//! it, and the session's room feeds, into the socket.
 //!
-//! Three kinds of producers share it:
-//! - **chat frames** (events, replies): wait for room, but only for the configured grace; a
-//!   client that cannot take them in that time is closed with 4008 and resumes by sequence;
-//! - **ephemeral frames** (typing, presence): never wait; dropped when the queue is more than
-//!   half full, so a slow reader loses them first and never a chat event;
+//! What goes out:
+//! - **replies** (acks, errors, answers): queued; they wait for room, but only for the
+//!   configured grace; a client that cannot take them in that time is closed with 4008;
+//! - **ephemeral frames** (typing, presence): queued, never waiting; dropped when the queue is
+//!   more than half full, so a slow reader loses them first and never a chat event;
+//! - **room events**: not queued. The writer pulls them from the session's followers (one per
+//!   subscribed room) whenever the socket takes more, so an event costs one task wake-up, not
+//!   two, and a subscription no task of its own. A follower that falls behind its room's feed
+//!   reads the rest from the log: a slow reader holds no backlog in memory. A socket that takes
+//!   nothing for the grace is closed with 4008, and the client resumes by sequence;
 //! - **closes**: after the queued frames (drain, token expiry), or at once, discarding what is
 //!   queued (too slow, flooding).
 //!
 //! Memory per session is bounded by the queue's byte limit (one frame larger than the limit
-//! counts as the limit) plus the socket's write buffer. The queue itself is a deque that grows
-//! with what is queued: an idle session's queue holds no buffer.
+//! counts as the limit) plus the socket's write buffer and one batch of events. The queue
+//! itself is a deque that grows with what is queued: an idle session's queue holds no buffer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::stream::SplitSink;
-use futures::SinkExt;
+use futures::stream::{BoxStream, SelectAll, SplitSink};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
@@ -36,11 +41,18 @@ pub(crate) enum Refused {
     TooSlow,
 }
 
+/// A room's events for one session, as the writer pulls them: rendered frames, in order. It
+/// ends when the subscription does.
+pub(crate) type Source = BoxStream<'static, Utf8Bytes>;
+
 enum Item {
     /// A text frame holding one slot and `cost` bytes of the budget.
     Frame(Utf8Bytes, u32),
     /// Holds one slot.
     Close(u16, String),
+    /// A room feed the writer pulls from after what is queued before it (so a `subscribed`
+    /// reply precedes the room's events). Holds no room in the budget.
+    Follow(Source),
 }
 
 /// What a session's producers and its writer share.
@@ -90,12 +102,16 @@ impl Queue {
             }
             item
         }?;
-        self.slots.add_permits(1);
-        if let Item::Frame(frame, cost) = &item {
-            self.bytes.add_permits(*cost as usize);
-            self.stats
-                .queued_bytes
-                .fetch_sub(frame.len() as u64, Ordering::Relaxed);
+        match &item {
+            Item::Frame(frame, cost) => {
+                self.slots.add_permits(1);
+                self.bytes.add_permits(*cost as usize);
+                self.stats
+                    .queued_bytes
+                    .fetch_sub(frame.len() as u64, Ordering::Relaxed);
+            }
+            Item::Close(..) => self.slots.add_permits(1),
+            Item::Follow(_) => {}
         }
         Some(item)
     }
@@ -255,42 +271,20 @@ impl Outbox {
         }
     }
 
-    /// Queues an ephemeral frame if the queue is at most half full; otherwise drops it.
-    /// Returns whether it was queued.
-    pub(crate) fn push_ephemeral(&self, frame: impl Into<Utf8Bytes>) -> bool {
-        let frame: Utf8Bytes = frame.into();
-        let cost = self.cost(frame.len());
-        let queue = &self.queue;
-        let half_free = queue.bytes.available_permits() >= self.limits.bytes / 2
-            && queue.slots.available_permits() >= self.limits.frames.max(16) / 2;
-        let queued = half_free
-            && match (
-                queue.bytes.try_acquire_many(cost),
-                queue.slots.try_acquire(),
-            ) {
-                (Ok(bytes), Ok(slot)) => {
-                    bytes.forget();
-                    slot.forget();
-                    queue.put(Item::Frame(frame, cost));
-                    true
-                }
-                _ => false,
-            };
-        if !queued {
-            queue
-                .stats
-                .ephemeral_dropped
-                .fetch_add(1, Ordering::Relaxed);
+    /// A handle for ephemeral frames that does not keep the session's writer going (a room's
+    /// feed holds one per following session).
+    pub(crate) fn ephemeral_handle(&self) -> EphemeralOutbox {
+        EphemeralOutbox {
+            queue: Arc::downgrade(&self.queue),
+            limits: self.limits,
         }
-        queued
     }
 
-    /// Counts ephemeral frames lost before they reached this queue (the session fell behind).
-    pub(crate) fn dropped_ephemeral(&self, n: u64) {
-        self.queue
-            .stats
-            .ephemeral_dropped
-            .fetch_add(n, Ordering::Relaxed);
+    /// Hands the writer a room's events to pull from, after what is queued now.
+    pub(crate) fn follow(&self, source: Source) {
+        if !self.stop.is_cancelled() {
+            self.queue.put(Item::Follow(source));
+        }
     }
 
     /// Closes the session after what is queued (waiting at most the grace for room).
@@ -320,8 +314,55 @@ impl Outbox {
     }
 
     fn cost(&self, len: usize) -> u32 {
-        len.clamp(1, self.limits.bytes.max(1))
-            .min(u32::MAX as usize) as u32
+        cost(&self.limits, len)
+    }
+}
+
+fn cost(limits: &OutboxLimits, len: usize) -> u32 {
+    len.clamp(1, limits.bytes.max(1)).min(u32::MAX as usize) as u32
+}
+
+fn push_ephemeral(queue: &Queue, limits: &OutboxLimits, frame: Utf8Bytes) -> bool {
+    let cost = cost(limits, frame.len());
+    let half_free = queue.bytes.available_permits() >= limits.bytes / 2
+        && queue.slots.available_permits() >= limits.frames.max(16) / 2;
+    let queued = half_free
+        && match (
+            queue.bytes.try_acquire_many(cost),
+            queue.slots.try_acquire(),
+        ) {
+            (Ok(bytes), Ok(slot)) => {
+                bytes.forget();
+                slot.forget();
+                queue.put(Item::Frame(frame, cost));
+                true
+            }
+            _ => false,
+        };
+    if !queued {
+        queue
+            .stats
+            .ephemeral_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    queued
+}
+
+/// Ephemeral frames into a session's queue, without keeping the session alive.
+#[derive(Clone)]
+pub(crate) struct EphemeralOutbox {
+    queue: Weak<Queue>,
+    limits: OutboxLimits,
+}
+
+impl EphemeralOutbox {
+    /// Queues the frame if the session is still there and its queue at most half full.
+    pub(crate) fn push(&self, frame: Utf8Bytes) {
+        if let Some(queue) = self.queue.upgrade() {
+            if !queue.slots.is_closed() {
+                push_ephemeral(&queue, &self.limits, frame);
+            }
+        }
     }
 }
 
@@ -331,7 +372,8 @@ const BATCH: usize = 64;
 /// A queue emptied while holding room for more frames than this gives its buffer back.
 const KEEP_CAPACITY: usize = 8;
 
-/// Sends what the session queues, pings on an interval, and closes the socket.
+/// Sends what the session queues and the events of its rooms, pings on an interval, and
+/// closes the socket.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     queue: Arc<Queue>,
@@ -345,10 +387,14 @@ async fn write_loop(
     // One wait for the stop, polled again at every turn rather than registered anew.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    // The followed rooms: each is polled only when its feed has something (its own waker).
+    let mut sources: SelectAll<Source> = SelectAll::new();
     loop {
         if stop.is_cancelled() {
             break;
         }
+        // What is queued goes first: replies keep their place before the events that follow a
+        // `subscribed`.
         let message = match queue.take() {
             Some(Item::Frame(frame, _)) => Message::Text(frame),
             Some(Item::Close(code, reason)) => {
@@ -356,38 +402,70 @@ async fn write_loop(
                 close(&mut sink, code, reason, limits.close_timeout).await;
                 return;
             }
+            Some(Item::Follow(source)) => {
+                sources.push(source);
+                continue;
+            }
             None if queue.producers.load(Ordering::Acquire) == 0 => break,
             None => tokio::select! {
                 biased;
                 _ = &mut stopped => break,
                 _ = queue.ready.notified() => continue,
+                Some(frame) = sources.next(), if !sources.is_empty() => Message::Text(frame),
                 _ = ping.tick() => Message::Ping(Default::default()),
             },
         };
-        // Everything already queued goes out with this frame in one flush (one write where
-        // the socket takes it), rather than a write per frame.
+        // Everything already waiting goes out with this frame in one flush (one write where the
+        // socket takes it), rather than a write per frame.
         let mut close_after = None;
+        let batch = async {
+            sink.feed(message).await?;
+            for _ in 0..BATCH {
+                let next = match queue.take() {
+                    Some(Item::Frame(frame, _)) => frame,
+                    Some(Item::Close(code, reason)) => {
+                        close_after = Some((code, reason));
+                        break;
+                    }
+                    Some(Item::Follow(source)) => {
+                        sources.push(source);
+                        continue;
+                    }
+                    None => match sources.next().now_or_never() {
+                        Some(Some(frame)) => frame,
+                        _ => break,
+                    },
+                };
+                sink.feed(Message::Text(next)).await?;
+            }
+            sink.flush().await
+        };
         let sent = tokio::select! {
             biased;
             _ = &mut stopped => break,
-            sent = async {
-                sink.feed(message).await?;
-                for _ in 0..BATCH {
-                    match queue.take() {
-                        Some(Item::Frame(frame, _)) => sink.feed(Message::Text(frame)).await?,
-                        Some(Item::Close(code, reason)) => {
-                            close_after = Some((code, reason));
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                sink.flush().await
-            } => sent,
+            sent = tokio::time::timeout(limits.grace, batch) => sent,
         };
-        if sent.is_err() {
-            queue.shut();
-            return;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                queue.shut();
+                return;
+            }
+            // The socket took nothing for the whole grace: the client is too slow to keep up.
+            // It resumes by sequence when it reconnects.
+            Err(_) => {
+                queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut abort) = abort.lock() {
+                    abort.get_or_insert_with(|| {
+                        (
+                            close_code::TOO_SLOW,
+                            "too slow to keep up; resume by sequence".to_owned(),
+                        )
+                    });
+                }
+                stop.cancel();
+                break;
+            }
         }
         if let Some((code, reason)) = close_after {
             queue.shut();
@@ -396,6 +474,7 @@ async fn write_loop(
         }
     }
     // Discard what is queued: the client resumes by sequence.
+    drop(sources);
     queue.shut();
     let abort = abort.lock().ok().and_then(|mut a| a.take());
     match abort {

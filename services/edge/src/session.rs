@@ -28,8 +28,8 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
@@ -152,15 +152,10 @@ pub(crate) async fn run(
 }
 
 struct Subscription {
-    task: JoinHandle<()>,
+    /// Ends the room's event source in the writer when the subscription goes.
+    _source: tokio_util::sync::DropGuard,
     /// The user is online in the room while subscribed.
     _here: crate::presence::Here,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The session's appends in flight, at most `EdgeConfig::appends_in_flight`: each is checked
@@ -684,16 +679,24 @@ impl Session {
             fields["truncated"] = json!(true);
         }
         self.send(protocol::reply("subscribed", rid, fields)).await;
-        let task = tokio::spawn(forward(
+        let mut follower = follower;
+        follower.listen(self.user.clone(), self.out.ephemeral_handle());
+        let ended = CancellationToken::new();
+        self.out.follow(source(
             follower,
             self.state.rooms.clone(),
             self.user.clone(),
-            self.out.clone(),
             removals.clone(),
+            ended.clone(),
         ));
         let here = self.state.presence.here(room, &self.user);
-        self.subscriptions
-            .insert(room.clone(), Subscription { task, _here: here });
+        self.subscriptions.insert(
+            room.clone(),
+            Subscription {
+                _source: ended.drop_guard(),
+                _here: here,
+            },
+        );
         Ok(())
     }
 
@@ -1070,95 +1073,89 @@ impl Session {
     }
 }
 
-/// Moves a followed room's events into the session's queue, in order; stops after the event
-/// that removes this user from the room.
+/// The events of a followed room as one session gets them, for its writer to pull: a message
+/// or edit by someone the user blocks arrives as a placeholder. Ends when `ended` is cancelled
+/// (unsubscribed, or subscribed again from elsewhere) or after the event that removes the user
+/// from the room (the session is told, and says so to the client).
 ///
-/// A client that cannot take an event within the grace is closed with 4008 by the queue: the
-/// forwarder then stops, and the client resumes by sequence when it reconnects.
-async fn forward(
-    mut follower: crate::Follower,
+/// The writer pulls only while the socket takes frames: a session that falls behind the room's
+/// feed reads the rest from the log, and one whose socket takes nothing for the grace is closed
+/// with 4008 (the client resumes by sequence).
+fn source(
+    follower: crate::Follower,
     rooms: std::sync::Arc<chat_rooms::Rooms>,
     user: UserId,
-    out: Outbox,
     removals: Arc<Removals>,
-) {
-    let mut pause = Duration::from_millis(50);
-    // A stream keeps its pending receive between events: waiting for typing frames costs
-    // nothing per event.
-    let typing = futures::stream::unfold(follower.typing(), |mut feed| async move {
-        let next = feed.next().await;
-        Some((next, feed))
-    });
-    let mut typing = std::pin::pin!(typing);
-    let mut blocks = chat_rooms::HeldBlocks::default();
-    loop {
-        let next = tokio::select! {
-            next = follower.next() => next,
-            Some(ephemeral) = typing.next() => {
-                pass_ephemeral(&out, &user, ephemeral);
-                continue;
-            }
-        };
-        match next {
-            Ok(delivery) => {
-                pause = Duration::from_millis(50);
-                let removed = delivery.left.as_ref() == Some(&user);
-                // A message (or edit) by someone this user blocks arrives as a placeholder. The
-                // frame is moved out, not cloned: its bytes are shared by every session, and
-                // each clone or drop of them is a write they all contend for.
-                let frame = if delivery.hidden.is_none() {
-                    delivery.frame
-                } else {
-                    match rooms.blocked_held(&user, &mut blocks).await {
-                        Ok(blocked) => delivery.into_frame_for(blocked),
-                        // Fail closed: a placeholder keeps the sequence, and history shows the
-                        // text later if its author is not blocked after all.
-                        Err(e) => {
-                            tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
-                            delivery.hidden.unwrap_or(delivery.frame)
+    ended: CancellationToken,
+) -> crate::outbox::Source {
+    struct State {
+        follower: crate::Follower,
+        rooms: std::sync::Arc<chat_rooms::Rooms>,
+        user: UserId,
+        removals: Arc<Removals>,
+        ended: CancellationToken,
+        blocks: chat_rooms::HeldBlocks,
+        pause: Duration,
+        removed: bool,
+    }
+    let state = State {
+        follower,
+        rooms,
+        user,
+        removals,
+        ended,
+        blocks: chat_rooms::HeldBlocks::default(),
+        pause: Duration::from_millis(50),
+        removed: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.removed {
+            return None;
+        }
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = st.ended.cancelled() => return None,
+                next = st.follower.next() => next,
+            };
+            match next {
+                Ok(delivery) => {
+                    st.pause = Duration::from_millis(50);
+                    let removed = delivery.left.as_ref() == Some(&st.user);
+                    // The frame is moved out, not cloned: its bytes are shared by every session,
+                    // and each clone or drop of them is a write they all contend for.
+                    let frame = if delivery.hidden.is_none() {
+                        delivery.frame
+                    } else {
+                        match st.rooms.blocked_held(&st.user, &mut st.blocks).await {
+                            Ok(blocked) => delivery.into_frame_for(blocked),
+                            // Fail closed: a placeholder keeps the sequence, and history shows
+                            // the text later if its author is not blocked after all.
+                            Err(e) => {
+                                tracing::warn!(user = %st.user, error = %e, "block list unavailable; sending a placeholder");
+                                delivery.hidden.unwrap_or(delivery.frame)
+                            }
                         }
+                    };
+                    if removed {
+                        st.removed = true;
+                        st.removals.removed(st.follower.room().clone());
                     }
-                };
-                // While the event waits for room, typing and presence frames keep moving: to
-                // the queue if it has room for them, else dropped (and counted).
-                let push = out.push(frame);
-                tokio::pin!(push);
-                let pushed = loop {
+                    return Some((frame, st));
+                }
+                Err(e) => {
+                    // NATS away: the follower resumes where it was when called again.
+                    tracing::debug!(room = %st.follower.room(), error = %e, "follow interrupted; retrying");
                     tokio::select! {
-                        biased;
-                        pushed = &mut push => break pushed,
-                        Some(ephemeral) = typing.next() => pass_ephemeral(&out, &user, ephemeral),
+                        _ = st.ended.cancelled() => return None,
+                        _ = tokio::time::sleep(st.pause) => {}
                     }
-                };
-                if pushed.is_err() {
-                    return;
-                }
-                if removed {
-                    removals.removed(follower.room().clone());
-                    return;
+                    st.pause = (st.pause * 2).min(Duration::from_secs(2));
                 }
             }
-            Err(e) => {
-                // NATS away: the follower resumes where it was when called again.
-                tracing::debug!(room = %follower.room(), error = %e, "follow interrupted; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
         }
-    }
-}
-
-/// An ephemeral frame of a followed room: never to the typing user's own sessions; queued only
-/// if the queue has room for it, else dropped and counted (as are frames skipped because this
-/// session fell behind the room's feed).
-fn pass_ephemeral(out: &Outbox, user: &UserId, ephemeral: Result<crate::Ephemeral, u64>) {
-    match ephemeral {
-        Ok(e) if e.exclude.as_ref() != Some(user) => {
-            out.push_ephemeral(e.frame);
-        }
-        Ok(_) => {}
-        Err(skipped) => out.dropped_ephemeral(skipped),
-    }
+    })
+    .boxed()
 }
 
 /// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time.
