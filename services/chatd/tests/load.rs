@@ -538,9 +538,10 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     .await
     .unwrap();
 
-    // Fill bob's queue: his socket jams first (the server's send buffer grows for a while), then
-    // his queue, then his forwarder waits to queue the next event. Carol's typing starts and
-    // stops all along. Bob is the only subscriber, so every dropped typing frame is his.
+    // Jam bob's session: his socket fills first (the server's send buffer grows for a while),
+    // then his writer waits on it while his queue fills with typing frames. Carol's typing
+    // starts and stops all along. Bob is the only subscriber, so every dropped typing frame is
+    // his.
     let text = "y".repeat(3_900);
     let mut sent = 0u64;
     let mut signals = 0u64;

@@ -4,10 +4,11 @@
 //! `react`) are pipelined: up to `EdgeConfig::appends_in_flight` of them are checked at once,
 //! sent to the log in the client's order and acknowledged in that order (see [`Appends`]); any
 //! other frame waits for the appends before it. A writer task owns the socket's sending
-//! half and drains one bounded queue (see [`crate::outbox`]), into which replies and every
-//! followed room's events go. Each subscribed room has a forwarder task moving the room's events
-//! (from the edge's shared feed, see [`crate::Hub`]) into that queue, so a room's events keep
-//! their order and the `subscribed` reply always precedes them.
+//! half: it drains one bounded queue of replies and ephemeral frames (see [`crate::outbox`])
+//! and pulls the events of every subscribed room from that room's follower (the edge's shared
+//! feed, see [`crate::Hub`]); a room's follower is handed to the writer through the queue, after
+//! the `subscribed` reply, so the reply always precedes the room's events, which keep their
+//! order.
 //!
 //! Every frame passes the connection's bucket, then its kind's per-user bucket; a client that
 //! keeps sending after being refused is closed with 4029. A client from which nothing arrives
@@ -288,7 +289,7 @@ enum Admission {
     Closed,
 }
 
-/// Rooms whose forwarder stopped because the user was removed from them: the forwarders tell
+/// Rooms whose event source ended because the user was removed from them: the sources tell
 /// the session's read loop, which drops the subscription and says so.
 #[derive(Default)]
 struct Removals {
