@@ -4,6 +4,7 @@
 //! naming in the room log, for instance) never sees an unchecked string.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,7 @@ fn user_char(c: u8) -> bool {
 /// The accepted characters are safe in a NATS subject token (no `.`, `*`, `>` or white space).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct RoomId(String);
+pub struct RoomId(Arc<str>);
 
 impl RoomId {
     /// The prefix reserved for direct (two-person) rooms.
@@ -45,7 +46,7 @@ impl RoomId {
         if s.is_empty() || s.len() > MAX_ROOM_ID_LEN || !s.bytes().all(room_char) {
             return Err(IdError::Room(truncate_for_error(&s)));
         }
-        Ok(RoomId(s))
+        Ok(RoomId(Arc::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -63,7 +64,7 @@ impl RoomId {
 /// User ids may contain `.`, so they never become part of a NATS subject.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct UserId(String);
+pub struct UserId(Arc<str>);
 
 impl UserId {
     pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
@@ -71,7 +72,7 @@ impl UserId {
         if s.is_empty() || s.len() > MAX_USER_ID_LEN || !s.bytes().all(user_char) {
             return Err(IdError::User(truncate_for_error(&s)));
         }
-        Ok(UserId(s))
+        Ok(UserId(Arc::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -98,7 +99,7 @@ macro_rules! string_id_impls {
         }
         impl From<$ty> for String {
             fn from(id: $ty) -> String {
-                id.0
+                id.0.to_string()
             }
         }
         impl std::str::FromStr for $ty {
