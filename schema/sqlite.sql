@@ -76,17 +76,19 @@ CREATE INDEX IF NOT EXISTS events_by_thread ON events (room, thread, seq) WHERE 
 CREATE INDEX IF NOT EXISTS events_by_target ON events (room, target) WHERE target IS NOT NULL;
 
 -- The idempotency index past the stream's duplicate window: (room, client id) -> seq.
--- Client ids are random, so every batch of new events lands on nearly every page of this index
--- and each commit writes all of those pages again; an index on `events (room, id)` (the room's
+-- Keys are random, so every batch of new events lands on nearly every page of this index and
+-- each commit writes all of those pages again; an index on `events (room, id)` (the room's
 -- name and the id as 36 characters per entry) made a batch of rows cost three times as much as
 -- the rows themselves. Entries here are a few bytes: the room as a small integer (`room_keys`)
--- and the id's first 8 bytes. Two ids may share those bytes, so a lookup reads each candidate's
--- event and compares the whole id (`events.id`), and never answers with another event's seq.
+-- and 8 bytes of the SHA-256 of the id (not the id's own bytes: clients choose ids, and ids
+-- sharing a prefix, as time-ordered ones do, would pile up under one key and make every lookup
+-- read them all). Two ids may share a key, so a lookup reads each candidate's event and
+-- compares the whole id (`events.id`), and never answers with another event's seq.
 -- A store made before this table existed had the index `events_by_id ON events (room, id)`:
 -- opening it fills this table from `events` and drops that index, in one transaction.
 CREATE TABLE IF NOT EXISTS event_ids (
     room_key INTEGER NOT NULL,             -- room_keys.key of the event's room
-    id_head  BLOB    NOT NULL,             -- the first 8 bytes of the client id
+    id_head  BLOB    NOT NULL,             -- the first 8 bytes of SHA-256(the id's 16 bytes)
     seq      INTEGER NOT NULL,
     PRIMARY KEY (room_key, id_head, seq)
 ) WITHOUT ROWID;

@@ -198,19 +198,37 @@ fn migrate_id_index(conn: &mut Connection) -> rusqlite::Result<()> {
         return Ok(());
     }
     let tx = conn.transaction()?;
-    tx.execute_batch(
-        "INSERT OR IGNORE INTO room_keys (room) SELECT DISTINCT room FROM events;
-         INSERT OR IGNORE INTO event_ids (room_key, id_head, seq)
-             SELECT k.key, substr(unhex(replace(e.id, '-', '')), 1, 8), e.seq
-             FROM events e JOIN room_keys k ON k.room = e.room;
-         DROP INDEX events_by_id;",
-    )?;
+    tx.execute_batch("INSERT OR IGNORE INTO room_keys (room) SELECT DISTINCT room FROM events;")?;
+    {
+        let mut rows = tx.prepare(
+            "SELECT k.key, e.id, e.seq FROM events e JOIN room_keys k ON k.room = e.room",
+        )?;
+        let mut insert = tx.prepare(
+            "INSERT OR IGNORE INTO event_ids (room_key, id_head, seq) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut rows = rows.query([])?;
+        while let Some(row) = rows.next()? {
+            let (key, id, seq): (i64, String, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            // Every stored id is a UUID (the edge refuses others); one that is not could never
+            // be asked for.
+            if let Ok(id) = Uuid::parse_str(&id) {
+                insert.execute(params![key, &id_head(&id)[..], seq])?;
+            }
+        }
+    }
+    tx.execute_batch("DROP INDEX events_by_id;")?;
     tx.commit()
 }
 
-/// The part of a client id `event_ids` keys on.
-fn id_head(id: &Uuid) -> &[u8] {
-    &id.as_bytes()[..8]
+/// The part of a client id `event_ids` keys on: 8 bytes of its SHA-256. Not the id's own
+/// bytes: clients choose ids, and ids that share their leading bytes (time-ordered UUIDs, a
+/// client's counter under a fixed prefix) would pile up under one key, so every lookup in the
+/// room would read all of them. A digest spreads any choice of ids evenly.
+fn id_head(id: &Uuid) -> [u8; 8] {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    head
 }
 
 /// The room's key in `event_ids`, given it one if it has none.
@@ -306,9 +324,7 @@ impl<'tx> Inserts<'tx> {
     }
 
     fn id(&mut self, id: &Uuid, seq: i64) {
-        let mut head = [0u8; 8];
-        head.copy_from_slice(id_head(id));
-        self.ids.push((head, seq));
+        self.ids.push((id_head(id), seq));
     }
 
     /// Writes the pending `event_ids` entries of `room`, in key order (neighbouring inserts
@@ -1033,7 +1049,7 @@ impl Store for SqliteStore {
             )
             .map_err(&err)?
             .query_row(
-                params![room.as_str(), id_head(&id), id.hyphenated().to_string()],
+                params![room.as_str(), &id_head(&id)[..], id.hyphenated().to_string()],
                 |r| {
                     Ok(IdHit {
                         seq: r.get::<_, i64>(0)? as u64,

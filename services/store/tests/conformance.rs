@@ -732,7 +732,8 @@ async fn ids_sharing_a_prefix_or_used_in_two_rooms_find_only_their_own_event() {
             id,
             ..msg("alice", text)
         };
-        // Three ids that agree in their first 8 bytes, one of them in both rooms at the same seq.
+        // Three ids that agree in their first 8 bytes (as time-ordered ids do), one of them in
+        // both rooms at the same seq.
         let shared = id_of(0xfeed_0000_0000_0001, 1);
         let (a, c) = (
             id_of(0xfeed_0000_0000_0001, 2),
