@@ -1049,7 +1049,11 @@ impl Store for SqliteStore {
             )
             .map_err(&err)?
             .query_row(
-                params![room.as_str(), &id_head(&id)[..], id.hyphenated().to_string()],
+                params![
+                    room.as_str(),
+                    &id_head(&id)[..],
+                    id.hyphenated().to_string()
+                ],
                 |r| {
                     Ok(IdHit {
                         seq: r.get::<_, i64>(0)? as u64,
