@@ -139,6 +139,7 @@ pub async fn serve(
         result = &mut server => finished = Some(result),
         _ = shutdown.cancelled() => {}
     }
+    let drain_started = tokio::time::Instant::now();
     let drained = if !shutdown.is_cancelled() {
         finished
     } else {
@@ -181,8 +182,17 @@ pub async fn serve(
             Err(e) => tracing::error!(error = %e, "projector task failed"),
         }
     }
-    if let Err(e) = log.client().flush().await {
-        tracing::warn!(error = %e, "flush nats on shutdown");
+    // What is still buffered for NATS goes out, within what is left of the grace (a second at
+    // least): with NATS unreachable a flush would wait for it forever.
+    let left = (drain_started + config.drain_grace)
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(1));
+    match tokio::time::timeout(left, log.client().flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "flush nats on shutdown"),
+        Err(_) => {
+            tracing::warn!("nats unreachable at shutdown; what was buffered for it is dropped")
+        }
     }
     tracing::info!("stopped");
     Ok(())

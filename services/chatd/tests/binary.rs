@@ -218,6 +218,29 @@ fn readiness_follows_the_nats_connection() {
 }
 
 #[test]
+fn sigterm_while_nats_is_unreachable_still_ends_the_process() {
+    let mut server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.path().display().to_string()),
+        ("NATS_URL", server.url()),
+        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
+    ];
+    let mut chatd = start(&env);
+    server.kill();
+    eventually("not ready without nats", Duration::from_secs(30), || {
+        chatd.get("/readyz").unwrap().0 == 503
+    });
+    chatd.signal(Signal::SIGTERM);
+    // Nothing can reach NATS any more: the drain gives up on it instead of waiting for it.
+    let status = chatd
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("chatd still runs after SIGTERM: {}", chatd.stderr()));
+    assert!(status.success(), "{status}: {}", chatd.stderr());
+}
+
+#[test]
 fn a_missing_nats_server_binary_is_a_clear_error() {
     let data = tempfile::tempdir().unwrap();
     let mut env = standalone_env(data.path());
