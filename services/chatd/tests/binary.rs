@@ -195,16 +195,20 @@ fn every_role_runs_against_an_external_nats() {
     }
 }
 
+/// An all-in-one chatd's environment against `server` (no nats-server of its own).
+fn external_nats_env(data: &Path, server: &NatsServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CHAT_DATA_DIR", data.display().to_string()),
+        ("NATS_URL", server.url()),
+    ]
+}
+
 #[test]
 fn readiness_follows_the_nats_connection() {
     let mut server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let env = vec![
-        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
-        ("CHAT_DATA_DIR", data.path().display().to_string()),
-        ("NATS_URL", server.url()),
-    ];
-    let chatd = start(&env);
+    let chatd = start(&external_nats_env(data.path(), &server));
     assert_eq!(chatd.get("/readyz").unwrap().0, 200);
     server.kill();
     eventually("not ready without nats", Duration::from_secs(30), || {
@@ -221,12 +225,8 @@ fn readiness_follows_the_nats_connection() {
 fn sigterm_while_nats_is_unreachable_still_ends_the_process() {
     let mut server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let env = vec![
-        ("CHAT_LISTEN", "127.0.0.1:0".to_owned()),
-        ("CHAT_DATA_DIR", data.path().display().to_string()),
-        ("NATS_URL", server.url()),
-        ("CHAT_DRAIN_GRACE", "2s".to_owned()),
-    ];
+    let mut env = external_nats_env(data.path(), &server);
+    env.push(("CHAT_DRAIN_GRACE", "2s".to_owned()));
     let mut chatd = start(&env);
     server.kill();
     eventually("not ready without nats", Duration::from_secs(30), || {

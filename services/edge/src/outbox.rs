@@ -262,10 +262,7 @@ impl Outbox {
             Ok(None) => Err(Refused::Closed),
             Err(_) => {
                 queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                self.abort(
-                    close_code::TOO_SLOW,
-                    "too slow to keep up; resume by sequence",
-                );
+                self.abort(close_code::TOO_SLOW, TOO_SLOW_REASON);
                 Err(Refused::TooSlow)
             }
         }
@@ -307,15 +304,28 @@ impl Outbox {
     /// Closes the session at once: what is queued is discarded (the client resumes by
     /// sequence), the close frame goes out next.
     pub(crate) fn abort(&self, code: u16, reason: &str) {
-        if let Ok(mut abort) = self.abort.lock() {
-            abort.get_or_insert_with(|| (code, reason.to_owned()));
-        }
-        self.stop.cancel();
+        abort_with(&self.abort, &self.stop, code, reason);
     }
 
     fn cost(&self, len: usize) -> u32 {
         cost(&self.limits, len)
     }
+}
+
+/// The close reason of a client too slow to keep up.
+const TOO_SLOW_REASON: &str = "too slow to keep up; resume by sequence";
+
+/// Records the first close code asked for and stops the session at once.
+fn abort_with(
+    abort: &Mutex<Option<(u16, String)>>,
+    stop: &CancellationToken,
+    code: u16,
+    reason: &str,
+) {
+    if let Ok(mut abort) = abort.lock() {
+        abort.get_or_insert_with(|| (code, reason.to_owned()));
+    }
+    stop.cancel();
 }
 
 fn cost(limits: &OutboxLimits, len: usize) -> u32 {
@@ -455,15 +465,7 @@ async fn write_loop(
             // It resumes by sequence when it reconnects.
             Err(_) => {
                 queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut abort) = abort.lock() {
-                    abort.get_or_insert_with(|| {
-                        (
-                            close_code::TOO_SLOW,
-                            "too slow to keep up; resume by sequence".to_owned(),
-                        )
-                    });
-                }
-                stop.cancel();
+                abort_with(&abort, &stop, close_code::TOO_SLOW, TOO_SLOW_REASON);
                 break;
             }
         }
