@@ -19,7 +19,11 @@ pub struct LogConfig {
     pub max_event_bytes: usize,
     /// Timeout of JetStream API requests and of waiting for a publish acknowledgement.
     pub request_timeout: Duration,
-    /// How many events a range read or gap fill fetches per step (bounds memory per reader).
+    /// How many events a range read asks the server for at a time (bounds memory per reader:
+    /// with the next request sent at half, a reader holds up to 1.5 times this). It must fit,
+    /// 1.5 times over, in the connection's subscription capacity (65,536 messages unless the
+    /// connection was opened with another): what does not fit is dropped by the client library,
+    /// and the reader then starts over asking for half as many.
     pub read_batch: u64,
 }
 
@@ -31,7 +35,7 @@ impl Default for LogConfig {
             duplicate_window: Duration::from_secs(10 * 60),
             max_event_bytes: chat_model::MAX_EVENT_BYTES + 4 * 1024,
             request_timeout: Duration::from_secs(5),
-            read_batch: 1_000,
+            read_batch: 4_096,
         }
     }
 }

@@ -210,10 +210,14 @@ async fn a_slow_consumer_notice_makes_the_reader_fetch_what_was_dropped() {
     let server = NatsServer::start();
     let writer = connect(&server.url()).await;
     // A small subscription buffer: the client library drops what does not fit and says so.
-    // (It applies to every subscription of the connection, so it must still hold a batch of
-    // the ordered consumer that fills the gap.)
+    // (It applies to every subscription of the connection, so it must still hold the batches
+    // of the range read that fills the gap, as the read batch's documentation says.)
     let options = async_nats::ConnectOptions::new().subscription_capacity(1024);
-    let reader = RoomLog::connect_with_options(&server.url(), options, LogConfig::default())
+    let config = LogConfig {
+        read_batch: 512,
+        ..LogConfig::default()
+    };
+    let reader = RoomLog::connect_with_options(&server.url(), options, config)
         .await
         .unwrap();
     let room = room("slow");
