@@ -48,7 +48,7 @@ pub async fn export(
     let to = if to == 0 { bounds.last } else { to };
     let mut written = 0;
     let mut last = from.saturating_sub(1);
-    let mut reader = log.read_range(room, from.max(1), to);
+    let mut reader = log.read_range(room, from.max(1), to).bulk();
     while let Some(entry) = reader.next().await {
         let entry = entry?;
         writeln!(out, "{}", export_line(&entry))?;
@@ -127,7 +127,7 @@ pub async fn verify_room(log: &RoomLog, room: &RoomId) -> anyhow::Result<Verdict
     let mut rules = Rules::default();
     let mut ids: HashMap<uuid::Uuid, u64> = HashMap::new();
     let mut expected = bounds.first.max(1);
-    let mut reader = log.read_range(room, 1, bounds.last);
+    let mut reader = log.read_range(room, 1, bounds.last).bulk();
     while let Some(entry) = reader.next().await {
         let entry = entry.map_err(|e: LogError| anyhow::anyhow!(e))?;
         if entry.seq != expected {

@@ -19,13 +19,18 @@ pub struct LogConfig {
     pub max_event_bytes: usize,
     /// Timeout of JetStream API requests and of waiting for a publish acknowledgement.
     pub request_timeout: Duration,
-    /// How many events a range read asks the server for at a time (bounds memory per reader:
-    /// with the next request sent at half, a reader holds up to 1.5 times this). It must fit,
-    /// 1.5 times over, in the connection's subscription capacity (65,536 messages unless the
-    /// connection was opened with another): what does not fit is dropped by the client library,
-    /// and the reader then starts over asking for half as many.
+    /// How many events a range read asks the server for at a time; a bulk read
+    /// ([`crate::RangeReader::bulk`]: the projector's catch-up, rebuilds, exports) asks for
+    /// [`BULK_READ_FACTOR`] times as many. It bounds the memory of a reader: with the next request
+    /// sent at half, a reader holds up to 1.5 times its batch, and that must fit in the
+    /// connection's subscription capacity (65,536 messages unless the connection was opened with
+    /// another): what does not fit is dropped by the client library, and the reader then starts
+    /// over asking for half as many.
     pub read_batch: u64,
 }
+
+/// How many times `read_batch` a bulk range read asks for at a time.
+pub const BULK_READ_FACTOR: u64 = 8;
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -35,7 +40,7 @@ impl Default for LogConfig {
             duplicate_window: Duration::from_secs(10 * 60),
             max_event_bytes: chat_model::MAX_EVENT_BYTES + 4 * 1024,
             request_timeout: Duration::from_secs(5),
-            read_batch: 4_096,
+            read_batch: 500,
         }
     }
 }

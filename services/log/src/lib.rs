@@ -22,7 +22,7 @@ mod log;
 mod range;
 mod users;
 
-pub use config::{ConfigError, LogConfig};
+pub use config::{ConfigError, LogConfig, BULK_READ_FACTOR};
 pub use error::LogError;
 pub use live::LiveSubscription;
 pub use log::{

@@ -482,7 +482,7 @@ async fn writer(
 /// Reads `from..=to` of a room's stream into the projector's loop, decoded here (off the loop),
 /// in chunks of whatever has arrived.
 async fn fill(log: RoomLog, room: RoomId, from: u64, to: u64, input: mpsc::Sender<Input>) {
-    let mut reader = log.read_range(&room, from, to);
+    let mut reader = log.read_range(&room, from, to).bulk();
     let result = loop {
         let mut chunk = Vec::new();
         // Wait for one entry, then take what is already there (the reader is cancel-safe).

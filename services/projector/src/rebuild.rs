@@ -52,7 +52,7 @@ pub async fn rebuild(
     let mut report = RebuildReport::default();
     for room in rooms {
         store.clear_room(&room).await?;
-        let mut reader = log.read_range(&room, 1, u64::MAX);
+        let mut reader = log.read_range(&room, 1, u64::MAX).bulk();
         let mut entries = Vec::with_capacity(REBUILD_BATCH);
         while let Some(raw) = reader.next().await {
             let raw = raw?;

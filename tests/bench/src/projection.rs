@@ -156,7 +156,7 @@ pub async fn projection_throughput(log: &RoomLog, n: usize) {
     fill(log, &room, n).await;
     let mut entries = Vec::with_capacity(n + 1);
     let read_start = Instant::now();
-    let mut reader = log.read_range(&room, 1, u64::MAX);
+    let mut reader = log.read_range(&room, 1, u64::MAX).bulk();
     while let Some(raw) = reader.next().await {
         let raw = raw.unwrap();
         entries.push((raw.seq, raw.decode().unwrap()));
