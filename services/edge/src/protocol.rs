@@ -51,12 +51,21 @@ impl ErrorCode {
     }
 }
 
-/// A client frame, read far enough to answer it: its type and its `rid`.
+/// A client frame, read far enough to answer it: its type and its `rid`. Its other fields are
+/// read from `text` by whoever handles its type, straight into the fields that type has (no
+/// intermediate JSON tree: the frame is parsed once more, which costs less than building one).
 #[derive(Debug)]
-pub struct Frame {
+pub struct Frame<'a> {
     pub kind: String,
     pub rid: Option<String>,
-    pub body: Value,
+    pub text: &'a str,
+}
+
+impl Frame<'_> {
+    /// The frame's fields as `T` (unknown fields, `type` and `rid` among them, are ignored).
+    pub fn fields<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.text)
+    }
 }
 
 /// Why a text frame could not be read as a client frame; the `rid` when it could be found.
@@ -66,30 +75,46 @@ pub struct Malformed {
     pub message: String,
 }
 
+/// What every frame has: its `type` and `rid`, whatever their JSON types (checked after).
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "type", default)]
+    kind: Option<Value>,
+    #[serde(default)]
+    rid: Option<Value>,
+}
+
 /// Reads a text frame: a JSON object with a string `type` and, optionally, a string `rid`.
-pub fn parse(text: &str) -> Result<Frame, Malformed> {
-    let body: Value = serde_json::from_str(text).map_err(|e| Malformed {
-        rid: None,
-        message: format!("malformed JSON: {e}"),
-    })?;
-    let Value::Object(map) = &body else {
-        return Err(Malformed {
-            rid: None,
-            message: "a frame is a JSON object".to_owned(),
-        });
+pub fn parse(text: &str) -> Result<Frame<'_>, Malformed> {
+    let malformed = |message: String| Malformed { rid: None, message };
+    let object = || malformed("a frame is a JSON object".to_owned());
+    let envelope: Envelope = match serde_json::from_str(text) {
+        Ok(envelope) => envelope,
+        Err(e) if e.is_data() => {
+            return Err(if text.trim_start().starts_with('{') {
+                // A repeated `type` or `rid`.
+                malformed(format!("malformed frame: {e}"))
+            } else {
+                object()
+            });
+        }
+        Err(e) => return Err(malformed(format!("malformed JSON: {e}"))),
     };
-    let rid = match map.get("rid") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 128 => Some(s.clone()),
+    // The derived reader also takes a JSON array as a struct.
+    if !text.trim_start().starts_with('{') {
+        return Err(object());
+    }
+    let rid = match envelope.rid {
+        None => None,
+        Some(Value::String(s)) if s.len() <= 128 => Some(s),
         Some(_) => {
-            return Err(Malformed {
-                rid: None,
-                message: "rid must be a string of at most 128 characters".to_owned(),
-            })
+            return Err(malformed(
+                "rid must be a string of at most 128 characters".to_owned(),
+            ))
         }
     };
-    let kind = match map.get("type") {
-        Some(Value::String(t)) => t.clone(),
+    let kind = match envelope.kind {
+        Some(Value::String(t)) => t,
         _ => {
             return Err(Malformed {
                 rid,
@@ -97,7 +122,7 @@ pub fn parse(text: &str) -> Result<Frame, Malformed> {
             })
         }
     };
-    Ok(Frame { kind, rid, body })
+    Ok(Frame { kind, rid, text })
 }
 
 /// `{"type":"error","rid":…,"code":…,"message":…}`
@@ -162,12 +187,23 @@ mod tests {
             "",
             "{",
             "[]",
+            r#"["ping","8"]"#,
             "42",
+            "null",
             r#"{"type":5}"#,
             r#"{"type":"ping","rid":7}"#,
+            r#"{"type":"ping","type":"send"}"#,
+            r#"{"type":"ping"} x"#,
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+        let null_rid = parse(r#"{"type":"ping","rid":null,"extra":[1,{"a":2}]}"#).unwrap();
+        assert_eq!((null_rid.kind.as_str(), null_rid.rid), ("ping", None));
+        assert_eq!(parse("[]").unwrap_err().message, "a frame is a JSON object");
+        assert!(parse("{")
+            .unwrap_err()
+            .message
+            .starts_with("malformed JSON"));
     }
 
     #[test]

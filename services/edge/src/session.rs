@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
-use crate::protocol::{self, close_code, ErrorCode};
+use crate::protocol::{self, close_code, ErrorCode, Frame};
 use crate::EdgeState;
 
 /// How long a client gets to answer our close frame with its own, once it is sent.
@@ -539,7 +539,7 @@ impl Session {
             }
         };
         let rid = frame.rid.as_deref();
-        let body = frame.body.clone();
+        let body = &frame;
         match frame.kind.as_str() {
             "ping" => self.send(protocol::pong(rid)).await,
             "auth" => {
@@ -572,9 +572,9 @@ impl Session {
         &self,
         kind: &str,
         rid: Option<&str>,
-        body: Value,
+        body: &Frame<'_>,
     ) -> Option<T> {
-        match serde_json::from_value::<T>(body) {
+        match body.fields::<T>() {
             Ok(fields) => Some(fields),
             Err(e) => {
                 self.error(rid, ErrorCode::BadRequest, &format!("{kind} frame: {e}"))
@@ -608,7 +608,7 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, rid: Option<&str>, body: Value, removals: &Arc<Removals>) {
+    async fn subscribe(&mut self, rid: Option<&str>, body: &Frame<'_>, removals: &Arc<Removals>) {
         #[derive(Deserialize)]
         struct Subscribe {
             rooms: serde_json::Map<String, Value>,
@@ -701,7 +701,7 @@ impl Session {
         Ok(())
     }
 
-    async fn unsubscribe(&mut self, rid: Option<&str>, body: Value) {
+    async fn unsubscribe(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct Unsubscribe {
             room: String,
@@ -722,7 +722,7 @@ impl Session {
 
     /// Puts an append frame into the session's pipeline (see [`Appends`]); a frame that cannot
     /// be read is answered in its turn.
-    async fn append(&mut self, kind: &str, rid: Option<&str>, body: Value) {
+    async fn append(&mut self, kind: &str, rid: Option<&str>, body: &Frame<'_>) {
         let frame = match self.read_append(kind, rid, body) {
             Ok(frame) => frame,
             Err(error) => {
@@ -744,7 +744,7 @@ impl Session {
         &self,
         kind: &str,
         rid: Option<&str>,
-        body: Value,
+        body: &Frame<'_>,
     ) -> Result<AppendFrame, String> {
         #[derive(Deserialize)]
         struct Append {
@@ -763,7 +763,7 @@ impl Session {
             #[serde(default)]
             on: Option<bool>,
         }
-        let frame = serde_json::from_value::<Append>(body).map_err(|e| {
+        let frame = body.fields::<Append>().map_err(|e| {
             protocol::error(rid, ErrorCode::BadRequest, &format!("{kind} frame: {e}"))
         })?;
         let refuse =
@@ -913,7 +913,7 @@ impl Session {
     /// `{"type":"typing","room":…,"active":…}`: no reply; members only. A session publishes at
     /// most one `active:true` per room per debounce interval (what the others see is decided
     /// by each edge's feed, see [`crate::typing`]).
-    async fn typing(&mut self, rid: Option<&str>, body: Value) {
+    async fn typing(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct Typing {
             room: String,
@@ -951,7 +951,7 @@ impl Session {
     /// device has received the room up to `seq` (explicit, because a frame written to a socket
     /// is not a frame the device received). Only recorded here: the edge appends every room's
     /// recorded cursors as one event per interval (see [`crate::delivered`]).
-    async fn delivered(&mut self, rid: Option<&str>, body: Value) {
+    async fn delivered(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct Delivered {
             room: String,
@@ -980,7 +980,7 @@ impl Session {
         delivered.record(&room, &self.user, frame.seq);
     }
 
-    async fn read(&mut self, rid: Option<&str>, body: Value) {
+    async fn read(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct Read {
             room: String,
@@ -1045,7 +1045,7 @@ impl Session {
         }
     }
 
-    async fn history(&mut self, rid: Option<&str>, body: Value) {
+    async fn history(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct History {
             room: String,
@@ -1182,14 +1182,21 @@ async fn first_frame_auth(
                 if frame.kind != "auth" {
                     return Err(refused("the first frame must be auth"));
                 }
+                #[derive(Deserialize)]
+                struct Auth {
+                    token: Option<Value>,
+                }
                 let token = frame
-                    .body
-                    .get("token")
-                    .and_then(|t| t.as_str())
+                    .fields::<Auth>()
+                    .ok()
+                    .and_then(|auth| match auth.token {
+                        Some(Value::String(token)) => Some(token),
+                        _ => None,
+                    })
                     .ok_or_else(|| refused("auth frame without a token"))?;
                 return state
                     .verifier
-                    .verify(token)
+                    .verify(&token)
                     .map_err(|e| refused(&e.to_string()));
             }
             Some(Ok(_)) => return Err(refused("the first frame must be an auth text frame")),
