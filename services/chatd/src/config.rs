@@ -114,6 +114,8 @@ pub struct Config {
     pub partition: chat_projector::Partition,
     /// How often the projector compares the stream list with its checkpoints.
     pub reconcile_every: Duration,
+    /// How long live events may wait for a fuller projector commit (`CHAT_PROJECTOR_LINGER`).
+    pub projector_linger: Duration,
     /// How long a room's membership is cached before it is re-read from the log.
     pub membership_ttl: Duration,
     /// Rate limits of the edge (`send` is `send_rate`).
@@ -378,6 +380,18 @@ impl Config {
                 })?,
             None => Duration::from_secs(30),
         };
+        let projector_linger = match get("CHAT_PROJECTOR_LINGER") {
+            Some(d) => parse_duration(&d)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(1))
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_PROJECTOR_LINGER",
+                        format!("a duration from 0 to 1s, got {d:?}"),
+                    )
+                })?,
+            None => chat_projector::ProjectorConfig::default().live_linger,
+        };
         let membership_ttl = match get("CHAT_MEMBERSHIP_TTL") {
             Some(d) => parse_duration(&d).map_err(|m| err("CHAT_MEMBERSHIP_TTL", m))?,
             None => Duration::from_millis(250),
@@ -401,6 +415,7 @@ impl Config {
             max_text_chars,
             partition,
             reconcile_every,
+            projector_linger,
             membership_ttl,
             rates,
             outbound_frames,

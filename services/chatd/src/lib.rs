@@ -47,11 +47,15 @@ pub async fn serve(
     let store = open_store(&config).await?;
     let mut tasks = tokio::task::JoinSet::new();
 
+    // The projector's commits, for the readers of the store in this process.
+    let commits = Arc::new(chat_store::Commits::default());
     let projector = matches!(role, Role::All | Role::Projector).then(|| {
         let stats = Arc::new(chat_projector::ProjectorStats::default());
         let projector_config = chat_projector::ProjectorConfig {
             partition: config.partition,
             reconcile_every: config.reconcile_every,
+            live_linger: config.projector_linger,
+            commits: commits.clone(),
             ..chat_projector::ProjectorConfig::default()
         };
         tasks.spawn(chat_projector::run(
@@ -74,6 +78,9 @@ pub async fn serve(
                     max_text_chars: config.max_text_chars,
                     ..chat_rooms::Limits::default()
                 },
+                // Only a projector of every room commits what any page may ask for.
+                commits: (role == Role::All && config.partition == chat_projector::Partition::ALL)
+                    .then(|| commits.clone()),
                 ..chat_rooms::RoomsConfig::default()
             },
         )

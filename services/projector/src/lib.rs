@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::header::NATS_SEQUENCE;
 use chat_log::{ConnectionEvent, RawEntry, RoomLog};
 use chat_model::RoomId;
-use chat_store::{Entry, ProjectorStatus, RoomBatch, Store};
+use chat_store::{Commits, Entry, ProjectorStatus, RoomBatch, Store};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -52,6 +52,12 @@ pub struct ProjectorConfig {
     /// time, and a transaction of a few hundred rows costs nearly as much as one of a few
     /// thousand (the id index takes random keys: each commit rewrites the index pages it touched).
     pub fill_linger: Duration,
+    /// How long live entries may wait for a fuller batch while no stream is being read. Under a
+    /// steady stream of appends the writer is otherwise free after every commit and writes a
+    /// handful of events at a time, and commits cost more than the rows in them.
+    pub live_linger: Duration,
+    /// Commits announced to, and flushes asked by, readers in this process.
+    pub commits: Arc<Commits>,
 }
 
 impl Default for ProjectorConfig {
@@ -63,9 +69,13 @@ impl Default for ProjectorConfig {
             report_every: Duration::from_secs(1),
             concurrent_fills: 8,
             fill_linger: Duration::from_millis(50),
+            live_linger: Duration::from_millis(LIVE_LINGER_MS),
+            commits: Arc::default(),
         }
     }
 }
+
+const LIVE_LINGER_MS: u64 = 20;
 
 /// Counters a running projector exposes (for `/metrics`).
 #[derive(Debug, Default)]
@@ -174,11 +184,19 @@ pub async fn run(
     // reads it before any other input and the writer takes one batch at a time.
     let (stored_tx, mut stored_rx) = mpsc::unbounded_channel::<Vec<(RoomId, u64)>>();
     let mut tasks = JoinSet::new();
-    tasks.spawn(writer(store.clone(), write_rx, stored_tx, stats.clone()));
+    tasks.spawn(writer(
+        store.clone(),
+        write_rx,
+        stored_tx,
+        stats.clone(),
+        config.commits.clone(),
+    ));
     tasks.spawn(list_heads(log.clone(), input_tx.clone()));
 
     let mut out = Outbox::default();
     let mut writer_busy = false;
+    // A reader asked for what is held to be written without lingering.
+    let mut flush_now = false;
     let mut fill_queue: VecDeque<RoomId> = VecDeque::new();
     let mut fills_running = 0usize;
     let mut reconcile = tokio::time::interval(config.reconcile_every);
@@ -191,10 +209,18 @@ pub async fn run(
 
     loop {
         // Until when the outbox waits for a fill to bring more before going to the free writer.
+        let wait = if fills_running > 0 {
+            config.fill_linger
+        } else if out.filled {
+            // The reads are over: nothing more is coming for these soon.
+            Duration::ZERO
+        } else {
+            config.live_linger
+        };
         let linger_until = out
             .since
-            .filter(|_| !writer_busy && fills_running > 0)
-            .map(|since| since + config.fill_linger)
+            .filter(|_| !writer_busy && !flush_now)
+            .map(|since| since + wait)
             .filter(|&until| until > tokio::time::Instant::now());
         if let Some(until) = linger_until {
             if linger.deadline() != until {
@@ -225,6 +251,7 @@ pub async fn run(
                             let queued = track.queued;
                             let fresh = entries.into_iter().filter(|entry| entry.seq > queued);
                             let mut last = queued;
+                            out.filled = true;
                             out.extend(&room, fresh.inspect(|entry| {
                                 last = entry.seq;
                                 count_dead_letter(&room, entry, &stats);
@@ -339,6 +366,7 @@ pub async fn run(
                 });
             }
             () = &mut linger, if linger_until.is_some() => {}
+            () = config.commits.flush_requested(), if !flush_now => flush_now = true,
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
@@ -365,13 +393,14 @@ pub async fn run(
                 input_tx.clone(),
             ));
         }
-        // Hand what is ready to the writer when it is free (unless a fill is about to bring more
-        // and the oldest entry has not waited `fill_linger` yet), or when the batch is full.
+        // Hand what is ready to the writer when it is free and the oldest entry has waited
+        // `fill_linger` (while a fill is about to bring more) or `live_linger`, or when the
+        // batch is full.
         let Some(since) = out.since else { continue };
-        let linger_over =
-            fills_running == 0 || since + config.fill_linger <= tokio::time::Instant::now();
+        let linger_over = flush_now || since + wait <= tokio::time::Instant::now();
         if (!writer_busy && linger_over) || out.len >= config.batch_max {
             let batches = out.take();
+            flush_now = false;
             writer_busy = true;
             if write_tx.send(batches).await.is_err() {
                 break;
@@ -398,6 +427,8 @@ struct Outbox {
     len: usize,
     /// When the oldest entry was queued.
     since: Option<tokio::time::Instant>,
+    /// Whether some entries come from stream reads.
+    filled: bool,
 }
 
 impl Outbox {
@@ -422,6 +453,7 @@ impl Outbox {
     fn take(&mut self) -> Vec<RoomBatch> {
         self.len = 0;
         self.since = None;
+        self.filled = false;
         self.rooms
             .drain()
             .map(|(room, entries)| RoomBatch { room, entries })
@@ -450,6 +482,7 @@ async fn writer(
     mut batches: mpsc::Receiver<Vec<RoomBatch>>,
     stored_tx: mpsc::UnboundedSender<Vec<(RoomId, u64)>>,
     stats: Arc<ProjectorStats>,
+    commits: Arc<Commits>,
 ) {
     while let Some(batch) = batches.recv().await {
         let started = std::time::Instant::now();
@@ -465,6 +498,7 @@ async fn writer(
                 }
             }
         }
+        commits.committed();
         let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.store_write_us.fetch_add(busy, Ordering::Relaxed);
         let count: usize = batch.iter().map(|b| b.entries.len()).sum();

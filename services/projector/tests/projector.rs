@@ -366,3 +366,67 @@ async fn a_backlog_larger_than_the_projectors_queues_is_caught_up() {
     caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
     running.stop().await;
 }
+
+#[tokio::test]
+async fn live_events_wait_for_a_fuller_commit_unless_a_reader_asks_for_it() {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let r = room("linger");
+    log.ensure_room(&r).await.unwrap();
+    log.append(&r, &created("alice")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let commits = Arc::new(chat_store::Commits::default());
+    let stats = Arc::new(ProjectorStats::default());
+    let stop = CancellationToken::new();
+    // Longer than this test may take: nothing live is written unless asked for.
+    let config = ProjectorConfig {
+        live_linger: Duration::from_secs(600),
+        report_every: Duration::from_millis(20),
+        commits: commits.clone(),
+        ..ProjectorConfig::default()
+    };
+    let task = tokio::spawn(chat_projector::run(
+        log.clone(),
+        store.clone(),
+        config,
+        stats.clone(),
+        stop.clone(),
+    ));
+    // The room_created is caught up by the first stream listing (a fill, not lingering).
+    caught_up(&store, &log, std::slice::from_ref(&r)).await;
+
+    let mut rng = StdRng::seed_from_u64(9);
+    let seq = log
+        .append(&r, &random_event(&mut rng, 1))
+        .await
+        .unwrap()
+        .seq;
+    let mut watch = commits.watch();
+    // The projector has the event (it reports it as lag) and holds it back.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.lag_ms.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the live event reached the projector");
+    assert!(
+        !watch.has_changed().unwrap(),
+        "committed without being asked"
+    );
+    assert!(store.checkpoint(&r).await.unwrap() < seq);
+
+    commits.request_flush();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.checkpoint(&r).await.unwrap() < seq {
+            watch.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("written once asked");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

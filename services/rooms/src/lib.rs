@@ -69,6 +69,12 @@ pub struct RoomsConfig {
     /// How long a cached block list is trusted without a change notice: the safety net for a
     /// notice lost without a reconnect or slow-consumer report (which drop the whole cache).
     pub block_list_ttl: Duration,
+    /// The commits of a projector writing the store in this process: history and thread pages
+    /// then wait (at most `history_wait`) for the events the log already has, so that what a
+    /// client just did (an edit, a delete, a reply) shows as the store renders it.
+    pub commits: Option<Arc<chat_store::Commits>>,
+    /// How long a history or thread page waits for the projector in this process.
+    pub history_wait: Duration,
 }
 
 impl Default for RoomsConfig {
@@ -79,6 +85,8 @@ impl Default for RoomsConfig {
             projection_wait: Duration::from_secs(2),
             limits: Limits::default(),
             block_list_ttl: Duration::from_secs(10),
+            commits: None,
+            history_wait: Duration::from_millis(250),
         }
     }
 }
@@ -552,21 +560,52 @@ impl Rooms {
 
     /// Waits (bounded) until the store holds `seq` of `room`.
     async fn await_projection(&self, room: &RoomId, seq: u64) {
-        let deadline = Instant::now() + self.config.projection_wait;
+        if !self
+            .await_stored(room, seq, self.config.projection_wait)
+            .await
+        {
+            tracing::debug!(room = %room, seq, "projection not there yet; answering anyway");
+        }
+    }
+
+    /// Waits at most `wait` until the store holds `seq` of `room`, and says whether it does. With
+    /// the projector in this process, it is asked to write at once and each of its commits is a
+    /// cue to look again; otherwise the checkpoint is polled.
+    async fn await_stored(&self, room: &RoomId, seq: u64, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut commits = self.config.commits.as_ref().map(|commits| {
+            let watch = commits.watch();
+            commits.request_flush();
+            watch
+        });
         let mut pause = Duration::from_millis(1);
-        while Instant::now() < deadline {
+        loop {
             match self.store.checkpoint(room).await {
-                Ok(stored) if stored >= seq => return,
+                Ok(stored) if stored >= seq => return true,
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(room = %room, error = %e, "checkpoint read failed");
-                    return;
+                    return false;
                 }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(25));
+            if Instant::now() >= deadline {
+                return false;
+            }
+            match &mut commits {
+                Some(watch) => {
+                    match tokio::time::timeout_at(deadline.into(), watch.changed()).await {
+                        Ok(Ok(())) => {}
+                        // The projector is gone: poll.
+                        Ok(Err(_)) => commits = None,
+                        Err(_) => return false,
+                    }
+                }
+                None => {
+                    tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                    pause = (pause * 2).min(Duration::from_millis(25));
+                }
+            }
         }
-        tracing::debug!(room = %room, seq, "projection not there yet; answering anyway");
     }
 
     /// Appends what `actor` asks, idempotently by `id`.
@@ -931,9 +970,14 @@ impl Rooms {
         self.member_state(room, viewer).await?;
         let limit = query.clamped_limit();
         let before = query.before.unwrap_or(u64::MAX);
-        let stored = self.store.checkpoint(room).await?;
+        let mut stored = self.store.checkpoint(room).await?;
         let head = self.log.head(room).await?;
         let top = head.min(before.saturating_sub(1));
+        if top > stored && self.config.commits.is_some() {
+            // The projector is here: what it holds back is a commit away.
+            self.await_stored(room, top, self.config.history_wait).await;
+            stored = self.store.checkpoint(room).await?;
+        }
         let mut events = Vec::new();
         if top > stored {
             let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
@@ -982,6 +1026,12 @@ impl Rooms {
         query: PageQuery,
     ) -> Result<ThreadPage, RoomError> {
         self.member_state(room, viewer).await?;
+        if self.config.commits.is_some() {
+            // A reply the viewer just sent is in the log; the thread comes from the store.
+            let head = self.log.head(room).await?;
+            self.await_stored(room, head, self.config.history_wait)
+                .await;
+        }
         let mut page = self.store.thread(room, root, query).await?;
         let Some(root) = page.root.as_mut() else {
             return Err(RoomError::NotFound);

@@ -10,6 +10,7 @@
 //! checkpoint with the rows, so a replay, a duplicate or a restart converges to the same rows.
 #![forbid(unsafe_code)]
 
+mod commits;
 mod receipts;
 mod render;
 mod scylla;
@@ -22,6 +23,7 @@ use chat_model::{Event, RoomId, RoomKind, RoomState, UserId};
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use commits::Commits;
 pub use receipts::{add_receipts, wants_receipts, MemberCursors, ReceiptIndex, Receipts};
 pub use render::{hide_blocked_authors, render_entry};
 pub use scylla::ScyllaStore;
