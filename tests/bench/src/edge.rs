@@ -363,27 +363,6 @@ pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
     ours_median
 }
 
-/// Our send → ack rate alone (for `edge_latency` when `edge_send_ack` did not run): one round.
-async fn probe_rate(rig: &Rig, groups: Vec<Group>, sizes: &EdgeSizes) -> f64 {
-    let plan = Plan::SendAck(SendAckPlan {
-        ws_url: rig.ws_url(),
-        nats_url: rig.nats.url(),
-        auth: rig.auth.clone(),
-        groups,
-        raw_rooms: Vec::new(),
-        window: WINDOW,
-        per_client: sizes.send_per_client,
-        raw_in_flight: RAW_IN_FLIGHT,
-        rounds: 1,
-        raw: false,
-    });
-    let result = Loadgen::start(&plan)
-        .await
-        .finish(Duration::from_secs(600))
-        .await;
-    median(floats(&result["ours"]))
-}
-
 /// `edge_fanout`: one room, `SUBSCRIBERS` subscribed WebSocket clients and one sender; frames
 /// received by all subscribers per second, against the bare broadcast server
 /// ([`crate::broadcast`]) driven by the same client code in the same run (a warm-up round each,
@@ -431,21 +410,17 @@ pub async fn fanout(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
 
 /// `edge_latency`: send → delivery latency through chatd, measured at a client subscribed to
 /// the room (one receiver per room; the `CLIENTS` senders spread over `ROOMS` rooms and paced
-/// together at half our maximum send → ack rate), against raw publish → republish delivery
-/// (publishers paced the same way to room streams, a core subscriber of the republish
-/// subjects) at the same rate, on the same nats-server. A warm-up round each, then rounds
-/// alternate which side goes first; the percentiles pool every counted round of a side.
+/// together at half the rate an unpaced round of the same workload sustained just before),
+/// against raw publish → republish delivery (publishers paced the same way to room streams, a
+/// core subscriber of the republish subjects) at the same rate, on the same nats-server. A
+/// warm-up round each, then rounds alternate which side goes first; the percentiles pool every
+/// counted round of a side. `CHAT_BENCH_LATENCY_RATE` fixes the rate instead (to compare builds).
 ///
 /// Both sides time from just before the send (the WebSocket write, the NATS publish) to the
 /// arrival at a subscriber in the same process; the message id carries the message's number.
-pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, max_rate: Option<f64>) {
+pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, send_ack_rate: Option<f64>) {
     let rig = Rig::start(chatd_bin);
     let (groups, raw_rooms) = rig.groups("lat");
-    let (max_rate, measured_here) = match max_rate {
-        Some(rate) => (rate, false),
-        None => (probe_rate(&rig, groups.clone(), sizes).await, true),
-    };
-    let rate = max_rate / 2.0;
     let receivers = users(CLIENTS..CLIENTS + ROOMS);
     for (group, receiver) in groups.iter().zip(&receivers) {
         invite(&rig, &group.room, &group.users[0], receiver);
@@ -457,7 +432,10 @@ pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, max_rate: O
         groups,
         receivers,
         raw_rooms,
-        rate,
+        // A fixed rate to compare builds at (the probe's rate moves with the machine's load).
+        rate: std::env::var("CHAT_BENCH_LATENCY_RATE")
+            .ok()
+            .map(|r| r.parse().expect("CHAT_BENCH_LATENCY_RATE: messages/s")),
         messages: sizes.latency_messages,
         rounds: sizes.latency_rounds,
     });
@@ -466,9 +444,15 @@ pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, max_rate: O
         .finish(Duration::from_secs(900))
         .await;
     let (ours, raw) = (&result["ours"], &result["raw"]);
+    let whole = |v: &Value| v.as_f64().map(f64::round);
     let common = json!({
-        "rate": rate.round(), "max_rate": max_rate.round(),
-        "max_rate_from": if measured_here { "a probe round in this benchmark" } else { "edge_send_ack in this run" },
+        "rate": whole(&result["rate"]), "max_rate": whole(&result["max_rate"]),
+        "max_rate_from": if result["max_rate"].is_null() {
+            "none: CHAT_BENCH_LATENCY_RATE"
+        } else {
+            "an unpaced round of this workload (the same senders and receivers) just before"
+        },
+        "edge_send_ack_rate": send_ack_rate.map(f64::round),
         "senders": CLIENTS, "rooms": ROOMS, "messages_per_round": sizes.latency_messages,
         "rounds": sizes.latency_rounds, "samples_per_side": ours["samples"],
     });

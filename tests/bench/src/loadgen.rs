@@ -127,7 +127,10 @@ pub struct FanoutPlan {
 /// `edge_latency`: senders (each group's users) paced together at `rate` messages/s, one
 /// receiver per room measuring send → delivery; the raw side publishes at the same rate from as
 /// many tasks and a core subscriber of the republish subjects measures publish → delivery.
-/// Warm-up round, then alternating rounds. Result: `{"ours":{…percentiles…}, "raw":{…}}`.
+/// Without a `rate`, a first round on our side sends unpaced and half the rate it sustained
+/// (messages over the time until the last one is delivered and acked) is the rate. Warm-up
+/// round, then alternating rounds. Result: `{"ours":{…percentiles…}, "raw":{…}, "rate":…,
+/// "max_rate":…}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LatencyPlan {
     pub ws_url: String,
@@ -137,7 +140,7 @@ pub struct LatencyPlan {
     /// One receiver per group, in the same order.
     pub receivers: Vec<String>,
     pub raw_rooms: Vec<String>,
-    pub rate: f64,
+    pub rate: Option<f64>,
     pub messages: usize,
     pub rounds: usize,
 }
@@ -891,10 +894,21 @@ fn p99(samples: &[f64]) -> f64 {
 
 async fn latency(plan: LatencyPlan) -> anyhow::Result<Value> {
     let epoch = Instant::now();
-    let count = plan.messages * (plan.rounds + 1);
+    // A round more than counted for the warm-up, and one for the probe.
+    let count = plan.messages * (plan.rounds + 2);
     let mut ours = EdgeLatency::connect(&plan, SendTimes::new(epoch, count)).await?;
     let publishers = ours.senders.len();
     let mut raw = RawLatency::connect(&plan, publishers, SendTimes::new(epoch, count)).await?;
+    let probe_base = plan.messages * (plan.rounds + 1);
+    let (rate, max_rate) = match plan.rate {
+        Some(rate) => (rate, None),
+        None => {
+            let start = Instant::now();
+            ours.round(probe_base, plan.messages, f64::INFINITY).await?;
+            let max = plan.messages as f64 / start.elapsed().as_secs_f64();
+            (max / 2.0, Some(max))
+        }
+    };
     let (mut ours_all, mut raw_all) = (Vec::new(), Vec::new());
     let (mut ours_p99, mut raw_p99) = (Vec::new(), Vec::new());
     let mut ours_acks = Vec::new();
@@ -905,14 +919,14 @@ async fn latency(plan: LatencyPlan) -> anyhow::Result<Value> {
         let ours_first = round % 2 == 0;
         for ours_turn in [ours_first, !ours_first] {
             if ours_turn {
-                let (delivered, acked) = ours.round(base, plan.messages, plan.rate).await?;
+                let (delivered, acked) = ours.round(base, plan.messages, rate).await?;
                 if counted {
                     ours_p99.push(p99(&delivered));
                     ours_all.extend(delivered);
                     ours_acks.extend(acked);
                 }
             } else {
-                let delivered = raw.round(base, plan.messages, plan.rate).await?;
+                let delivered = raw.round(base, plan.messages, rate).await?;
                 if counted {
                     raw_p99.push(p99(&delivered));
                     raw_all.extend(delivered);
@@ -922,7 +936,9 @@ async fn latency(plan: LatencyPlan) -> anyhow::Result<Value> {
     }
     let mut ours = summary(ours_all, ours_p99);
     ours["ack"] = summary(ours_acks, Vec::new());
-    Ok(json!({ "ours": ours, "raw": summary(raw_all, raw_p99) }))
+    Ok(json!({
+        "ours": ours, "raw": summary(raw_all, raw_p99), "rate": rate, "max_rate": max_rate,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
