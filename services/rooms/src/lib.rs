@@ -54,6 +54,11 @@ const RECEIPT_LOOKUPS: usize = 16;
 /// How often a block-list change is re-decided after losing a race before giving up.
 const CHANGE_ATTEMPTS: u32 = 16;
 
+/// How far behind the log the store may be for a page to wait for the projector: a commit or
+/// two of live events. Further behind, the projector is catching up a backlog and a page would
+/// only wait out `history_wait` before reading the log anyway.
+const COMMIT_AWAY: u64 = 4_000;
+
 /// Settings of the room service.
 #[derive(Debug, Clone)]
 pub struct RoomsConfig {
@@ -973,7 +978,7 @@ impl Rooms {
         let mut stored = self.store.checkpoint(room).await?;
         let head = self.log.head(room).await?;
         let top = head.min(before.saturating_sub(1));
-        if top > stored && self.config.commits.is_some() {
+        if top > stored && top - stored <= COMMIT_AWAY && self.config.commits.is_some() {
             // The projector is here: what it holds back is a commit away.
             self.await_stored(room, top, self.config.history_wait).await;
             stored = self.store.checkpoint(room).await?;
@@ -1029,8 +1034,11 @@ impl Rooms {
         if self.config.commits.is_some() {
             // A reply the viewer just sent is in the log; the thread comes from the store.
             let head = self.log.head(room).await?;
-            self.await_stored(room, head, self.config.history_wait)
-                .await;
+            let stored = self.store.checkpoint(room).await?;
+            if head > stored && head - stored <= COMMIT_AWAY {
+                self.await_stored(room, head, self.config.history_wait)
+                    .await;
+            }
         }
         let mut page = self.store.thread(room, root, query).await?;
         let Some(root) = page.root.as_mut() else {
