@@ -391,3 +391,40 @@ async fn a_range_read_whose_batches_do_not_fit_the_connection_still_reads_everyt
         assert_eq!(text_of(&entry.decode().unwrap()), text_of(event));
     }
 }
+
+#[tokio::test]
+async fn a_range_read_that_loses_the_last_messages_of_a_batch_starts_over_and_finishes() {
+    let (server, log, room) = with_room("tail").await;
+    for i in 0..300 {
+        log.append(&room, &message(format!("t{i}"))).await.unwrap();
+    }
+    // One batch of all 300 into a subscription buffer of 256: while the reader is not reading,
+    // the client library drops what does not fit, the last messages of the range among them,
+    // and no later delivery reveals the loss. Only the silence does.
+    let options = async_nats::ConnectOptions::new().subscription_capacity(256);
+    let config = LogConfig {
+        request_timeout: std::time::Duration::from_secs(1),
+        ..LogConfig::default()
+    };
+    let narrow = RoomLog::connect_with_options(&server.url(), options, config)
+        .await
+        .unwrap();
+    let mut events = narrow.connection_events();
+    let mut reader = narrow.read_range(&room, 1, u64::MAX);
+    let first = reader.next().await.unwrap().unwrap();
+    within("the client library drops deliveries", 10, async {
+        while !matches!(
+            events.recv().await,
+            Ok(chat_log::ConnectionEvent::SlowConsumer)
+        ) {}
+    })
+    .await;
+    let mut seqs = vec![first.seq];
+    within("the rest of the range", 30, async {
+        while let Some(entry) = reader.next().await {
+            seqs.push(entry.unwrap().seq);
+        }
+    })
+    .await;
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+}
