@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use chat_log::{LogError, RangeReader, RoomLog};
+use chat_log::{LogError, RangeReader, RoomBounds, RoomLog};
 use chat_model::{RoomId, UserId};
 use futures::StreamExt;
 use tokio::sync::broadcast;
@@ -187,6 +187,33 @@ impl Hub {
             catch_up: Some(self.log.read_range(room, after + 1, u64::MAX)),
             listening: None,
         })
+    }
+
+    /// Follows `room` from after `from` (its head when `None`), and says what the log held when
+    /// the follower began: the first and last sequences, read once the follower listens to the
+    /// room's feed (so what comes after them reaches it live, and the catch-up needs no other
+    /// request for the head).
+    pub async fn follow_from(
+        &self,
+        room: &RoomId,
+        from: Option<u64>,
+    ) -> Result<(Follower, RoomBounds), LogError> {
+        let feed = self.feed(room).await?;
+        let rx = feed.tx.subscribe();
+        let bounds = self.log.bounds(room).await?;
+        let after = from.unwrap_or(bounds.last);
+        let catch_up =
+            (after < bounds.last).then(|| self.log.read_known_range(room, after + 1, bounds.last));
+        let follower = Follower {
+            log: self.log.clone(),
+            room: room.clone(),
+            _feed: feed,
+            rx,
+            delivered: after,
+            catch_up,
+            listening: None,
+        };
+        Ok((follower, bounds))
     }
 
     /// How many rooms have a live feed on this edge.

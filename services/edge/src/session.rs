@@ -656,7 +656,12 @@ impl Session {
     ) -> Result<(), RoomError> {
         let rooms = &self.state.rooms;
         rooms.member_state(room, &self.user).await?;
-        let bounds = rooms.log().bounds(room).await?;
+        let (follower, bounds) = self
+            .state
+            .hub
+            .follow_from(room, from)
+            .await
+            .map_err(RoomError::from)?;
         let after = match from {
             None => bounds.last,
             Some(seq) if seq > bounds.last => {
@@ -669,12 +674,6 @@ impl Session {
         };
         // Replacing a subscription: the old forwarder stops before the new one starts.
         self.subscriptions.remove(room);
-        let follower = self
-            .state
-            .hub
-            .follow(room, after)
-            .await
-            .map_err(RoomError::from)?;
         let mut fields = json!({"room": room, "head": bounds.last});
         if after + 1 < bounds.first {
             fields["truncated"] = json!(true);

@@ -142,6 +142,38 @@ async fn resuming_mid_stream_has_no_gap_or_duplicate_while_others_send() {
 }
 
 #[tokio::test]
+async fn following_from_the_head_or_a_position_read_while_others_send_misses_nothing() {
+    let (server, writer, room) = with_room("from").await;
+    let hub = Hub::new(log(&server).await, 1024);
+    for i in 1..=50 {
+        writer
+            .append(&room, &message(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let appends = {
+        let writer = writer.clone();
+        let room = room.clone();
+        tokio::spawn(async move {
+            for i in 51..=400 {
+                writer
+                    .append(&room, &message(format!("m{i}")))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // From the head, whatever it is by now: everything after it, once.
+    let (mut at_head, bounds) = hub.follow_from(&room, None).await.unwrap();
+    assert!(bounds.last >= 50 && bounds.first == 1);
+    // From a position: the catch-up ends at the head read with it, the rest comes live.
+    let (mut from_ten, _) = hub.follow_from(&room, Some(10)).await.unwrap();
+    expect_exactly(&mut at_head, bounds.last + 1, 400).await;
+    expect_exactly(&mut from_ten, 11, 400).await;
+    appends.await.unwrap();
+}
+
+#[tokio::test]
 async fn the_last_follower_leaving_releases_the_subscription() {
     let (server, writer, room) = with_room("released").await;
     let hub = Hub::new(log(&server).await, 16);

@@ -531,6 +531,12 @@ impl RoomLog {
         RangeReader::new(self.clone(), room.clone(), from, to, true)
     }
 
+    /// As [`RoomLog::read_range`] for a `to` the caller knows the log holds (a head it just
+    /// read): the reader does not ask for the head again.
+    pub fn read_known_range(&self, room: &RoomId, from: u64, to: u64) -> RangeReader {
+        RangeReader::new(self.clone(), room.clone(), from, to, false)
+    }
+
     /// A live, gap-free, duplicate-free feed of the room's events with seq > `after`: first
     /// whatever the log already holds past `after`, then each event as it is stored.
     pub async fn subscribe_live(
