@@ -40,6 +40,23 @@ async fn with_room(name: &str) -> (NatsServer, RoomLog, RoomId) {
     (server, writer, room)
 }
 
+/// Appends messages `m<i>` for each `i` of `numbers`, one after the other, in a task.
+fn spawn_appends(
+    writer: &RoomLog,
+    room: &RoomId,
+    numbers: std::ops::RangeInclusive<u32>,
+) -> tokio::task::JoinHandle<()> {
+    let (writer, room) = (writer.clone(), room.clone());
+    tokio::spawn(async move {
+        for i in numbers {
+            writer
+                .append(&room, &message(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    })
+}
+
 /// Reads `first..=last` from a follower and checks order, completeness and content.
 async fn expect_exactly(follower: &mut Follower, first: u64, last: u64) {
     let got = tokio::time::timeout(Duration::from_secs(60), async {
@@ -110,18 +127,7 @@ async fn resuming_mid_stream_has_no_gap_or_duplicate_while_others_send() {
     let (server, writer, room) = with_room("resume").await;
     let hub = Hub::new(log(&server).await, 1024);
     let mut early = hub.follow(&room, 0).await.unwrap();
-    let appends = {
-        let writer = writer.clone();
-        let room = room.clone();
-        tokio::spawn(async move {
-            for i in 1..=600 {
-                writer
-                    .append(&room, &message(format!("m{i}")))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let appends = spawn_appends(&writer, &room, 1..=600);
     // Join at whatever point the log has reached, from a position some way back.
     let head = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -151,18 +157,7 @@ async fn following_from_the_head_or_a_position_read_while_others_send_misses_not
             .await
             .unwrap();
     }
-    let appends = {
-        let writer = writer.clone();
-        let room = room.clone();
-        tokio::spawn(async move {
-            for i in 51..=400 {
-                writer
-                    .append(&room, &message(format!("m{i}")))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let appends = spawn_appends(&writer, &room, 51..=400);
     // From the head, whatever it is by now: everything after it, once.
     let (mut at_head, bounds) = hub.follow_from(&room, None).await.unwrap();
     assert!(bounds.last >= 50 && bounds.first == 1);

@@ -101,17 +101,30 @@ fn start(log: &RoomLog, partition: Partition) -> Running {
 }
 
 fn start_with(log: &RoomLog, partition: Partition, batch_max: usize) -> Running {
+    start_config(
+        log,
+        ProjectorConfig {
+            partition,
+            batch_max,
+            ..test_config()
+        },
+    )
+}
+
+/// The projector's defaults with reconciles and reports frequent enough for tests.
+fn test_config() -> ProjectorConfig {
+    ProjectorConfig {
+        reconcile_every: Duration::from_millis(300),
+        report_every: Duration::from_millis(100),
+        ..ProjectorConfig::default()
+    }
+}
+
+fn start_config(log: &RoomLog, config: ProjectorConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let stats = Arc::new(ProjectorStats::default());
     let stop = CancellationToken::new();
-    let config = ProjectorConfig {
-        partition,
-        batch_max,
-        reconcile_every: Duration::from_millis(300),
-        report_every: Duration::from_millis(100),
-        ..ProjectorConfig::default()
-    };
     let task = tokio::spawn({
         let (log, store, stats, stop) = (log.clone(), store.clone(), stats.clone(), stop.clone());
         async move {
@@ -127,6 +140,18 @@ fn start_with(log: &RoomLog, partition: Partition, batch_max: usize) -> Running 
         task,
         _dir: dir,
     }
+}
+
+/// A fresh nats-server, a room log on it, and the room `name` with its `room_created`.
+async fn with_created_room(name: &str) -> (chat_harness::NatsServer, RoomLog, RoomId) {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let r = room(name);
+    log.ensure_room(&r).await.unwrap();
+    log.append(&r, &created("alice")).await.unwrap();
+    (server, log, r)
 }
 
 impl Running {
@@ -301,13 +326,7 @@ async fn partitions_share_the_rooms_without_overlap() {
 
 #[tokio::test]
 async fn a_lost_last_event_is_found_by_reconciling_with_the_stream_list() {
-    let server = chat_harness::NatsServer::start();
-    let log = RoomLog::connect(&server.url(), LogConfig::default())
-        .await
-        .unwrap();
-    let r = room("lost-last");
-    log.ensure_room(&r).await.unwrap();
-    log.append(&r, &created("alice")).await.unwrap();
+    let (server, log, r) = with_created_room("lost-last").await;
     let running = start(&log, Partition::ALL);
     caught_up(&running.store, &log, std::slice::from_ref(&r)).await;
     // Append through a second log whose stream does not republish: nothing reaches the live
@@ -344,13 +363,7 @@ async fn a_lost_last_event_is_found_by_reconciling_with_the_stream_list() {
 #[tokio::test]
 async fn a_backlog_larger_than_the_projectors_queues_is_caught_up() {
     use futures::StreamExt;
-    let server = chat_harness::NatsServer::start();
-    let log = RoomLog::connect(&server.url(), LogConfig::default())
-        .await
-        .unwrap();
-    let r = room("backlog");
-    log.ensure_room(&r).await.unwrap();
-    log.append(&r, &created("alice")).await.unwrap();
+    let (_server, log, r) = with_created_room("backlog").await;
     let mut rng = StdRng::seed_from_u64(6);
     let events: Vec<Event> = (1..=20_000).map(|h| random_event(&mut rng, h)).collect();
     futures::stream::iter(events.iter())
@@ -369,32 +382,19 @@ async fn a_backlog_larger_than_the_projectors_queues_is_caught_up() {
 
 #[tokio::test]
 async fn live_events_wait_for_a_fuller_commit_unless_a_reader_asks_for_it() {
-    let server = chat_harness::NatsServer::start();
-    let log = RoomLog::connect(&server.url(), LogConfig::default())
-        .await
-        .unwrap();
-    let r = room("linger");
-    log.ensure_room(&r).await.unwrap();
-    log.append(&r, &created("alice")).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let (_server, log, r) = with_created_room("linger").await;
     let commits = Arc::new(chat_store::Commits::default());
-    let stats = Arc::new(ProjectorStats::default());
-    let stop = CancellationToken::new();
     // Longer than this test may take: nothing live is written unless asked for.
-    let config = ProjectorConfig {
-        live_linger: Duration::from_secs(600),
-        report_every: Duration::from_millis(20),
-        commits: commits.clone(),
-        ..ProjectorConfig::default()
-    };
-    let task = tokio::spawn(chat_projector::run(
-        log.clone(),
-        store.clone(),
-        config,
-        stats.clone(),
-        stop.clone(),
-    ));
+    let running = start_config(
+        &log,
+        ProjectorConfig {
+            live_linger: Duration::from_secs(600),
+            report_every: Duration::from_millis(20),
+            commits: commits.clone(),
+            ..test_config()
+        },
+    );
+    let (store, stats) = (running.store.clone(), running.stats.clone());
     // The room_created is caught up by the first stream listing (a fill, not lingering).
     caught_up(&store, &log, std::slice::from_ref(&r)).await;
 
@@ -427,6 +427,5 @@ async fn live_events_wait_for_a_fuller_commit_unless_a_reader_asks_for_it() {
     })
     .await
     .expect("written once asked");
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
