@@ -383,106 +383,113 @@ const BATCH: usize = 64;
 const KEEP_CAPACITY: usize = 8;
 
 /// Sends what the session queues and the events of its rooms, pings on an interval, and
-/// closes the socket.
-async fn write_loop(
+/// closes the socket. (A function returning the future rather than an `async fn`, which would
+/// hold its arguments twice for the session's whole life; the close, once at the end, is
+/// boxed for the same reason.)
+#[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
+fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     queue: Arc<Queue>,
     stop: CancellationToken,
     abort: Arc<Mutex<Option<(u16, String)>>>,
     limits: OutboxLimits,
-) {
-    let mut ping = tokio::time::interval(limits.ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    // One wait for the stop, polled again at every turn rather than registered anew.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    // The followed rooms: each is polled only when its feed has something (its own waker).
-    let mut sources: SelectAll<Source> = SelectAll::new();
-    loop {
-        if stop.is_cancelled() {
-            break;
-        }
-        // What is queued goes first: replies keep their place before the events that follow a
-        // `subscribed`.
-        let message = match queue.take() {
-            Some(Item::Frame(frame, _)) => Message::Text(frame),
-            Some(Item::Close(code, reason)) => {
-                queue.shut();
-                close(&mut sink, code, reason, limits.close_timeout).await;
-                return;
-            }
-            Some(Item::Follow(source)) => {
-                sources.push(source);
-                continue;
-            }
-            None if queue.producers.load(Ordering::Acquire) == 0 => break,
-            None => tokio::select! {
-                biased;
-                _ = &mut stopped => break,
-                _ = queue.ready.notified() => continue,
-                Some(frame) = sources.next(), if !sources.is_empty() => Message::Text(frame),
-                _ = ping.tick() => Message::Ping(Default::default()),
-            },
-        };
-        // Everything already waiting goes out with this frame in one flush (one write where the
-        // socket takes it), rather than a write per frame.
-        let mut close_after = None;
-        let batch = async {
-            sink.feed(message).await?;
-            for _ in 0..BATCH {
-                let next = match queue.take() {
-                    Some(Item::Frame(frame, _)) => frame,
-                    Some(Item::Close(code, reason)) => {
-                        close_after = Some((code, reason));
-                        break;
-                    }
-                    Some(Item::Follow(source)) => {
-                        sources.push(source);
-                        continue;
-                    }
-                    None => match sources.next().now_or_never() {
-                        Some(Some(frame)) => frame,
-                        _ => break,
-                    },
-                };
-                sink.feed(Message::Text(next)).await?;
-            }
-            sink.flush().await
-        };
-        let sent = tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            sent = tokio::time::timeout(limits.grace, batch) => sent,
-        };
-        match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                queue.shut();
-                return;
-            }
-            // The socket took nothing for the whole grace: the client is too slow to keep up.
-            // It resumes by sequence when it reconnects.
-            Err(_) => {
-                queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                abort_with(&abort, &stop, close_code::TOO_SLOW, TOO_SLOW_REASON);
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let mut ping = tokio::time::interval(limits.ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        // One wait for the stop, polled again at every turn rather than registered anew.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        // The followed rooms: each is polled only when its feed has something (its own waker).
+        let mut sources: SelectAll<Source> = SelectAll::new();
+        loop {
+            if stop.is_cancelled() {
                 break;
             }
+            // What is queued goes first: replies keep their place before the events that follow a
+            // `subscribed`.
+            let message = match queue.take() {
+                Some(Item::Frame(frame, _)) => Message::Text(frame),
+                Some(Item::Close(code, reason)) => {
+                    queue.shut();
+                    Box::pin(close(&mut sink, code, reason, limits.close_timeout)).await;
+                    return;
+                }
+                Some(Item::Follow(source)) => {
+                    sources.push(source);
+                    continue;
+                }
+                None if queue.producers.load(Ordering::Acquire) == 0 => break,
+                None => tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    _ = queue.ready.notified() => continue,
+                    Some(frame) = sources.next(), if !sources.is_empty() => Message::Text(frame),
+                    _ = ping.tick() => Message::Ping(Default::default()),
+                },
+            };
+            // Everything already waiting goes out with this frame in one flush (one write where the
+            // socket takes it), rather than a write per frame.
+            let mut close_after = None;
+            let batch = async {
+                sink.feed(message).await?;
+                for _ in 0..BATCH {
+                    let next = match queue.take() {
+                        Some(Item::Frame(frame, _)) => frame,
+                        Some(Item::Close(code, reason)) => {
+                            close_after = Some((code, reason));
+                            break;
+                        }
+                        Some(Item::Follow(source)) => {
+                            sources.push(source);
+                            continue;
+                        }
+                        None => match sources.next().now_or_never() {
+                            Some(Some(frame)) => frame,
+                            _ => break,
+                        },
+                    };
+                    sink.feed(Message::Text(next)).await?;
+                }
+                sink.flush().await
+            };
+            let sent = tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                sent = tokio::time::timeout(limits.grace, batch) => sent,
+            };
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    queue.shut();
+                    return;
+                }
+                // The socket took nothing for the whole grace: the client is too slow to keep up.
+                // It resumes by sequence when it reconnects.
+                Err(_) => {
+                    queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                    abort_with(&abort, &stop, close_code::TOO_SLOW, TOO_SLOW_REASON);
+                    break;
+                }
+            }
+            if let Some((code, reason)) = close_after {
+                queue.shut();
+                Box::pin(close(&mut sink, code, reason, limits.close_timeout)).await;
+                return;
+            }
         }
-        if let Some((code, reason)) = close_after {
-            queue.shut();
-            close(&mut sink, code, reason, limits.close_timeout).await;
-            return;
-        }
-    }
-    // Discard what is queued: the client resumes by sequence.
-    drop(sources);
-    queue.shut();
-    let abort = abort.lock().ok().and_then(|mut a| a.take());
-    match abort {
-        Some((code, reason)) => close(&mut sink, code, reason, limits.close_timeout).await,
-        None => {
-            let _ = tokio::time::timeout(limits.close_timeout, sink.close()).await;
+        // Discard what is queued: the client resumes by sequence.
+        drop(sources);
+        queue.shut();
+        let abort = abort.lock().ok().and_then(|mut a| a.take());
+        match abort {
+            Some((code, reason)) => {
+                Box::pin(close(&mut sink, code, reason, limits.close_timeout)).await
+            }
+            None => {
+                let _ = tokio::time::timeout(limits.close_timeout, sink.close()).await;
+            }
         }
     }
 }

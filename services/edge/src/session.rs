@@ -62,94 +62,124 @@ async fn refuse(socket: &mut WebSocket, code: u16, reason: String) {
 }
 
 /// Runs a session until the client leaves, its token expires, or the server drains.
-pub(crate) async fn run(
-    mut socket: WebSocket,
+///
+/// A plain function returning the session's future rather than an `async fn`: an `async fn`
+/// keeps its arguments twice (as passed, and as moved into its body), and every byte of this
+/// future is held by every connection for its whole life. For the same reason the socket is
+/// boxed until it is split: its halves share it on the heap from then on, and a future keeps
+/// room for whatever it once held inline.
+pub(crate) fn run(
+    socket: WebSocket,
     state: EdgeState,
     identity: Option<Identity>,
     mut slots: Slots,
-) {
-    let identity = match identity {
-        Some(identity) => identity,
-        None => match first_frame_auth(&mut socket, &state).await {
-            Ok(identity) => identity,
-            Err((code, reason)) => return refuse(&mut socket, code, reason).await,
-        },
-    };
-    if slots.user.is_none() {
-        match state.connections.user(&identity.user) {
-            Some(slot) => slots.user = Some(slot),
-            None => {
-                state.stats.refused.fetch_add(1, Ordering::Relaxed);
-                let reason = format!(
-                    "at most {} connections per user",
-                    state.connections.max_per_user()
-                );
-                return refuse(&mut socket, close_code::TRY_AGAIN_LATER, reason).await;
+) -> impl std::future::Future<Output = ()> + Send {
+    let mut socket = Box::new(socket);
+    async move {
+        let identity = match identity {
+            Some(identity) => identity,
+            None => match first_frame_auth(&mut socket, &state).await {
+                Ok(identity) => identity,
+                Err((code, reason)) => return refuse(&mut socket, code, reason).await,
+            },
+        };
+        if slots.user.is_none() {
+            match state.connections.user(&identity.user) {
+                Some(slot) => slots.user = Some(slot),
+                None => {
+                    state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!(
+                        "at most {} connections per user",
+                        state.connections.max_per_user()
+                    );
+                    return refuse(&mut socket, close_code::TRY_AGAIN_LATER, reason).await;
+                }
             }
         }
+        let (sink, stream) = StreamExt::split(unbox(socket));
+        serve_session(sink, stream, state, identity).await;
+        drop(slots);
     }
-    state.stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (sink, mut stream) = socket.split();
-    let config = state.config.clone();
-    let limits = OutboxLimits {
-        frames: config.outbound_frames,
-        bytes: config.outbound_bytes,
-        grace: config.slow_grace,
-        ping_every: config.ping_interval,
-        close_timeout: config.close_timeout,
-    };
-    let (out, mut writer) = Outbox::start(sink, limits, state.stats.clone());
-    let stop_writer = out.stopper();
-    let mut session = Session {
-        user: identity.user.clone(),
-        state: state.clone(),
-        out,
-        subscriptions: HashMap::new(),
-        reads: HashMap::new(),
-        limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
-        typing: HashMap::new(),
-        appends: std::sync::Mutex::default(),
-    };
-    tracing::debug!(user = %session.user, "session open");
-    session.serve(&mut stream, &identity).await;
-    session.unsubscribe_all();
-    drop(session);
-    // The writer sends what is queued, then the close frame. A client that does not read gets
-    // the close timeout for that; then the writer gives up on the queue and closes. Meanwhile
-    // what the client still sends is read and dropped until its own close frame (the closing
-    // handshake): a socket closed with unread input is reset, and a reset can destroy the
-    // close frame and the last acks before the client reads them.
-    let writer_done = async {
-        if tokio::time::timeout(config.close_timeout, &mut writer)
-            .await
-            .is_err()
-        {
-            stop_writer.cancel();
-            let _ = (&mut writer).await;
-        }
-    };
-    let client_closed = async {
-        while let Some(message) = stream.next().await {
-            match message {
-                Ok(Message::Close(_)) => break,
-                Ok(_) => {}
-                // Frames refused after our close frame; the connection itself is still there.
-                Err(e) if !is_terminal(&e) => {}
-                Err(_) => break,
+}
+
+/// The socket out of its box, the box freed now (moving out of a box in place would keep the
+/// box allocated until the end of the session's future).
+fn unbox(socket: Box<WebSocket>) -> WebSocket {
+    *socket
+}
+
+/// The authenticated part of a session: serves it, then closes the socket. (A function
+/// returning a future, like [`run`], for the same reason.)
+#[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
+fn serve_session(
+    sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    state: EdgeState,
+    identity: Identity,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        state.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let config = state.config.clone();
+        let limits = OutboxLimits {
+            frames: config.outbound_frames,
+            bytes: config.outbound_bytes,
+            grace: config.slow_grace,
+            ping_every: config.ping_interval,
+            close_timeout: config.close_timeout,
+        };
+        let (out, mut writer) = Outbox::start(sink, limits, state.stats.clone());
+        let stop_writer = out.stopper();
+        let stats = state.stats.clone();
+        let mut session = Session {
+            user: identity.user.clone(),
+            state,
+            out,
+            subscriptions: HashMap::new(),
+            reads: HashMap::new(),
+            limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
+            typing: HashMap::new(),
+            appends: std::sync::Mutex::default(),
+        };
+        tracing::debug!(user = %session.user, "session open");
+        session.serve(&mut stream, &identity).await;
+        session.unsubscribe_all();
+        drop(session);
+        // The writer sends what is queued, then the close frame. A client that does not read gets
+        // the close timeout for that; then the writer gives up on the queue and closes. Meanwhile
+        // what the client still sends is read and dropped until its own close frame (the closing
+        // handshake): a socket closed with unread input is reset, and a reset can destroy the
+        // close frame and the last acks before the client reads them.
+        let writer_done = async {
+            if tokio::time::timeout(config.close_timeout, &mut writer)
+                .await
+                .is_err()
+            {
+                stop_writer.cancel();
+                let _ = (&mut writer).await;
+            }
+        };
+        let client_closed = async {
+            while let Some(message) = stream.next().await {
+                match message {
+                    Ok(Message::Close(_)) => break,
+                    Ok(_) => {}
+                    // Frames refused after our close frame; the connection itself is still there.
+                    Err(e) if !is_terminal(&e) => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        tokio::pin!(writer_done, client_closed);
+        tokio::select! {
+            _ = &mut client_closed => writer_done.await,
+            _ = &mut writer_done => {
+                // A client that answers close frames does so at once.
+                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, client_closed).await;
             }
         }
-    };
-    tokio::pin!(writer_done, client_closed);
-    tokio::select! {
-        _ = &mut client_closed => writer_done.await,
-        _ = &mut writer_done => {
-            // A client that answers close frames does so at once.
-            let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, client_closed).await;
-        }
+        stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(user = %identity.user, "session closed");
     }
-    state.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-    drop(slots);
-    tracing::debug!(user = %identity.user, "session closed");
 }
 
 struct Subscription {
@@ -166,9 +196,44 @@ struct Subscription {
 #[derive(Default)]
 struct Appends {
     /// Being decided; yielded in the client's order.
-    deciding: FuturesOrdered<BoxFuture<'static, Decided>>,
+    deciding: Stage<Decided>,
     /// Sent to the log (or refused), waiting for the outcome; yielded in the client's order.
-    settling: FuturesOrdered<BoxFuture<'static, Settled>>,
+    settling: Stage<Settled>,
+}
+
+/// One stage of the append pipeline: futures yielded in the order they were queued. Its
+/// queue is made at the first append (a queue allocates as it is made, and most sessions
+/// of a big deployment are idle readers that never append).
+struct Stage<T>(Option<FuturesOrdered<BoxFuture<'static, T>>>);
+
+impl<T> Default for Stage<T> {
+    fn default() -> Self {
+        Stage(None)
+    }
+}
+
+impl<T> Stage<T> {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, future: BoxFuture<'static, T>) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(future);
+    }
+
+    /// The next output in order; `None` when the stage is empty.
+    async fn next(&mut self) -> Option<T> {
+        match self.0.as_mut() {
+            Some(queue) => queue.next().await,
+            None => None,
+        }
+    }
 }
 
 impl Appends {
@@ -334,6 +399,7 @@ impl Session {
         stream: &mut futures::stream::SplitStream<WebSocket>,
         identity: &Identity,
     ) {
+        // The room list is dropped once rendered: this future lives as long as the session.
         let rooms = match Box::pin(self.state.rooms.rooms_of(&self.user)).await {
             Ok(rooms) => rooms
                 .iter()
@@ -346,8 +412,9 @@ impl Session {
                 Vec::new()
             }
         };
-        self.send(protocol::welcome(self.user.as_str(), &rooms))
-            .await;
+        let welcome = protocol::welcome(self.user.as_str(), &rooms);
+        drop(rooms);
+        self.send(welcome).await;
         let removals = Arc::new(Removals::default());
         // The session ends when verification would start refusing the token.
         let expiry = sleep_until(Instant::now() + Duration::from_secs(identity.seconds_accepted()));
@@ -356,6 +423,7 @@ impl Session {
         let max_in_flight = self.state.config.appends_in_flight.max(1);
         let mut heard = Instant::now();
         loop {
+            let idle_at = heard + idle_timeout;
             let next_read_flush = self
                 .reads
                 .values()
@@ -376,15 +444,17 @@ impl Session {
                     self.close(close_code::TOKEN, "token expired").await;
                     return;
                 }
-                _ = sleep_until(heard + idle_timeout) => {
+                // One timer for both deadlines (each is a timer entry, and this future lives
+                // as long as the session).
+                _ = sleep_until(next_read_flush.map_or(idle_at, |at| at.min(idle_at))) => {
+                    if Instant::now() < idle_at {
+                        Box::pin(self.flush_reads()).await;
+                        continue;
+                    }
                     self.state.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
                     let reason = format!("nothing heard for {} s", idle_timeout.as_secs());
                     self.out.abort(close_code::IDLE, &reason);
                     return;
-                }
-                _ = sleep_until(next_read_flush.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next_read_flush.is_some() => {
-                    Box::pin(self.flush_reads()).await;
-                    continue;
                 }
                 _ = removals.notify.notified() => {
                     for room in removals.take() {

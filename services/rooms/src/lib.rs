@@ -296,7 +296,9 @@ impl Rooms {
         if let Some(state) = self.cached_renewing(room, self.config.membership_ttl) {
             return Ok(state);
         }
-        self.refresh_shared(room).await
+        // Boxed: a cache hit, the usual case, keeps no room in its caller's future for the
+        // read (thousands of sessions subscribing at once each hold one of these futures).
+        Box::pin(self.refresh_shared(room)).await
     }
 
     /// The cached state if it is at most `ttl` old. Past half of that, one refresh starts in
@@ -362,6 +364,13 @@ impl Rooms {
         if let Some(state) = self.cached_since(room, asked) {
             return Ok(state);
         }
+        // Boxed: callers waiting for another's refresh (every session of a room whose state
+        // just expired) hold only the small future above.
+        Box::pin(self.read_state(room)).await
+    }
+
+    /// Reads the room from the log, after the cached or stored state, and caches it.
+    async fn read_state(&self, room: &RoomId) -> Result<Arc<RoomState>, RoomError> {
         let checked = Instant::now();
         let mut state = match self.cached(room, Duration::MAX) {
             Some(state) => Some(RoomState::clone(&state)),
@@ -410,7 +419,7 @@ impl Rooms {
         if state.is_member(user) {
             return Ok(state);
         }
-        let state = self.refresh_shared(room).await?;
+        let state = Box::pin(self.refresh_shared(room)).await?;
         if state.is_member(user) {
             Ok(state)
         } else {
@@ -1067,7 +1076,8 @@ impl Rooms {
             Lookup::Hit(blocked, until) => return Ok((blocked, until)),
             Lookup::Miss { epoch } => epoch,
         };
-        let (seq, blocked) = match self.users.last_blocks(user, false).await? {
+        // Boxed: a cache hit keeps no room for the read in its caller's future.
+        let (seq, blocked) = match Box::pin(self.users.last_blocks(user, false)).await? {
             Some(entry) => (entry.seq, entry.event.blocked.into_iter().collect()),
             None => (0, HashSet::new()),
         };
