@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 use chat_log::{LogError, RangeReader, RoomBounds, RoomLog};
 use chat_model::{RoomId, UserId};
 use futures::StreamExt;

@@ -18,13 +18,14 @@ mod presence;
 mod protocol;
 mod render;
 mod session;
+mod socket;
 mod typing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -248,7 +249,7 @@ pub fn router(state: EdgeState) -> Router {
 async fn upgrade(
     State(state): State<EdgeState>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: socket::Upgrade,
 ) -> Response {
     if state.shutdown.is_cancelled() {
         return http_error(
@@ -271,11 +272,7 @@ async fn upgrade(
             ),
         );
     };
-    let offered: Vec<String> = ws
-        .requested_protocols()
-        .filter_map(|p| p.to_str().ok())
-        .map(str::to_owned)
-        .collect();
+    let offered = ws.offered();
     let identity = match offered.iter().find_map(|p| p.strip_prefix("bearer.")) {
         None => None,
         Some(token) => match state.verifier.verify(token) {
@@ -310,26 +307,25 @@ async fn upgrade(
     // Our own limit is enforced on every frame; the library's, set above it, only bounds what
     // is buffered before that check can run. The read buffer starts at 1 KiB (client frames are
     // small; it grows for a big one, and a connection keeps it: 4 KiB measured 3 KiB more per
-    // idle connection) and the write buffer is flushed at 16 KiB: an idle connection costs
-    // little.
+    // idle connection); what is written is gathered per batch and its buffer given back (see
+    // `socket`): an idle connection costs little.
     let buffer_limit = state.config.max_frame_bytes.saturating_mul(2);
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(buffer_limit))
+        .max_frame_size(Some(buffer_limit))
+        .read_buffer_size(1024);
     let sessions = state.sessions.clone();
-    ws.protocols([SUBPROTOCOL])
-        .max_message_size(buffer_limit)
-        .max_frame_size(buffer_limit)
-        .read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| {
-            sessions.track_future(session::run(
-                socket,
-                state,
-                identity,
-                session::Slots {
-                    _socket: socket_slot,
-                    user: user_slot,
-                },
-            ))
-        })
+    ws.on_upgrade(SUBPROTOCOL, config, move |socket| {
+        sessions.track_future(session::run(
+            socket,
+            state,
+            identity,
+            session::Slots {
+                _socket: socket_slot,
+                user: user_slot,
+            },
+        ))
+    })
 }
 
 /// `GET /v1/rooms/{room}/presence`: `{"online":[…]}` for members (Bearer token).

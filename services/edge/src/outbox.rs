@@ -23,7 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
+
+use crate::socket::WebSocket;
 use futures::stream::{BoxStream, SelectAll, SplitSink};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
@@ -502,7 +505,7 @@ async fn close(
     timeout: Duration,
 ) {
     let frame = Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.into(),
     }));
     let _ = tokio::time::timeout(timeout, async {

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 use chat_log::RawEntry;
 use chat_model::{Event, EventBody, RoomId, UserId};
 use serde_json::{json, Value};

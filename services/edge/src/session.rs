@@ -19,14 +19,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message;
 use chat_auth::Identity;
 use chat_model::{RoomId, UserId};
 use chat_rooms::{Command, RoomError};
 use chat_store::PageQuery;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
@@ -36,6 +37,7 @@ use uuid::Uuid;
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::protocol::{self, close_code, ErrorCode, Frame};
+use crate::socket::WebSocket;
 use crate::EdgeState;
 
 /// How long a client gets to answer our close frame with its own, once it is sent.
@@ -55,7 +57,7 @@ async fn refuse(socket: &mut WebSocket, code: u16, reason: String) {
     tracing::debug!(code, reason, "websocket refused");
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
-            code,
+            code: code.into(),
             reason: reason.into(),
         })))
         .await;
@@ -487,8 +489,9 @@ impl Session {
                     tracing::debug!(user = %self.user, error = %e, "websocket read failed");
                     return;
                 }
-                // Control frames are answered by the WebSocket layer.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // Control frames are answered by the WebSocket layer (which never yields a raw
+                // `Frame` when reading).
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Binary(_))) => match Box::pin(self.admit_after_appends()).await {
                     Admission::Pass => {
                         self.error(
@@ -563,7 +566,7 @@ impl Session {
             frame["rid"] = json!(rid);
         }
         self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.reply_in_turn(frame.to_string()).await;
+        Box::pin(self.reply_in_turn(frame.to_string())).await;
         Admission::Refused
     }
 
@@ -581,8 +584,8 @@ impl Session {
             Err(malformed) => (malformed.rid.clone(), None),
         };
         let is_append = matches!(kind, Some("send" | "edit" | "delete" | "react"));
-        if !is_append {
-            self.finish_appends().await;
+        if !is_append && !self.appends_mut().is_empty() {
+            Box::pin(self.finish_appends()).await;
         }
         let work = match kind {
             _ if is_append => Some(Work::Send),
@@ -610,21 +613,24 @@ impl Session {
         };
         let rid = frame.rid.as_deref();
         let body = &frame;
+        // Each handler boxed: this future is held while a frame is answered, and when thousands
+        // of sessions subscribe at once (a reconnect storm) each should hold only what its own
+        // frame needs, not room for the largest handler.
         match frame.kind.as_str() {
             "ping" => self.send(protocol::pong(rid)).await,
             "auth" => {
                 self.error(rid, ErrorCode::BadRequest, "already authenticated")
                     .await
             }
-            "subscribe" => self.subscribe(rid, body, removals).await,
-            "unsubscribe" => self.unsubscribe(rid, body).await,
+            "subscribe" => Box::pin(self.subscribe(rid, body, removals)).await,
+            "unsubscribe" => Box::pin(self.unsubscribe(rid, body)).await,
             "send" | "edit" | "delete" | "react" => {
-                self.append(&frame.kind, rid, body).await;
+                Box::pin(self.append(&frame.kind, rid, body)).await;
             }
-            "read" => self.read(rid, body).await,
-            "delivered" => self.delivered(rid, body).await,
-            "typing" => self.typing(rid, body).await,
-            "history" => self.history(rid, body).await,
+            "read" => Box::pin(self.read(rid, body)).await,
+            "delivered" => Box::pin(self.delivered(rid, body)).await,
+            "typing" => Box::pin(self.typing(rid, body)).await,
+            "history" => Box::pin(self.history(rid, body)).await,
             unknown => {
                 self.error(
                     rid,
@@ -726,10 +732,7 @@ impl Session {
     ) -> Result<(), RoomError> {
         let rooms = &self.state.rooms;
         rooms.member_state(room, &self.user).await?;
-        let (follower, bounds) = self
-            .state
-            .hub
-            .follow_from(room, from)
+        let (follower, bounds) = Box::pin(self.state.hub.follow_from(room, from))
             .await
             .map_err(RoomError::from)?;
         let after = match from {
@@ -1239,7 +1242,7 @@ async fn first_frame_auth(
     loop {
         let message = tokio::select! {
             _ = sleep_until(deadline) => return Err(refused("no auth frame in time")),
-            message = socket.recv() => message,
+            message = socket.next() => message,
         };
         match message {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -1279,29 +1282,15 @@ async fn first_frame_auth(
 }
 
 /// Whether a read error ends the connection (rather than refusing one frame).
-fn is_terminal(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(e) = err.downcast_ref::<tungstenite::Error>() {
-            return matches!(
-                e,
-                tungstenite::Error::ConnectionClosed
-                    | tungstenite::Error::AlreadyClosed
-                    | tungstenite::Error::Io(_)
-            );
-        }
-        source = err.source();
-    }
-    true
+fn is_terminal(e: &tungstenite::Error) -> bool {
+    matches!(
+        e,
+        tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed
+            | tungstenite::Error::Io(_)
+    )
 }
 
-fn is_capacity_error(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+fn is_capacity_error(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 use chat_model::{RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
