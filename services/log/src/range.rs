@@ -2,7 +2,7 @@
 
 use async_nats::jetstream;
 use chat_model::RoomId;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::error::LogError;
 use crate::log::{RawEntry, RoomLog};
@@ -127,9 +127,14 @@ impl RangeReader {
                 RangeSource::Pull {
                     messages,
                     delivered,
-                } => match tokio::time::timeout(self.log.config().request_timeout, messages.next())
-                    .await
-                {
+                } => match match messages.next().now_or_never() {
+                    // Delivered already (the usual case in a batch): no deadline to compute.
+                    Some(next) => Ok(next),
+                    None => {
+                        tokio::time::timeout(self.log.config().request_timeout, messages.next())
+                            .await
+                    }
+                } {
                     Err(_) => {
                         // Every message asked for exists, so a silence this long means the
                         // last ones were lost on the way (no later delivery reveals that).
