@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tungstenite::Utf8Bytes;
 use chat_log::{LogError, RangeReader, RoomBounds, RoomLog};
 use chat_model::{RoomId, UserId};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
+use tungstenite::Utf8Bytes;
 
 use crate::outbox::EphemeralOutbox;
 use crate::render::delivery;

@@ -6,10 +6,10 @@
 
 use std::collections::HashSet;
 
-use tungstenite::Utf8Bytes;
 use chat_log::RawEntry;
 use chat_model::{Event, EventBody, RoomId, UserId};
 use serde_json::{json, Value};
+use tungstenite::Utf8Bytes;
 
 use crate::Delivery;
 

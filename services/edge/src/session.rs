@@ -19,8 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tungstenite::protocol::CloseFrame;
-use tungstenite::Message;
 use chat_auth::Identity;
 use chat_model::{RoomId, UserId};
 use chat_rooms::{Command, RoomError};
@@ -32,6 +30,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message;
 use uuid::Uuid;
 
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};

@@ -166,10 +166,8 @@ impl Upgrade {
 /// Whether the header's comma-separated tokens include `token` (any case).
 fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
 }
 
@@ -271,7 +269,11 @@ mod tests {
         assert_eq!(io.out.len(), 3004);
         assert_eq!(io.written, 0);
         io.flush().await.unwrap();
-        assert_eq!(io.out.capacity(), 0, "the big buffer is kept after its flush");
+        assert_eq!(
+            io.out.capacity(),
+            0,
+            "the big buffer is kept after its flush"
+        );
         let mut got = vec![0u8; 3004];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..4], b"one ");

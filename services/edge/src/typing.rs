@@ -14,11 +14,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tungstenite::Utf8Bytes;
 use chat_model::{RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
+use tungstenite::Utf8Bytes;
 
 /// At most one `active:true` per user per room this often.
 pub const DEBOUNCE: Duration = Duration::from_secs(2);
