@@ -16,14 +16,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use chat_log::{LogError, RangeReader, RoomBounds, RoomLog};
+use chat_log::{LogError, RangeReader, RawEntry, RoomBounds, RoomLog};
 use chat_model::{RoomId, UserId};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
+use tokio_util::sync::ReusableBoxFuture;
 use tungstenite::Utf8Bytes;
 
 use crate::outbox::EphemeralOutbox;
@@ -59,8 +62,9 @@ pub struct Hub {
 }
 
 /// One room's live feed: the NATS subscription and the task that renders and broadcasts.
+/// Deliveries are shared (`Arc`): a follower's copy costs one reference, not one per field.
 struct Feed {
-    tx: broadcast::Sender<Delivery>,
+    tx: broadcast::Sender<Arc<Delivery>>,
     /// Where the room's ephemeral frames go: the sessions following it here.
     listeners: Arc<Listeners>,
     /// Stops the subscription when the last follower drops the feed.
@@ -178,15 +182,15 @@ impl Hub {
         let feed = self.feed(room).await?;
         // Subscribe to the feed before reading the log, so nothing falls between the two.
         let rx = feed.tx.subscribe();
-        Ok(Follower {
-            log: self.log.clone(),
-            room: room.clone(),
-            _feed: feed,
+        let catch_up = Some(self.log.read_range(room, after + 1, u64::MAX));
+        Ok(Follower::new(
+            self.log.clone(),
+            room,
+            feed,
             rx,
-            delivered: after,
-            catch_up: Some(self.log.read_range(room, after + 1, u64::MAX)),
-            listening: None,
-        })
+            after,
+            catch_up,
+        ))
     }
 
     /// Follows `room` from after `from` (its head when `None`), and says what the log held when
@@ -204,15 +208,7 @@ impl Hub {
         let after = from.unwrap_or(bounds.last);
         let catch_up =
             (after < bounds.last).then(|| self.log.read_known_range(room, after + 1, bounds.last));
-        let follower = Follower {
-            log: self.log.clone(),
-            room: room.clone(),
-            _feed: feed,
-            rx,
-            delivered: after,
-            catch_up,
-            listening: None,
-        };
+        let follower = Follower::new(self.log.clone(), room, feed, rx, after, catch_up);
         Ok((follower, bounds))
     }
 
@@ -284,7 +280,7 @@ fn poisoned(room: &RoomId) -> LogError {
 async fn run_feed(
     room: RoomId,
     mut live: chat_log::LiveSubscription,
-    tx: broadcast::Sender<Delivery>,
+    tx: broadcast::Sender<Arc<Delivery>>,
     mut typing: async_nats::Subscriber,
     listeners: Arc<Listeners>,
     mut typists: Typists,
@@ -302,7 +298,7 @@ async fn run_feed(
             entry = live.next() => match entry {
                 Ok(entry) => {
                     pause = Duration::from_millis(50);
-                    let delivery = delivery(&room, &entry);
+                    let delivery = Arc::new(delivery(&room, &entry));
                     let sender = delivery.message_by.clone();
                     let _ = tx.send(delivery);
                     if let Some(user) = sender {
@@ -337,17 +333,49 @@ async fn run_feed(
     }
 }
 
+/// The live feed's receiver, polled without a future of the caller's: the pending receive owns
+/// the receiver, in a box reused from one event to the next.
+type LiveRecv = ReusableBoxFuture<
+    'static,
+    (
+        Result<Arc<Delivery>, RecvError>,
+        broadcast::Receiver<Arc<Delivery>>,
+    ),
+>;
+
+async fn receive(
+    mut rx: broadcast::Receiver<Arc<Delivery>>,
+) -> (
+    Result<Arc<Delivery>, RecvError>,
+    broadcast::Receiver<Arc<Delivery>>,
+) {
+    let received = rx.recv().await;
+    (received, rx)
+}
+
+/// A range being read from the log, as a stream (boxed: reading the log is a large future,
+/// needed only while catching up; a follower waiting on the live feed keeps no room for it).
+type CatchUp = BoxStream<'static, Result<RawEntry, LogError>>;
+
+fn catch_up(reader: RangeReader) -> CatchUp {
+    futures::stream::unfold(reader, |mut reader| async move {
+        let entry = reader.next().await?;
+        Some((entry, reader))
+    })
+    .boxed()
+}
+
 /// One session's view of a room: every event after its starting point, once, in order.
 pub struct Follower {
     log: RoomLog,
     room: RoomId,
     /// Keeps the room's feed (and its NATS subscription) alive.
     _feed: Arc<Feed>,
-    rx: broadcast::Receiver<Delivery>,
+    live: LiveRecv,
     /// The last sequence handed out.
     delivered: u64,
     /// A range being read from the log (the initial catch-up, or a gap).
-    catch_up: Option<RangeReader>,
+    catch_up: Option<CatchUp>,
     /// This follower's session takes the room's ephemeral frames under this key.
     listening: Option<u64>,
 }
@@ -361,6 +389,25 @@ impl Drop for Follower {
 }
 
 impl Follower {
+    fn new(
+        log: RoomLog,
+        room: &RoomId,
+        feed: Arc<Feed>,
+        rx: broadcast::Receiver<Arc<Delivery>>,
+        after: u64,
+        reader: Option<RangeReader>,
+    ) -> Follower {
+        Follower {
+            log,
+            room: room.clone(),
+            _feed: feed,
+            live: ReusableBoxFuture::new(receive(rx)),
+            delivered: after,
+            catch_up: reader.map(catch_up),
+            listening: None,
+        }
+    }
+
     pub fn room(&self) -> &RoomId {
         &self.room
     }
@@ -380,56 +427,55 @@ impl Follower {
     }
 
     /// The next event. Cancel-safe; after an error, calling again resumes where it was.
-    pub async fn next(&mut self) -> Result<Delivery, LogError> {
+    pub async fn next(&mut self) -> Result<Arc<Delivery>, LogError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Follower::next`], polled: a session's writer pulls events this way, without a future
+    /// made per event.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Arc<Delivery>, LogError>> {
         loop {
             if let Some(reader) = self.catch_up.as_mut() {
-                // Boxed: reading the log is a large future, needed only while catching up; a
-                // follower waiting on the live feed keeps no room for it.
-                match Box::pin(reader.next()).await {
+                match ready!(reader.poll_next_unpin(cx)) {
                     Some(Ok(entry)) => {
                         if entry.seq > self.delivered {
                             self.delivered = entry.seq;
-                            return Ok(delivery(&self.room, &entry));
+                            return Poll::Ready(Ok(Arc::new(delivery(&self.room, &entry))));
                         }
                         continue;
                     }
                     Some(Err(e)) => {
                         // Read again from where we are next time.
-                        self.catch_up = Some(self.log.read_range(
-                            &self.room,
-                            self.delivered + 1,
-                            u64::MAX,
-                        ));
-                        return Err(e);
+                        self.catch_up = Some(self.read_from(u64::MAX));
+                        return Poll::Ready(Err(e));
                     }
                     None => self.catch_up = None,
                 }
             }
-            match self.rx.recv().await {
+            let (received, rx) = ready!(self.live.poll(cx));
+            self.live.set(receive(rx));
+            match received {
                 Ok(d) if d.seq <= self.delivered => continue,
                 Ok(d) if d.seq == self.delivered + 1 => {
                     self.delivered = d.seq;
-                    return Ok(d);
+                    return Poll::Ready(Ok(d));
                 }
                 // Behind the feed: read what lies between from the log (this one included).
-                Ok(d) => {
-                    self.catch_up = Some(self.log.read_range(&self.room, self.delivered + 1, d.seq))
-                }
-                Err(RecvError::Lagged(_)) => {
-                    self.catch_up = Some(self.log.read_range(
-                        &self.room,
-                        self.delivered + 1,
-                        u64::MAX,
-                    ));
-                }
+                Ok(d) => self.catch_up = Some(self.read_from(d.seq)),
+                Err(RecvError::Lagged(_)) => self.catch_up = Some(self.read_from(u64::MAX)),
                 Err(RecvError::Closed) => {
-                    return Err(LogError::Unavailable {
+                    return Poll::Ready(Err(LogError::Unavailable {
                         room: self.room.clone(),
                         op: "follow",
                         reason: "room feed stopped".to_owned(),
-                    })
+                    }))
                 }
             }
         }
+    }
+
+    /// The log from after the last event handed out, up to `to`.
+    fn read_from(&self, to: u64) -> CatchUp {
+        catch_up(self.log.read_range(&self.room, self.delivered + 1, to))
     }
 }

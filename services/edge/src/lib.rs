@@ -19,6 +19,7 @@ mod protocol;
 mod render;
 mod session;
 mod socket;
+mod source;
 mod typing;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -19,8 +19,9 @@
 //! itself is a deque that grows with what is queued: an idle session's queue holds no buffer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tungstenite::protocol::CloseFrame;
@@ -28,8 +29,9 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::socket::WebSocket;
 use futures::stream::{BoxStream, SelectAll, SplitSink};
+use futures::task::AtomicWaker;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::close_code;
@@ -59,10 +61,21 @@ enum Item {
 }
 
 /// What a session's producers and its writer share.
+///
+/// The writer looks at the flags and registers its waker on every turn, once per event it
+/// sends: they are atomics, not locks (a `Notify` or a `CancellationToken` takes a lock each
+/// time it is polled).
 struct Queue {
     items: Mutex<VecDeque<Item>>,
-    /// Wakes the writer: something was queued, or the last producer left.
-    ready: Notify,
+    /// The writer's waker: woken when something is queued, the last producer leaves, or the
+    /// session is stopped.
+    writer: AtomicWaker,
+    /// Set with every item queued (the writer clears it before it looks at the queue).
+    queued: AtomicBool,
+    /// Set when the session must stop at once, just before `stop` is cancelled.
+    stopped: AtomicBool,
+    /// For the other waiters on the stop (the session's read loop).
+    stop: CancellationToken,
     /// Free room, in frames.
     slots: Semaphore,
     /// Free room, in bytes.
@@ -90,7 +103,19 @@ impl Queue {
             }
         }
         self.lock().push_back(item);
-        self.ready.notify_one();
+        self.queued.store(true, Ordering::Release);
+        self.writer.wake();
+    }
+
+    /// Stops the session at once: the writer closes, the producers are refused.
+    fn halt(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.cancel();
+        self.writer.wake();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// The next item, its room given back.
@@ -151,9 +176,17 @@ pub(crate) struct OutboxLimits {
 pub(crate) struct Outbox {
     queue: Arc<Queue>,
     limits: OutboxLimits,
-    /// Cancelled when the session must stop at once; the code and reason are in `abort`.
-    stop: CancellationToken,
+    /// When the session must stop at once (`Queue::halt`): the close code and reason.
     abort: Arc<Mutex<Option<(u16, String)>>>,
+}
+
+/// Stops a session's writer at once (without a close code of its own: it closes the socket).
+pub(crate) struct Stopper(Arc<Queue>);
+
+impl Stopper {
+    pub(crate) fn stop(&self) {
+        self.0.halt();
+    }
 }
 
 impl Clone for Outbox {
@@ -162,7 +195,6 @@ impl Clone for Outbox {
         Outbox {
             queue: self.queue.clone(),
             limits: self.limits,
-            stop: self.stop.clone(),
             abort: self.abort.clone(),
         }
     }
@@ -171,7 +203,7 @@ impl Clone for Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         if self.queue.producers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.queue.ready.notify_one();
+            self.queue.writer.wake();
         }
     }
 }
@@ -185,7 +217,10 @@ impl Outbox {
     ) -> (Outbox, tokio::task::JoinHandle<()>) {
         let queue = Arc::new(Queue {
             items: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
+            writer: AtomicWaker::new(),
+            queued: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            stop: CancellationToken::new(),
             slots: Semaphore::new(limits.frames.max(16)),
             bytes: Semaphore::new(limits.bytes.max(1)),
             producers: AtomicUsize::new(1),
@@ -194,37 +229,30 @@ impl Outbox {
         let outbox = Outbox {
             queue: queue.clone(),
             limits,
-            stop: CancellationToken::new(),
             abort: Arc::new(Mutex::new(None)),
         };
         // The writer is no producer: it ends when every producer is gone.
-        let writer = tokio::spawn(write_loop(
-            sink,
-            queue,
-            outbox.stop.clone(),
-            outbox.abort.clone(),
-            limits,
-        ));
+        let writer = tokio::spawn(write_loop(sink, queue, outbox.abort.clone(), limits));
         (outbox, writer)
     }
 
     /// Resolves when the session must stop at once (too slow, flooding, or told to).
     pub(crate) async fn stopped(&self) {
-        self.stop.cancelled().await
+        self.queue.stop.cancelled().await
     }
 
     /// Stops the writer at once (without a close code of its own: it closes the socket).
-    pub(crate) fn stopper(&self) -> CancellationToken {
-        self.stop.clone()
+    pub(crate) fn stopper(&self) -> Stopper {
+        Stopper(self.queue.clone())
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
-        self.stop.is_cancelled()
+        self.queue.is_stopped()
     }
 
     /// Queues a chat frame (an event or a reply), waiting at most the grace for room.
     pub(crate) async fn push(&self, frame: impl Into<Utf8Bytes>) -> Result<(), Refused> {
-        if self.stop.is_cancelled() {
+        if self.is_stopped() {
             return Err(Refused::Closed);
         }
         let frame: Utf8Bytes = frame.into();
@@ -254,7 +282,7 @@ impl Outbox {
         };
         let waited = tokio::select! {
             biased;
-            _ = self.stop.cancelled() => return Err(Refused::Closed),
+            _ = self.queue.stop.cancelled() => return Err(Refused::Closed),
             waited = tokio::time::timeout(self.limits.grace, room) => waited,
         };
         match waited {
@@ -282,14 +310,14 @@ impl Outbox {
 
     /// Hands the writer a room's events to pull from, after what is queued now.
     pub(crate) fn follow(&self, source: Source) {
-        if !self.stop.is_cancelled() {
+        if !self.is_stopped() {
             self.queue.put(Item::Follow(source));
         }
     }
 
     /// Closes the session after what is queued (waiting at most the grace for room).
     pub(crate) async fn close(&self, code: u16, reason: &str) {
-        if self.stop.is_cancelled() {
+        if self.is_stopped() {
             return;
         }
         let slot = tokio::time::timeout(self.limits.grace, self.queue.slots.acquire()).await;
@@ -307,7 +335,7 @@ impl Outbox {
     /// Closes the session at once: what is queued is discarded (the client resumes by
     /// sequence), the close frame goes out next.
     pub(crate) fn abort(&self, code: u16, reason: &str) {
-        abort_with(&self.abort, &self.stop, code, reason);
+        abort_with(&self.abort, &self.queue, code, reason);
     }
 
     fn cost(&self, len: usize) -> u32 {
@@ -319,16 +347,11 @@ impl Outbox {
 const TOO_SLOW_REASON: &str = "too slow to keep up; resume by sequence";
 
 /// Records the first close code asked for and stops the session at once.
-fn abort_with(
-    abort: &Mutex<Option<(u16, String)>>,
-    stop: &CancellationToken,
-    code: u16,
-    reason: &str,
-) {
+fn abort_with(abort: &Mutex<Option<(u16, String)>>, queue: &Queue, code: u16, reason: &str) {
     if let Ok(mut abort) = abort.lock() {
         abort.get_or_insert_with(|| (code, reason.to_owned()));
     }
-    stop.cancel();
+    queue.halt();
 }
 
 fn cost(limits: &OutboxLimits, len: usize) -> u32 {
@@ -385,6 +408,78 @@ const BATCH: usize = 64;
 /// A queue emptied while holding room for more frames than this gives its buffer back.
 const KEEP_CAPACITY: usize = 8;
 
+/// The rooms a session's writer pulls events from. A session following one room (the usual
+/// case) polls its source directly; more go into a `SelectAll`, which polls only those whose
+/// feed has something but re-queues a source (an allocation) for every event it yields.
+#[derive(Default)]
+struct Sources {
+    one: Option<Source>,
+    many: SelectAll<Source>,
+}
+
+impl Sources {
+    fn push(&mut self, source: Source) {
+        if self.one.is_none() && self.many.is_empty() {
+            self.one = Some(source);
+            return;
+        }
+        if let Some(one) = self.one.take() {
+            self.many.push(one);
+        }
+        self.many.push(source);
+    }
+
+    /// The next event of any room; pending while there is none (also with no room at all).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Utf8Bytes> {
+        if let Some(one) = self.one.as_mut() {
+            return match one.poll_next_unpin(cx) {
+                Poll::Ready(Some(frame)) => Poll::Ready(frame),
+                Poll::Ready(None) => {
+                    self.one = None;
+                    Poll::Pending
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        match self.many.poll_next_unpin(cx) {
+            Poll::Ready(Some(frame)) => Poll::Ready(frame),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// An event available now, if any (without a waker of the writer's: the writer polls again
+    /// before it waits).
+    fn ready_now(&mut self) -> Option<Utf8Bytes> {
+        let waker = futures::task::noop_waker_ref();
+        match self.poll_next(&mut Context::from_waker(waker)) {
+            Poll::Ready(frame) => Some(frame),
+            Poll::Pending => None,
+        }
+    }
+}
+
+/// What woke an idle writer.
+enum Wake {
+    Stop,
+    /// Something may be queued (or the last producer left).
+    Queued,
+    Event(Utf8Bytes),
+    Ping,
+}
+
+/// Resolves when the session is stopped (the writer's own wait for it: see [`Queue`]).
+fn halted(queue: &Queue, cx: &mut Context<'_>) -> Poll<()> {
+    if queue.is_stopped() {
+        return Poll::Ready(());
+    }
+    queue.writer.register(cx.waker());
+    if queue.is_stopped() {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
+    }
+}
+
 /// Sends what the session queues and the events of its rooms, pings on an interval, and
 /// closes the socket. (A function returning the future rather than an `async fn`, which would
 /// hold its arguments twice for the session's whole life; the close, once at the end, is
@@ -393,7 +488,6 @@ const KEEP_CAPACITY: usize = 8;
 fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     queue: Arc<Queue>,
-    stop: CancellationToken,
     abort: Arc<Mutex<Option<(u16, String)>>>,
     limits: OutboxLimits,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -401,13 +495,10 @@ fn write_loop(
         let mut ping = tokio::time::interval(limits.ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
-        // One wait for the stop, polled again at every turn rather than registered anew.
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
         // The followed rooms: each is polled only when its feed has something (its own waker).
-        let mut sources: SelectAll<Source> = SelectAll::new();
+        let mut sources = Sources::default();
         loop {
-            if stop.is_cancelled() {
+            if queue.is_stopped() {
                 break;
             }
             // What is queued goes first: replies keep their place before the events that follow a
@@ -424,43 +515,71 @@ fn write_loop(
                     continue;
                 }
                 None if queue.producers.load(Ordering::Acquire) == 0 => break,
-                None => tokio::select! {
-                    biased;
-                    _ = &mut stopped => break,
-                    _ = queue.ready.notified() => continue,
-                    Some(frame) = sources.next(), if !sources.is_empty() => Message::Text(frame),
-                    _ = ping.tick() => Message::Ping(Default::default()),
-                },
+                None => {
+                    let wake = std::future::poll_fn(|cx| {
+                        if halted(&queue, cx).is_ready() {
+                            return Poll::Ready(Wake::Stop);
+                        }
+                        // Registered above: a put after this look wakes the writer.
+                        if queue.queued.load(Ordering::Acquire) {
+                            queue.queued.store(false, Ordering::Release);
+                            return Poll::Ready(Wake::Queued);
+                        }
+                        if queue.producers.load(Ordering::Acquire) == 0 {
+                            return Poll::Ready(Wake::Queued);
+                        }
+                        if let Poll::Ready(frame) = sources.poll_next(cx) {
+                            return Poll::Ready(Wake::Event(frame));
+                        }
+                        if ping.poll_tick(cx).is_ready() {
+                            return Poll::Ready(Wake::Ping);
+                        }
+                        Poll::Pending
+                    });
+                    match wake.await {
+                        Wake::Stop => break,
+                        Wake::Queued => continue,
+                        Wake::Event(frame) => Message::Text(frame),
+                        Wake::Ping => Message::Ping(Default::default()),
+                    }
+                }
             };
             // Everything already waiting goes out with this frame in one flush (one write where the
             // socket takes it), rather than a write per frame.
             let mut close_after = None;
-            let batch = async {
-                sink.feed(message).await?;
-                for _ in 0..BATCH {
-                    let next = match queue.take() {
-                        Some(Item::Frame(frame, _)) => frame,
-                        Some(Item::Close(code, reason)) => {
-                            close_after = Some((code, reason));
-                            break;
-                        }
-                        Some(Item::Follow(source)) => {
-                            sources.push(source);
-                            continue;
-                        }
-                        None => match sources.next().now_or_never() {
-                            Some(Some(frame)) => frame,
-                            _ => break,
-                        },
-                    };
-                    sink.feed(Message::Text(next)).await?;
+            let sent = {
+                let batch = async {
+                    sink.feed(message).await?;
+                    for _ in 0..BATCH {
+                        let next = match queue.take() {
+                            Some(Item::Frame(frame, _)) => frame,
+                            Some(Item::Close(code, reason)) => {
+                                close_after = Some((code, reason));
+                                break;
+                            }
+                            Some(Item::Follow(source)) => {
+                                sources.push(source);
+                                continue;
+                            }
+                            None => match sources.ready_now() {
+                                Some(frame) => frame,
+                                None => break,
+                            },
+                        };
+                        sink.feed(Message::Text(next)).await?;
+                    }
+                    sink.flush().await
+                };
+                let mut batch = std::pin::pin!(batch);
+                // A socket that takes the batch at once (the usual case) needs no timer.
+                match (&mut batch).now_or_never() {
+                    Some(sent) => Ok(sent),
+                    None => tokio::select! {
+                        biased;
+                        _ = std::future::poll_fn(|cx| halted(&queue, cx)) => break,
+                        sent = tokio::time::timeout(limits.grace, batch) => sent,
+                    },
                 }
-                sink.flush().await
-            };
-            let sent = tokio::select! {
-                biased;
-                _ = &mut stopped => break,
-                sent = tokio::time::timeout(limits.grace, batch) => sent,
             };
             match sent {
                 Ok(Ok(())) => {}
@@ -472,7 +591,7 @@ fn write_loop(
                 // It resumes by sequence when it reconnects.
                 Err(_) => {
                     queue.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                    abort_with(&abort, &stop, close_code::TOO_SLOW, TOO_SLOW_REASON);
+                    abort_with(&abort, &queue, close_code::TOO_SLOW, TOO_SLOW_REASON);
                     break;
                 }
             }

@@ -22,14 +22,6 @@ impl Delivery {
             _ => &self.frame,
         }
     }
-
-    /// [`Delivery::frame_for`], taking the frame out of the delivery.
-    pub fn into_frame_for(self, blocked: &HashSet<UserId>) -> Utf8Bytes {
-        match (self.hidden, &self.author) {
-            (Some(hidden), Some(author)) if blocked.contains(author) => hidden,
-            _ => self.frame,
-        }
-    }
 }
 
 /// The contract's `event` frame for one log entry. An entry this build cannot decode becomes
@@ -256,10 +248,6 @@ mod tests {
         let alice: HashSet<UserId> = [UserId::parse("alice").unwrap()].into();
         let nobody = HashSet::new();
         assert_eq!(json(message.frame_for(&nobody))["text"], "secret");
-        assert_eq!(
-            &message.clone().into_frame_for(&alice),
-            message.frame_for(&alice)
-        );
         assert_eq!(
             json(message.frame_for(&alice)),
             json!({"type":"event","room":"general","seq":46,"ts":1_763_900_000_123_i64,

@@ -29,7 +29,6 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 use uuid::Uuid;
@@ -38,6 +37,7 @@ use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::protocol::{self, close_code, ErrorCode, Frame};
 use crate::socket::WebSocket;
+use crate::source::{EndOnDrop, Removals, RoomSource};
 use crate::EdgeState;
 
 /// How long a client gets to answer our close frame with its own, once it is sent.
@@ -156,7 +156,7 @@ fn serve_session(
                 .await
                 .is_err()
             {
-                stop_writer.cancel();
+                stop_writer.stop();
                 let _ = (&mut writer).await;
             }
         };
@@ -186,7 +186,7 @@ fn serve_session(
 
 struct Subscription {
     /// Ends the room's event source in the writer when the subscription goes.
-    _source: tokio_util::sync::DropGuard,
+    _source: EndOnDrop,
     /// The user is online in the room while subscribed.
     _here: crate::presence::Here,
 }
@@ -354,30 +354,6 @@ enum Admission {
     Refused,
     /// Closed with 4029.
     Closed,
-}
-
-/// Rooms whose event source ended because the user was removed from them: the sources tell
-/// the session's read loop, which drops the subscription and says so.
-#[derive(Default)]
-struct Removals {
-    rooms: std::sync::Mutex<Vec<RoomId>>,
-    notify: tokio::sync::Notify,
-}
-
-impl Removals {
-    fn removed(&self, room: RoomId) {
-        if let Ok(mut rooms) = self.rooms.lock() {
-            rooms.push(room);
-        }
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Vec<RoomId> {
-        self.rooms
-            .lock()
-            .map(|mut rooms| std::mem::take(&mut *rooms))
-            .unwrap_or_default()
-    }
 }
 
 impl Session {
@@ -754,19 +730,18 @@ impl Session {
         self.send(protocol::reply("subscribed", rid, fields)).await;
         let mut follower = follower;
         follower.listen(self.user.clone(), self.out.ephemeral_handle());
-        let ended = CancellationToken::new();
-        self.out.follow(source(
+        let (source, end) = RoomSource::new(
             follower,
             self.state.rooms.clone(),
             self.user.clone(),
             removals.clone(),
-            ended.clone(),
-        ));
+        );
+        self.out.follow(Box::pin(source));
         let here = self.state.presence.here(room, &self.user);
         self.subscriptions.insert(
             room.clone(),
             Subscription {
-                _source: ended.drop_guard(),
+                _source: end,
                 _here: here,
             },
         );
@@ -1144,91 +1119,6 @@ impl Session {
             Err(e) => self.room_error(rid, &frame.room, &e).await,
         }
     }
-}
-
-/// The events of a followed room as one session gets them, for its writer to pull: a message
-/// or edit by someone the user blocks arrives as a placeholder. Ends when `ended` is cancelled
-/// (unsubscribed, or subscribed again from elsewhere) or after the event that removes the user
-/// from the room (the session is told, and says so to the client).
-///
-/// The writer pulls only while the socket takes frames: a session that falls behind the room's
-/// feed reads the rest from the log, and one whose socket takes nothing for the grace is closed
-/// with 4008 (the client resumes by sequence).
-fn source(
-    follower: crate::Follower,
-    rooms: std::sync::Arc<chat_rooms::Rooms>,
-    user: UserId,
-    removals: Arc<Removals>,
-    ended: CancellationToken,
-) -> crate::outbox::Source {
-    struct State {
-        follower: crate::Follower,
-        rooms: std::sync::Arc<chat_rooms::Rooms>,
-        user: UserId,
-        removals: Arc<Removals>,
-        ended: CancellationToken,
-        blocks: chat_rooms::HeldBlocks,
-        pause: Duration,
-        removed: bool,
-    }
-    let state = State {
-        follower,
-        rooms,
-        user,
-        removals,
-        ended,
-        blocks: chat_rooms::HeldBlocks::default(),
-        pause: Duration::from_millis(50),
-        removed: false,
-    };
-    futures::stream::unfold(state, |mut st| async move {
-        if st.removed {
-            return None;
-        }
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = st.ended.cancelled() => return None,
-                next = st.follower.next() => next,
-            };
-            match next {
-                Ok(delivery) => {
-                    st.pause = Duration::from_millis(50);
-                    let removed = delivery.left.as_ref() == Some(&st.user);
-                    // The frame is moved out, not cloned: its bytes are shared by every session,
-                    // and each clone or drop of them is a write they all contend for.
-                    let frame = if delivery.hidden.is_none() {
-                        delivery.frame
-                    } else {
-                        match st.rooms.blocked_held(&st.user, &mut st.blocks).await {
-                            Ok(blocked) => delivery.into_frame_for(blocked),
-                            // Fail closed: a placeholder keeps the sequence, and history shows
-                            // the text later if its author is not blocked after all.
-                            Err(e) => {
-                                tracing::warn!(user = %st.user, error = %e, "block list unavailable; sending a placeholder");
-                                delivery.hidden.unwrap_or(delivery.frame)
-                            }
-                        }
-                    };
-                    if removed {
-                        st.removed = true;
-                        st.removals.removed(st.follower.room().clone());
-                    }
-                    return Some((frame, st));
-                }
-                Err(e) => {
-                    // NATS away: the follower resumes where it was when called again.
-                    tracing::debug!(room = %st.follower.room(), error = %e, "follow interrupted; retrying");
-                    tokio::select! {
-                        _ = st.ended.cancelled() => return None,
-                        _ = tokio::time::sleep(st.pause) => {}
-                    }
-                    st.pause = (st.pause * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    })
-    .boxed()
 }
 
 /// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time.

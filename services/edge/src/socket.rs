@@ -2,12 +2,13 @@
 //!
 //! The edge upgrades connections itself rather than through axum's extractor so that it can put
 //! [`LeanIo`] under the WebSocket: the frames a session writes between two flushes are gathered
-//! there (one write call for a batch of events), and the gathering buffer is given back after
-//! each flush that needed more than [`KEEP`] bytes. tungstenite's own write buffer keeps its
-//! largest size for the connection's life; with it set to write through, it holds one frame.
-//! An idle connection that once received a burst (a presence storm, a replay) keeps no buffer
-//! sized for it.
+//! there (one write call for a batch of events) in a buffer the connection holds only from its
+//! first write to the flush: buffers are kept between flushes by each worker thread, for the
+//! next connection that writes. tungstenite's own write buffer keeps its largest size for the
+//! connection's life; with it set to write through, it holds one frame. An idle connection
+//! holds no write buffer at all, whatever it once received.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -29,8 +30,39 @@ pub(crate) type WebSocket = WebSocketStream<LeanIo<TokioIo<Upgraded>>>;
 /// Bytes gathered before they are written out even without a flush.
 const GATHER: usize = 16 * 1024;
 
-/// A gathering buffer that needed more than this is freed after its flush.
-const KEEP: usize = 1024;
+/// Spare gathering buffers kept per worker thread, at most.
+const SPARE_BUFFERS: usize = 16;
+
+/// A gathering buffer that grew past this (a large frame) is freed after its flush, not kept.
+const SPARE_CAPACITY: usize = 64 * 1024;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A gathering buffer: a spare one of this thread's, or a new one.
+fn gathering_buffer() -> Vec<u8> {
+    SPARE
+        .try_with(|spare| spare.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(GATHER))
+}
+
+/// Keeps a flushed buffer for the next connection that writes on this thread (unless enough
+/// are kept, or it is too big to keep).
+fn give_back(mut buffer: Vec<u8>) {
+    if buffer.capacity() > SPARE_CAPACITY {
+        return;
+    }
+    buffer.clear();
+    let _ = SPARE.try_with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buffer);
+        }
+    });
+}
 
 /// An upgrade request, checked as RFC 6455 asks (HTTP/1.1 only: the edge serves no HTTP/2
 /// WebSockets).
@@ -178,8 +210,8 @@ fn header_is(headers: &HeaderMap, name: HeaderName, value: &str) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(value.as_bytes()))
 }
 
-/// A connection whose writes are gathered until a flush (or until [`GATHER`] bytes wait), the
-/// gathering buffer freed after a flush if it grew past [`KEEP`].
+/// A connection whose writes are gathered until a flush (or until [`GATHER`] bytes wait), in a
+/// buffer it gives back at the flush.
 pub(crate) struct LeanIo<T> {
     io: T,
     out: Vec<u8>,
@@ -198,7 +230,7 @@ impl<T> LeanIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> LeanIo<T> {
-    /// Writes out what is gathered; then frees the buffer if `release` and it is big.
+    /// Writes out what is gathered; then gives the buffer back if `release`.
     fn poll_write_out(&mut self, cx: &mut Context<'_>, release: bool) -> Poll<io::Result<()>> {
         while self.written < self.out.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
@@ -208,8 +240,10 @@ impl<T: AsyncWrite + Unpin> LeanIo<T> {
             self.written += n;
         }
         self.written = 0;
-        if release && self.out.capacity() > KEEP {
-            self.out = Vec::new();
+        if release {
+            if self.out.capacity() > 0 {
+                give_back(std::mem::take(&mut self.out));
+            }
         } else {
             self.out.clear();
         }
@@ -237,6 +271,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LeanIo<T> {
         if this.out.len() >= GATHER {
             ready!(this.poll_write_out(cx, false))?;
         }
+        if this.out.capacity() == 0 {
+            this.out = gathering_buffer();
+        }
         this.out.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -260,7 +297,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
-    async fn writes_are_gathered_until_a_flush_and_a_big_buffer_is_given_back() {
+    async fn writes_are_gathered_until_a_flush_and_the_buffer_is_given_back() {
         let (client, mut server) = tokio::io::duplex(64 * 1024);
         let mut io = LeanIo::new(client);
         io.write_all(b"one ").await.unwrap();
@@ -269,19 +306,16 @@ mod tests {
         assert_eq!(io.out.len(), 3004);
         assert_eq!(io.written, 0);
         io.flush().await.unwrap();
-        assert_eq!(
-            io.out.capacity(),
-            0,
-            "the big buffer is kept after its flush"
-        );
+        assert_eq!(io.out.capacity(), 0, "the buffer is kept after its flush");
         let mut got = vec![0u8; 3004];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..4], b"one ");
         assert!(got[4..].iter().all(|&b| b == b'x'));
-        // A small batch keeps its (small) buffer.
+        // The next batch takes a buffer again, and gives it back again.
         io.write_all(b"small").await.unwrap();
+        assert!(io.out.capacity() >= GATHER);
         io.flush().await.unwrap();
-        assert!(io.out.capacity() > 0 && io.out.capacity() <= KEEP);
+        assert_eq!(io.out.capacity(), 0);
         let mut small = [0u8; 5];
         server.read_exact(&mut small).await.unwrap();
         assert_eq!(&small, b"small");

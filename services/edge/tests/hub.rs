@@ -63,7 +63,7 @@ async fn expect_exactly(follower: &mut Follower, first: u64, last: u64) {
         let mut got = Vec::new();
         while got.last().is_none_or(|&(seq, _)| seq < last) {
             let d = follower.next().await.unwrap();
-            got.push((d.seq, d.frame));
+            got.push((d.seq, d.frame.clone()));
         }
         got
     })

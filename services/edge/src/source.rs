@@ -1,0 +1,211 @@
+//! A followed room's events as one session's writer pulls them.
+//!
+//! The writer polls a source whenever the socket takes more, once per event per session: on
+//! that path a source makes no future, takes no lock of its own and allocates nothing. Only
+//! the rare steps (a block list to look up, a pause while NATS is away) wait in a boxed future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chat_model::{RoomId, UserId};
+use chat_rooms::{HeldBlocks, Rooms};
+use futures::task::AtomicWaker;
+use futures::Stream;
+use tokio::sync::Notify;
+use tungstenite::Utf8Bytes;
+
+use crate::{Delivery, Follower};
+
+/// Rooms whose event source ended because the user was removed from them: the sources tell
+/// the session's read loop, which drops the subscription and says so.
+#[derive(Default)]
+pub(crate) struct Removals {
+    rooms: Mutex<Vec<RoomId>>,
+    pub(crate) notify: Notify,
+}
+
+impl Removals {
+    fn removed(&self, room: RoomId) {
+        if let Ok(mut rooms) = self.rooms.lock() {
+            rooms.push(room);
+        }
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn take(&self) -> Vec<RoomId> {
+        self.rooms
+            .lock()
+            .map(|mut rooms| std::mem::take(&mut *rooms))
+            .unwrap_or_default()
+    }
+}
+
+/// What a subscription and its source share: the subscription going ends the source.
+#[derive(Default)]
+struct End {
+    ended: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// Held by the subscription: dropping it ends the source (at the writer's next poll, which it
+/// wakes).
+pub(crate) struct EndOnDrop(Arc<End>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+/// The events of a followed room as one session gets them: a message or edit by someone the
+/// user blocks arrives as a placeholder. Ends when the subscription is dropped (unsubscribed,
+/// or subscribed again from elsewhere) or after the event that removes the user from the room
+/// (the session is told, and says so to the client).
+///
+/// The writer pulls only while the socket takes frames: a session that falls behind the room's
+/// feed reads the rest from the log, and one whose socket takes nothing for the grace is closed
+/// with 4008 (the client resumes by sequence).
+pub(crate) struct RoomSource {
+    follower: Follower,
+    rooms: Arc<Rooms>,
+    user: UserId,
+    removals: Arc<Removals>,
+    end: Arc<End>,
+    blocks: HeldBlocks,
+    waiting: Option<Waiting>,
+    /// How long to wait before reading again after the feed failed (doubling, up to 2 s).
+    pause: Duration,
+    removed: bool,
+}
+
+/// A block list lookup, and the frame it decided on for the delivery it waited with.
+type Lookup = Pin<Box<dyn Future<Output = (HeldBlocks, Utf8Bytes, Arc<Delivery>)> + Send>>;
+
+/// A rare step the source waits on before its next event.
+enum Waiting {
+    /// The user's block list, looked up to decide how an event reaches them.
+    Blocks(Lookup),
+    /// NATS away: the follower resumes where it was after the pause.
+    Pause(Pin<Box<tokio::time::Sleep>>),
+}
+
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const LAST_PAUSE: Duration = Duration::from_secs(2);
+
+impl RoomSource {
+    /// A source over `follower`, and what ends it when dropped.
+    pub(crate) fn new(
+        follower: Follower,
+        rooms: Arc<Rooms>,
+        user: UserId,
+        removals: Arc<Removals>,
+    ) -> (RoomSource, EndOnDrop) {
+        let end = Arc::new(End::default());
+        let source = RoomSource {
+            follower,
+            rooms,
+            user,
+            removals,
+            end: end.clone(),
+            blocks: HeldBlocks::default(),
+            waiting: None,
+            pause: FIRST_PAUSE,
+            removed: false,
+        };
+        (source, EndOnDrop(end))
+    }
+
+    /// The frame `delivery` reaches this user as; `None` while their block list must be
+    /// looked up first (then `waiting` holds the lookup).
+    fn frame(&mut self, delivery: Arc<Delivery>) -> Option<Utf8Bytes> {
+        if delivery.hidden.is_none() {
+            return Some(self.handed(&delivery, &delivery.frame));
+        }
+        if let Some(blocked) = self.rooms.blocked_fresh(&self.blocks) {
+            let frame = delivery.frame_for(blocked).clone();
+            return Some(self.handed(&delivery, &frame));
+        }
+        let (rooms, user) = (self.rooms.clone(), self.user.clone());
+        let mut held = std::mem::take(&mut self.blocks);
+        let lookup = Box::pin(async move {
+            let frame = match rooms.blocked_held(&user, &mut held).await {
+                Ok(blocked) => delivery.frame_for(blocked).clone(),
+                // Fail closed: a placeholder keeps the sequence, and history shows the text
+                // later if its author is not blocked after all.
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
+                    delivery
+                        .hidden
+                        .clone()
+                        .unwrap_or_else(|| delivery.frame.clone())
+                }
+            };
+            (held, frame, delivery)
+        });
+        self.waiting = Some(Waiting::Blocks(lookup));
+        None
+    }
+
+    /// `frame` is going out for `delivery`: notes a removal of the user.
+    fn handed(&mut self, delivery: &Delivery, frame: &Utf8Bytes) -> Utf8Bytes {
+        self.pause = FIRST_PAUSE;
+        if delivery.left.as_ref() == Some(&self.user) {
+            self.removed = true;
+            self.removals.removed(self.follower.room().clone());
+        }
+        frame.clone()
+    }
+}
+
+impl Stream for RoomSource {
+    type Item = Utf8Bytes;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Utf8Bytes>> {
+        let this = self.get_mut();
+        if this.removed || this.end.ended.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.waiting.as_mut() {
+                Some(Waiting::Blocks(lookup)) => match lookup.as_mut().poll(cx) {
+                    Poll::Ready((held, frame, delivery)) => {
+                        this.waiting = None;
+                        this.blocks = held;
+                        return Poll::Ready(Some(this.handed(&delivery, &frame)));
+                    }
+                    Poll::Pending => break,
+                },
+                Some(Waiting::Pause(sleep)) => match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.waiting = None,
+                    Poll::Pending => break,
+                },
+                None => {}
+            }
+            match this.follower.poll_next(cx) {
+                Poll::Ready(Ok(delivery)) => {
+                    if let Some(frame) = this.frame(delivery) {
+                        return Poll::Ready(Some(frame));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    // NATS away: the follower resumes where it was when polled again.
+                    tracing::debug!(room = %this.follower.room(), error = %e, "follow interrupted; retrying");
+                    this.waiting = Some(Waiting::Pause(Box::pin(tokio::time::sleep(this.pause))));
+                    this.pause = (this.pause * 2).min(LAST_PAUSE);
+                }
+                Poll::Pending => break,
+            }
+        }
+        // Nothing yet: the subscription's end wakes the writer too.
+        this.end.waker.register(cx.waker());
+        if this.end.ended.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}
