@@ -96,6 +96,17 @@ impl RoomState {
         }
     }
 
+    /// Whether an event with this body can change the state (beyond its head).
+    pub fn changed_by(body: &EventBody) -> bool {
+        matches!(
+            body,
+            EventBody::RoomCreated { .. }
+                | EventBody::MemberJoined { .. }
+                | EventBody::MemberLeft { .. }
+                | EventBody::RoomUpdated { .. }
+        )
+    }
+
     pub fn is_member(&self, user: &UserId) -> bool {
         self.members.contains_key(user)
     }

@@ -7,7 +7,9 @@
 //! - **Membership comes from the log.** A room's state is the store's snapshot (as of its
 //!   checkpoint) with every later log entry folded in; it is cached for a short time
 //!   ([`RoomsConfig::membership_ttl`]), and a refusal is always re-checked against the log
-//!   before it is given, so a new member is never refused by a stale cache.
+//!   before it is given, so a new member is never refused by a stale cache. This process's own
+//!   appends, acked right after the cached state's head, renew it without a read (see
+//!   `Rooms::appended`).
 //! - **Idempotency.** The client's id is the `Nats-Msg-Id`: within the stream's duplicate
 //!   window JetStream answers a resend with the original sequence. Past the window the store's
 //!   (room, id) index answers it, which holds while projection lag stays below the window; when
@@ -142,23 +144,33 @@ pub enum PendingAck {
         /// The event's time (a duplicate's is read back from the log).
         ts: i64,
         pending: chat_log::PendingAppend,
+        /// Told of the new sequence if the event changes nothing of the room's state (see
+        /// [`Rooms::appended`]).
+        rooms: Option<Weak<Rooms>>,
+        /// Just before the event was sent.
+        sent: Instant,
     },
 }
 
 impl PendingAck {
     /// Waits for the log's answer: the `ack` to give.
     pub async fn ack(self) -> Result<Ack, RoomError> {
-        let (log, room, ts, pending) = match self {
+        let (log, room, ts, pending, rooms, sent) = match self {
             PendingAck::Known(ack) => return Ok(ack),
             PendingAck::Sent {
                 log,
                 room,
                 ts,
                 pending,
-            } => (log, room, ts, pending),
+                rooms,
+                sent,
+            } => (log, room, ts, pending, rooms, sent),
         };
         let appended = pending.appended().await?;
         if !appended.duplicate {
+            if let Some(rooms) = rooms.and_then(|r| r.upgrade()) {
+                rooms.appended(&room, appended.seq, sent);
+            }
             return Ok(Ack {
                 seq: appended.seq,
                 ts,
@@ -180,6 +192,10 @@ impl PendingAck {
 
 struct Cached {
     state: Arc<RoomState>,
+    /// The log up to here is folded into `state`: the entries after `state.head` change nothing
+    /// of it (they are this process's own appends, see [`Rooms::appended`]).
+    head: u64,
+    /// The state is the room's as the log held it at this time.
     checked: Instant,
     /// A background refresh of this entry is under way (see `Rooms::cached_renewing`).
     renewing: bool,
@@ -335,12 +351,6 @@ impl Rooms {
         (cached.checked >= since).then(|| cached.state.clone())
     }
 
-    fn cached(&self, room: &RoomId, ttl: Duration) -> Option<Arc<RoomState>> {
-        let cache = self.cache.lock().ok()?;
-        let cached = cache.get(room)?;
-        (cached.checked.elapsed() <= ttl).then(|| cached.state.clone())
-    }
-
     /// Reads the room from the log (after the cached or stored state) and caches it.
     pub async fn refresh(&self, room: &RoomId) -> Result<RoomState, RoomError> {
         Ok(RoomState::clone(&*self.refresh_shared(room).await?))
@@ -369,11 +379,38 @@ impl Rooms {
         Box::pin(self.read_state(room)).await
     }
 
+    /// This process appended, at `seq`, an event that changes nothing of the room's state,
+    /// and sent it at `sent`. A cached state folded up to `seq - 1` is then the room's state as
+    /// the log held it at `sent` (nothing came between, and `seq` was given after `sent`): it
+    /// moves to `seq` and counts as checked then. A room whose appends all go through this
+    /// process keeps its cached state fresh this way without reading the log back; an append
+    /// from elsewhere leaves a gap, and the state is renewed from the log as before.
+    fn appended(&self, room: &RoomId, seq: u64, sent: Instant) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        if let Some(cached) = cache.get_mut(room) {
+            if cached.head + 1 == seq {
+                cached.head = seq;
+                cached.checked = cached.checked.max(sent);
+            }
+        }
+    }
+
     /// Reads the room from the log, after the cached or stored state, and caches it.
     async fn read_state(&self, room: &RoomId) -> Result<Arc<RoomState>, RoomError> {
         let checked = Instant::now();
-        let mut state = match self.cached(room, Duration::MAX) {
-            Some(state) => Some(RoomState::clone(&state)),
+        let cached = self.cache.lock().ok().and_then(|cache| {
+            let cached = cache.get(room)?;
+            Some((cached.state.clone(), cached.head))
+        });
+        let mut state = match cached {
+            Some((state, head)) => {
+                let mut state = RoomState::clone(&state);
+                // The entries between change nothing: the state is the same at `head`.
+                state.head = head;
+                Some(state)
+            }
             None => self.store.room_state(room).await?,
         };
         let from = state.as_ref().map_or(1, |s| s.head + 1);
@@ -400,6 +437,7 @@ impl Rooms {
             cache.insert(
                 room.clone(),
                 Cached {
+                    head: state.head,
                     state: state.clone(),
                     checked,
                     renewing: false,
@@ -679,12 +717,15 @@ impl Rooms {
         match decided {
             DecidedAppend::Known(ack) => Ok(PendingAck::Known(ack)),
             DecidedAppend::Event { room, event } => {
+                let sent = Instant::now();
                 let pending = self.log.send(&room, &event).await?;
                 Ok(PendingAck::Sent {
                     log: self.log.clone(),
+                    rooms: (!RoomState::changed_by(&event.body)).then(|| self.this.clone()),
                     room,
                     ts: event.ts,
                     pending,
+                    sent,
                 })
             }
         }
@@ -1095,10 +1136,7 @@ impl Rooms {
         user: &UserId,
         held: &'a mut HeldBlocks,
     ) -> Result<&'a HashSet<UserId>, RoomError> {
-        let fresh = held
-            .until
-            .is_some_and(|until| held.changes == self.blocks.changes() && Instant::now() < until);
-        if !fresh {
+        if self.blocked_fresh(held).is_none() {
             // Read before the lookup: a change during it makes the next call look again.
             let changes = self.blocks.changes();
             // Boxed: the lookup's future is large and rarely needed; a caller's own future
@@ -1111,6 +1149,15 @@ impl Rooms {
             };
         }
         Ok(&held.blocked)
+    }
+
+    /// The block list in `held`, if [`Rooms::blocked_held`] would answer with it without a
+    /// lookup: for a caller that cannot wait (a session's room feed, polled).
+    pub fn blocked_fresh<'a>(&self, held: &'a HeldBlocks) -> Option<&'a HashSet<UserId>> {
+        let fresh = held
+            .until
+            .is_some_and(|until| held.changes == self.blocks.changes() && Instant::now() < until);
+        fresh.then_some(&*held.blocked)
     }
 
     /// `user`'s block list as the user log holds it now (not from the cache), sorted.
