@@ -57,22 +57,28 @@ async fn a_member_removed_elsewhere_is_refused_here_while_this_process_keeps_app
     a.append(&xavier, &room, Uuid::new_v4(), send("here"))
         .await
         .unwrap();
-    // `a` keeps appending to the room, before, during and after the removal through `b`.
+    // `a` keeps appending to the room before and after the removal through `b`. It holds the
+    // gate for each append; the removal takes it, so that `b`'s conditional append (made only
+    // if the log has not moved since it read the room) is not raced for ever.
+    let gate = Arc::new(tokio::sync::Mutex::new(()));
+    let (appended, mut appends) = tokio::sync::watch::channel(0u64);
     let busy = tokio::spawn({
-        let (a, room, yara) = (a.clone(), room.clone(), yara.clone());
+        let (a, room, yara, gate) = (a.clone(), room.clone(), yara.clone(), gate.clone());
         async move {
-            loop {
+            for n in 1.. {
+                let _turn = gate.lock().await;
                 a.append(&yara, &room, Uuid::new_v4(), send("busy"))
                     .await
                     .unwrap();
-                // Busy, but not so busy that `b`'s removal (appended only if the log has not
-                // moved since it read the room) never gets its turn.
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                appended.send_replace(n);
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    b.remove(&admin, &room, &xavier).await.unwrap();
+    appends.wait_for(|n| *n >= 10).await.unwrap();
+    {
+        let _turn = gate.lock().await;
+        b.remove(&admin, &room, &xavier).await.unwrap();
+    }
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut accepted_after_removal = 0;
