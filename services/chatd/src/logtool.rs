@@ -193,12 +193,14 @@ async fn check_stream_config(
                 .push(format!("stream {}: {what}", wanted.name));
         }
     };
+    // A stream made before changes had their own subject has the first alone until its room's
+    // next change adds the second (`RoomLog::last_change`).
     differs(
         &format!(
             "subjects {:?}, expected {:?}",
             have.subjects, wanted.subjects
         ),
-        have.subjects == wanted.subjects,
+        have.subjects == wanted.subjects || have.subjects[..] == wanted.subjects[..1],
     );
     differs("deletes are allowed", have.deny_delete);
     differs("purges are allowed", have.deny_purge);

@@ -103,9 +103,23 @@ impl LogConfig {
         )
     }
 
-    /// The one subject a room's events are appended to.
+    /// The subject a room's events are appended to, except changes of its membership and
+    /// settings (see [`LogConfig::room_state_subject`]).
     pub fn room_subject(&self, room: &RoomId) -> String {
         format!("{}.room.{}", self.prefix, room)
+    }
+
+    /// The subject of a room's membership and settings changes, in the same stream (one order):
+    /// a change is appended only if the last change is the one it was decided on
+    /// (`Nats-Expected-Last-Subject-Sequence`), which messages arriving meanwhile do not disturb.
+    pub fn room_state_subject(&self, room: &RoomId) -> String {
+        format!("{}.change.{}", self.prefix, room)
+    }
+
+    /// What the room's stream republishes: both of its subjects (the same number of tokens,
+    /// so one wildcard covers them; a transform from `>` to one subject is not allowed).
+    pub fn republish_source(&self, room: &RoomId) -> String {
+        format!("{}.*.{}", self.prefix, room)
     }
 
     /// The core subject each stored event is republished to.
@@ -166,6 +180,7 @@ mod tests {
         let cfg = LogConfig::default();
         let room = RoomId::parse("general").unwrap();
         assert_eq!(cfg.room_subject(&room), "chat.room.general");
+        assert_eq!(cfg.room_state_subject(&room), "chat.change.general");
         assert_eq!(cfg.live_subject(&room), "chat.live.general");
         let name = cfg.stream_name(&room);
         assert!(name.starts_with("CHAT_") && name.len() == 5 + 32, "{name}");

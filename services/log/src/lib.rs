@@ -6,6 +6,7 @@
 //! |---|---|
 //! | stream | `CHAT_<32 hex of sha256(room)>`, the room id in the metadata key `chat.room` |
 //! | subject appended to | `chat.room.<room>` |
+//! | subject of membership and settings changes | `chat.change.<room>` (same stream) |
 //! | republished (persist, then broadcast) | `chat.live.<room>` with `Nats-Sequence` etc. |
 //!
 //! Streams keep everything (no age or count limits), deny deletes and purges, allow direct gets,

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::header::{
+    NATS_EXPECTED_LAST_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID,
+};
 use async_nats::jetstream::{self, context::PublishErrorKind, response::Response, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
@@ -193,11 +195,10 @@ impl RoomLog {
     /// The stream settings of a room (see the crate docs).
     pub fn stream_config(&self, room: &RoomId) -> stream::Config {
         let cfg = &self.inner.config;
-        let subject = cfg.room_subject(room);
         stream::Config {
             name: cfg.stream_name(room),
             description: Some(format!("chat room {room}")),
-            subjects: vec![subject.clone()],
+            subjects: vec![cfg.room_subject(room), cfg.room_state_subject(room)],
             storage: stream::StorageType::File,
             num_replicas: cfg.replicas,
             duplicate_window: cfg.duplicate_window,
@@ -206,7 +207,8 @@ impl RoomLog {
             deny_purge: true,
             allow_direct: true,
             republish: Some(stream::Republish {
-                source: subject,
+                // Both subjects, in the stream's one order.
+                source: cfg.republish_source(room),
                 destination: cfg.live_subject(room),
                 headers_only: false,
             }),
@@ -360,10 +362,88 @@ impl RoomLog {
         event: &Event,
         expected_last: Option<u64>,
     ) -> Result<Appended, LogError> {
-        self.send_event(room, event, expected_last)
+        self.send_event(room, event, Condition::from(expected_last))
             .await?
             .appended()
             .await
+    }
+
+    /// Appends a change of the room's membership or settings, decided on a state that includes
+    /// the change at `last_change` (from [`RoomLog::last_change`]), only if no other change has
+    /// been appended since; otherwise [`LogError::WrongLastSequence`]. Messages appended in
+    /// between do not matter: they cannot change what was decided.
+    pub async fn append_change(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        last_change: u64,
+    ) -> Result<Appended, LogError> {
+        self.send_event(room, event, Condition::LastChange(last_change))
+            .await?
+            .appended()
+            .await
+    }
+
+    /// The sequence of the room's last change appended with [`RoomLog::append_change`] (0 if
+    /// none). A stream made before changes had their own subject gains that subject here.
+    pub async fn last_change(&self, room: &RoomId) -> Result<u64, LogError> {
+        let cfg = &self.inner.config;
+        let info = self.stream_info(room, "last change").await?;
+        let subject = cfg.room_state_subject(room);
+        if !info.config.subjects.contains(&subject) {
+            self.add_state_subject(room, info.config).await?;
+            return Ok(0);
+        }
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(cfg.stream_name(room))
+            .await
+            .map_err(|e| LogError::JetStream {
+                room: room.clone(),
+                op: "last change",
+                reason: e.to_string(),
+            })?;
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) => match e.kind() {
+                stream::DirectGetErrorKind::NotFound => Ok(0),
+                stream::DirectGetErrorKind::TimedOut => Err(LogError::Timeout {
+                    room: room.clone(),
+                    op: "last change",
+                }),
+                _ => Err(LogError::Unavailable {
+                    room: room.clone(),
+                    op: "last change",
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// Adds the state subject to a stream made with the room's subject alone, and widens its
+    /// republishing to both (the rest of its settings stay as they are).
+    async fn add_state_subject(
+        &self,
+        room: &RoomId,
+        mut config: stream::Config,
+    ) -> Result<(), LogError> {
+        let cfg = &self.inner.config;
+        config.subjects.push(cfg.room_state_subject(room));
+        if let Some(republish) = config.republish.as_mut() {
+            republish.source = cfg.republish_source(room);
+        }
+        tracing::info!(room = %room, "adding the state subject to the room's stream");
+        self.inner
+            .js
+            .update_stream(config)
+            .await
+            .map(|_| ())
+            .map_err(|e| LogError::JetStream {
+                room: room.clone(),
+                op: "add the state subject",
+                reason: e.to_string(),
+            })
     }
 
     /// Appends already-encoded bytes under the idempotency key `msg_id`.
@@ -377,7 +457,7 @@ impl RoomLog {
         payload: Bytes,
         expected_last: Option<u64>,
     ) -> Result<Appended, LogError> {
-        self.send_raw(room, msg_id, payload, expected_last)
+        self.send_raw(room, msg_id, payload, Condition::from(expected_last))
             .await?
             .appended()
             .await
@@ -387,7 +467,7 @@ impl RoomLog {
     /// [`PendingAppend`]. Appends sent one after another by one caller are stored in that order
     /// (one connection), so a caller may have several in flight and still keep its order.
     pub async fn send(&self, room: &RoomId, event: &Event) -> Result<PendingAppend, LogError> {
-        self.send_event(room, event, None).await
+        self.send_event(room, event, Condition::None).await
     }
 
     /// Encodes `event` and sends it under its id (see [`RoomLog::send`]).
@@ -395,7 +475,7 @@ impl RoomLog {
         &self,
         room: &RoomId,
         event: &Event,
-        expected_last: Option<u64>,
+        condition: Condition,
     ) -> Result<PendingAppend, LogError> {
         let payload = event.encode().map_err(|source| LogError::Encode {
             room: room.clone(),
@@ -403,7 +483,7 @@ impl RoomLog {
         })?;
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id.hyphenated().encode_lower(&mut id);
-        self.send_raw(room, id, payload.into(), expected_last).await
+        self.send_raw(room, id, payload.into(), condition).await
     }
 
     async fn send_raw(
@@ -411,7 +491,7 @@ impl RoomLog {
         room: &RoomId,
         msg_id: &str,
         payload: Bytes,
-        expected_last: Option<u64>,
+        condition: Condition,
     ) -> Result<PendingAppend, LogError> {
         let max = self.inner.config.max_event_bytes;
         if payload.len() > max {
@@ -426,7 +506,7 @@ impl RoomLog {
             room: room.clone(),
             msg_id: msg_id.to_owned(),
             payload,
-            expected_last,
+            condition,
             ack: None,
         };
         match pending.publish().await {
@@ -611,13 +691,38 @@ impl RoomLog {
     }
 }
 
+/// What an append requires of the room's stream.
+#[derive(Debug, Clone, Copy)]
+enum Condition {
+    None,
+    /// The room's last sequence is this.
+    Last(u64),
+    /// The room's last change (on the state subject) is at this sequence.
+    LastChange(u64),
+}
+
+impl Condition {
+    fn expected(self) -> Option<u64> {
+        match self {
+            Condition::None => None,
+            Condition::Last(seq) | Condition::LastChange(seq) => Some(seq),
+        }
+    }
+}
+
+impl From<Option<u64>> for Condition {
+    fn from(expected_last: Option<u64>) -> Condition {
+        expected_last.map_or(Condition::None, Condition::Last)
+    }
+}
+
 /// An append sent to a room's stream, its acknowledgement not awaited yet.
 pub struct PendingAppend {
     log: RoomLog,
     room: RoomId,
     msg_id: String,
     payload: Bytes,
-    expected_last: Option<u64>,
+    condition: Condition,
     /// The stream's answer to the first attempt.
     ack: Option<jetstream::context::PublishAckFuture>,
 }
@@ -660,10 +765,21 @@ impl PendingAppend {
     ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, self.msg_id.as_str());
-        if let Some(expected) = self.expected_last {
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
-        }
-        let subject = self.log.inner.config.room_subject(&self.room);
+        let config = &self.log.inner.config;
+        let subject = match self.condition {
+            Condition::None => config.room_subject(&self.room),
+            Condition::Last(expected) => {
+                headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+                config.room_subject(&self.room)
+            }
+            Condition::LastChange(expected) => {
+                headers.insert(
+                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    expected.to_string().as_str(),
+                );
+                config.room_state_subject(&self.room)
+            }
+        };
         self.log
             .inner
             .js
@@ -673,7 +789,7 @@ impl PendingAppend {
 
     async fn error(&self, e: jetstream::context::PublishError) -> LogError {
         self.log
-            .publish_error(&self.room, self.expected_last, self.payload.len(), e)
+            .publish_error(&self.room, self.condition.expected(), self.payload.len(), e)
             .await
     }
 }

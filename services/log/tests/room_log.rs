@@ -162,8 +162,15 @@ async fn room_streams_have_the_documented_settings() {
         .cached_info()
         .clone();
     let c = &info.config;
-    assert_eq!(c.subjects, vec!["chat.room.Settings_1".to_owned()]);
+    assert_eq!(
+        c.subjects,
+        vec![
+            "chat.room.Settings_1".to_owned(),
+            "chat.change.Settings_1".to_owned()
+        ]
+    );
     let republish = c.republish.as_ref().expect("republish");
+    assert_eq!(republish.source, "chat.*.Settings_1", "both subjects");
     assert_eq!(republish.destination, "chat.live.Settings_1");
     assert!(!republish.headers_only);
     assert!(c.deny_delete && c.deny_purge && c.allow_direct);
@@ -427,4 +434,114 @@ async fn a_range_read_that_loses_the_last_messages_of_a_batch_starts_over_and_fi
     })
     .await;
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn a_change_is_refused_only_if_another_change_came_first_and_messages_do_not_count() {
+    let (_server, log, room) = with_room("changes").await;
+    // The republished copies themselves (a live subscription would fill a gap from the stream).
+    let mut live = log
+        .client()
+        .subscribe(log.config().live_subject(&room))
+        .await
+        .unwrap();
+    log.append(&room, &message("before")).await.unwrap();
+    assert_eq!(log.last_change(&room).await.unwrap(), 0);
+
+    let first = log
+        .append_change(&room, &message("change 1"), 0)
+        .await
+        .unwrap();
+    assert_eq!(first.seq, 2);
+    assert_eq!(log.last_change(&room).await.unwrap(), 2);
+    // Messages after the change do not make a change decided on it stale.
+    for i in 0..5 {
+        log.append(&room, &message(format!("between {i}")))
+            .await
+            .unwrap();
+    }
+    let second = log
+        .append_change(&room, &message("change 2"), 2)
+        .await
+        .unwrap();
+    assert_eq!(second.seq, 8);
+    // A change decided before the second one is.
+    let stale = log.append_change(&room, &message("change 3"), 2).await;
+    assert!(
+        matches!(stale, Err(LogError::WrongLastSequence { expected: 2, .. })),
+        "{stale:?}"
+    );
+    assert_eq!(log.last_change(&room).await.unwrap(), 8);
+
+    // Both subjects are one order, in ranges and live.
+    let seqs: Vec<u64> = log
+        .read_range(&room, 1, u64::MAX)
+        .collect()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    for seq in 1..=8 {
+        assert_eq!(live_seq(&mut live).await, seq);
+    }
+}
+
+async fn live_seq(live: &mut async_nats::Subscriber) -> u64 {
+    use futures::StreamExt;
+    let message = live.next().await.unwrap();
+    let headers = message.headers.unwrap();
+    headers
+        .get(async_nats::header::NATS_SEQUENCE)
+        .unwrap()
+        .as_str()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_stream_made_with_the_room_subject_alone_gains_the_state_subject() {
+    let server = NatsServer::start();
+    let config = LogConfig::default();
+    let log = RoomLog::connect(&server.url(), config.clone())
+        .await
+        .unwrap();
+    let room = room("older");
+    // The settings streams had before changes got their own subject.
+    let mut older = log.stream_config(&room);
+    older.subjects = vec![config.room_subject(&room)];
+    if let Some(republish) = older.republish.as_mut() {
+        republish.source = config.room_subject(&room);
+    }
+    let js = async_nats::jetstream::new(log.client().clone());
+    js.create_stream(older).await.unwrap();
+    log.append(&room, &message("old")).await.unwrap();
+
+    assert_eq!(log.last_change(&room).await.unwrap(), 0);
+    let info = js
+        .get_stream(config.stream_name(&room))
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.subjects, log.stream_config(&room).subjects);
+    assert_eq!(
+        info.config.republish.unwrap().source,
+        config.republish_source(&room)
+    );
+    assert_eq!(info.state.messages, 1, "the events stay");
+
+    let mut live = log
+        .client()
+        .subscribe(config.live_subject(&room))
+        .await
+        .unwrap();
+    let change = log
+        .append_change(&room, &message("change"), 0)
+        .await
+        .unwrap();
+    assert_eq!(change.seq, 2);
+    assert_eq!(log.last_change(&room).await.unwrap(), 2);
+    assert_eq!(live_seq(&mut live).await, 2, "changes are republished");
 }

@@ -578,8 +578,10 @@ impl Rooms {
             .await
     }
 
-    /// Decides against the current state and appends only if the log has not moved since, so
-    /// two concurrent changes cannot both be decided on the same old state.
+    /// Decides against the current state and appends only if no other change of membership or
+    /// settings has been appended since, so two concurrent changes cannot both be decided on
+    /// the same old state. Messages appended meanwhile do not make it try again: in a busy room
+    /// the log moves on between any read and the next append.
     async fn change_room(
         &self,
         actor: &UserId,
@@ -587,7 +589,12 @@ impl Rooms {
         decide: impl Fn(&RoomState) -> Result<EventBody, Refusal>,
     ) -> Result<u64, RoomError> {
         for _ in 0..8 {
+            // Read first: a refresh asked for after it covers that change.
+            let last_change = self.log.last_change(room).await?;
             let state = self.refresh(room).await?;
+            if state.head < last_change {
+                continue;
+            }
             let body = decide(&state)?;
             let event = Event {
                 id: Uuid::new_v4(),
@@ -595,7 +602,7 @@ impl Rooms {
                 ts: now_ms(),
                 body,
             };
-            match self.log.append_if_last(room, &event, state.head).await {
+            match self.log.append_change(room, &event, last_change).await {
                 Ok(appended) => {
                     let _ = self.refresh(room).await;
                     self.await_projection(room, appended.seq).await;

@@ -36,7 +36,8 @@ fn send(text: &str) -> Command {
 /// A process's own appends keep its cached membership fresh only while nothing else was
 /// appended in between: a removal appended through another process leaves a gap in the
 /// sequences this one sees acked, so its cache is renewed from the log (within the membership
-/// TTL) however busy the room stays here.
+/// TTL) however busy the room stays here. And the removal itself goes through while the room
+/// is busy: a change is conditional on the room's last change, not on its last message.
 #[tokio::test]
 async fn a_member_removed_elsewhere_is_refused_here_while_this_process_keeps_appending() {
     let server = chat_harness::NatsServer::start();
@@ -57,28 +58,31 @@ async fn a_member_removed_elsewhere_is_refused_here_while_this_process_keeps_app
     a.append(&xavier, &room, Uuid::new_v4(), send("here"))
         .await
         .unwrap();
-    // `a` keeps appending to the room before and after the removal through `b`. It holds the
-    // gate for each append; the removal takes it, so that `b`'s conditional append (made only
-    // if the log has not moved since it read the room) is not raced for ever.
-    let gate = Arc::new(tokio::sync::Mutex::new(()));
+    // `a` keeps appending to the room, four at a time, before, during and after the removal
+    // through `b`: the removal is decided and appended meanwhile, however busy the room is.
     let (appended, mut appends) = tokio::sync::watch::channel(0u64);
-    let busy = tokio::spawn({
-        let (a, room, yara, gate) = (a.clone(), room.clone(), yara.clone(), gate.clone());
-        async move {
-            for n in 1.. {
-                let _turn = gate.lock().await;
-                a.append(&yara, &room, Uuid::new_v4(), send("busy"))
-                    .await
-                    .unwrap();
-                appended.send_replace(n);
-            }
-        }
-    });
+    let appended = Arc::new(appended);
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let (a, room, yara, appended) =
+                (a.clone(), room.clone(), yara.clone(), appended.clone());
+            tokio::spawn(async move {
+                loop {
+                    a.append(&yara, &room, Uuid::new_v4(), send("busy"))
+                        .await
+                        .unwrap();
+                    appended.send_modify(|n| *n += 1);
+                }
+            })
+        })
+        .collect();
     appends.wait_for(|n| *n >= 10).await.unwrap();
-    {
-        let _turn = gate.lock().await;
-        b.remove(&admin, &room, &xavier).await.unwrap();
-    }
+    b.remove(&admin, &room, &xavier).await.unwrap();
+    let after_removal = *appends.borrow();
+    appends
+        .wait_for(|n| *n >= after_removal + 10)
+        .await
+        .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut accepted_after_removal = 0;
@@ -97,7 +101,9 @@ async fn a_member_removed_elsewhere_is_refused_here_while_this_process_keeps_app
              while this process kept appending to the room"
         );
     }
-    busy.abort();
+    for task in busy {
+        task.abort();
+    }
     // The other process, which appended the removal, refused at once.
     let refused = b
         .append(&xavier, &room, Uuid::new_v4(), send("elsewhere"))
@@ -131,8 +137,7 @@ async fn own_appends_keep_the_cache_exact() {
     let again = a.append(&yara, &room, id, send("one")).await.unwrap();
     assert_eq!((again.seq, again.duplicate), (first.seq, true));
 
-    // The state's head is the log's (a change decided on it appends with the right last
-    // sequence, at the first try).
+    // The state's head is the log's.
     a.set_read_only(&admin, &room, true).await.unwrap();
     let refused = a.append(&yara, &room, Uuid::new_v4(), send("no")).await;
     assert!(
@@ -140,4 +145,40 @@ async fn own_appends_keep_the_cache_exact() {
         "{refused:?}"
     );
     assert_eq!(a.state(&room).await.unwrap().head, first.seq + 6);
+}
+
+/// Two processes removing the same member at once: one removal is appended, the other is
+/// decided again on the state that includes it and refused.
+#[tokio::test]
+async fn concurrent_changes_are_never_both_decided_on_the_same_state() {
+    let server = chat_harness::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = service(&server.url(), &dir, "a").await;
+    let b = service(&server.url(), &dir, "b").await;
+    let (admin, xavier) = (user("admin"), user("xavier"));
+    for round in 0..10 {
+        let room = RoomId::parse(format!("race-{round}")).unwrap();
+        a.create_group(&admin, &room, "race", vec![xavier.clone()], None)
+            .await
+            .unwrap();
+        let (first, second) = tokio::join!(
+            a.remove(&admin, &room, &xavier),
+            b.remove(&admin, &room, &xavier)
+        );
+        let removed = [&first, &second].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(removed, 1, "{first:?} {second:?}");
+        let refused = if first.is_ok() { second } else { first };
+        assert!(
+            matches!(refused, Err(RoomError::Conflict(_))),
+            "{refused:?}"
+        );
+        let log = RoomLog::connect(&server.url(), LogConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            log.head(&room).await.unwrap(),
+            2,
+            "one event besides the creation"
+        );
+    }
 }
