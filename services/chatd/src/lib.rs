@@ -44,7 +44,7 @@ pub async fn serve(
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     let draining = Arc::new(AtomicBool::new(false));
-    let store = open_store(&config).await?;
+    let store = open_store_with(&config, role == Role::All).await?;
     let mut tasks = tokio::task::JoinSet::new();
 
     // The projector's commits, for the readers of the store in this process.
@@ -231,11 +231,25 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
 
 /// Opens the projection store the configuration names.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn chat_store::Store>> {
+    open_store_with(config, false).await
+}
+
+/// Opens the store; `sole_writer`: this process's projector is the only one writing it (every
+/// role in one process), so SQLite may keep its id index in memory too.
+async fn open_store_with(
+    config: &Config,
+    sole_writer: bool,
+) -> anyhow::Result<Arc<dyn chat_store::Store>> {
     match &config.store {
         StoreConfig::Sqlite => {
             let path = config.data_dir.join("store.db");
             let store = chat_store::SqliteStore::open(&path)
                 .with_context(|| format!("open the sqlite store {}", path.display()))?;
+            if sole_writer {
+                store
+                    .filter_ids()
+                    .with_context(|| format!("read the id index of {}", path.display()))?;
+            }
             Ok(Arc::new(store))
         }
         StoreConfig::Scylla { uri, .. } => {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod commits;
+mod idfilter;
 mod receipts;
 mod render;
 mod scylla;

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use chat_model::{Event, EventBody, RoomId, RoomKind, RoomState, UserId};
@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::idfilter::IdFilter;
 use crate::render::{fields_of, StoredEvent};
 use crate::{
     DeadLetter, IdHit, MemberCursors, Page, PageQuery, ProjectorStatus, Result, RoomBatch,
@@ -59,6 +60,8 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     /// Idle read connections; WAL lets them read while the writer writes.
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// The id index in memory, once [`SqliteStore::filter_ids`] turned it on.
+    ids: Arc<RwLock<Option<IdFilter>>>,
 }
 
 fn backend_err(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -89,7 +92,28 @@ impl SqliteStore {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            ids: Arc::default(),
         })
+    }
+
+    /// Keeps the id index in memory too, as a Bloom filter, so that looking up an id the room
+    /// never had (nearly every append) reads nothing from the file. Only for a process whose
+    /// store no other process writes (`chatd` with every role: its own projector is the only
+    /// writer), since the filter learns ids from this process's writes. Reads the whole index
+    /// once, now.
+    pub fn filter_ids(&self) -> Result<()> {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let filter = scan_ids(&conn, 0).map_err(backend_err("read the id index"))?;
+        tracing::info!(ids = filter.added(), "id index kept in memory");
+        *self.ids.write().unwrap_or_else(|p| p.into_inner()) = Some(filter);
+        Ok(())
+    }
+
+    /// Whether the id may be in the room's index (`None`: no filter, ask the file).
+    fn id_may_exist(&self, room: &str, head: [u8; 8]) -> Option<bool> {
+        let ids = self.ids.read().unwrap_or_else(|p| p.into_inner());
+        ids.as_ref()
+            .map(|filter| filter.may_contain(IdFilter::key(room, head)))
     }
 
     /// The file this store lives in.
@@ -220,6 +244,26 @@ fn migrate_id_index(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// A filter holding every entry of `event_ids`, sized for them (and at least `at_least`).
+fn scan_ids(conn: &Connection, at_least: u64) -> rusqlite::Result<IdFilter> {
+    let count: i64 = conn.query_row("SELECT count(*) FROM event_ids", [], |r| r.get(0))?;
+    let mut filter = IdFilter::for_ids((count.max(0) as u64).max(at_least));
+    let mut rows = conn.prepare(
+        "SELECT k.room, i.id_head FROM event_ids i JOIN room_keys k ON k.key = i.room_key",
+    )?;
+    let mut rows = rows.query([])?;
+    while let Some(row) = rows.next()? {
+        let room = row.get_ref(0)?.as_str()?;
+        let mut head = [0u8; 8];
+        let blob = row.get_ref(1)?.as_blob()?;
+        if blob.len() == head.len() {
+            head.copy_from_slice(blob);
+            filter.add(IdFilter::key(room, head));
+        }
+    }
+    Ok(filter)
+}
+
 /// The part of a client id `event_ids` keys on: 8 bytes of its SHA-256. Not the id's own
 /// bytes: clients choose ids, and ids that share their leading bytes (time-ordered UUIDs, a
 /// client's counter under a fixed prefix) would pile up under one key, so every lookup in the
@@ -329,9 +373,21 @@ impl<'tx> Inserts<'tx> {
 
     /// Writes the pending `event_ids` entries of `room`, in key order (neighbouring inserts
     /// then find their pages where the previous one left them).
-    fn flush_ids(&mut self, tx: &Transaction<'_>, room: &str) -> rusqlite::Result<()> {
+    fn flush_ids(
+        &mut self,
+        tx: &Transaction<'_>,
+        room: &str,
+        filter: &RwLock<Option<IdFilter>>,
+    ) -> rusqlite::Result<()> {
         if self.ids.is_empty() {
             return Ok(());
+        }
+        // Into the filter before the transaction commits: a lookup never finds the file ahead of
+        // it (an id added here whose transaction then fails is only a needless read later).
+        if let Some(filter) = filter.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            for (head, _) in &self.ids {
+                filter.add(IdFilter::key(room, *head));
+            }
         }
         let key = room_key_in(tx, room)?;
         self.ids.sort_unstable();
@@ -692,7 +748,11 @@ fn hash_table(
 }
 
 /// Applies `batches` in one transaction (see [`Store::apply`]).
-fn apply_batches(conn: &mut Connection, batches: &[RoomBatch]) -> Result<()> {
+fn apply_batches(
+    conn: &mut Connection,
+    batches: &[RoomBatch],
+    ids: &RwLock<Option<IdFilter>>,
+) -> Result<()> {
     let tx = conn.transaction().map_err(backend_err("apply"))?;
     {
         let mut inserts = Inserts::prepare(&tx).map_err(backend_err("apply"))?;
@@ -724,7 +784,7 @@ fn apply_batches(conn: &mut Connection, batches: &[RoomBatch]) -> Result<()> {
                 .map_err(room_err)?;
                 checkpoint = entry.seq;
             }
-            inserts.flush_ids(&tx, room).map_err(room_err)?;
+            inserts.flush_ids(&tx, room, ids).map_err(room_err)?;
             cursors.flush(&tx, room).map_err(room_err)?;
             tx.prepare_cached(
                 "INSERT INTO checkpoints (room, seq) VALUES (?1, ?2)
@@ -734,7 +794,21 @@ fn apply_batches(conn: &mut Connection, batches: &[RoomBatch]) -> Result<()> {
             .map_err(room_err)?;
         }
     }
-    tx.commit().map_err(backend_err("apply"))
+    tx.commit().map_err(backend_err("apply"))?;
+    let outgrown = ids
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .filter(|filter| filter.outgrown())
+        .map(IdFilter::added);
+    if let Some(added) = outgrown {
+        // Twice the size, from the file (the writer is held: nothing is written meanwhile).
+        let filter =
+            scan_ids(conn, added.saturating_mul(2)).map_err(backend_err("read the id index"))?;
+        tracing::info!(ids = filter.added(), "id filter grown");
+        *ids.write().unwrap_or_else(|p| p.into_inner()) = Some(filter);
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -752,11 +826,13 @@ impl Store for SqliteStore {
         if multi_thread {
             return tokio::task::block_in_place(|| {
                 let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-                apply_batches(&mut conn, batches)
+                apply_batches(&mut conn, batches, &self.ids)
             });
         }
         let batches = batches.to_vec();
-        self.write(move |conn| apply_batches(conn, &batches)).await
+        let ids = self.ids.clone();
+        self.write(move |conn| apply_batches(conn, &batches, &ids))
+            .await
     }
 
     async fn checkpoint(&self, room: &RoomId) -> Result<u64> {
@@ -1034,6 +1110,10 @@ impl Store for SqliteStore {
     }
 
     async fn find_id(&self, room: &RoomId, id: Uuid) -> Result<Option<IdHit>> {
+        let head = id_head(&id);
+        if self.id_may_exist(room.as_str(), head) == Some(false) {
+            return Ok(None);
+        }
         self.read_point(move |conn| {
             // Every append asks this: a cached statement, not a parse per call.
             let err = backend_err("find id");
@@ -1049,11 +1129,7 @@ impl Store for SqliteStore {
             )
             .map_err(&err)?
             .query_row(
-                params![
-                    room.as_str(),
-                    &id_head(&id)[..],
-                    id.hyphenated().to_string()
-                ],
+                params![room.as_str(), &head[..], id.hyphenated().to_string()],
                 |r| {
                     Ok(IdHit {
                         seq: r.get::<_, i64>(0)? as u64,
