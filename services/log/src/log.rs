@@ -394,31 +394,10 @@ impl RoomLog {
             self.add_state_subject(room, info.config).await?;
             return Ok(0);
         }
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(cfg.stream_name(room))
-            .await
-            .map_err(|e| LogError::JetStream {
-                room: room.clone(),
-                op: "last change",
-                reason: e.to_string(),
-            })?;
-        match stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(msg.sequence),
-            Err(e) => match e.kind() {
-                stream::DirectGetErrorKind::NotFound => Ok(0),
-                stream::DirectGetErrorKind::TimedOut => Err(LogError::Timeout {
-                    room: room.clone(),
-                    op: "last change",
-                }),
-                _ => Err(LogError::Unavailable {
-                    room: room.clone(),
-                    op: "last change",
-                    reason: e.to_string(),
-                }),
-            },
-        }
+        let last = self
+            .direct_get(room, "last change", DirectGet::LastOf(subject))
+            .await?;
+        Ok(last.map_or(0, |msg| msg.sequence))
     }
 
     /// Adds the state subject to a stream made with the room's subject alone, and widens its
@@ -574,6 +553,21 @@ impl RoomLog {
 
     /// One entry by sequence; `None` if the log does not hold it (e.g. removed by retention).
     pub async fn get(&self, room: &RoomId, seq: u64) -> Result<Option<RawEntry>, LogError> {
+        let msg = self.direct_get(room, "get", DirectGet::Seq(seq)).await?;
+        Ok(msg.map(|msg| RawEntry {
+            seq: msg.sequence,
+            payload: msg.payload,
+        }))
+    }
+
+    /// One message of the room's stream by direct get (`None`: the stream holds no such
+    /// message); `op` names the operation in errors.
+    async fn direct_get(
+        &self,
+        room: &RoomId,
+        op: &'static str,
+        which: DirectGet,
+    ) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
         let stream = self
             .inner
             .js
@@ -581,23 +575,24 @@ impl RoomLog {
             .await
             .map_err(|e| LogError::JetStream {
                 room: room.clone(),
-                op: "get",
+                op,
                 reason: e.to_string(),
             })?;
-        match stream.direct_get(seq).await {
-            Ok(msg) => Ok(Some(RawEntry {
-                seq: msg.sequence,
-                payload: msg.payload,
-            })),
+        let got = match which {
+            DirectGet::Seq(seq) => stream.direct_get(seq).await,
+            DirectGet::LastOf(subject) => stream.direct_get_last_for_subject(subject).await,
+        };
+        match got {
+            Ok(msg) => Ok(Some(msg)),
             Err(e) => match e.kind() {
                 stream::DirectGetErrorKind::NotFound => Ok(None),
                 stream::DirectGetErrorKind::TimedOut => Err(LogError::Timeout {
                     room: room.clone(),
-                    op: "get",
+                    op,
                 }),
                 _ => Err(LogError::Unavailable {
                     room: room.clone(),
-                    op: "get",
+                    op,
                     reason: e.to_string(),
                 }),
             },
@@ -689,6 +684,13 @@ impl RoomLog {
     pub(crate) fn jetstream(&self) -> &jetstream::Context {
         &self.inner.js
     }
+}
+
+/// Which message a direct get asks for.
+enum DirectGet {
+    Seq(u64),
+    /// The last message on this subject.
+    LastOf(String),
 }
 
 /// What an append requires of the room's stream.
