@@ -439,12 +439,7 @@ async fn a_range_read_that_loses_the_last_messages_of_a_batch_starts_over_and_fi
 #[tokio::test]
 async fn a_change_is_refused_only_if_another_change_came_first_and_messages_do_not_count() {
     let (_server, log, room) = with_room("changes").await;
-    // The republished copies themselves (a live subscription would fill a gap from the stream).
-    let mut live = log
-        .client()
-        .subscribe(log.config().live_subject(&room))
-        .await
-        .unwrap();
+    let mut live = live_copies(&log, &room).await;
     log.append(&room, &message("before")).await.unwrap();
     assert_eq!(log.last_change(&room).await.unwrap(), 0);
 
@@ -486,6 +481,15 @@ async fn a_change_is_refused_only_if_another_change_came_first_and_messages_do_n
     for seq in 1..=8 {
         assert_eq!(live_seq(&mut live).await, seq);
     }
+}
+
+/// The republished copies of the room's events themselves (a live subscription would fill a
+/// gap from the stream, and so could not show what is republished).
+async fn live_copies(log: &RoomLog, room: &RoomId) -> async_nats::Subscriber {
+    log.client()
+        .subscribe(log.config().live_subject(room))
+        .await
+        .unwrap()
 }
 
 async fn live_seq(live: &mut async_nats::Subscriber) -> u64 {
@@ -532,11 +536,7 @@ async fn a_stream_made_with_the_room_subject_alone_gains_the_state_subject() {
     );
     assert_eq!(info.state.messages, 1, "the events stay");
 
-    let mut live = log
-        .client()
-        .subscribe(config.live_subject(&room))
-        .await
-        .unwrap();
+    let mut live = live_copies(&log, &room).await;
     let change = log
         .append_change(&room, &message("change"), 0)
         .await

@@ -43,8 +43,20 @@ impl IdFilter {
     /// The key of an id in a room: `head` is already a digest of the id (uniform), the room's
     /// name is hashed in so the same id in two rooms is two keys.
     pub(crate) fn key(room: &str, head: [u8; 8]) -> u64 {
-        let room = BuildHasherDefault::<DefaultHasher>::default().hash_one(room);
-        u64::from_le_bytes(head) ^ room.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        Self::key_in(Self::room_hash(room), head)
+    }
+
+    /// The room's part of its keys, for adding many of its ids.
+    pub(crate) fn room_hash(room: &str) -> u64 {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(room)
+    }
+
+    /// [`IdFilter::key`] with the room already hashed.
+    pub(crate) fn key_in(room_hash: u64, head: [u8; 8]) -> u64 {
+        u64::from_le_bytes(head)
+            ^ room_hash
+                .rotate_left(29)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     /// The bits of `key` (double hashing).

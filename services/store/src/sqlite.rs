@@ -252,13 +252,20 @@ fn scan_ids(conn: &Connection, at_least: u64) -> rusqlite::Result<IdFilter> {
         "SELECT k.room, i.id_head FROM event_ids i JOIN room_keys k ON k.key = i.room_key",
     )?;
     let mut rows = rows.query([])?;
+    // Rows usually come a room at a time (`event_ids` is keyed by the room first): each room is
+    // hashed once per run of its rows.
+    let mut room: Option<(String, u64)> = None;
     while let Some(row) = rows.next()? {
-        let room = row.get_ref(0)?.as_str()?;
+        let name = row.get_ref(0)?.as_str()?;
+        let hash = match &room {
+            Some((last, hash)) if last == name => *hash,
+            _ => room.insert((name.to_owned(), IdFilter::room_hash(name))).1,
+        };
         let mut head = [0u8; 8];
         let blob = row.get_ref(1)?.as_blob()?;
         if blob.len() == head.len() {
             head.copy_from_slice(blob);
-            filter.add(IdFilter::key(room, head));
+            filter.add(IdFilter::key_in(hash, head));
         }
     }
     Ok(filter)
@@ -385,8 +392,9 @@ impl<'tx> Inserts<'tx> {
         // Into the filter before the transaction commits: a lookup never finds the file ahead of
         // it (an id added here whose transaction then fails is only a needless read later).
         if let Some(filter) = filter.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let room = IdFilter::room_hash(room);
             for (head, _) in &self.ids {
-                filter.add(IdFilter::key(room, *head));
+                filter.add(IdFilter::key_in(room, *head));
             }
         }
         let key = room_key_in(tx, room)?;
