@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::ReusableBoxFuture;
 use tungstenite::Utf8Bytes;
 
+use crate::frame::Framed;
 use crate::outbox::EphemeralOutbox;
 use crate::render::delivery;
 use crate::typing::{self, Ephemeral, Signal, Typists};
@@ -37,8 +38,8 @@ use crate::typing::{self, Ephemeral, Signal, Typists};
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub seq: u64,
-    /// The rendered `event` frame.
-    pub frame: Utf8Bytes,
+    /// The rendered `event` frame, framed for the socket once for every session.
+    pub frame: Framed,
     /// For a `member_left` event: who left (their sessions stop following the room after it).
     pub left: Option<UserId>,
     /// For a `message` event: its author (their typing indicator ends with it).
@@ -47,7 +48,7 @@ pub struct Delivery {
     pub author: Option<UserId>,
     /// For a message or an edit: the frame a reader who blocks `author` gets instead, rendered
     /// once like `frame` (see `Delivery::frame_for`).
-    pub hidden: Option<Utf8Bytes>,
+    pub hidden: Option<Framed>,
 }
 
 /// This edge's room feeds.

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod delivered;
+mod frame;
 mod hub;
 mod limits;
 mod origin;
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use delivered::{DeliveredConfig, DeliveredCursors};
+pub use frame::Framed;
 pub use hub::{Delivery, Follower, Hub};
 pub use limits::{Rate, Rates};
 pub use presence::{Presence, PresenceConfig};

@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Utf8Bytes;
 
-use crate::socket::WebSocket;
-use futures::stream::{BoxStream, SelectAll, SplitSink};
+use crate::socket::{FrameWriter, GATHER};
+use crate::Framed;
+use futures::stream::{BoxStream, SelectAll};
 use futures::task::AtomicWaker;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +48,7 @@ pub(crate) enum Refused {
 
 /// A room's events for one session, as the writer pulls them: rendered frames, in order. It
 /// ends when the subscription does.
-pub(crate) type Source = BoxStream<'static, Utf8Bytes>;
+pub(crate) type Source = BoxStream<'static, Framed>;
 
 enum Item {
     /// A text frame holding one slot and `cost` bytes of the budget.
@@ -211,7 +211,7 @@ impl Drop for Outbox {
 impl Outbox {
     /// A queue and the writer task that drains it into `sink`.
     pub(crate) fn start(
-        sink: SplitSink<WebSocket, Message>,
+        sink: FrameWriter,
         limits: OutboxLimits,
         stats: Arc<EdgeStats>,
     ) -> (Outbox, tokio::task::JoinHandle<()>) {
@@ -430,7 +430,7 @@ impl Sources {
     }
 
     /// The next event of any room; pending while there is none (also with no room at all).
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Utf8Bytes> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Framed> {
         if let Some(one) = self.one.as_mut() {
             return match one.poll_next_unpin(cx) {
                 Poll::Ready(Some(frame)) => Poll::Ready(frame),
@@ -449,7 +449,7 @@ impl Sources {
 
     /// An event available now, if any (without a waker of the writer's: the writer polls again
     /// before it waits).
-    fn ready_now(&mut self) -> Option<Utf8Bytes> {
+    fn ready_now(&mut self) -> Option<Framed> {
         let waker = futures::task::noop_waker_ref();
         match self.poll_next(&mut Context::from_waker(waker)) {
             Poll::Ready(frame) => Some(frame),
@@ -463,8 +463,10 @@ enum Wake {
     Stop,
     /// Something may be queued (or the last producer left).
     Queued,
-    Event(Utf8Bytes),
+    Event(Framed),
     Ping,
+    /// The WebSocket layer wrote a pong or the reply to the client's close frame.
+    Control,
 }
 
 /// Resolves when the session is stopped (the writer's own wait for it: see [`Queue`]).
@@ -486,7 +488,7 @@ fn halted(queue: &Queue, cx: &mut Context<'_>) -> Poll<()> {
 /// boxed for the same reason.)
 #[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
 fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: FrameWriter,
     queue: Arc<Queue>,
     abort: Arc<Mutex<Option<(u16, String)>>>,
     limits: OutboxLimits,
@@ -497,14 +499,20 @@ fn write_loop(
         ping.tick().await;
         // The followed rooms: each is polled only when its feed has something (its own waker).
         let mut sources = Sources::default();
+        let control = sink.control();
         loop {
             if queue.is_stopped() {
                 break;
             }
+            if sink.is_closed() {
+                // The reply to the client's close frame went out: nothing more can.
+                queue.shut();
+                return;
+            }
             // What is queued goes first: replies keep their place before the events that follow a
             // `subscribed`.
-            let message = match queue.take() {
-                Some(Item::Frame(frame, _)) => Message::Text(frame),
+            match queue.take() {
+                Some(Item::Frame(frame, _)) => sink.text(&frame),
                 Some(Item::Close(code, reason)) => {
                     queue.shut();
                     Box::pin(close(&mut sink, code, reason, limits.close_timeout)).await;
@@ -531,6 +539,9 @@ fn write_loop(
                         if let Poll::Ready(frame) = sources.poll_next(cx) {
                             return Poll::Ready(Wake::Event(frame));
                         }
+                        if control.poll_pending(cx).is_ready() {
+                            return Poll::Ready(Wake::Control);
+                        }
                         if ping.poll_tick(cx).is_ready() {
                             return Poll::Ready(Wake::Ping);
                         }
@@ -539,45 +550,43 @@ fn write_loop(
                     match wake.await {
                         Wake::Stop => break,
                         Wake::Queued => continue,
-                        Wake::Event(frame) => Message::Text(frame),
-                        Wake::Ping => Message::Ping(Default::default()),
+                        Wake::Event(frame) => sink.framed(&frame),
+                        Wake::Ping => sink.ping(),
+                        Wake::Control => {}
                     }
                 }
-            };
+            }
             // Everything already waiting goes out with this frame in one flush (one write where the
             // socket takes it), rather than a write per frame.
             let mut close_after = None;
-            let sent = {
-                let batch = async {
-                    sink.feed(message).await?;
-                    for _ in 0..BATCH {
-                        let next = match queue.take() {
-                            Some(Item::Frame(frame, _)) => frame,
-                            Some(Item::Close(code, reason)) => {
-                                close_after = Some((code, reason));
-                                break;
-                            }
-                            Some(Item::Follow(source)) => {
-                                sources.push(source);
-                                continue;
-                            }
-                            None => match sources.ready_now() {
-                                Some(frame) => frame,
-                                None => break,
-                            },
-                        };
-                        sink.feed(Message::Text(next)).await?;
+            for _ in 0..BATCH {
+                if sink.gathered() >= GATHER {
+                    break;
+                }
+                match queue.take() {
+                    Some(Item::Frame(frame, _)) => sink.text(&frame),
+                    Some(Item::Close(code, reason)) => {
+                        close_after = Some((code, reason));
+                        break;
                     }
-                    sink.flush().await
-                };
-                let mut batch = std::pin::pin!(batch);
+                    Some(Item::Follow(source)) => sources.push(source),
+                    None => match sources.ready_now() {
+                        Some(frame) => sink.framed(&frame),
+                        None => break,
+                    },
+                }
+            }
+            // Pongs (and the reply to a client's close frame) go out with the batch.
+            sink.take_control();
+            let sent = {
+                let mut flush = std::future::poll_fn(|cx| sink.poll_flush(cx));
                 // A socket that takes the batch at once (the usual case) needs no timer.
-                match (&mut batch).now_or_never() {
+                match (&mut flush).now_or_never() {
                     Some(sent) => Ok(sent),
                     None => tokio::select! {
                         biased;
                         _ = std::future::poll_fn(|cx| halted(&queue, cx)) => break,
-                        sent = tokio::time::timeout(limits.grace, batch) => sent,
+                        sent = tokio::time::timeout(limits.grace, flush) => sent,
                     },
                 }
             };
@@ -610,26 +619,18 @@ fn write_loop(
                 Box::pin(close(&mut sink, code, reason, limits.close_timeout)).await
             }
             None => {
-                let _ = tokio::time::timeout(limits.close_timeout, sink.close()).await;
+                // The reply to the client's close frame, if it closed; else a close frame of ours.
+                sink.take_control();
+                sink.close_without_code();
+                let _ = tokio::time::timeout(limits.close_timeout, sink.flush()).await;
             }
         }
     }
 }
 
-/// Sends a close frame, giving a jammed socket at most `timeout` to take it.
-async fn close(
-    sink: &mut SplitSink<WebSocket, Message>,
-    code: u16,
-    reason: String,
-    timeout: Duration,
-) {
-    let frame = Message::Close(Some(CloseFrame {
-        code: code.into(),
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(timeout, async {
-        let _ = sink.send(frame).await;
-        let _ = sink.close().await;
-    })
-    .await;
+/// Sends a close frame, giving a jammed socket at most `timeout` to take it (and what was
+/// gathered before it).
+async fn close(sink: &mut FrameWriter, code: u16, reason: String, timeout: Duration) {
+    sink.close(code, &reason);
+    let _ = tokio::time::timeout(timeout, sink.flush()).await;
 }

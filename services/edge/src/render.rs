@@ -11,12 +11,12 @@ use chat_model::{Event, EventBody, RoomId, UserId};
 use serde_json::{json, Value};
 use tungstenite::Utf8Bytes;
 
-use crate::Delivery;
+use crate::{Delivery, Framed};
 
 impl Delivery {
     /// The frame a reader who blocks the users in `blocked` receives: the hidden form when
     /// they block this message's (or edit's) author, else the frame everyone gets.
-    pub fn frame_for(&self, blocked: &HashSet<UserId>) -> &Utf8Bytes {
+    pub fn frame_for(&self, blocked: &HashSet<UserId>) -> &Framed {
         match (&self.hidden, &self.author) {
             (Some(hidden), Some(author)) if blocked.contains(author) => hidden,
             _ => &self.frame,
@@ -27,7 +27,7 @@ impl Delivery {
 /// The contract's `event` frame for one log entry. An entry this build cannot decode becomes
 /// `{"kind":"unsupported"}` with its sequence, so a client's sequence stays gap-free.
 pub fn event_frame(room: &RoomId, entry: &RawEntry) -> Utf8Bytes {
-    delivery(room, entry).frame
+    delivery(room, entry).frame.as_str().into()
 }
 
 /// One log entry as every session following the room receives it: rendered once.
@@ -44,10 +44,10 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
             };
             Delivery {
                 seq: entry.seq,
-                frame: event_json(room, entry.seq, &event).to_string().into(),
+                frame: Framed::text(&event_json(room, entry.seq, &event).to_string()),
                 left,
                 message_by,
-                hidden: hidden_json(room, entry.seq, &event).map(|v| v.to_string().into()),
+                hidden: hidden_json(room, entry.seq, &event).map(|v| Framed::text(&v.to_string())),
                 author: Some(event.user),
             }
         }
@@ -57,7 +57,7 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
                 json!({ "type": "event", "room": room, "seq": entry.seq, "kind": "unsupported" });
             Delivery {
                 seq: entry.seq,
-                frame: frame.to_string().into(),
+                frame: Framed::text(&frame.to_string()),
                 left: None,
                 message_by: None,
                 author: None,
@@ -233,7 +233,7 @@ mod tests {
     #[test]
     fn a_reader_who_blocks_the_author_gets_the_hidden_form() {
         let room = RoomId::parse("general").unwrap();
-        let json = |b: &Utf8Bytes| serde_json::from_str::<Value>(b.as_str()).unwrap();
+        let json = |b: &Framed| serde_json::from_str::<Value>(b.as_str()).unwrap();
         let message = delivery(
             &room,
             &entry(

@@ -25,18 +25,17 @@ use chat_rooms::{Command, RoomError};
 use chat_store::PageQuery;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
-use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 use uuid::Uuid;
 
 use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::protocol::{self, close_code, ErrorCode, Frame};
-use crate::socket::WebSocket;
+use crate::socket::{Connection, FrameWriter, WsRead};
 use crate::source::{EndOnDrop, Removals, RoomSource};
 use crate::EdgeState;
 
@@ -53,14 +52,12 @@ pub(crate) struct Slots {
     pub user: Option<UserSlot>,
 }
 
-async fn refuse(socket: &mut WebSocket, code: u16, reason: String) {
+async fn refuse(socket: &mut FrameWriter, code: u16, reason: String) {
     tracing::debug!(code, reason, "websocket refused");
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: code.into(),
-            reason: reason.into(),
-        })))
-        .await;
+    // A pong the client asked for first goes before the close frame.
+    socket.take_control();
+    socket.close(code, &reason);
+    let _ = socket.flush().await;
 }
 
 /// Runs a session until the client leaves, its token expires, or the server drains.
@@ -71,7 +68,7 @@ async fn refuse(socket: &mut WebSocket, code: u16, reason: String) {
 /// boxed until it is split: its halves share it on the heap from then on, and a future keeps
 /// room for whatever it once held inline.
 pub(crate) fn run(
-    socket: WebSocket,
+    socket: Connection,
     state: EdgeState,
     identity: Option<Identity>,
     mut slots: Slots,
@@ -80,9 +77,9 @@ pub(crate) fn run(
     async move {
         let identity = match identity {
             Some(identity) => identity,
-            None => match first_frame_auth(&mut socket, &state).await {
+            None => match first_frame_auth(&mut socket.read, &state).await {
                 Ok(identity) => identity,
-                Err((code, reason)) => return refuse(&mut socket, code, reason).await,
+                Err((code, reason)) => return refuse(&mut socket.write, code, reason).await,
             },
         };
         if slots.user.is_none() {
@@ -94,19 +91,19 @@ pub(crate) fn run(
                         "at most {} connections per user",
                         state.connections.max_per_user()
                     );
-                    return refuse(&mut socket, close_code::TRY_AGAIN_LATER, reason).await;
+                    return refuse(&mut socket.write, close_code::TRY_AGAIN_LATER, reason).await;
                 }
             }
         }
-        let (sink, stream) = StreamExt::split(unbox(socket));
-        serve_session(sink, stream, state, identity).await;
+        let Connection { read, write } = unbox(socket);
+        serve_session(write, read, state, identity).await;
         drop(slots);
     }
 }
 
 /// The socket out of its box, the box freed now (moving out of a box in place would keep the
 /// box allocated until the end of the session's future).
-fn unbox(socket: Box<WebSocket>) -> WebSocket {
+fn unbox(socket: Box<Connection>) -> Connection {
     *socket
 }
 
@@ -114,8 +111,8 @@ fn unbox(socket: Box<WebSocket>) -> WebSocket {
 /// returning a future, like [`run`], for the same reason.)
 #[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
 fn serve_session(
-    sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut stream: futures::stream::SplitStream<WebSocket>,
+    sink: FrameWriter,
+    mut stream: WsRead,
     state: EdgeState,
     identity: Identity,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -372,11 +369,7 @@ impl Session {
 
     /// The read loop. What it awaits rarely, or only while answering, is boxed: an idle
     /// session's future keeps no room for it.
-    async fn serve(
-        &mut self,
-        stream: &mut futures::stream::SplitStream<WebSocket>,
-        identity: &Identity,
-    ) {
+    async fn serve(&mut self, stream: &mut WsRead, identity: &Identity) {
         // The room list is dropped once rendered: this future lives as long as the session.
         let rooms = match Box::pin(self.state.rooms.rooms_of(&self.user)).await {
             Ok(rooms) => rooms
@@ -457,7 +450,13 @@ impl Session {
                 Box::pin(self.finish_appends()).await;
             }
             match message {
-                None | Some(Ok(Message::Close(_))) => return,
+                None => return,
+                Some(Ok(Message::Close(_))) => {
+                    // The next read has the WebSocket layer answer the close frame (through the
+                    // writer, which sends the reply after what is queued); it ends the stream.
+                    let _ = stream.next().now_or_never();
+                    return;
+                }
                 Some(Err(e)) => {
                     if is_capacity_error(&e) {
                         self.close(close_code::TOO_BIG, "frame too big").await;
@@ -1124,7 +1123,7 @@ impl Session {
 /// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time.
 /// Refused first frames: the close code and reason.
 async fn first_frame_auth(
-    socket: &mut WebSocket,
+    socket: &mut WsRead,
     state: &EdgeState,
 ) -> Result<Identity, (u16, String)> {
     let refused = |reason: &str| (close_code::TOKEN, reason.to_owned());

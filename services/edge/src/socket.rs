@@ -1,16 +1,20 @@
-//! The WebSocket upgrade, and the socket a session writes through.
+//! The WebSocket upgrade, and the socket a session reads and writes.
 //!
-//! The edge upgrades connections itself rather than through axum's extractor so that it can put
-//! [`LeanIo`] under the WebSocket: the frames a session writes between two flushes are gathered
-//! there (one write call for a batch of events) in a buffer the connection holds only from its
-//! first write to the flush: buffers are kept between flushes by each worker thread, for the
-//! next connection that writes. tungstenite's own write buffer keeps its largest size for the
-//! connection's life; with it set to write through, it holds one frame. An idle connection
-//! holds no write buffer at all, whatever it once received.
+//! The edge upgrades connections itself rather than through axum's extractor so that it can
+//! split the socket its own way: tungstenite parses what the client sends ([`ReadSide`]), and
+//! the session's writer encodes what goes out ([`FrameWriter`], with [`crate::frame`]): an event
+//! is framed once for every session, and the frames a session writes between two flushes are
+//! gathered (one write call for a batch) in a buffer the connection holds only from its first
+//! frame to the flush: buffers are kept between flushes by each worker thread, for the next
+//! connection that writes. An idle connection holds no write buffer at all. What tungstenite
+//! writes by itself (pongs, the reply to a client's close frame) reaches the socket through the
+//! writer ([`Control`]).
 
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use axum::extract::FromRequestParts;
@@ -18,17 +22,20 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
+use futures::task::AtomicWaker;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-/// A session's WebSocket.
-pub(crate) type WebSocket = WebSocketStream<LeanIo<TokioIo<Upgraded>>>;
+use crate::frame::{self, Framed};
 
-/// Bytes gathered before they are written out even without a flush.
-const GATHER: usize = 16 * 1024;
+/// What a session reads: the client's frames, parsed by tungstenite.
+pub(crate) type WsRead = WebSocketStream<ReadSide<TokioIo<Upgraded>>>;
+
+/// Bytes a writer gathers before it writes them out (a batch stops there).
+pub(crate) const GATHER: usize = 16 * 1024;
 
 /// Spare gathering buffers kept per worker thread, at most.
 const SPARE_BUFFERS: usize = 16;
@@ -145,7 +152,7 @@ impl Upgrade {
 
     /// Answers 101 (selecting `protocol` if the client offered it) and runs `session` on the
     /// socket once the connection is upgraded. `config`'s write buffer is ignored: the socket
-    /// writes through to [`LeanIo`], which gathers.
+    /// writes through [`FrameWriter`], which gathers.
     pub(crate) fn on_upgrade<F, Fut>(
         self,
         protocol: &'static str,
@@ -153,12 +160,11 @@ impl Upgrade {
         session: F,
     ) -> Response
     where
-        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        F: FnOnce(Connection) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let selected = self.offered.iter().any(|p| p == protocol);
         let on_upgrade = self.on_upgrade;
-        let config = config.write_buffer_size(0);
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -167,8 +173,7 @@ impl Upgrade {
                     return;
                 }
             };
-            let io = LeanIo::new(TokioIo::new(upgraded));
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            let socket = Connection::new(TokioIo::new(upgraded), config).await;
             session(socket).await;
         });
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
@@ -210,48 +215,58 @@ fn header_is(headers: &HeaderMap, name: HeaderName, value: &str) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(value.as_bytes()))
 }
 
-/// A connection whose writes are gathered until a flush (or until [`GATHER`] bytes wait), in a
-/// buffer it gives back at the flush.
-pub(crate) struct LeanIo<T> {
-    io: T,
-    out: Vec<u8>,
-    /// How much of `out` is written.
-    written: usize,
+/// What the read side's WebSocket layer writes by itself (pongs, the reply to a client's close
+/// frame), handed to the session's writer, which puts it on the socket between its own frames.
+#[derive(Default)]
+pub(crate) struct Control {
+    state: Mutex<ControlState>,
+    /// Set when bytes are waiting (the writer clears it when it takes them).
+    pending: AtomicBool,
+    /// The writer's waker, woken when bytes are waiting.
+    waker: AtomicWaker,
 }
 
-impl<T> LeanIo<T> {
-    fn new(io: T) -> Self {
-        LeanIo {
-            io,
-            out: Vec::new(),
-            written: 0,
-        }
+#[derive(Default)]
+struct ControlState {
+    bytes: Vec<u8>,
+    /// A close frame went out: nothing the WebSocket layer writes is sent any more.
+    closed: bool,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        // Bytes and a flag: nothing a panicking holder could leave half-done.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-impl<T: AsyncWrite + Unpin> LeanIo<T> {
-    /// Writes out what is gathered; then gives the buffer back if `release`.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>, release: bool) -> Poll<io::Result<()>> {
-        while self.written < self.out.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
+    /// Ready when the WebSocket layer has written something (which
+    /// [`FrameWriter::take_control`] then takes); registers the task to be woken otherwise.
+    pub(crate) fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pending.load(Ordering::Acquire) {
+            return Poll::Ready(());
         }
-        self.written = 0;
-        if release {
-            if self.out.capacity() > 0 {
-                give_back(std::mem::take(&mut self.out));
-            }
+        self.waker.register(cx.waker());
+        if self.pending.load(Ordering::Acquire) {
+            Poll::Ready(())
         } else {
-            self.out.clear();
+            Poll::Pending
         }
-        Poll::Ready(Ok(()))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for LeanIo<T> {
+/// Pongs waiting beyond this are dropped: RFC 6455 lets an endpoint answer only the latest of
+/// several pings, and a client pinging without reading must not grow the session's memory.
+const MAX_CONTROL: usize = 4 * 1024;
+
+/// The read side of a session's socket, under tungstenite: reads go to the socket; writes (the
+/// pongs and close replies tungstenite makes) go to [`Control`], whole frames at a time (the
+/// WebSocket layer writes through, and this takes every write whole).
+pub(crate) struct ReadSide<T> {
+    io: ReadHalf<T>,
+    control: Arc<Control>,
+}
+
+impl<T: AsyncRead> AsyncRead for ReadSide<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -261,74 +276,359 @@ impl<T: AsyncRead + Unpin> AsyncRead for LeanIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for LeanIo<T> {
+impl<T> AsyncWrite for ReadSide<T> {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.out.len() >= GATHER {
-            ready!(this.poll_write_out(cx, false))?;
+        let control = &self.control;
+        let mut state = control.lock();
+        let is_close = frame::walk(buf).any(|(opcode, _)| opcode == frame::OP_CLOSE);
+        if !state.closed && (is_close || state.bytes.len() < MAX_CONTROL) {
+            state.bytes.extend_from_slice(buf);
+            drop(state);
+            control.pending.store(true, Ordering::Release);
+            control.waker.wake();
         }
-        if this.out.capacity() == 0 {
-            this.out = gathering_buffer();
-        }
-        this.out.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_write_out(cx, true))?;
-        Pin::new(&mut this.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_write_out(cx, true))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The write side of a session's socket: frames are encoded into a gathering buffer (events
+/// arrive already framed, see [`Framed`]) and written out at a flush, one write call for a
+/// batch. The buffer is held only from the first frame to the flush: buffers are kept between
+/// flushes by each worker thread, for the next connection that writes, so an idle connection
+/// holds no write buffer at all, whatever it once sent.
+pub(crate) struct FrameWriter<T = TokioIo<Upgraded>> {
+    io: WriteHalf<T>,
+    out: Vec<u8>,
+    /// How much of `out` is written.
+    written: usize,
+    control: Arc<Control>,
+    /// A close frame is in `out` (ours, or the reply to the client's): nothing more is added.
+    closed: bool,
+}
+
+impl<T: AsyncWrite> FrameWriter<T> {
+    fn buffer(&mut self) -> Option<&mut Vec<u8>> {
+        if self.closed {
+            return None;
+        }
+        if self.out.capacity() == 0 {
+            self.out = gathering_buffer();
+        }
+        Some(&mut self.out)
+    }
+
+    /// Adds a text frame carrying `payload`.
+    pub(crate) fn text(&mut self, payload: &str) {
+        if let Some(out) = self.buffer() {
+            frame::put_header(out, frame::OP_TEXT, payload.len());
+            out.extend_from_slice(payload.as_bytes());
+        }
+    }
+
+    /// Adds a frame encoded once for every session that sends it.
+    pub(crate) fn framed(&mut self, frame: &Framed) {
+        if let Some(out) = self.buffer() {
+            out.extend_from_slice(frame.bytes());
+        }
+    }
+
+    /// Adds a ping without a payload.
+    pub(crate) fn ping(&mut self) {
+        if let Some(out) = self.buffer() {
+            frame::put_header(out, frame::OP_PING, 0);
+        }
+    }
+
+    /// Adds a close frame (unless one is already there); nothing is added after it, and the
+    /// WebSocket layer's reply to the client's close frame is no longer sent.
+    pub(crate) fn close(&mut self, code: u16, reason: &str) {
+        self.control.lock().closed = true;
+        if let Some(out) = self.buffer() {
+            frame::put_close(out, code, reason);
+            self.closed = true;
+        }
+    }
+
+    /// Adds a close frame without a code, unless one is there already.
+    pub(crate) fn close_without_code(&mut self) {
+        self.control.lock().closed = true;
+        if let Some(out) = self.buffer() {
+            frame::put_header(out, frame::OP_CLOSE, 0);
+            self.closed = true;
+        }
+    }
+
+    /// Whether a close frame went out (or waits to): the writer has nothing more to send.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Adds what the WebSocket layer wrote (pongs, the reply to the client's close frame).
+    pub(crate) fn take_control(&mut self) {
+        if !self.control.pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let bytes = {
+            let mut state = self.control.lock();
+            if self.closed {
+                state.closed = true;
+            }
+            std::mem::take(&mut state.bytes)
+        };
+        let has_close = frame::walk(&bytes).any(|(opcode, _)| opcode == frame::OP_CLOSE);
+        if let Some(out) = self.buffer() {
+            out.extend_from_slice(&bytes);
+            if has_close {
+                self.control.lock().closed = true;
+                self.closed = true;
+            }
+        }
+    }
+
+    /// Where the WebSocket layer's writes wait (see [`Control::poll_pending`]).
+    pub(crate) fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Bytes added and not yet written out.
+    pub(crate) fn gathered(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Writes out what is gathered, and gives the buffer back.
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.written = 0;
+        if self.out.capacity() > 0 {
+            give_back(std::mem::take(&mut self.out));
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// [`FrameWriter::poll_flush`] as a future.
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+}
+
+/// A session's socket: tungstenite reads it ([`WsRead`]), the session's writer writes it.
+pub(crate) struct Connection<T = TokioIo<Upgraded>> {
+    pub read: WebSocketStream<ReadSide<T>>,
+    pub write: FrameWriter<T>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
+    /// The two sides of `io`, already upgraded to a WebSocket, as the server's.
+    pub(crate) async fn new(io: T, config: WebSocketConfig) -> Connection<T> {
+        let (read, write) = tokio::io::split(io);
+        let control = Arc::new(Control::default());
+        let read = ReadSide {
+            io: read,
+            control: control.clone(),
+        };
+        // tungstenite writes through to `ReadSide`, which takes every write whole.
+        let config = config.write_buffer_size(0);
+        Connection {
+            read: WebSocketStream::from_raw_socket(read, Role::Server, Some(config)).await,
+            write: FrameWriter {
+                io: write,
+                out: Vec::new(),
+                written: 0,
+                control,
+                closed: false,
+            },
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::AsyncReadExt;
+    use tungstenite::Message;
 
-    #[tokio::test]
-    async fn writes_are_gathered_until_a_flush_and_the_buffer_is_given_back() {
-        let (client, mut server) = tokio::io::duplex(64 * 1024);
-        let mut io = LeanIo::new(client);
-        io.write_all(b"one ").await.unwrap();
-        io.write_all(&[b'x'; 3000]).await.unwrap();
-        // Nothing went out before the flush: it is all still gathered.
-        assert_eq!(io.out.len(), 3004);
-        assert_eq!(io.written, 0);
-        io.flush().await.unwrap();
-        assert_eq!(io.out.capacity(), 0, "the buffer is kept after its flush");
-        let mut got = vec![0u8; 3004];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got[..4], b"one ");
-        assert!(got[4..].iter().all(|&b| b == b'x'));
-        // The next batch takes a buffer again, and gives it back again.
-        io.write_all(b"small").await.unwrap();
-        assert!(io.out.capacity() >= GATHER);
-        io.flush().await.unwrap();
-        assert_eq!(io.out.capacity(), 0);
-        let mut small = [0u8; 5];
-        server.read_exact(&mut small).await.unwrap();
-        assert_eq!(&small, b"small");
+    /// A server connection over an in-memory pipe, and the client's WebSocket on the other end.
+    async fn pair() -> (
+        Connection<tokio::io::DuplexStream>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (server, client) = tokio::io::duplex(256 * 1024);
+        let server = Connection::new(server, WebSocketConfig::default()).await;
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (server, client)
     }
 
     #[tokio::test]
-    async fn past_the_gathering_limit_bytes_go_out_without_a_flush() {
-        let (client, mut server) = tokio::io::duplex(256 * 1024);
-        let mut io = LeanIo::new(client);
-        io.write_all(&vec![b'a'; GATHER]).await.unwrap();
-        io.write_all(b"b").await.unwrap();
-        let mut got = vec![0u8; GATHER];
-        server.read_exact(&mut got).await.unwrap();
-        assert!(got.iter().all(|&b| b == b'a'));
+    async fn frames_are_gathered_until_a_flush_and_the_buffer_is_given_back() {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let mut server = Connection::new(server, WebSocketConfig::default()).await;
+        let mut client = client;
+        let w = &mut server.write;
+        w.text("one");
+        w.framed(&Framed::text(&"x".repeat(3000)));
+        // Nothing went out before the flush: it is all still gathered.
+        assert_eq!(w.gathered(), 2 + 3 + 4 + 3000);
+        w.flush().await.unwrap();
+        assert_eq!(w.out.capacity(), 0, "the buffer is kept after its flush");
+        assert_eq!(w.gathered(), 0);
+        let mut got = vec![0u8; 3009];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..5], b"\x81\x03one");
+        assert_eq!(&got[5..9], &[0x81, 126, 0x0B, 0xB8]);
+        // The next batch takes a buffer again, and gives it back again.
+        w.ping();
+        assert!(w.out.capacity() >= GATHER);
+        w.flush().await.unwrap();
+        assert_eq!(w.out.capacity(), 0);
+        let mut ping = [0u8; 2];
+        client.read_exact(&mut ping).await.unwrap();
+        assert_eq!(ping, [0x89, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_client_reads_what_the_writer_encodes() {
+        let (mut server, mut client) = pair().await;
+        server.write.text("hello");
+        server.write.framed(&Framed::text("shared"));
+        server.write.ping();
+        server.write.close(4008, "too slow");
+        // Nothing goes after a close frame.
+        server.write.text("late");
+        server.write.flush().await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::text("hello")
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::text("shared")
+        );
+        assert!(matches!(client.next().await.unwrap().unwrap(), Message::Ping(p) if p.is_empty()));
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(close)) => {
+                assert_eq!(u16::from(close.code), 4008);
+                assert_eq!(close.reason.as_str(), "too slow");
+            }
+            other => panic!("expected the close frame, got {other:?}"),
+        }
+    }
+
+    /// tungstenite's answers (a pong, the reply to the client's close) reach the socket through
+    /// the writer, after which the writer adds nothing.
+    #[tokio::test]
+    async fn pongs_and_the_close_reply_go_out_through_the_writer() {
+        let (mut server, mut client) = pair().await;
+        client
+            .send(Message::Ping(b"p1".to_vec().into()))
+            .await
+            .unwrap();
+        client.send(Message::text("data")).await.unwrap();
+        assert_eq!(
+            server.read.next().await.unwrap().unwrap(),
+            Message::Ping(b"p1".to_vec().into())
+        );
+        assert_eq!(
+            server.read.next().await.unwrap().unwrap(),
+            Message::text("data")
+        );
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            server.write.control().poll_pending(&mut cx).is_ready(),
+            "the pong is waiting"
+        );
+        server.write.take_control();
+        server.write.text("after the pong");
+        server.write.flush().await.unwrap();
+        assert!(
+            matches!(client.next().await.unwrap().unwrap(), Message::Pong(p) if p.as_ref() == b"p1")
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::text("after the pong")
+        );
+
+        client.close(None).await.unwrap();
+        assert!(matches!(
+            server.read.next().await,
+            Some(Ok(Message::Close(_)))
+        ));
+        // The next read writes tungstenite's reply, and ends the stream.
+        assert!(!matches!(server.read.next().await, Some(Ok(_))));
+        server.write.take_control();
+        assert!(server.write.is_closed());
+        server.write.text("never sent");
+        server.write.flush().await.unwrap();
+        drop(server);
+        assert!(matches!(client.next().await, Some(Ok(Message::Close(_)))));
+        assert!(
+            !matches!(client.next().await, Some(Ok(_))),
+            "nothing after the close reply"
+        );
+    }
+
+    /// After our close frame, tungstenite's own reply to the client's close is not sent.
+    #[tokio::test]
+    async fn after_our_close_the_reply_to_the_clients_close_is_not_sent() {
+        let (mut server, mut client) = pair().await;
+        server.write.close(1001, "draining");
+        server.write.flush().await.unwrap();
+        assert!(matches!(client.next().await, Some(Ok(Message::Close(_)))));
+        // tungstenite's client answers our close; the server's WebSocket layer would answer that.
+        let _ = client.flush().await;
+        assert!(matches!(
+            server.read.next().await,
+            Some(Ok(Message::Close(_)))
+        ));
+        let _ = server.read.next().await;
+        server.write.take_control();
+        server.write.flush().await.unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        let mut raw = client.into_inner();
+        raw.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "the server wrote {rest:?} after its close frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn unanswered_pings_do_not_grow_the_control_bytes() {
+        let (mut server, mut client) = pair().await;
+        for _ in 0..1_000 {
+            client
+                .feed(Message::Ping(vec![7u8; 100].into()))
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+        for _ in 0..1_000 {
+            server.read.next().await.unwrap().unwrap();
+        }
+        let waiting = server.write.control.lock().bytes.len();
+        assert!(
+            waiting <= MAX_CONTROL + 102,
+            "{waiting} bytes of pongs waiting"
+        );
     }
 }

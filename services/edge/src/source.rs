@@ -11,14 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::{Delivery, Follower, Framed};
 use chat_model::{RoomId, UserId};
 use chat_rooms::{HeldBlocks, Rooms};
 use futures::task::AtomicWaker;
 use futures::Stream;
 use tokio::sync::Notify;
-use tungstenite::Utf8Bytes;
-
-use crate::{Delivery, Follower};
 
 /// Rooms whose event source ended because the user was removed from them: the sources tell
 /// the session's read loop, which drops the subscription and says so.
@@ -84,7 +82,7 @@ pub(crate) struct RoomSource {
 }
 
 /// A block list lookup, and the frame it decided on for the delivery it waited with.
-type Lookup = Pin<Box<dyn Future<Output = (HeldBlocks, Utf8Bytes, Arc<Delivery>)> + Send>>;
+type Lookup = Pin<Box<dyn Future<Output = (HeldBlocks, Framed, Arc<Delivery>)> + Send>>;
 
 /// A rare step the source waits on before its next event.
 enum Waiting {
@@ -122,7 +120,7 @@ impl RoomSource {
 
     /// The frame `delivery` reaches this user as; `None` while their block list must be
     /// looked up first (then `waiting` holds the lookup).
-    fn frame(&mut self, delivery: Arc<Delivery>) -> Option<Utf8Bytes> {
+    fn frame(&mut self, delivery: Arc<Delivery>) -> Option<Framed> {
         if delivery.hidden.is_none() {
             return Some(self.handed(&delivery, &delivery.frame));
         }
@@ -152,7 +150,7 @@ impl RoomSource {
     }
 
     /// `frame` is going out for `delivery`: notes a removal of the user.
-    fn handed(&mut self, delivery: &Delivery, frame: &Utf8Bytes) -> Utf8Bytes {
+    fn handed(&mut self, delivery: &Delivery, frame: &Framed) -> Framed {
         self.pause = FIRST_PAUSE;
         if delivery.left.as_ref() == Some(&self.user) {
             self.removed = true;
@@ -163,9 +161,9 @@ impl RoomSource {
 }
 
 impl Stream for RoomSource {
-    type Item = Utf8Bytes;
+    type Item = Framed;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Utf8Bytes>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Framed>> {
         let this = self.get_mut();
         if this.removed || this.end.ended.load(Ordering::Acquire) {
             return Poll::Ready(None);
