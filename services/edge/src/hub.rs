@@ -24,7 +24,7 @@ use chat_model::{RoomId, UserId};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::broadcast;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::ReusableBoxFuture;
 use tungstenite::Utf8Bytes;
@@ -334,8 +334,8 @@ async fn run_feed(
     }
 }
 
-/// The live feed's receiver, polled without a future of the caller's: the pending receive owns
-/// the receiver, in a box reused from one event to the next.
+/// The live feed's receiver while a follower waits on it: the pending receive owns the receiver,
+/// in a box reused from one wait to the next.
 type LiveRecv = ReusableBoxFuture<
     'static,
     (
@@ -372,6 +372,10 @@ pub struct Follower {
     room: RoomId,
     /// Keeps the room's feed (and its NATS subscription) alive.
     _feed: Arc<Feed>,
+    /// The feed's receiver, held here while events are there to take (each taken without a
+    /// future); `None` while a wait in `live` holds it.
+    rx: Option<broadcast::Receiver<Arc<Delivery>>>,
+    /// The wait for the feed's next event (a finished one while `rx` is here).
     live: LiveRecv,
     /// The last sequence handed out.
     delivered: u64,
@@ -402,7 +406,8 @@ impl Follower {
             log,
             room: room.clone(),
             _feed: feed,
-            live: ReusableBoxFuture::new(receive(rx)),
+            rx: Some(rx),
+            live: ReusableBoxFuture::new(std::future::pending()),
             delivered: after,
             catch_up: reader.map(catch_up),
             listening: None,
@@ -453,9 +458,7 @@ impl Follower {
                     None => self.catch_up = None,
                 }
             }
-            let (received, rx) = ready!(self.live.poll(cx));
-            self.live.set(receive(rx));
-            match received {
+            match ready!(self.poll_live(cx)) {
                 Ok(d) if d.seq <= self.delivered => continue,
                 Ok(d) if d.seq == self.delivered + 1 => {
                     self.delivered = d.seq;
@@ -473,6 +476,25 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// The feed's next event: taken at once while there are some (a burst costs no future per
+    /// event), else waited for with the receiver moved into `live`.
+    fn poll_live(&mut self, cx: &mut Context<'_>) -> Poll<Result<Arc<Delivery>, RecvError>> {
+        if let Some(rx) = self.rx.as_mut() {
+            match rx.try_recv() {
+                Ok(delivery) => return Poll::Ready(Ok(delivery)),
+                Err(TryRecvError::Lagged(n)) => return Poll::Ready(Err(RecvError::Lagged(n))),
+                Err(TryRecvError::Closed) => return Poll::Ready(Err(RecvError::Closed)),
+                Err(TryRecvError::Empty) => {}
+            }
+            if let Some(rx) = self.rx.take() {
+                self.live.set(receive(rx));
+            }
+        }
+        let (received, rx) = ready!(self.live.poll(cx));
+        self.rx = Some(rx);
+        Poll::Ready(received)
     }
 
     /// The log from after the last event handed out, up to `to`.

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tungstenite::Utf8Bytes;
 
 use crate::socket::{FrameWriter, GATHER};
-use crate::Framed;
+use crate::source::Pick;
 use futures::stream::{BoxStream, SelectAll};
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
@@ -48,7 +48,7 @@ pub(crate) enum Refused {
 
 /// A room's events for one session, as the writer pulls them: rendered frames, in order. It
 /// ends when the subscription does.
-pub(crate) type Source = BoxStream<'static, Framed>;
+pub(crate) type Source = BoxStream<'static, Pick>;
 
 enum Item {
     /// A text frame holding one slot and `cost` bytes of the budget.
@@ -430,7 +430,7 @@ impl Sources {
     }
 
     /// The next event of any room; pending while there is none (also with no room at all).
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Framed> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Pick> {
         if let Some(one) = self.one.as_mut() {
             return match one.poll_next_unpin(cx) {
                 Poll::Ready(Some(frame)) => Poll::Ready(frame),
@@ -449,7 +449,7 @@ impl Sources {
 
     /// An event available now, if any (without a waker of the writer's: the writer polls again
     /// before it waits).
-    fn ready_now(&mut self) -> Option<Framed> {
+    fn ready_now(&mut self) -> Option<Pick> {
         let waker = futures::task::noop_waker_ref();
         match self.poll_next(&mut Context::from_waker(waker)) {
             Poll::Ready(frame) => Some(frame),
@@ -463,7 +463,7 @@ enum Wake {
     Stop,
     /// Something may be queued (or the last producer left).
     Queued,
-    Event(Framed),
+    Event(Pick),
     Ping,
     /// The WebSocket layer wrote a pong or the reply to the client's close frame.
     Control,
@@ -550,7 +550,7 @@ fn write_loop(
                     match wake.await {
                         Wake::Stop => break,
                         Wake::Queued => continue,
-                        Wake::Event(frame) => sink.framed(&frame),
+                        Wake::Event(pick) => sink.framed(pick.frame()),
                         Wake::Ping => sink.ping(),
                         Wake::Control => {}
                     }
@@ -571,7 +571,7 @@ fn write_loop(
                     }
                     Some(Item::Follow(source)) => sources.push(source),
                     None => match sources.ready_now() {
-                        Some(frame) => sink.framed(&frame),
+                        Some(pick) => sink.framed(pick.frame()),
                         None => break,
                     },
                 }

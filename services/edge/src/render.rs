@@ -17,10 +17,15 @@ impl Delivery {
     /// The frame a reader who blocks the users in `blocked` receives: the hidden form when
     /// they block this message's (or edit's) author, else the frame everyone gets.
     pub fn frame_for(&self, blocked: &HashSet<UserId>) -> &Framed {
-        match (&self.hidden, &self.author) {
-            (Some(hidden), Some(author)) if blocked.contains(author) => hidden,
+        match &self.hidden {
+            Some(hidden) if self.hides_for(blocked) => hidden,
             _ => &self.frame,
         }
+    }
+
+    /// Whether a reader who blocks the users in `blocked` gets the hidden form.
+    pub fn hides_for(&self, blocked: &HashSet<UserId>) -> bool {
+        self.hidden.is_some() && self.author.as_ref().is_some_and(|a| blocked.contains(a))
     }
 }
 

@@ -81,8 +81,24 @@ pub(crate) struct RoomSource {
     removed: bool,
 }
 
-/// A block list lookup, and the frame it decided on for the delivery it waited with.
-type Lookup = Pin<Box<dyn Future<Output = (HeldBlocks, Framed, Arc<Delivery>)> + Send>>;
+/// A block list lookup, and the event it decided on.
+type Lookup = Pin<Box<dyn Future<Output = (HeldBlocks, Pick)> + Send>>;
+
+/// An event as one session gets it: the delivery, and which of its two frames (its author
+/// blocked or not). Handed to the writer as it is, with no copy of the frame's handle.
+pub(crate) struct Pick {
+    delivery: Arc<Delivery>,
+    hidden: bool,
+}
+
+impl Pick {
+    pub(crate) fn frame(&self) -> &Framed {
+        match (&self.delivery.hidden, self.hidden) {
+            (Some(hidden), true) => hidden,
+            _ => &self.delivery.frame,
+        }
+    }
+}
 
 /// A rare step the source waits on before its next event.
 enum Waiting {
@@ -118,52 +134,52 @@ impl RoomSource {
         (source, EndOnDrop(end))
     }
 
-    /// The frame `delivery` reaches this user as; `None` while their block list must be
-    /// looked up first (then `waiting` holds the lookup).
-    fn frame(&mut self, delivery: Arc<Delivery>) -> Option<Framed> {
+    /// How `delivery` reaches this user; `None` while their block list must be looked up
+    /// first (then `waiting` holds the lookup).
+    fn pick(&mut self, delivery: Arc<Delivery>) -> Option<Pick> {
         if delivery.hidden.is_none() {
-            return Some(self.handed(&delivery, &delivery.frame));
+            return Some(self.handed(Pick {
+                delivery,
+                hidden: false,
+            }));
         }
         if let Some(blocked) = self.rooms.blocked_fresh(&self.blocks) {
-            let frame = delivery.frame_for(blocked).clone();
-            return Some(self.handed(&delivery, &frame));
+            let hidden = delivery.hides_for(blocked);
+            return Some(self.handed(Pick { delivery, hidden }));
         }
         let (rooms, user) = (self.rooms.clone(), self.user.clone());
         let mut held = std::mem::take(&mut self.blocks);
         let lookup = Box::pin(async move {
-            let frame = match rooms.blocked_held(&user, &mut held).await {
-                Ok(blocked) => delivery.frame_for(blocked).clone(),
+            let hidden = match rooms.blocked_held(&user, &mut held).await {
+                Ok(blocked) => delivery.hides_for(blocked),
                 // Fail closed: a placeholder keeps the sequence, and history shows the text
                 // later if its author is not blocked after all.
                 Err(e) => {
                     tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
-                    delivery
-                        .hidden
-                        .clone()
-                        .unwrap_or_else(|| delivery.frame.clone())
+                    true
                 }
             };
-            (held, frame, delivery)
+            (held, Pick { delivery, hidden })
         });
         self.waiting = Some(Waiting::Blocks(lookup));
         None
     }
 
-    /// `frame` is going out for `delivery`: notes a removal of the user.
-    fn handed(&mut self, delivery: &Delivery, frame: &Framed) -> Framed {
+    /// `pick` is going out: notes a removal of the user.
+    fn handed(&mut self, pick: Pick) -> Pick {
         self.pause = FIRST_PAUSE;
-        if delivery.left.as_ref() == Some(&self.user) {
+        if pick.delivery.left.as_ref() == Some(&self.user) {
             self.removed = true;
             self.removals.removed(self.follower.room().clone());
         }
-        frame.clone()
+        pick
     }
 }
 
 impl Stream for RoomSource {
-    type Item = Framed;
+    type Item = Pick;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Framed>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Pick>> {
         let this = self.get_mut();
         if this.removed || this.end.ended.load(Ordering::Acquire) {
             return Poll::Ready(None);
@@ -171,10 +187,10 @@ impl Stream for RoomSource {
         loop {
             match this.waiting.as_mut() {
                 Some(Waiting::Blocks(lookup)) => match lookup.as_mut().poll(cx) {
-                    Poll::Ready((held, frame, delivery)) => {
+                    Poll::Ready((held, pick)) => {
                         this.waiting = None;
                         this.blocks = held;
-                        return Poll::Ready(Some(this.handed(&delivery, &frame)));
+                        return Poll::Ready(Some(this.handed(pick)));
                     }
                     Poll::Pending => break,
                 },
@@ -186,8 +202,8 @@ impl Stream for RoomSource {
             }
             match this.follower.poll_next(cx) {
                 Poll::Ready(Ok(delivery)) => {
-                    if let Some(frame) = this.frame(delivery) {
-                        return Poll::Ready(Some(frame));
+                    if let Some(pick) = this.pick(delivery) {
+                        return Poll::Ready(Some(pick));
                     }
                 }
                 Poll::Ready(Err(e)) => {
