@@ -22,7 +22,7 @@ use std::time::Duration;
 use chat_log::{LogError, RangeReader, RawEntry, RoomBounds, RoomLog};
 use chat_model::{RoomId, UserId};
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
@@ -276,6 +276,9 @@ fn poisoned(room: &RoomId) -> LogError {
     }
 }
 
+/// Live events rendered before any of them is broadcast, at most.
+const BURST: usize = 64;
+
 /// Renders each live event once and broadcasts it; retries while NATS is away. Decides the
 /// room's typing indicators alongside.
 async fn run_feed(
@@ -299,12 +302,24 @@ async fn run_feed(
             entry = live.next() => match entry {
                 Ok(entry) => {
                     pause = Duration::from_millis(50);
-                    let delivery = Arc::new(delivery(&room, &entry));
-                    let sender = delivery.message_by.clone();
-                    let _ = tx.send(delivery);
-                    if let Some(user) = sender {
-                        if typists.sent(&user) {
-                            show(&user, false);
+                    // Render what else already arrived before broadcasting any of it: the
+                    // sessions woken by the first then find the whole burst, and write it in one
+                    // batch rather than one write per event.
+                    let mut burst = vec![Arc::new(delivery(&room, &entry))];
+                    while burst.len() < BURST {
+                        match live.next().now_or_never() {
+                            Some(Ok(entry)) => burst.push(Arc::new(delivery(&room, &entry))),
+                            // An error is met again (and handled) at the next wait.
+                            Some(Err(_)) | None => break,
+                        }
+                    }
+                    for delivery in burst {
+                        let sender = delivery.message_by.clone();
+                        let _ = tx.send(delivery);
+                        if let Some(user) = sender {
+                            if typists.sent(&user) {
+                                show(&user, false);
+                            }
                         }
                     }
                 }
