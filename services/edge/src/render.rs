@@ -8,7 +8,8 @@ use std::collections::HashSet;
 
 use chat_log::RawEntry;
 use chat_model::{Event, EventBody, RoomId, UserId};
-use serde_json::{json, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::json;
 use tungstenite::Utf8Bytes;
 
 use crate::{Delivery, Framed};
@@ -49,10 +50,10 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
             };
             Delivery {
                 seq: entry.seq,
-                frame: Framed::text(&event_json(room, entry.seq, &event).to_string()),
+                frame: render(room, entry.seq, &event, false),
                 left,
                 message_by,
-                hidden: hidden_json(room, entry.seq, &event).map(|v| Framed::text(&v.to_string())),
+                hidden: hidden_frame(room, entry.seq, &event),
                 author: Some(event.user),
             }
         }
@@ -73,68 +74,97 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
 }
 
 /// The frame of a message or edit for a reader who blocks its author; `None` for other kinds.
-fn hidden_json(room: &RoomId, seq: u64, event: &Event) -> Option<Value> {
-    let mut frame = envelope_json(room, seq, event);
-    match &event.body {
-        EventBody::Message { .. } => {}
-        EventBody::Edit { target, .. } => frame["target"] = json!(target),
-        _ => return None,
-    }
-    frame["hidden"] = json!(true);
-    Some(frame)
+fn hidden_frame(room: &RoomId, seq: u64, event: &Event) -> Option<Framed> {
+    matches!(
+        event.body,
+        EventBody::Message { .. } | EventBody::Edit { .. }
+    )
+    .then(|| render(room, seq, event, true))
 }
 
-/// The fields every `event` frame has, whatever its kind.
-fn envelope_json(room: &RoomId, seq: u64, event: &Event) -> Value {
-    json!({
-        "type": "event",
-        "room": room,
-        "seq": seq,
-        "ts": event.ts,
-        "user": event.user,
-        "kind": event.kind(),
-        "id": event.id.hyphenated().to_string(),
-    })
-}
-
-fn event_json(room: &RoomId, seq: u64, event: &Event) -> Value {
-    let mut frame = envelope_json(room, seq, event);
-    let fields = match &event.body {
-        EventBody::Message {
-            text,
-            thread,
-            reply_to,
-        } => {
-            json!({ "text": text, "thread": thread, "reply_to": reply_to })
-        }
-        EventBody::Edit { target, text } => json!({ "target": target, "text": text }),
-        EventBody::Delete { target } => json!({ "target": target }),
-        EventBody::Reaction { target, emoji, on } => {
-            json!({ "target": target, "emoji": emoji, "on": on })
-        }
-        EventBody::Read { up_to } => json!({ "up_to": up_to }),
-        EventBody::Delivered { cursors } => json!({ "cursors": cursors }),
-        EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
-            json!({ "member": member })
-        }
-        EventBody::RoomCreated {
-            name,
-            room_kind,
-            members,
-        } => {
-            json!({ "name": name, "room_kind": room_kind.as_str(), "members": members })
-        }
-        EventBody::RoomUpdated { read_only } => json!({ "read_only": read_only }),
+/// The `event` frame of `event` at `seq`, or its hidden form.
+fn render(room: &RoomId, seq: u64, event: &Event, hidden: bool) -> Framed {
+    let frame = EventFrame {
+        room,
+        seq,
+        event,
+        hidden,
     };
-    if let (Some(frame), Value::Object(fields)) = (frame.as_object_mut(), fields) {
-        frame.extend(fields);
+    // Serializing borrowed fields into a string cannot fail.
+    Framed::text(&serde_json::to_string(&frame).unwrap_or_default())
+}
+
+/// An `event` frame, serialized straight from the event: the envelope every frame has, then the
+/// kind's fields (or, hidden, only an edit's `target` and `"hidden":true`).
+struct EventFrame<'a> {
+    room: &'a RoomId,
+    seq: u64,
+    event: &'a Event,
+    hidden: bool,
+}
+
+impl Serialize for EventFrame<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let event = self.event;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("type", "event")?;
+        m.serialize_entry("room", self.room)?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("ts", &event.ts)?;
+        m.serialize_entry("user", &event.user)?;
+        m.serialize_entry("kind", event.kind())?;
+        m.serialize_entry("id", &event.id.hyphenated())?;
+        if self.hidden {
+            if let EventBody::Edit { target, .. } = &event.body {
+                m.serialize_entry("target", target)?;
+            }
+            m.serialize_entry("hidden", &true)?;
+            return m.end();
+        }
+        match &event.body {
+            EventBody::Message {
+                text,
+                thread,
+                reply_to,
+            } => {
+                m.serialize_entry("text", text)?;
+                m.serialize_entry("thread", thread)?;
+                m.serialize_entry("reply_to", reply_to)?;
+            }
+            EventBody::Edit { target, text } => {
+                m.serialize_entry("target", target)?;
+                m.serialize_entry("text", text)?;
+            }
+            EventBody::Delete { target } => m.serialize_entry("target", target)?,
+            EventBody::Reaction { target, emoji, on } => {
+                m.serialize_entry("target", target)?;
+                m.serialize_entry("emoji", emoji)?;
+                m.serialize_entry("on", on)?;
+            }
+            EventBody::Read { up_to } => m.serialize_entry("up_to", up_to)?,
+            EventBody::Delivered { cursors } => m.serialize_entry("cursors", cursors)?,
+            EventBody::MemberJoined { member } | EventBody::MemberLeft { member } => {
+                m.serialize_entry("member", member)?
+            }
+            EventBody::RoomCreated {
+                name,
+                room_kind,
+                members,
+            } => {
+                m.serialize_entry("name", name)?;
+                m.serialize_entry("room_kind", room_kind.as_str())?;
+                m.serialize_entry("members", members)?;
+            }
+            EventBody::RoomUpdated { read_only } => m.serialize_entry("read_only", read_only)?,
+        }
+        m.end()
     }
-    frame
 }
 
 #[cfg(test)]
 mod tests {
     use chat_model::{RoomKind, UserId};
+    use serde_json::Value;
 
     use super::*;
 
@@ -153,6 +183,28 @@ mod tests {
 
     fn render(e: &RawEntry) -> Value {
         serde_json::from_str(event_frame(&RoomId::parse("general").unwrap(), e).as_str()).unwrap()
+    }
+
+    /// The frame's bytes, field order included, as the contract's example shows them.
+    #[test]
+    fn a_message_frame_keeps_the_contracts_field_order() {
+        let entry = entry(
+            46,
+            EventBody::Message {
+                text: "hi \"there\"".into(),
+                thread: Some(40),
+                reply_to: None,
+            },
+        );
+        let room = RoomId::parse("general").unwrap();
+        assert_eq!(
+            event_frame(&room, &entry).as_str(),
+            r#"{"type":"event","room":"general","seq":46,"ts":1763900000123,"user":"alice","kind":"message","id":"01935f2e-4b1c-7a00-8000-000000000001","text":"hi \"there\"","thread":40,"reply_to":null}"#
+        );
+        assert_eq!(
+            delivery(&room, &entry).hidden.unwrap().as_str(),
+            r#"{"type":"event","room":"general","seq":46,"ts":1763900000123,"user":"alice","kind":"message","id":"01935f2e-4b1c-7a00-8000-000000000001","hidden":true}"#
+        );
     }
 
     #[test]
