@@ -28,9 +28,30 @@ fn change(owner: &str, change: BlockChange, blocked: &BTreeSet<UserId>) -> Block
 
 /// Applies `c` to `owner`'s list the way the room service does: read from the leader, decide,
 /// append conditionally, and on a conflict start over.
+///
+/// An answer of unknown outcome (a timeout, NATS unavailable) is tried again too, until
+/// `UNKNOWN_OUTCOME_DEADLINE`, as a caller of the API would: on a fresh three-node cluster under
+/// load the first request creates the replicated stream and can outlast the request timeout.
+/// Trying again is safe: the change is decided afresh from the list the log holds.
 async fn change_retrying(users: &UserLog, owner: &UserId, c: BlockChange) -> u64 {
-    for _ in 0..50 {
-        let last = users.last_blocks(owner, true).await.unwrap();
+    let deadline = tokio::time::Instant::now() + UNKNOWN_OUTCOME_DEADLINE;
+    let unknown = |e: &UserLogError| {
+        matches!(
+            e,
+            UserLogError::Timeout { .. } | UserLogError::Unavailable { .. }
+        ) && tokio::time::Instant::now() < deadline
+    };
+    let mut conflicts = 0;
+    while conflicts < 50 {
+        let last = match users.last_blocks(owner, true).await {
+            Ok(last) => last,
+            Err(e) if unknown(&e) => {
+                // A backoff, not a wait for something: the next try asks again.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => panic!("read: {e}"),
+        };
         let (expected, current) = last.map(|e| (e.seq, e.event.blocked)).unwrap_or_default();
         let Some(next) = decide_block_change(owner, &current, &c).unwrap() else {
             return expected;
@@ -38,12 +59,16 @@ async fn change_retrying(users: &UserLog, owner: &UserId, c: BlockChange) -> u64
         let event = change(owner.as_str(), c.clone(), &next);
         match users.append_blocks(&event, expected).await {
             Ok(seq) => return seq,
-            Err(UserLogError::WrongLastSequence { .. }) => continue,
+            Err(UserLogError::WrongLastSequence { .. }) => conflicts += 1,
+            Err(e) if unknown(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) => panic!("append: {e}"),
         }
     }
     panic!("no progress after 50 conflicts");
 }
+
+/// How long [`change_retrying`] tries again after answers of unknown outcome.
+const UNKNOWN_OUTCOME_DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_block_list_is_the_last_entry_of_its_users_subject() {
