@@ -35,36 +35,26 @@ fn change(owner: &str, change: BlockChange, blocked: &BTreeSet<UserId>) -> Block
 /// Trying again is safe: the change is decided afresh from the list the log holds.
 async fn change_retrying(users: &UserLog, owner: &UserId, c: BlockChange) -> u64 {
     let deadline = tokio::time::Instant::now() + UNKNOWN_OUTCOME_DEADLINE;
-    let unknown = |e: &UserLogError| {
-        matches!(
-            e,
-            UserLogError::Timeout { .. } | UserLogError::Unavailable { .. }
-        ) && tokio::time::Instant::now() < deadline
-    };
     let mut conflicts = 0;
-    while conflicts < 50 {
-        let last = match users.last_blocks(owner, true).await {
-            Ok(last) => last,
-            Err(e) if unknown(&e) => {
-                // A backoff, not a wait for something: the next try asks again.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            Err(e) => panic!("read: {e}"),
+    loop {
+        let attempt = async {
+            let last = users.last_blocks(owner, true).await?;
+            let (expected, current) = last.map(|e| (e.seq, e.event.blocked)).unwrap_or_default();
+            let Some(next) = decide_block_change(owner, &current, &c).unwrap() else {
+                return Ok(expected);
+            };
+            let event = change(owner.as_str(), c.clone(), &next);
+            users.append_blocks(&event, expected).await
         };
-        let (expected, current) = last.map(|e| (e.seq, e.event.blocked)).unwrap_or_default();
-        let Some(next) = decide_block_change(owner, &current, &c).unwrap() else {
-            return expected;
-        };
-        let event = change(owner.as_str(), c.clone(), &next);
-        match users.append_blocks(&event, expected).await {
+        match attempt.await {
             Ok(seq) => return seq,
-            Err(UserLogError::WrongLastSequence { .. }) => conflicts += 1,
-            Err(e) if unknown(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => panic!("append: {e}"),
+            Err(UserLogError::WrongLastSequence { .. }) if conflicts < 50 => conflicts += 1,
+            // No pause: these answers come after a request timed out, which paces the tries.
+            Err(UserLogError::Timeout { .. } | UserLogError::Unavailable { .. })
+                if tokio::time::Instant::now() < deadline => {}
+            Err(e) => panic!("change after {conflicts} conflicts: {e}"),
         }
     }
-    panic!("no progress after 50 conflicts");
 }
 
 /// How long [`change_retrying`] tries again after answers of unknown outcome.
