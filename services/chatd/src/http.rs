@@ -40,6 +40,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Runs a routed request in a span of its own (see [`crate::telemetry`]).
+pub async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let span = crate::telemetry::request_span(&request);
+    let response = next.run(request).instrument(span.clone()).await;
+    crate::telemetry::record_status(&span, response.status());
+    response
+}
+
 /// Alive: the process answers.
 async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))

@@ -8,6 +8,7 @@ pub mod devauth;
 pub mod http;
 pub mod logtool;
 pub mod nats_child;
+pub mod telemetry;
 
 use std::fs::File;
 use std::io::Write;
@@ -107,6 +108,7 @@ pub async fn serve(
     if let Some(edge) = &edge {
         app = app.merge(chat_edge::router(edge.clone()));
     }
+    let app = app.route_layer(axum::middleware::from_fn(http::traced));
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

@@ -95,7 +95,13 @@ enum LogCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let telemetry = chatd::telemetry::Telemetry::init();
+    let code = run_command(cli);
+    telemetry.shutdown();
+    code
+}
+
+fn run_command(cli: Cli) -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -120,22 +126,6 @@ fn main() -> ExitCode {
             eprintln!("chatd: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHAT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("CHAT_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

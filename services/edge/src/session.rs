@@ -29,6 +29,7 @@ use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
+use tracing::Instrument as _;
 use tungstenite::Message;
 use uuid::Uuid;
 
@@ -256,6 +257,9 @@ struct AppendFrame {
     command: Command,
     /// No retry starts after this.
     deadline: Instant,
+    /// `chat.append`, from the frame's arrival to its answer (disabled unless traces are
+    /// exported).
+    span: tracing::Span,
 }
 
 /// The first stage's result. Only ever a future's output, moved once: boxing the common
@@ -779,10 +783,14 @@ impl Session {
         let rooms = self.state.rooms.clone();
         let user = self.user.clone();
         let (room, id, command) = (frame.room.clone(), frame.id, frame.command.clone());
-        self.appends_mut().deciding.push_back(Box::pin(async move {
-            let decided = rooms.decide_append(&user, &room, id, command).await;
-            Decided::Append(frame, decided)
-        }));
+        let checks = tracing::info_span!(parent: &frame.span, "chat.append.decide");
+        self.appends_mut().deciding.push_back(Box::pin(
+            async move {
+                let decided = rooms.decide_append(&user, &room, id, command).await;
+                Decided::Append(frame, decided)
+            }
+            .instrument(checks),
+        ));
     }
 
     /// An append frame's fields, or the `error` frame answering it.
@@ -851,7 +859,19 @@ impl Session {
             },
         }
         .map_err(refuse)?;
+        let span = tracing::info_span!(
+            "chat.append",
+            chat.kind = kind,
+            chat.room = %room,
+            chat.user = %self.user,
+            chat.event_id = %id,
+            chat.seq = tracing::field::Empty,
+            chat.duplicate = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         Ok(AppendFrame {
+            span,
             rid: rid.map(str::to_owned),
             room,
             id,
@@ -878,14 +898,18 @@ impl Session {
             out: self.out.clone(),
             stats: self.state.stats.clone(),
         };
-        self.appends_mut().settling.push_back(Box::pin(async move {
-            let first = match sent {
-                Ok(pending) => pending.ack().await,
-                Err(e) => Err(e),
-            };
-            let result = retry.until_known(&frame, first).await;
-            Settled::Append(frame, result)
-        }));
+        let answer = tracing::info_span!(parent: &frame.span, "chat.append.ack");
+        self.appends_mut().settling.push_back(Box::pin(
+            async move {
+                let first = match sent {
+                    Ok(pending) => pending.ack().await,
+                    Err(e) => Err(e),
+                };
+                let result = retry.until_known(&frame, first).await;
+                Settled::Append(frame, result)
+            }
+            .instrument(answer),
+        ));
     }
 
     /// Queues `settled` behind the appends still waiting for the log, or answers it now.
@@ -904,13 +928,22 @@ impl Session {
         let (frame, ack) = match settled {
             Settled::Append(frame, Ok(ack)) => (frame, ack),
             Settled::Append(frame, Err(e)) => {
+                frame.span.record("error.type", e.code());
+                if matches!(e, RoomError::Unavailable(_) | RoomError::Internal(_)) {
+                    frame.span.record("otel.status_code", "ERROR");
+                }
                 return self
                     .room_error(frame.rid.as_deref(), frame.room.as_str(), &e)
-                    .await
+                    .await;
             }
             Settled::Reply(reply) => return self.send(reply).await,
         };
         self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
+        // Integers go to traces as `i64` (a `u64` would go as a string).
+        frame
+            .span
+            .record("chat.seq", i64::try_from(ack.seq).unwrap_or(i64::MAX));
+        frame.span.record("chat.duplicate", ack.duplicate);
         if frame.is_send {
             // The message ends the indicator (each edge's feed sees it): the next keystroke
             // starts a new one at once.

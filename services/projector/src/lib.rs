@@ -30,6 +30,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use partition::Partition;
 pub use rebuild::{rebuild, RebuildError, RebuildReport};
@@ -486,12 +487,23 @@ async fn writer(
 ) {
     while let Some(batch) = batches.recv().await {
         let started = std::time::Instant::now();
+        let count: usize = batch.iter().map(|b| b.entries.len()).sum();
+        let span = tracing::info_span!(
+            "chat.projector.commit",
+            // As `i64`: a `u64` would reach traces as a string.
+            chat.rooms = batch.len() as i64,
+            chat.events = count as i64,
+            chat.retries = tracing::field::Empty,
+        );
         let mut pause = Duration::from_millis(50);
+        let mut retries = 0u32;
         loop {
-            match store.apply(&batch).await {
+            match store.apply(&batch).instrument(span.clone()).await {
                 Ok(()) => break,
                 Err(e) => {
                     stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    retries += 1;
+                    span.record("chat.retries", i64::from(retries));
                     tracing::error!(error = %e, "store write failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -499,9 +511,9 @@ async fn writer(
             }
         }
         commits.committed();
+        drop(span);
         let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         stats.store_write_us.fetch_add(busy, Ordering::Relaxed);
-        let count: usize = batch.iter().map(|b| b.entries.len()).sum();
         stats.projected.fetch_add(count as u64, Ordering::Relaxed);
         let stored = batch
             .into_iter()

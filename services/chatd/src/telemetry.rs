@@ -1,0 +1,149 @@
+//! Logs and traces.
+//!
+//! Logs go to stderr as before (`CHAT_LOG` filters them, `CHAT_LOG_FORMAT=json` for JSON lines);
+//! they carry events only, so the spans below cost nothing while no trace exporter is set up.
+//!
+//! Traces go to an OpenTelemetry collector over OTLP/HTTP (protobuf) when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with the
+//! standard variables of the OpenTelemetry SDK: `OTEL_SERVICE_NAME` (default `chatd`),
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_SAMPLER` and
+//! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*` for the batching. `CHAT_TRACE` filters which spans
+//! are exported, as `CHAT_LOG` does logs (default `info`). Spans: `http.request` for every HTTP
+//! request (continuing the caller's trace from a W3C `traceparent` header), `chat.append` for
+//! every WebSocket append with `chat.append.decide` (the checks) and `chat.append.ack` (the log's
+//! answer) inside it, and `chat.projector.commit` for every store transaction of the projector.
+//! Exporting is off the request path: spans are queued and sent in batches by a thread of their
+//! own; a collector that is away costs dropped spans, never a slower request.
+
+use std::io::IsTerminal;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+/// The trace exporter, if one is set up: flushed and stopped by [`Telemetry::shutdown`].
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sets up logging, and trace export when the environment asks for it. A trace exporter
+    /// that cannot be built is reported and left out: the process runs on without traces.
+    /// Must run outside any async runtime (the exporter's HTTP client has one of its own).
+    pub fn init() -> Telemetry {
+        let log_filter = EnvFilter::try_from_env("CHAT_LOG")
+            .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+        // Events only: no span is made for the log's sake.
+        let log_filter = log_filter.and(filter_fn(|meta| !meta.is_span()));
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        let fmt = if std::env::var("CHAT_LOG_FORMAT").as_deref() == Ok("json") {
+            fmt.json().with_filter(log_filter).boxed()
+        } else {
+            fmt.with_filter(log_filter).boxed()
+        };
+        let (provider, problem) = match trace_provider() {
+            Ok(provider) => (provider, None),
+            Err(e) => (None, Some(e)),
+        };
+        let traces = provider.as_ref().map(|provider| {
+            let filter =
+                EnvFilter::try_from_env("CHAT_TRACE").unwrap_or_else(|_| EnvFilter::new("info"));
+            // No thread, code location or busy/idle times on every span.
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("chatd"))
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                .with_filter(filter)
+        });
+        tracing_subscriber::registry().with(fmt).with(traces).init();
+        if let Some(e) = problem {
+            tracing::error!(error = %e, "trace export not set up; running without it");
+        } else if provider.is_some() {
+            tracing::info!("exporting traces over OTLP/HTTP");
+        }
+        Telemetry { provider }
+    }
+
+    /// Sends the spans still queued and stops the exporter (bounded by the SDK's export
+    /// timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("chatd: flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+/// Whether the environment names an OTLP endpoint for traces.
+fn exporting() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true");
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+fn trace_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
+    if !exporting() {
+        return Ok(None);
+    }
+    // The endpoint, headers and timeout come from the standard variables.
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .build()?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("chatd");
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(Some(provider))
+}
+
+/// The span of one HTTP request, continuing the caller's trace if the request carries a W3C
+/// `traceparent` header. Its status is recorded by [`record_status`].
+pub fn request_span(request: &axum::extract::Request) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let method = request.method().as_str();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+        });
+        // A request without a valid `traceparent` starts a trace of its own.
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// Records a response's status on its request's span (5xx marks the span as an error).
+pub fn record_status(span: &tracing::Span, status: axum::http::StatusCode) {
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+}

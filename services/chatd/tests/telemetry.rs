@@ -1,0 +1,309 @@
+//! Trace export end to end: chatd sends its spans over OTLP/HTTP to a collector (here a real
+//! HTTP server in the test that decodes what it receives), continues a caller's W3C trace,
+//! flushes on SIGTERM, and serves on when the collector is away.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use common::client::Client;
+use common::*;
+use nix::sys::signal::Signal;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
+use serde_json::json;
+use tokio::sync::watch;
+
+/// What the collector has received: every span, with its service's name.
+#[derive(Default)]
+struct Received {
+    spans: Vec<(String, Span)>,
+}
+
+/// A collector: `POST /v1/traces` decoded as OTLP protobuf.
+struct Collector {
+    url: String,
+    received: Arc<Mutex<Received>>,
+    /// Bumped with every export request.
+    exports: watch::Receiver<usize>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let received = Arc::new(Mutex::new(Received::default()));
+        let (tx, exports) = watch::channel(0usize);
+        let state = (received.clone(), Arc::new(tx));
+        let app = axum::Router::new()
+            .route("/v1/traces", post(export))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Collector {
+            url,
+            received,
+            exports,
+        }
+    }
+
+    /// Waits until `found` holds of the spans received (checked at every export), at most 20 s.
+    async fn until<T>(&mut self, found: impl Fn(&[(String, Span)]) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(t) = found(&self.received.lock().unwrap().spans) {
+                return t;
+            }
+            let names: Vec<String> = self
+                .received
+                .lock()
+                .unwrap()
+                .spans
+                .iter()
+                .map(|(_, s)| s.name.clone())
+                .collect();
+            tokio::time::timeout_at(deadline, self.exports.changed())
+                .await
+                .unwrap_or_else(|_| panic!("spans not received in time; received: {names:?}"))
+                .unwrap();
+        }
+    }
+}
+
+type CollectorState = (Arc<Mutex<Received>>, Arc<watch::Sender<usize>>);
+
+async fn export(State((received, tx)): State<CollectorState>, body: Bytes) -> Vec<u8> {
+    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
+    {
+        let mut received = received.lock().unwrap();
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Any::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    received.spans.push((service.clone(), span));
+                }
+            }
+        }
+    }
+    tx.send_modify(|n| *n += 1);
+    // An empty ExportTraceServiceResponse.
+    Vec::new()
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Any> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+fn string_attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    match attr(span, key)? {
+        Any::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn int_attr(span: &Span, key: &str) -> Option<i64> {
+    match attr(span, key)? {
+        Any::IntValue(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn traced_env(
+    data: &std::path::Path,
+    endpoint: &str,
+    delay_ms: &str,
+) -> Vec<(&'static str, String)> {
+    let mut env = standalone_env(data);
+    env.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", delay_ms.to_owned()),
+        ("OTEL_SERVICE_NAME", "chat-under-test".to_owned()),
+    ]);
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_appends_and_commits_are_exported_as_spans_of_the_callers_trace() {
+    let mut collector = Collector::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&traced_env(data.path(), &collector.url, "100"));
+    let token = dev_token(data.path(), "alice", 3600);
+
+    // An HTTP request carrying the caller's trace.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let auth = format!("Bearer {token}");
+    let body =
+        json!({"room": "traced", "kind": "group", "name": "traced", "members": []}).to_string();
+    let (status, _) = chat_harness::http_request(
+        chatd.http_addr(),
+        "POST",
+        "/v1/rooms",
+        &[
+            ("Authorization", auth.as_str()),
+            ("traceparent", traceparent.as_str()),
+        ],
+        Some(&body),
+    )
+    .expect("http answer");
+    assert_eq!(status, 201);
+
+    // An append over the WebSocket.
+    let mut alice = Client::connect(&chatd.ws_url(), &token).await;
+    alice.subscribe("traced", None).await;
+    let ack = alice.say("traced", "hello, traces").await;
+    let seq = ack["seq"].as_u64().expect("acked");
+
+    let request = collector
+        .until(|spans| {
+            spans
+                .iter()
+                .find(|(_, s)| s.name == "POST /v1/rooms" && hex(&s.trace_id) == trace_id)
+                .cloned()
+        })
+        .await;
+    let (service, request) = request;
+    assert_eq!(service, "chat-under-test");
+    assert_eq!(
+        hex(&request.parent_span_id),
+        caller_span,
+        "continues the caller's span"
+    );
+    assert_eq!(string_attr(&request, "http.route"), Some("/v1/rooms"));
+    assert_eq!(string_attr(&request, "http.request.method"), Some("POST"));
+    assert_eq!(int_attr(&request, "http.response.status_code"), Some(201));
+
+    let append = collector
+        .until(|spans| {
+            spans
+                .iter()
+                .find(|(_, s)| {
+                    s.name == "chat.append"
+                        && string_attr(s, "chat.room") == Some("traced")
+                        && int_attr(s, "chat.seq") == Some(seq as i64)
+                })
+                .map(|(_, s)| s.clone())
+        })
+        .await;
+    assert_eq!(string_attr(&append, "chat.kind"), Some("send"));
+    assert_eq!(string_attr(&append, "chat.user"), Some("alice"));
+    assert_eq!(
+        attr(&append, "chat.duplicate"),
+        Some(&Any::BoolValue(false))
+    );
+    assert!(
+        append.parent_span_id.is_empty(),
+        "an append starts a trace of its own"
+    );
+    // Its two stages, inside it.
+    for stage in ["chat.append.decide", "chat.append.ack"] {
+        let child = collector
+            .until(|spans| {
+                spans
+                    .iter()
+                    .find(|(_, s)| s.name == stage && s.parent_span_id == append.span_id)
+                    .map(|(_, s)| s.clone())
+            })
+            .await;
+        assert_eq!(child.trace_id, append.trace_id);
+        assert!(child.start_time_unix_nano >= append.start_time_unix_nano);
+        assert!(child.end_time_unix_nano <= append.end_time_unix_nano);
+    }
+
+    // The projector's commits (the room's creation and the message, in one or more).
+    let committed = collector
+        .until(|spans| {
+            let events: i64 = spans
+                .iter()
+                .filter(|(_, s)| s.name == "chat.projector.commit")
+                .filter_map(|(_, s)| int_attr(s, "chat.events"))
+                .sum();
+            (events >= 2).then_some(events)
+        })
+        .await;
+    assert!(committed >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_queued_are_sent_at_sigterm() {
+    let mut collector = Collector::start().await;
+    let data = tempfile::tempdir().unwrap();
+    // Batches go out every 10 minutes: only the flush at exit can send this one.
+    let mut chatd = start(&traced_env(data.path(), &collector.url, "600000"));
+    let token = dev_token(data.path(), "bob", 3600);
+    create_room(&chatd, &token, "flushed");
+    let mut bob = Client::connect(&chatd.ws_url(), &token).await;
+    let ack = bob.say("flushed", "before the end").await;
+    let seq = ack["seq"].as_u64().expect("acked") as i64;
+    assert!(
+        collector.received.lock().unwrap().spans.is_empty(),
+        "nothing is exported before the batch is due"
+    );
+    bob.close().await;
+    chatd.signal(Signal::SIGTERM);
+    assert!(
+        chatd.wait_exit(Duration::from_secs(20)).is_some(),
+        "chatd exits"
+    );
+    collector
+        .until(|spans| {
+            spans
+                .iter()
+                .any(|(_, s)| s.name == "chat.append" && int_attr(s, "chat.seq") == Some(seq))
+                .then_some(())
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_away_costs_spans_not_service() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&traced_env(
+        data.path(),
+        &format!("http://127.0.0.1:{port}"),
+        "50",
+    ));
+    let token = dev_token(data.path(), "carol", 3600);
+    create_room(&chatd, &token, "untraced");
+    let mut carol = Client::connect(&chatd.ws_url(), &token).await;
+    for n in 0..20 {
+        let ack = carol.say("untraced", &format!("message {n}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
+}
+
+/// Creates a group room of the token's user alone.
+fn create_room(chatd: &chat_harness::Chatd, token: &str, room: &str) {
+    let body = json!({"room": room, "kind": "group", "name": room, "members": []});
+    let (status, _) = api(chatd, token, "POST", "/v1/rooms", Some(body));
+    assert_eq!(status, 201);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
