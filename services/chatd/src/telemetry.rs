@@ -9,7 +9,8 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_SAMPLER` and
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*` for the batching. `CHAT_TRACE` filters which spans
 //! are exported, as `CHAT_LOG` does logs (default `info`). Spans: `http.request` for every HTTP
-//! request (continuing the caller's trace from a W3C `traceparent` header), `chat.append` for
+//! request but probes and scrapes (continuing the caller's trace from a W3C `traceparent`
+//! header; named `METHOD /route`), `chat.append` for
 //! every WebSocket append with `chat.append.decide` (the checks) and `chat.append.ack` (the log's
 //! answer) inside it, and `chat.projector.commit` for every store transaction of the projector.
 //! Exporting is off the request path: spans are queued and sent in batches by a thread of their
@@ -112,14 +113,19 @@ fn trace_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     Ok(Some(provider))
 }
 
-/// The span of one HTTP request, continuing the caller's trace if the request carries a W3C
-/// `traceparent` header. Its status is recorded by [`record_status`].
+/// The span of one HTTP request (none for health probes and metrics scrapes), continuing the
+/// caller's trace if the request carries a W3C `traceparent` header. Its status is recorded by
+/// [`record_status`].
 pub fn request_span(request: &axum::extract::Request) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str());
+    // Probes and scrapes come every few seconds and tell a trace nothing.
+    if matches!(route, "/healthz" | "/readyz" | "/metrics") {
+        return tracing::Span::none();
+    }
     let method = request.method().as_str();
     let span = tracing::info_span!(
         "http.request",

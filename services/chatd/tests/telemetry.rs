@@ -297,6 +297,35 @@ async fn a_collector_that_is_away_costs_spans_not_service() {
     assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_scrapes_make_no_spans() {
+    let mut collector = Collector::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&traced_env(data.path(), &collector.url, "50"));
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            chatd.get(path).map(|(status, _)| status),
+            Some(200),
+            "{path}"
+        );
+    }
+    // A request after them: once its span is in, theirs would be too.
+    let token = dev_token(data.path(), "dave", 3600);
+    let (status, _) = api(&chatd, &token, "GET", "/v1/me", None);
+    assert_eq!(status, 200);
+    let names = collector
+        .until(|spans| {
+            spans.iter().any(|(_, s)| s.name == "GET /v1/me").then(|| {
+                spans
+                    .iter()
+                    .map(|(_, s)| s.name.clone())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await;
+    assert_eq!(names, ["GET /v1/me"]);
+}
+
 /// Creates a group room of the token's user alone.
 fn create_room(chatd: &chat_harness::Chatd, token: &str, room: &str) {
     let body = json!({"room": room, "kind": "group", "name": room, "members": []});
