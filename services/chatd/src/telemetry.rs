@@ -23,7 +23,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -40,8 +40,11 @@ impl Telemetry {
     pub fn init() -> Telemetry {
         let log_filter = EnvFilter::try_from_env("CHAT_LOG")
             .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
-        // Events only: no span is made for the log's sake.
-        let log_filter = log_filter.and(filter_fn(|meta| !meta.is_span()));
+        // Events only: no span is made for the log's sake. (The hint keeps the log filter's
+        // own level as the process's most verbose: without it, every `debug!` and `trace!` in
+        // the process and its libraries would be looked at, and dropped, at run time.)
+        let events_only = filter_fn(|meta| !meta.is_span()).with_max_level_hint(LevelFilter::TRACE);
+        let log_filter = log_filter.and(events_only);
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal());
@@ -65,7 +68,13 @@ impl Telemetry {
                 .with_tracked_inactivity(false)
                 .with_filter(filter)
         });
-        tracing_subscriber::registry().with(fmt).with(traces).init();
+        // Not `.with(Option<Layer>)`: an absent layer declares interest in every call site,
+        // which would make every span for nothing.
+        let registry = tracing_subscriber::registry().with(fmt);
+        match traces {
+            Some(traces) => registry.with(traces).init(),
+            None => registry.init(),
+        }
         if let Some(e) = problem {
             tracing::error!(error = %e, "trace export not set up; running without it");
         } else if provider.is_some() {
