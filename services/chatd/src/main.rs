@@ -95,7 +95,13 @@ enum LogCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = chatd::telemetry::Telemetry::init();
+    let telemetry = match chatd::telemetry::Telemetry::init() {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("chatd: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let code = run_command(cli);
     telemetry.shutdown();
     code

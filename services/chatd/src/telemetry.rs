@@ -34,10 +34,12 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Sets up logging, and trace export when the environment asks for it. A trace exporter
-    /// that cannot be built is reported and left out: the process runs on without traces.
-    /// Must run outside any async runtime (the exporter's HTTP client has one of its own).
-    pub fn init() -> Telemetry {
+    /// Sets up logging, and trace export when the environment asks for it. An endpoint that
+    /// cannot be used (not `http://`, not a URL) is a configuration error, as any other
+    /// setting is: the text names the variable. Must run outside any async runtime (the
+    /// exporter's HTTP client has one of its own).
+    pub fn init() -> Result<Telemetry, String> {
+        let provider = trace_provider()?;
         let log_filter = EnvFilter::try_from_env("CHAT_LOG")
             .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
         // Events only: no span is made for the log's sake. (The hint keeps the log filter's
@@ -52,10 +54,6 @@ impl Telemetry {
             fmt.json().with_filter(log_filter).boxed()
         } else {
             fmt.with_filter(log_filter).boxed()
-        };
-        let (provider, problem) = match trace_provider() {
-            Ok(provider) => (provider, None),
-            Err(e) => (None, Some(e)),
         };
         let traces = provider.as_ref().map(|provider| {
             let filter =
@@ -75,12 +73,10 @@ impl Telemetry {
             Some(traces) => registry.with(traces).init(),
             None => registry.init(),
         }
-        if let Some(e) = problem {
-            tracing::error!(error = %e, "trace export not set up; running without it");
-        } else if provider.is_some() {
+        if provider.is_some() {
             tracing::info!("exporting traces over OTLP/HTTP");
         }
-        Telemetry { provider }
+        Ok(Telemetry { provider })
     }
 
     /// Sends the spans still queued and stops the exporter (bounded by the SDK's export
@@ -94,22 +90,39 @@ impl Telemetry {
     }
 }
 
-/// Whether the environment names an OTLP endpoint for traces.
-fn exporting() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true");
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+/// The variable naming the OTLP endpoint for traces and its value, if trace export is on (the
+/// traces' own variable wins, as in the SDK).
+fn endpoint() -> Option<(&'static str, String)> {
+    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true") {
+        return None;
+    }
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|name| {
+        let value = std::env::var(name).ok()?;
+        (!value.trim().is_empty()).then_some((name, value))
+    })
 }
 
-fn trace_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
-    if !exporting() {
+fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {
+    let Some((name, value)) = endpoint() else {
         return Ok(None);
+    };
+    // Without a TLS stack an `https://` collector would fail at every export, long after start.
+    if !value.trim().starts_with("http://") {
+        return Err(format!(
+            "{name}={value}: only http:// is supported (run a collector beside chatd for TLS)"
+        ));
     }
     // The endpoint, headers and timeout come from the standard variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
-        .build()?;
+        .build()
+        .map_err(|e| format!("{name}={value}: {e}"))?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("chatd");

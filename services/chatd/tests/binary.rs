@@ -134,6 +134,8 @@ fn invalid_configuration_is_refused_before_anything_starts() {
         ("CHAT_STORE", "mysql://db"),
         ("CHAT_ROLE", "router"),
         ("NATS_URL", "nats://:bad:port"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://no such host/"),
     ] {
         let mut env = standalone_env(data.path());
         env.push((var, value.to_owned()));
