@@ -43,9 +43,23 @@ pub fn router(state: AppState) -> Router {
 /// Runs a routed request in a span of its own (see [`crate::telemetry`]).
 pub async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument as _;
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let span = crate::telemetry::request_span(&request);
     let response = next.run(request).instrument(span.clone()).await;
     crate::telemetry::record_status(&span, response.status());
+    if let Some(route) = route {
+        crate::metrics::record_request(
+            &method,
+            &route,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+    }
     response
 }
 
@@ -78,160 +92,13 @@ async fn me(Authenticated(identity): Authenticated) -> impl IntoResponse {
     }))
 }
 
-/// Prometheus text exposition of this process's counters.
-async fn metrics(State(state): State<AppState>) -> Response {
-    use std::fmt::Write;
-    use std::sync::atomic::AtomicU64;
-    // (name, type, help, value) of every metric this process has.
-    let mut metrics: Vec<(&str, &str, &str, u64)> = Vec::new();
-    let mut add = |rows: &[(&'static str, &'static str, &'static str, &AtomicU64)]| {
-        for (name, kind, help, value) in rows {
-            metrics.push((name, kind, help, value.load(Ordering::Relaxed)));
-        }
-    };
-    if let Some(p) = &state.projector {
-        add(&[
-            (
-                "chat_projector_events_total",
-                "counter",
-                "Log entries written to the store.",
-                &p.projected,
-            ),
-            (
-                "chat_projector_dead_letters_total",
-                "counter",
-                "Entries that could not be decoded.",
-                &p.dead_letters,
-            ),
-            (
-                "chat_projector_fills_total",
-                "counter",
-                "Ranges read from streams (gaps, catch-up).",
-                &p.fills,
-            ),
-            (
-                "chat_projector_store_errors_total",
-                "counter",
-                "Failed (and retried) store writes.",
-                &p.store_errors,
-            ),
-            (
-                "chat_projector_lag_ms",
-                "gauge",
-                "Age of the oldest known event not yet stored.",
-                &p.lag_ms,
-            ),
-        ]);
-    }
-    if let Some(e) = &state.edge {
-        add(&[
-            (
-                "chat_edge_sockets",
-                "gauge",
-                "Open WebSocket connections, authenticated or not.",
-                &e.sockets,
-            ),
-            (
-                "chat_edge_sessions",
-                "gauge",
-                "Open authenticated WebSocket sessions.",
-                &e.sessions,
-            ),
-            (
-                "chat_edge_frames_in_total",
-                "counter",
-                "Frames received from clients.",
-                &e.frames_in,
-            ),
-            (
-                "chat_edge_appends_total",
-                "counter",
-                "Events appended for clients.",
-                &e.appends,
-            ),
-            (
-                "chat_edge_errors_total",
-                "counter",
-                "Error frames sent.",
-                &e.errors,
-            ),
-            (
-                "chat_edge_queued_bytes",
-                "gauge",
-                "Bytes queued for client sockets.",
-                &e.queued_bytes,
-            ),
-            (
-                "chat_edge_queued_bytes_peak",
-                "gauge",
-                "The most bytes ever queued for client sockets at once.",
-                &e.queued_bytes_peak,
-            ),
-            (
-                "chat_edge_slow_closes_total",
-                "counter",
-                "Sessions closed with 4008 (too slow to keep up).",
-                &e.slow_closes,
-            ),
-            (
-                "chat_edge_ephemeral_dropped_total",
-                "counter",
-                "Typing and presence frames dropped for slow readers.",
-                &e.ephemeral_dropped,
-            ),
-            (
-                "chat_edge_rate_limited_total",
-                "counter",
-                "Frames refused by a rate limit.",
-                &e.rate_limited,
-            ),
-            (
-                "chat_edge_flood_closes_total",
-                "counter",
-                "Sessions closed with 4029 (kept flooding).",
-                &e.flood_closes,
-            ),
-            (
-                "chat_edge_refused_total",
-                "counter",
-                "Connections refused by a connection cap.",
-                &e.refused,
-            ),
-            (
-                "chat_edge_idle_closes_total",
-                "counter",
-                "Sessions closed after the idle timeout.",
-                &e.idle_closes,
-            ),
-            (
-                "chat_edge_append_retries_total",
-                "counter",
-                "Appends retried (same id) after an unknown outcome.",
-                &e.append_retries,
-            ),
-            (
-                "chat_edge_presence_frames_total",
-                "counter",
-                "Presence frames handed to sessions (coalesced).",
-                &e.presence_frames,
-            ),
-        ]);
-    }
-    let draining = u64::from(state.draining.load(Ordering::SeqCst));
-    metrics.push((
-        "chat_draining",
-        "gauge",
-        "1 while the process drains.",
-        draining,
-    ));
-    let mut out = String::new();
-    for (name, kind, help, value) in metrics {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+/// Prometheus text exposition of this process's instruments (see [`crate::metrics`]).
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

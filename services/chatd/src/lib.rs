@@ -7,6 +7,7 @@ pub mod config;
 pub mod devauth;
 pub mod http;
 pub mod logtool;
+pub mod metrics;
 pub mod nats_child;
 pub mod telemetry;
 
@@ -38,6 +39,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let role = config.role;
+    // Before any instrument is made: one made earlier would report nowhere.
+    metrics::ensure_installed();
     let log = connect_log(&nats_url, &config).await?;
 
     let listener = TcpListener::bind(config.listen)
@@ -97,14 +100,16 @@ pub async fn serve(
         _ => None,
     };
 
-    let mut app = http::router(http::AppState {
+    let state = http::AppState {
         draining: draining.clone(),
         nats: log.client().clone(),
         verifier: verifier.clone(),
         rooms: rooms.clone(),
         projector: projector.clone(),
         edge: edge.as_ref().map(|e| e.stats.clone()),
-    });
+    };
+    metrics::observe(&state);
+    let mut app = http::router(state);
     if let Some(edge) = &edge {
         app = app.merge(chat_edge::router(edge.clone()));
     }

@@ -1,4 +1,4 @@
-//! Logs and traces.
+//! Logs, traces and metrics.
 //!
 //! Logs go to stderr as before (`CHAT_LOG` filters them, `CHAT_LOG_FORMAT=json` for JSON lines);
 //! they carry events only, so the spans below cost nothing while no trace exporter is set up.
@@ -15,11 +15,16 @@
 //! answer) inside it, and `chat.projector.commit` for every store transaction of the projector.
 //! Exporting is off the request path: spans are queued and sent in batches by a thread of their
 //! own; a collector that is away costs dropped spans, never a slower request.
+//!
+//! Metrics are OpenTelemetry instruments too, served at `/metrics` and, with the same endpoint
+//! variables, exported over OTLP (see [`crate::metrics`]). `OTEL_TRACES_EXPORTER=none` or
+//! `OTEL_METRICS_EXPORTER=none` turns either export off alone.
 
 use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -28,9 +33,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-/// The trace exporter, if one is set up: flushed and stopped by [`Telemetry::shutdown`].
+/// The exporters: flushed and stopped by [`Telemetry::shutdown`].
 pub struct Telemetry {
+    /// Traces, if exported.
     provider: Option<SdkTracerProvider>,
+    /// Metrics (`/metrics`, and OTLP if exported).
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -40,6 +48,9 @@ impl Telemetry {
     /// exporter's HTTP client has one of its own).
     pub fn init() -> Result<Telemetry, String> {
         let provider = trace_provider()?;
+        let metrics_exporter = metric_exporter()?;
+        let exporting_metrics = metrics_exporter.is_some();
+        let meters = crate::metrics::install(metrics_exporter, resource());
         let log_filter = EnvFilter::try_from_env("CHAT_LOG")
             .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
         // Events only: no span is made for the log's sake. (The hint keeps the log filter's
@@ -76,7 +87,10 @@ impl Telemetry {
         if provider.is_some() {
             tracing::info!("exporting traces over OTLP/HTTP");
         }
-        Ok(Telemetry { provider })
+        if exporting_metrics {
+            tracing::info!("exporting metrics over OTLP/HTTP");
+        }
+        Ok(Telemetry { provider, meters })
     }
 
     /// Sends the spans still queued and stops the exporter (bounded by the SDK's export
@@ -87,52 +101,85 @@ impl Telemetry {
                 eprintln!("chatd: flushing traces failed: {e}");
             }
         }
+        if let Some(meters) = self.meters {
+            // Sends the last figures if exporting; nothing to do otherwise.
+            if let Err(e) = meters.shutdown() {
+                eprintln!("chatd: flushing metrics failed: {e}");
+            }
+        }
     }
 }
 
-/// The variable naming the OTLP endpoint for traces and its value, if trace export is on (the
-/// traces' own variable wins, as in the SDK).
-fn endpoint() -> Option<(&'static str, String)> {
-    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true") {
+/// The variable naming the OTLP endpoint for a signal (`TRACES`, `METRICS`) and its value, if
+/// that signal is exported: the signal's own variable wins, as in the SDK; `OTEL_SDK_DISABLED`
+/// or `OTEL_<SIGNAL>_EXPORTER=none` turn it off.
+fn endpoint(signal: &str) -> Option<(String, String)> {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim() == "true")
+        || set(&format!("OTEL_{signal}_EXPORTER")).is_some_and(|v| v.trim() == "none")
+    {
         return None;
     }
     [
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
     ]
     .into_iter()
-    .find_map(|name| {
-        let value = std::env::var(name).ok()?;
-        (!value.trim().is_empty()).then_some((name, value))
-    })
+    .find_map(|name| set(&name).map(|value| (name, value)))
+}
+
+/// Refuses an endpoint the exporter could only fail on, long after start: without a TLS stack,
+/// anything but `http://`.
+fn check_endpoint(name: &str, value: &str) -> Result<(), String> {
+    if value.trim().starts_with("http://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}={value}: only http:// is supported (run a collector beside chatd for TLS)"
+        ))
+    }
+}
+
+/// The process as traces and metrics name it: `OTEL_SERVICE_NAME`, else `chatd`, and
+/// `OTEL_RESOURCE_ATTRIBUTES`.
+fn resource() -> Resource {
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("chatd");
+    }
+    resource.build()
 }
 
 fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {
-    let Some((name, value)) = endpoint() else {
+    let Some((name, value)) = endpoint("TRACES") else {
         return Ok(None);
     };
-    // Without a TLS stack an `https://` collector would fail at every export, long after start.
-    if !value.trim().starts_with("http://") {
-        return Err(format!(
-            "{name}={value}: only http:// is supported (run a collector beside chatd for TLS)"
-        ));
-    }
+    check_endpoint(&name, &value)?;
     // The endpoint, headers and timeout come from the standard variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
         .build()
         .map_err(|e| format!("{name}={value}: {e}"))?;
-    let mut resource = Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-        resource = resource.with_service_name("chatd");
-    }
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(resource.build())
+        .with_resource(resource())
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(Some(provider))
+}
+
+fn metric_exporter() -> Result<Option<opentelemetry_otlp::MetricExporter>, String> {
+    let Some((name, value)) = endpoint("METRICS") else {
+        return Ok(None);
+    };
+    check_endpoint(&name, &value)?;
+    opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .build()
+        .map(Some)
+        .map_err(|e| format!("{name}={value}: {e}"))
 }
 
 /// The span of one HTTP request (none for health probes and metrics scrapes), continuing the

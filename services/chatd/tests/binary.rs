@@ -136,6 +136,10 @@ fn invalid_configuration_is_refused_before_anything_starts() {
         ("NATS_URL", "nats://:bad:port"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
         ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://no such host/"),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "https://collector:4318/v1/metrics",
+        ),
     ] {
         let mut env = standalone_env(data.path());
         env.push((var, value.to_owned()));

@@ -133,6 +133,8 @@ pub struct EdgeState {
     /// This edge's shared room feeds.
     pub hub: Arc<Hub>,
     pub stats: Arc<EdgeStats>,
+    /// Latency histograms (no-ops unless the process set up a meter provider).
+    pub metrics: EdgeMetrics,
     /// Every session; a drain waits for them to close.
     pub sessions: TaskTracker,
     /// Work that outlives the sessions in a drain: the last append of delivered cursors. A
@@ -199,6 +201,7 @@ impl EdgeState {
             rooms,
             hub,
             stats,
+            metrics: EdgeMetrics::new(),
             sessions,
             background,
             limits,
@@ -239,6 +242,37 @@ pub struct EdgeStats {
     pub append_retries: AtomicU64,
     /// Presence frames handed to sessions (coalesced).
     pub presence_frames: AtomicU64,
+}
+
+/// An edge's histograms, OpenTelemetry instruments of the process's global meter provider
+/// (read by `/metrics` and the OTLP exporter where chatd sets them up).
+#[derive(Debug, Clone)]
+pub struct EdgeMetrics {
+    /// `chat.edge.append.duration`: from an appending frame's arrival to its answer (`ack` or
+    /// `error`), in seconds, by `kind` (send, edit, delete, react) and `outcome` (`ok`,
+    /// `duplicate` or the error code).
+    pub append_duration: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl EdgeMetrics {
+    /// Bucket bounds, in seconds: a loopback append takes about a millisecond, a busy one tens.
+    const APPEND_BOUNDS: [f64; 14] = [
+        0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+
+    fn new() -> EdgeMetrics {
+        let meter = opentelemetry::global::meter("chat-edge");
+        EdgeMetrics {
+            append_duration: meter
+                .f64_histogram("chat.edge.append.duration")
+                .with_unit("s")
+                .with_description(
+                    "From an appending frame's arrival to its answer (ack or error), by kind and outcome.",
+                )
+                .with_boundaries(Self::APPEND_BOUNDS.to_vec())
+                .build(),
+        }
+    }
 }
 
 /// The edge's routes.

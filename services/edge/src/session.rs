@@ -26,6 +26,7 @@ use chat_store::PageQuery;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use opentelemetry::KeyValue;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
@@ -251,12 +252,11 @@ struct AppendFrame {
     rid: Option<String>,
     room: RoomId,
     id: Uuid,
-    /// A `send` (its ack ends the user's typing indicator).
-    is_send: bool,
     /// Asked again with the same id while the outcome is unknown.
     command: Command,
-    /// No retry starts after this.
-    deadline: Instant,
+    /// When the frame arrived: no retry starts `append_retry` after it, and
+    /// `chat.edge.append.duration` starts here.
+    arrived: Instant,
     /// `chat.append`, from the frame's arrival to its answer (disabled unless traces are
     /// exported).
     span: tracing::Span,
@@ -283,6 +283,8 @@ struct Retry {
     user: UserId,
     out: Outbox,
     stats: Arc<crate::EdgeStats>,
+    /// How long after its frame's arrival an append may still be retried.
+    append_retry: Duration,
 }
 
 impl Retry {
@@ -299,7 +301,8 @@ impl Retry {
         loop {
             match result {
                 Err(RoomError::Unavailable(reason))
-                    if Instant::now() + pause < frame.deadline && !self.out.is_stopped() =>
+                    if Instant::now() + pause < frame.arrived + self.append_retry
+                        && !self.out.is_stopped() =>
                 {
                     tracing::debug!(room = %frame.room, id = %frame.id, reason, "append outcome unknown; retrying");
                     self.stats.append_retries.fetch_add(1, Ordering::Relaxed);
@@ -875,9 +878,8 @@ impl Session {
             rid: rid.map(str::to_owned),
             room,
             id,
-            is_send: kind == "send",
             command,
-            deadline: Instant::now() + self.state.config.append_retry,
+            arrived: Instant::now(),
         })
     }
 
@@ -897,6 +899,7 @@ impl Session {
             user: self.user.clone(),
             out: self.out.clone(),
             stats: self.state.stats.clone(),
+            append_retry: self.state.config.append_retry,
         };
         let answer = tracing::info_span!(parent: &frame.span, "chat.append.ack");
         self.appends_mut().settling.push_back(Box::pin(
@@ -928,6 +931,7 @@ impl Session {
         let (frame, ack) = match settled {
             Settled::Append(frame, Ok(ack)) => (frame, ack),
             Settled::Append(frame, Err(e)) => {
+                self.record_append(&frame, e.code());
                 frame.span.record("error.type", e.code());
                 if matches!(e, RoomError::Unavailable(_) | RoomError::Internal(_)) {
                     frame.span.record("otel.status_code", "ERROR");
@@ -939,12 +943,13 @@ impl Session {
             Settled::Reply(reply) => return self.send(reply).await,
         };
         self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.record_append(&frame, if ack.duplicate { "duplicate" } else { "ok" });
         // Integers go to traces as `i64` (a `u64` would go as a string).
         frame
             .span
             .record("chat.seq", i64::try_from(ack.seq).unwrap_or(i64::MAX));
         frame.span.record("chat.duplicate", ack.duplicate);
-        if frame.is_send {
+        if matches!(frame.command, Command::Send { .. }) {
             // The message ends the indicator (each edge's feed sees it): the next keystroke
             // starts a new one at once.
             self.typing.remove(&frame.room);
@@ -958,6 +963,17 @@ impl Session {
         });
         self.send(protocol::reply("ack", frame.rid.as_deref(), fields))
             .await;
+    }
+
+    /// Records an answered append's latency in `chat.edge.append.duration`.
+    fn record_append(&self, frame: &AppendFrame, outcome: &'static str) {
+        self.state.metrics.append_duration.record(
+            frame.arrived.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("kind", frame.command.kind()),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
     }
 
     /// Answers a frame after the appends the client sent before it (now, if there are none).

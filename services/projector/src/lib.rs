@@ -485,6 +485,15 @@ async fn writer(
     stats: Arc<ProjectorStats>,
     commits: Arc<Commits>,
 ) {
+    // A no-op unless the process set up a meter provider (chatd does: `/metrics`, OTLP).
+    let commit_duration = opentelemetry::global::meter("chat-projector")
+        .f64_histogram("chat.projector.commit.duration")
+        .with_unit("s")
+        .with_description("Store transactions of the projector, retries included.")
+        .with_boundaries(vec![
+            0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ])
+        .build();
     while let Some(batch) = batches.recv().await {
         let started = std::time::Instant::now();
         let count: usize = batch.iter().map(|b| b.entries.len()).sum();
@@ -512,7 +521,9 @@ async fn writer(
         }
         commits.committed();
         drop(span);
-        let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        commit_duration.record(elapsed.as_secs_f64(), &[]);
+        let busy = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         stats.store_write_us.fetch_add(busy, Ordering::Relaxed);
         stats.projected.fetch_add(count as u64, Ordering::Relaxed);
         let stored = batch

@@ -223,6 +223,18 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The client frame's type: `send`, `edit`, `delete` or `react`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Send { .. } => "send",
+            Command::Edit { .. } => "edit",
+            Command::Delete { .. } => "delete",
+            Command::React { .. } => "react",
+        }
+    }
+}
+
 /// The room service. Cheap to share (`Arc`).
 pub struct Rooms {
     log: RoomLog,
