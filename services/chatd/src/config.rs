@@ -469,27 +469,18 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
     })
 }
 
-/// `scylla://host:port[,host:port…]/keyspace`
+/// `scylla://host:port[,host:port…]/keyspace[?rf=N]`, checked by the store's own parser (the
+/// one that connects), so what starts here is what it accepts.
 fn parse_scylla_uri(uri: &str) -> Result<StoreConfig, String> {
-    let usage = || format!("expected sqlite or scylla://host:port/keyspace, got {uri:?}");
-    let rest = uri.strip_prefix("scylla://").ok_or_else(usage)?;
-    let (hosts, keyspace) = rest.split_once('/').ok_or_else(usage)?;
-    let nodes: Vec<String> = hosts
-        .split(',')
-        .map(str::to_owned)
-        .filter(|h| !h.is_empty())
-        .collect();
-    let keyspace_ok = !keyspace.is_empty()
-        && keyspace.len() <= 48
-        && keyspace
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_');
-    if nodes.is_empty() || !keyspace_ok {
-        return Err(usage());
+    if !uri.starts_with("scylla://") {
+        return Err(format!(
+            "expected sqlite or scylla://host:port/keyspace[?rf=N], got {uri:?}"
+        ));
     }
+    let (nodes, keyspace, _rf) = chat_store::parse_scylla_uri(uri).map_err(|e| e.to_string())?;
     Ok(StoreConfig::Scylla {
         nodes,
-        keyspace: keyspace.to_owned(),
+        keyspace,
         uri: uri.to_owned(),
     })
 }
@@ -537,6 +528,8 @@ mod tests {
             ("CHAT_SEND_RATE", "0/5"),
             ("CHAT_STORE", "postgres://x"),
             ("CHAT_STORE", "scylla://h:9042/"),
+            ("CHAT_STORE", "scylla://h:9042/chat?rf=0"),
+            ("CHAT_STORE", "scylla://h:9042/chat?replicas=3"),
             ("CHAT_DEDUP_WINDOW", "10 minutes"),
             ("CHAT_PREFIX", "Chat.X"),
             ("CHAT_REPLICAS", "three"),
@@ -579,7 +572,7 @@ mod tests {
         let c = config(&[
             (
                 "CHAT_STORE",
-                "scylla://10.0.0.1:9042,10.0.0.2:9042/chat_prod",
+                "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3",
             ),
             ("CHAT_SEND_RATE", "5/50"),
             ("CHAT_DEDUP_WINDOW", "2m"),
@@ -597,7 +590,7 @@ mod tests {
             StoreConfig::Scylla {
                 nodes: vec!["10.0.0.1:9042".into(), "10.0.0.2:9042".into()],
                 keyspace: "chat_prod".into(),
-                uri: "scylla://10.0.0.1:9042,10.0.0.2:9042/chat_prod".into(),
+                uri: "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3".into(),
             }
         );
         assert_eq!(

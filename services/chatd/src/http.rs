@@ -101,6 +101,16 @@ async fn metrics() -> Response {
         .into_response()
 }
 
+/// A route asked with a method it does not have (axum adds the `Allow` header listing those it
+/// has).
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "bad_request",
+        &format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
 async fn not_found(method: Method, uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,

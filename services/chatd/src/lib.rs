@@ -113,7 +113,9 @@ pub async fn serve(
     if let Some(edge) = &edge {
         app = app.merge(chat_edge::router(edge.clone()));
     }
-    let app = app.route_layer(axum::middleware::from_fn(http::traced));
+    let app = app
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .route_layer(axum::middleware::from_fn(http::traced));
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

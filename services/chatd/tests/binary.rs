@@ -40,6 +40,34 @@ fn all_in_one_starts_its_own_nats_and_serves_health() {
     assert_eq!(status, 404);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"]["code"], "not_found");
+    // A route asked with a method it does not have: 405 in the errors' shape, saying which
+    // methods it has.
+    for (method, path, allowed) in [
+        ("PUT", "/v1/rooms", "GET,HEAD,POST"),
+        ("POST", "/healthz", "GET,HEAD"),
+        ("DELETE", "/v1/ws", "GET,HEAD"),
+    ] {
+        let (status, head, body) =
+            chat_harness::http_exchange(chatd.http_addr(), method, path, &[], None).unwrap();
+        assert_eq!(status, 405, "{method} {path}: {head}");
+        let allow = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                let mut methods: Vec<&str> = value.split(',').map(str::trim).collect();
+                methods.sort_unstable();
+                name.eq_ignore_ascii_case("allow")
+                    .then(|| methods.join(","))
+            })
+            .unwrap_or_else(|| panic!("{method} {path}: no Allow header in {head}"));
+        assert_eq!(allow, allowed, "{method} {path}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(body["error"]["code"], "bad_request", "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(path),
+            "{body}"
+        );
+    }
     assert!(!process_gone(nats_pid(data.path())), "its nats-server runs");
     assert!(
         data.path().join("nats/jetstream").is_dir(),

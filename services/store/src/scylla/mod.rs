@@ -18,6 +18,7 @@ mod query;
 mod rows;
 mod statements;
 mod uri;
+pub use uri::parse_uri;
 
 use std::collections::HashSet;
 use std::fmt::Display;
@@ -40,8 +41,6 @@ use crate::{
     RoomSummary, Store, StoreError, ThreadPage,
 };
 use statements::Statements;
-
-use uri::parse_uri;
 
 /// The tables, also shipped as `schema/scylla.cql`.
 pub const SCHEMA: &str = include_str!("../../../../schema/scylla.cql");
