@@ -349,3 +349,80 @@ async fn history_right_after_an_ack_includes_it_and_read_cursors_only_move_forwa
         .await;
     assert_eq!(above["code"], "bad_request", "{above}");
 }
+
+#[tokio::test]
+async fn read_events_are_one_per_user_per_second_across_sessions_and_never_go_back() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    api(
+        &chatd,
+        &t("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "receipts", "kind": "group", "members": ["bob"]})),
+    );
+    let mut alice = Client::connect(&chatd.ws_url(), &t("alice")).await;
+    alice.subscribe("receipts", None).await;
+    for i in 0..20 {
+        alice.say("receipts", &format!("m{i}")).await;
+    }
+    // bob's two sessions race each other, each a step behind the other in turn.
+    let mut phone = Client::connect(&chatd.ws_url(), &t("bob")).await;
+    let mut laptop = Client::connect(&chatd.ws_url(), &t("bob")).await;
+    for (high, low) in [(12, 11), (15, 13), (18, 17), (21, 19)] {
+        let (a, b) = if high % 2 == 0 {
+            (&mut phone, &mut laptop)
+        } else {
+            (&mut laptop, &mut phone)
+        };
+        tokio::join!(
+            a.send(json!({"type": "read", "room": "receipts", "seq": high})),
+            b.send(json!({"type": "read", "room": "receipts", "seq": low})),
+        );
+    }
+    // Every read event bob's frames made, as alice sees them, until the last cursor lands.
+    let mut reads: Vec<(u64, u64)> = Vec::new();
+    while reads.last().map(|r| r.0) != Some(21) {
+        let read = alice
+            .wait_for(|f| f["type"] == "event" && f["kind"] == "read" && f["user"] == "bob")
+            .await;
+        reads.push((
+            read["up_to"].as_u64().unwrap(),
+            read["ts"].as_u64().unwrap(),
+        ));
+    }
+    assert!(
+        reads.windows(2).all(|w| w[0].0 < w[1].0),
+        "cursors only move forward in the log: {reads:?}"
+    );
+    // At most one per second (the gate opens a second after an append starts; the event's
+    // time is taken a moment into it, hence the slack).
+    assert!(
+        reads.windows(2).all(|w| w[1].1 >= w[0].1 + 950),
+        "one read event per user per room per second: {reads:?}"
+    );
+    assert!(reads.len() <= 3, "coalesced: {reads:?}");
+    // The stored cursor follows once the projector has the event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rooms = api(&chatd, &t("bob"), "GET", "/v1/rooms", None).1;
+        if rooms["rooms"][0]["last_read"] == 21 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{rooms}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A stranger learns nothing of the room: not its head, and the error answers the frame.
+    let mut carol = Client::connect(&chatd.ws_url(), &t("carol")).await;
+    let refused = carol
+        .request(json!({"type": "read", "rid": "r1", "room": "receipts", "seq": 9999}))
+        .await;
+    assert_eq!(
+        (&refused["code"], &refused["rid"]),
+        (&json!("forbidden"), &json!("r1")),
+        "{refused}"
+    );
+    assert!(!refused["message"].as_str().unwrap().contains("head"));
+}

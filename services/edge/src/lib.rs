@@ -17,6 +17,7 @@ mod origin;
 mod outbox;
 mod presence;
 mod protocol;
+mod reads;
 mod render;
 mod session;
 mod socket;
@@ -144,6 +145,8 @@ pub struct EdgeState {
     pub presence: Arc<Presence>,
     /// Delivered cursors waiting to be appended, one event per room per interval.
     pub delivered: Arc<DeliveredCursors>,
+    /// Read cursors: one `read` event per user per room per second, in increasing order.
+    pub(crate) reads: Arc<reads::ReadCursors>,
     limits: Arc<limits::UserLimits>,
     connections: Arc<limits::Connections>,
 }
@@ -178,6 +181,7 @@ impl EdgeState {
             stats.clone(),
         );
         let delivered = Arc::new(DeliveredCursors::new(config.delivered.max_pending));
+        let reads = Arc::new(reads::ReadCursors::new(reads::READ_INTERVAL));
         let sessions = TaskTracker::new();
         let background = TaskTracker::new();
         background.spawn(delivered::run(
@@ -187,10 +191,17 @@ impl EdgeState {
             shutdown.clone(),
             sessions.clone(),
         ));
+        background.spawn(reads::run(
+            reads.clone(),
+            rooms.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        ));
         EdgeState {
             verifier,
             presence,
             delivered,
+            reads,
             connections: limits::Connections::new(
                 config.max_connections,
                 config.max_connections_per_user,

@@ -44,9 +44,6 @@ use crate::EdgeState;
 /// How long a client gets to answer our close frame with its own, once it is sent.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
-/// A user's read cursor is appended at most this often per room (per session).
-const READ_INTERVAL: Duration = Duration::from_secs(1);
-
 /// A session's places under the edge's connection caps, held for its life.
 pub(crate) struct Slots {
     pub _socket: Socket,
@@ -136,7 +133,6 @@ fn serve_session(
             state,
             out,
             subscriptions: HashMap::new(),
-            reads: HashMap::new(),
             limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
             typing: HashMap::new(),
             appends: std::sync::Mutex::default(),
@@ -324,19 +320,11 @@ impl Retry {
     }
 }
 
-/// Read-cursor coalescing for one room.
-struct ReadGate {
-    last_append: Option<Instant>,
-    /// The highest seq asked for and not yet appended.
-    pending: Option<u64>,
-}
-
 struct Session {
     user: UserId,
     state: EdgeState,
     out: Outbox,
     subscriptions: HashMap<RoomId, Subscription>,
-    reads: HashMap<RoomId, ReadGate>,
     limits: ConnectionLimits,
     /// When this session last published `active:true` per room.
     typing: HashMap<RoomId, Instant>,
@@ -402,12 +390,6 @@ impl Session {
         let mut heard = Instant::now();
         loop {
             let idle_at = heard + idle_timeout;
-            let next_read_flush = self
-                .reads
-                .values()
-                .filter(|g| g.pending.is_some())
-                .filter_map(|g| g.last_append.map(|t| t + READ_INTERVAL))
-                .min();
             let appends = self.appends.get_mut().unwrap_or_else(|p| p.into_inner());
             let message = tokio::select! {
                 // Too slow, flooding: the writer is already closing the socket.
@@ -422,13 +404,7 @@ impl Session {
                     self.close(close_code::TOKEN, "token expired").await;
                     return;
                 }
-                // One timer for both deadlines (each is a timer entry, and this future lives
-                // as long as the session).
-                _ = sleep_until(next_read_flush.map_or(idle_at, |at| at.min(idle_at))) => {
-                    if Instant::now() < idle_at {
-                        Box::pin(self.flush_reads()).await;
-                        continue;
-                    }
+                _ = sleep_until(idle_at) => {
                     self.state.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
                     let reason = format!("nothing heard for {} s", idle_timeout.as_secs());
                     self.out.abort(close_code::IDLE, &reason);
@@ -1087,56 +1063,23 @@ impl Session {
         let Some(room) = self.room_id(rid, &frame.room).await else {
             return;
         };
-        // Refuse what can never be valid now; the rest is checked when it is appended.
-        match self.state.rooms.log().head(&room).await {
-            Ok(head) if frame.seq > head => {
-                let e = RoomError::BadRequest(format!(
-                    "seq {} is above the room's head {head}",
-                    frame.seq
-                ));
-                return self.room_error(rid, &frame.room, &e).await;
-            }
-            Ok(_) => {}
-            Err(e) => return self.room_error(rid, &frame.room, &e.into()).await,
+        // Members only (checked first: a stranger learns nothing of the room), and never above
+        // the head; the rest is up to the edge's shared read cursors.
+        if let Err(e) = self
+            .state
+            .rooms
+            .check_read(&self.user, &room, frame.seq)
+            .await
+        {
+            return self.room_error(rid, &frame.room, &e).await;
         }
-        let gate = self.reads.entry(room.clone()).or_insert(ReadGate {
-            last_append: None,
-            pending: None,
-        });
-        gate.pending = Some(gate.pending.map_or(frame.seq, |p| p.max(frame.seq)));
-        let due = gate
-            .last_append
-            .is_none_or(|t| t.elapsed() >= READ_INTERVAL);
-        if due {
-            self.flush_read(rid, &room).await;
-        }
-    }
-
-    /// Appends the pending read cursors whose interval has passed.
-    async fn flush_reads(&mut self) {
-        let due: Vec<RoomId> = self
+        if let Err(e) = self
+            .state
             .reads
-            .iter()
-            .filter(|(_, g)| {
-                g.pending.is_some() && g.last_append.is_none_or(|t| t.elapsed() >= READ_INTERVAL)
-            })
-            .map(|(room, _)| room.clone())
-            .collect();
-        for room in due {
-            self.flush_read(None, &room).await;
-        }
-    }
-
-    async fn flush_read(&mut self, rid: Option<&str>, room: &RoomId) {
-        let Some(gate) = self.reads.get_mut(room) else {
-            return;
-        };
-        let Some(seq) = gate.pending.take() else {
-            return;
-        };
-        gate.last_append = Some(Instant::now());
-        if let Err(e) = self.state.rooms.read(&self.user, room, seq).await {
-            self.room_error(rid, room.as_str(), &e).await;
+            .read(&self.state.rooms, &room, &self.user, frame.seq)
+            .await
+        {
+            self.room_error(rid, &frame.room, &e).await;
         }
     }
 

@@ -758,13 +758,7 @@ impl Rooms {
         room: &RoomId,
         up_to: u64,
     ) -> Result<Option<u64>, RoomError> {
-        let state = self.member_state(room, actor).await?;
-        let head = self.log.head(room).await?;
-        if up_to > head {
-            return Err(RoomError::BadRequest(format!(
-                "seq {up_to} is above the room's head {head}"
-            )));
-        }
+        let state = self.check_read(actor, room, up_to).await?;
         let joined = state.members.get(actor).copied().unwrap_or(0);
         // Only the cursor is wanted: no block list needed for it.
         let stored = self
@@ -784,6 +778,25 @@ impl Rooms {
             body: EventBody::Read { up_to },
         };
         Ok(Some(self.log.append(room, &event).await?.seq))
+    }
+
+    /// Whether `actor` may move their read cursor in `room` to `up_to` now: a member (checked
+    /// first, so a stranger learns nothing of the room), and `up_to` not above the head.
+    /// Returns the room's state.
+    pub async fn check_read(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        up_to: u64,
+    ) -> Result<Arc<RoomState>, RoomError> {
+        let state = self.member_state(room, actor).await?;
+        let head = self.log.head(room).await?;
+        if up_to > head {
+            return Err(RoomError::BadRequest(format!(
+                "seq {up_to} is above the room's head {head}"
+            )));
+        }
+        Ok(state)
     }
 
     /// Appends one `delivered` event carrying the delivered cursors an edge gathered for `room`
