@@ -96,6 +96,14 @@ struct Key {
     key: DecodingKey,
 }
 
+/// The token of an `Authorization` header's value `Bearer <token>`; the scheme's case does
+/// not matter (RFC 7235).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Verifies tokens against the configured keys, issuer and audience.
 pub struct Verifier {
     keys: Vec<Key>,
@@ -332,4 +340,19 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "  Bearer   abc  "] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer   ", "Bearerabc", "", "abc"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 }

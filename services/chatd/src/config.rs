@@ -104,6 +104,9 @@ pub struct Config {
     pub log: LogConfig,
     /// How long a drain may take before remaining connections are cut.
     pub drain_grace: Duration,
+    /// How long after SIGTERM the process goes on serving (and accepting) with `/readyz` at
+    /// 503, so balancers stop sending it new connections before it stops accepting.
+    pub drain_delay: Duration,
     /// How long a WebSocket client may take to send its `auth` frame.
     pub auth_timeout: Duration,
     /// The largest WebSocket frame accepted (larger: close 1009).
@@ -332,6 +335,10 @@ impl Config {
             Some(d) => parse_duration(&d).map_err(|m| err("CHAT_DRAIN_GRACE", m))?,
             None => Duration::from_secs(10),
         };
+        let drain_delay = match get("CHAT_DRAIN_DELAY") {
+            Some(d) => parse_duration(&d).map_err(|m| err("CHAT_DRAIN_DELAY", m))?,
+            None => Duration::ZERO,
+        };
 
         let auth_timeout = match get("CHAT_AUTH_TIMEOUT") {
             Some(d) => parse_duration(&d).map_err(|m| err("CHAT_AUTH_TIMEOUT", m))?,
@@ -410,6 +417,7 @@ impl Config {
             allowed_origins,
             log,
             drain_grace,
+            drain_delay,
             auth_timeout,
             max_frame_bytes,
             max_text_chars,

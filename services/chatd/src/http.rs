@@ -139,11 +139,7 @@ impl FromRequestParts<AppState> for Authenticated {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
+            .and_then(chat_auth::bearer_token);
         let result = match token {
             None => Err("missing Authorization: Bearer token".to_owned()),
             Some(token) => state.verifier.verify(token).map_err(|e| e.to_string()),

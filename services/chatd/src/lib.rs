@@ -29,14 +29,16 @@ use crate::config::{AuthConfig, Config, Role, StoreConfig};
 /// How long to wait for NATS and JetStream to answer at start.
 const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Runs this process's role until `shutdown` is cancelled, then drains within the grace period.
+/// Runs this process's role until `signalled` is cancelled, then drains: `/readyz` turns 503 at
+/// once, the process serves on for `CHAT_DRAIN_DELAY`, then stops accepting and closes what is
+/// open within the grace period.
 ///
 /// Prints the contract's `ready http=… ws=…` line on stdout once it accepts connections.
 pub async fn serve(
     config: Config,
     nats_url: String,
     verifier: Arc<Verifier>,
-    shutdown: CancellationToken,
+    signalled: CancellationToken,
 ) -> anyhow::Result<()> {
     let role = config.role;
     // Before any instrument is made: one made earlier would report nowhere.
@@ -48,6 +50,23 @@ pub async fn serve(
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     let draining = Arc::new(AtomicBool::new(false));
+    // What every part of the process stops on: `signalled`, `drain_delay` later.
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, draining, delay) = (shutdown.clone(), draining.clone(), config.drain_delay);
+        async move {
+            signalled.cancelled().await;
+            draining.store(true, Ordering::SeqCst);
+            if !delay.is_zero() {
+                tracing::info!(?delay, "draining: not ready, serving on for the delay");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            shutdown.cancel();
+        }
+    });
     let store = open_store_with(&config, role == Role::All).await?;
     let mut tasks = tokio::task::JoinSet::new();
 

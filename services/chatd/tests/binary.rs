@@ -68,6 +68,11 @@ fn all_in_one_starts_its_own_nats_and_serves_health() {
             "{body}"
         );
     }
+    // The WebSocket endpoint asked without an upgrade.
+    let (status, body) = chatd.get("/v1/ws").unwrap();
+    assert_eq!(status, 400);
+    let body: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
     assert!(!process_gone(nats_pid(data.path())), "its nats-server runs");
     assert!(
         data.path().join("nats/jetstream").is_dir(),
@@ -326,12 +331,36 @@ fn http_requests_are_authenticated_with_bearer_tokens() {
         (me["user"].as_str(), me["name"].as_str()),
         (Some("alice"), Some("Alice"))
     );
+    // The scheme's case does not matter (RFC 7235).
+    for scheme in ["BEARER", "bearer", "BeArEr"] {
+        let auth = format!("{scheme} {}", token.trim());
+        let (status, _) = chat_harness::http_request(
+            chatd.http_addr(),
+            "GET",
+            "/v1/me",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{scheme}");
+    }
 
     // No token, a forged one, an expired one, one for another audience: 401 with the contract's body.
     let (status, body) = chatd.get("/v1/me").unwrap();
     assert_eq!(status, 401);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
+    // The edge's own routes say how to authenticate too.
+    for path in ["/v1/me", "/v1/rooms/general/presence"] {
+        let (status, head, _) =
+            chat_harness::http_exchange(chatd.http_addr(), "GET", path, &[], None).unwrap();
+        assert_eq!(status, 401, "{path}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{path}: {head}"
+        );
+    }
     let secret = std::fs::read_to_string(data.path().join("dev-secret")).unwrap();
     let secret = secret.trim().as_bytes();
     for (what, token) in [

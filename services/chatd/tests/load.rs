@@ -284,6 +284,7 @@ async fn a_flood_is_rate_limited_then_closed_with_4029() {
             }
             Some("rate_limited") => {
                 assert!(reply["retry_after_ms"].as_u64().unwrap() > 0, "{reply}");
+                assert_eq!(reply["room"], "busy", "the refusal names the frame's room");
                 limited += 1;
                 if limited == 5 {
                     // The burst (5) of refusals is allowed; the next frame is one too many.

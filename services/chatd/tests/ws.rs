@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures::{SinkExt, StreamExt};
@@ -240,7 +240,27 @@ async fn first_frame_authentication_and_its_refusals() {
     let (mut ws, _) = connect(&url, None, None).await.unwrap();
     let token = dev_token(data.path(), "bob", 600);
     send(&mut ws, &json!({"type":"auth","token":token}).to_string()).await;
-    assert_eq!(next_json(&mut ws).await["user"], "bob");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(
+        (&welcome["type"], &welcome["user"]),
+        (&json!("welcome"), &json!("bob"))
+    );
+    assert!(
+        welcome.get("rid").is_none(),
+        "no rid asked, none given: {welcome}"
+    );
+    // The welcome answers the auth frame: it carries the frame's rid.
+    let (mut ws, _) = connect(&url, None, None).await.unwrap();
+    send(
+        &mut ws,
+        &json!({"type":"auth","rid":"hello","token":token}).to_string(),
+    )
+    .await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(
+        (&welcome["type"], &welcome["rid"]),
+        (&json!("welcome"), &json!("hello"))
+    );
 
     let (mut ws, _) = connect(&url, None, None).await.unwrap();
     send(&mut ws, r#"{"type":"auth","token":"forged.token.here"}"#).await;
@@ -271,6 +291,8 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
             r#"{"type":"subscribe","rid":"9","rooms":["general"]}"#,
             Some("9"),
         ),
+        // Nothing to subscribe to: answered all the same.
+        (r#"{"type":"subscribe","rid":"10","rooms":{}}"#, Some("10")),
     ] {
         send(&mut ws, frame).await;
         let reply = next_json(&mut ws).await;
@@ -346,6 +368,36 @@ async fn a_drain_closes_sessions_with_1001() {
     }
     chatd.signal(nix::sys::signal::Signal::SIGTERM);
     for ws in &mut sessions {
+        assert_eq!(expect_close(ws).await.0, u16::from(CloseCode::Away));
+    }
+    assert!(chatd
+        .wait_exit(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+}
+
+#[tokio::test]
+async fn a_drain_delay_turns_readiness_off_while_the_process_serves_on() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_DRAIN_DELAY", "2s".to_owned()));
+    let mut chatd = start(&env);
+    let mut early = signed_in(&chatd, data.path(), "alice").await;
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    // Not ready at once, and still serving: requests, a new session, the open one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chatd.get("/readyz").map(|(status, _)| status) != Some(503) {
+        assert!(Instant::now() < deadline, "readiness never turned off");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(chatd.get("/healthz").map(|(status, _)| status), Some(200));
+    let mut late = signed_in(&chatd, data.path(), "bob").await;
+    send(&mut early, r#"{"type":"ping","rid":"still"}"#).await;
+    assert_eq!(
+        next_json(&mut early).await,
+        json!({"type":"pong","rid":"still"})
+    );
+    // Then the drain proper: both sessions are closed with 1001 and the process exits.
+    for ws in [&mut early, &mut late] {
         assert_eq!(expect_close(ws).await.0, u16::from(CloseCode::Away));
     }
     assert!(chatd

@@ -385,11 +385,8 @@ async fn presence_of(
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    let identity = match token.map(|t| state.verifier.verify(t.trim())) {
+        .and_then(chat_auth::bearer_token);
+    let identity = match token.map(|t| state.verifier.verify(t)) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
             return http_error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string())
@@ -420,9 +417,16 @@ async fn presence_of(
 }
 
 fn http_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
+    let mut response = (
         status,
         Json(serde_json::json!({ "error": { "code": code, "message": message } })),
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }

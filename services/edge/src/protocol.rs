@@ -165,8 +165,8 @@ pub fn pong(rid: Option<&str>) -> String {
 }
 
 /// `{"type":"welcome","user":…,"rooms":[…]}`
-pub fn welcome(user: &str, rooms: &[Value]) -> String {
-    json!({ "type": "welcome", "user": user, "rooms": rooms }).to_string()
+pub fn welcome(user: &str, rooms: &[Value], rid: Option<&str>) -> String {
+    reply("welcome", rid, json!({ "user": user, "rooms": rooms }))
 }
 
 #[cfg(test)]

@@ -74,10 +74,11 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = ()> + Send {
     let mut socket = Box::new(socket);
     async move {
-        let identity = match identity {
-            Some(identity) => identity,
+        // The `auth` frame's `rid`, which the welcome answers.
+        let (identity, auth_rid) = match identity {
+            Some(identity) => (identity, None),
             None => match first_frame_auth(&mut socket.read, &state).await {
-                Ok(identity) => identity,
+                Ok(authenticated) => authenticated,
                 Err((code, reason)) => return refuse(&mut socket.write, code, reason).await,
             },
         };
@@ -95,7 +96,7 @@ pub(crate) fn run(
             }
         }
         let Connection { read, write } = unbox(socket);
-        serve_session(write, read, state, identity).await;
+        serve_session(write, read, state, identity, auth_rid).await;
         drop(slots);
     }
 }
@@ -114,6 +115,7 @@ fn serve_session(
     mut stream: WsRead,
     state: EdgeState,
     identity: Identity,
+    auth_rid: Option<String>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         state.stats.sessions.fetch_add(1, Ordering::Relaxed);
@@ -138,7 +140,7 @@ fn serve_session(
             appends: std::sync::Mutex::default(),
         };
         tracing::debug!(user = %session.user, "session open");
-        session.serve(&mut stream, &identity).await;
+        session.serve(&mut stream, &identity, auth_rid).await;
         session.unsubscribe_all();
         drop(session);
         // The writer sends what is queued, then the close frame. A client that does not read gets
@@ -364,7 +366,7 @@ impl Session {
 
     /// The read loop. What it awaits rarely, or only while answering, is boxed: an idle
     /// session's future keeps no room for it.
-    async fn serve(&mut self, stream: &mut WsRead, identity: &Identity) {
+    async fn serve(&mut self, stream: &mut WsRead, identity: &Identity, auth_rid: Option<String>) {
         // The room list is dropped once rendered: this future lives as long as the session.
         let rooms = match Box::pin(self.state.rooms.rooms_of(&self.user)).await {
             Ok(rooms) => rooms
@@ -378,8 +380,8 @@ impl Session {
                 Vec::new()
             }
         };
-        let welcome = protocol::welcome(self.user.as_str(), &rooms);
-        drop(rooms);
+        let welcome = protocol::welcome(self.user.as_str(), &rooms, auth_rid.as_deref());
+        drop((rooms, auth_rid));
         self.send(welcome).await;
         let removals = Arc::new(Removals::default());
         // The session ends when verification would start refusing the token.
@@ -491,7 +493,12 @@ impl Session {
 
     /// Checks a frame against the connection's bucket and, for `work`, the user's; answers a
     /// refusal with `rate_limited`, or closes with 4029 a client that keeps flooding.
-    async fn admit(&mut self, rid: Option<&str>, work: Option<Work>) -> Admission {
+    async fn admit(
+        &mut self,
+        rid: Option<&str>,
+        frame: Option<&Frame<'_>>,
+        work: Option<Work>,
+    ) -> Admission {
         let checked = self.limits.check_frame().and_then(|()| match work {
             Some(work) => self.state.limits.check(work, &self.user),
             None => Ok(()),
@@ -514,24 +521,32 @@ impl Session {
             return Admission::Closed;
         }
         let retry_ms = retry_after.as_millis().max(1) as u64;
-        let mut frame = json!({
+        let mut reply = json!({
             "type": "error",
             "code": ErrorCode::RateLimited.as_str(),
             "message": format!("rate limited; retry in {retry_ms} ms"),
             "retry_after_ms": retry_ms,
         });
         if let Some(rid) = rid {
-            frame["rid"] = json!(rid);
+            reply["rid"] = json!(rid);
+        }
+        // The room the refused frame was about, as every error about one says.
+        #[derive(Deserialize)]
+        struct About {
+            room: Option<Value>,
+        }
+        if let Some(Value::String(room)) = frame.and_then(|f| f.fields::<About>().ok()?.room) {
+            reply["room"] = json!(room);
         }
         self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
-        Box::pin(self.reply_in_turn(frame.to_string())).await;
+        Box::pin(self.reply_in_turn(reply.to_string())).await;
         Admission::Refused
     }
 
     /// Admits a frame that is not an append, once the appends before it are answered.
     async fn admit_after_appends(&mut self) -> Admission {
         self.finish_appends().await;
-        self.admit(None, None).await
+        self.admit(None, None, None).await
     }
 
     /// Answers one text frame.
@@ -552,7 +567,7 @@ impl Session {
             Some("history") => Some(Work::History),
             _ => None,
         };
-        match self.admit(rid.as_deref(), work).await {
+        match self.admit(rid.as_deref(), parsed.as_ref().ok(), work).await {
             Admission::Pass => {}
             Admission::Refused => return Flow::Continue,
             Admission::Closed => return Flow::Stop,
@@ -650,6 +665,10 @@ impl Session {
         let Some(frame) = self.fields::<Subscribe>("subscribe", rid, body).await else {
             return;
         };
+        if frame.rooms.is_empty() {
+            let message = "rooms must name at least one room (unsubscribe leaves one)";
+            return self.error(rid, ErrorCode::BadRequest, message).await;
+        }
         let max_rooms = self.state.config.max_rooms_per_subscribe;
         if frame.rooms.len() > max_rooms {
             return self
@@ -1112,12 +1131,12 @@ impl Session {
     }
 }
 
-/// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time.
-/// Refused first frames: the close code and reason.
+/// Waits for `{"type":"auth","token":…}` as the first frame, within the configured time: the
+/// token's identity and the frame's `rid`. Refused first frames: the close code and reason.
 async fn first_frame_auth(
     socket: &mut WsRead,
     state: &EdgeState,
-) -> Result<Identity, (u16, String)> {
+) -> Result<(Identity, Option<String>), (u16, String)> {
     let refused = |reason: &str| (close_code::TOKEN, reason.to_owned());
     let deadline = Instant::now() + state.config.auth_timeout;
     loop {
@@ -1150,6 +1169,7 @@ async fn first_frame_auth(
                 return state
                     .verifier
                     .verify(&token)
+                    .map(|identity| (identity, frame.rid))
                     .map_err(|e| refused(&e.to_string()));
             }
             Some(Ok(_)) => return Err(refused("the first frame must be an auth text frame")),

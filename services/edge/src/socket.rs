@@ -84,7 +84,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let refuse = |status: StatusCode, message: &'static str| (status, message).into_response();
+        // In the errors' JSON shape, as every other answer.
+        let refuse =
+            |status: StatusCode, message: &str| crate::http_error(status, "bad_request", message);
         if parts.version > Version::HTTP_11 {
             return Err(refuse(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,

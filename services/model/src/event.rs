@@ -66,7 +66,9 @@ pub enum EventBody {
     MemberJoined { member: UserId },
     /// `member` left (removed by `user`, or `user` themself).
     MemberLeft { member: UserId },
-    /// The room's first event: its name, kind and initial members (the creator included).
+    /// The room's first event: its name, kind and initial members. The creator is the event's
+    /// `user`, a member and the room's admin, and is not repeated in `members` (readers
+    /// treat a creator listed there all the same).
     RoomCreated {
         name: String,
         room_kind: RoomKind,
