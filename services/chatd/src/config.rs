@@ -450,10 +450,17 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
     let issuer = get("CHAT_JWT_ISSUER");
     let audience = get("CHAT_JWT_AUDIENCE");
     if hs256_secret.is_none() && public_keys.is_none() {
-        if issuer.is_some() || audience.is_some() {
+        // Named as given, so the message points at the variable that was set.
+        if let Some(name) = [
+            ("CHAT_JWT_ISSUER", &issuer),
+            ("CHAT_JWT_AUDIENCE", &audience),
+        ]
+        .into_iter()
+        .find_map(|(name, value)| value.is_some().then_some(name))
+        {
             return Err(err(
-                "CHAT_JWT_ISSUER",
-                "issuer/audience given without CHAT_JWT_HS256_SECRET or CHAT_JWT_PUBLIC_KEYS",
+                name,
+                "given without CHAT_JWT_HS256_SECRET or CHAT_JWT_PUBLIC_KEYS",
             ));
         }
         return Ok(AuthConfig::Development);
@@ -550,6 +557,10 @@ mod tests {
             ("CHAT_IDLE_TIMEOUT", "0s"),
             ("CHAT_PING_INTERVAL", "soon"),
             ("CHAT_DELIVERED_INTERVAL", "0s"),
+            ("CHAT_DRAIN_DELAY", "later"),
+            // Without a secret or key file, each names itself.
+            ("CHAT_JWT_ISSUER", "idp"),
+            ("CHAT_JWT_AUDIENCE", "chat"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
             assert!(e.var.split('/').any(|v| v == var), "{var}={value}: {e}");
