@@ -288,6 +288,21 @@ async fn requests_appends_and_commits_are_exported_as_spans_of_the_callers_trace
         assert!(child.end_time_unix_nano <= append.end_time_unix_nano);
     }
 
+    // The event carried the append's trace into the log: the commit that stored it links to it.
+    collector
+        .until(|spans| {
+            spans
+                .iter()
+                .find(|(_, s)| {
+                    s.name == "chat.projector.commit"
+                        && s.links
+                            .iter()
+                            .any(|l| l.trace_id == append.trace_id && l.span_id == append.span_id)
+                })
+                .map(|_| ())
+        })
+        .await;
+
     // The projector's commits (the room's creation and the message, in one or more).
     let committed = collector
         .until(|spans| {

@@ -886,7 +886,10 @@ impl Session {
             Decided::Reply(reply) => return self.settled_in_turn(Settled::Reply(reply)).await,
         };
         let sent = match decided {
-            Ok(decided) => self.state.rooms.send_append(decided).await,
+            Ok(decided) => {
+                let traceparent = traceparent(&frame.span);
+                self.state.rooms.send_append(decided, traceparent).await
+            }
             Err(e) => Err(e),
         };
         let retry = Retry {
@@ -1180,6 +1183,28 @@ async fn first_frame_auth(
             None => return Err(refused("closed before authenticating")),
         }
     }
+}
+
+/// The W3C `traceparent` of an append's span when it is exported (an OpenTelemetry span, sampled),
+/// for the event to carry into the log: the projector links its commit to it. Nothing while
+/// traces are off.
+fn traceparent(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return None;
+    }
+    let context = span.context();
+    let span = context.span();
+    let span = span.span_context();
+    (span.is_valid() && span.is_sampled()).then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
+        )
+    })
 }
 
 /// Whether a read error ends the connection (rather than refusing one frame).

@@ -28,7 +28,7 @@ pub use error::LogError;
 pub use live::LiveSubscription;
 pub use log::{
     Appended, ConnectError, ConnectionEvent, ConnectionEvents, ListRoomsError, PendingAppend,
-    RawEntry, RoomBounds, RoomLog,
+    RawEntry, RoomBounds, RoomLog, TRACEPARENT,
 };
 pub use range::RangeReader;
 pub use users::{BlocksEntry, UserLog, UserLogError};

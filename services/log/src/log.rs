@@ -23,6 +23,8 @@ use crate::range::RangeReader;
 const ZERO_SEQ_RETRIES: u32 = 8;
 /// Capacity of the connection-event broadcast each live subscription listens to.
 const CONNECTION_EVENTS_CAPACITY: usize = 256;
+/// The W3C trace-context header an event may carry (see [`RoomLog::send_traced`]).
+pub const TRACEPARENT: &str = "traceparent";
 
 /// The outcome of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +438,7 @@ impl RoomLog {
         payload: Bytes,
         expected_last: Option<u64>,
     ) -> Result<Appended, LogError> {
-        self.send_raw(room, msg_id, payload, Condition::from(expected_last))
+        self.send_raw(room, msg_id, payload, Condition::from(expected_last), None)
             .await?
             .appended()
             .await
@@ -449,6 +451,18 @@ impl RoomLog {
         self.send_event(room, event, Condition::None).await
     }
 
+    /// [`RoomLog::send`], the event carrying a W3C `traceparent` header (the trace of the
+    /// request that appends it), so whoever reads it can link to that trace.
+    pub async fn send_traced(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        traceparent: Option<String>,
+    ) -> Result<PendingAppend, LogError> {
+        self.send_event_traced(room, event, Condition::None, traceparent)
+            .await
+    }
+
     /// Encodes `event` and sends it under its id (see [`RoomLog::send`]).
     async fn send_event(
         &self,
@@ -456,13 +470,24 @@ impl RoomLog {
         event: &Event,
         condition: Condition,
     ) -> Result<PendingAppend, LogError> {
+        self.send_event_traced(room, event, condition, None).await
+    }
+
+    async fn send_event_traced(
+        &self,
+        room: &RoomId,
+        event: &Event,
+        condition: Condition,
+        traceparent: Option<String>,
+    ) -> Result<PendingAppend, LogError> {
         let payload = event.encode().map_err(|source| LogError::Encode {
             room: room.clone(),
             source,
         })?;
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id.hyphenated().encode_lower(&mut id);
-        self.send_raw(room, id, payload.into(), condition).await
+        self.send_raw(room, id, payload.into(), condition, traceparent)
+            .await
     }
 
     async fn send_raw(
@@ -471,6 +496,7 @@ impl RoomLog {
         msg_id: &str,
         payload: Bytes,
         condition: Condition,
+        traceparent: Option<String>,
     ) -> Result<PendingAppend, LogError> {
         let max = self.inner.config.max_event_bytes;
         if payload.len() > max {
@@ -488,7 +514,8 @@ impl RoomLog {
             condition,
             ack: None,
         };
-        match pending.publish().await {
+        // Only the first attempt carries the trace: a later one (same id) is a duplicate of it.
+        match pending.publish(traceparent.as_deref()).await {
             Ok(ack) => Ok(PendingAppend {
                 ack: Some(ack),
                 ..pending
@@ -737,7 +764,7 @@ impl PendingAppend {
         for attempt in 0..=ZERO_SEQ_RETRIES {
             let ack = match self.ack.take() {
                 Some(ack) => ack.await,
-                None => match self.publish().await {
+                None => match self.publish(None).await {
                     Ok(ack) => ack.await,
                     Err(e) => Err(e),
                 },
@@ -764,9 +791,13 @@ impl PendingAppend {
 
     async fn publish(
         &self,
+        traceparent: Option<&str>,
     ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, self.msg_id.as_str());
+        if let Some(traceparent) = traceparent {
+            headers.insert(TRACEPARENT, traceparent);
+        }
         let config = &self.log.inner.config;
         let subject = match self.condition {
             Condition::None => config.room_subject(&self.room),

@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::NATS_SEQUENCE;
-use chat_log::{ConnectionEvent, RawEntry, RoomLog};
+use chat_log::{ConnectionEvent, RawEntry, RoomLog, TRACEPARENT};
 use chat_model::RoomId;
 use chat_store::{Commits, Entry, ProjectorStatus, RoomBatch, Store};
 use futures::{FutureExt, StreamExt};
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -179,7 +180,7 @@ pub async fn run(
     tracing::info!(partition = %config.partition, rooms = tracks.len(), "projector starting");
 
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
-    let (write_tx, write_rx) = mpsc::channel::<Vec<RoomBatch>>(1);
+    let (write_tx, write_rx) = mpsc::channel::<Commit>(1);
     // Its own channel, never full: the writer must not wait for the loop, which may itself be
     // waiting to hand the writer a batch. It holds at most a couple of reports, because the loop
     // reads it before any other input and the writer takes one batch at a time.
@@ -315,6 +316,11 @@ pub async fn run(
                 else {
                     continue;
                 };
+                let appended_by = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(TRACEPARENT))
+                    .and_then(|v| linked_span(v.as_str()));
                 let entry = RawEntry { seq, payload: message.payload };
                 let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
                 track.known = track.known.max(seq);
@@ -331,6 +337,9 @@ pub async fn run(
                     let entry = decode(entry);
                     count_dead_letter(&room, &entry, &stats);
                     out.extend(&room, [entry]);
+                    if let Some(span) = appended_by {
+                        out.link(span);
+                    }
                 } else if !track.filling {
                     tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
                     track.filling = true;
@@ -421,10 +430,23 @@ pub async fn run(
     Ok(())
 }
 
+/// Spans of appending requests one commit's span links to, at most (a commit may hold
+/// thousands of events; the rest are not linked).
+const MAX_LINKS: usize = 32;
+
+/// One store transaction for the writer: the entries, and the spans of the requests that
+/// appended them (from their `traceparent`), for its span to link to.
+struct Commit {
+    batches: Vec<RoomBatch>,
+    links: Vec<SpanContext>,
+}
+
 /// Entries ready for the store, grouped by room in sequence order.
 #[derive(Default)]
 struct Outbox {
     rooms: HashMap<RoomId, Vec<Entry>>,
+    /// Spans of the requests that appended them, up to [`MAX_LINKS`].
+    links: Vec<SpanContext>,
     len: usize,
     /// When the oldest entry was queued.
     since: Option<tokio::time::Instant>,
@@ -451,14 +473,24 @@ impl Outbox {
         self.len == 0
     }
 
-    fn take(&mut self) -> Vec<RoomBatch> {
+    fn link(&mut self, span: SpanContext) {
+        if self.links.len() < MAX_LINKS {
+            self.links.push(span);
+        }
+    }
+
+    fn take(&mut self) -> Commit {
         self.len = 0;
         self.since = None;
         self.filled = false;
-        self.rooms
-            .drain()
-            .map(|(room, entries)| RoomBatch { room, entries })
-            .collect()
+        Commit {
+            batches: self
+                .rooms
+                .drain()
+                .map(|(room, entries)| RoomBatch { room, entries })
+                .collect(),
+            links: std::mem::take(&mut self.links),
+        }
     }
 }
 
@@ -477,10 +509,31 @@ fn count_dead_letter(room: &RoomId, entry: &Entry, stats: &ProjectorStats) {
     }
 }
 
+/// The span a W3C `traceparent` header names (version 00), if it is well formed.
+fn linked_span(traceparent: &str) -> Option<SpanContext> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || parts.next().is_some() || trace.len() != 32 || span.len() != 16 {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16)
+        .ok()
+        .filter(|_| flags.len() == 2)?;
+    let span = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    span.is_valid().then_some(span)
+}
+
 /// Writes batches, retrying a failed write until it succeeds (nothing is dropped).
 async fn writer(
     store: Arc<dyn Store>,
-    mut batches: mpsc::Receiver<Vec<RoomBatch>>,
+    mut commits_rx: mpsc::Receiver<Commit>,
     stored_tx: mpsc::UnboundedSender<Vec<(RoomId, u64)>>,
     stats: Arc<ProjectorStats>,
     commits: Arc<Commits>,
@@ -494,7 +547,11 @@ async fn writer(
             0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ])
         .build();
-    while let Some(batch) = batches.recv().await {
+    while let Some(Commit {
+        batches: batch,
+        links,
+    }) = commits_rx.recv().await
+    {
         let started = std::time::Instant::now();
         let count: usize = batch.iter().map(|b| b.entries.len()).sum();
         let span = tracing::info_span!(
@@ -504,6 +561,14 @@ async fn writer(
             chat.events = count as i64,
             chat.retries = tracing::field::Empty,
         );
+        if !span.is_disabled() {
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            // The appends it stores (those that came with a trace), as links: a commit is no
+            // one request's child.
+            for link in links {
+                span.add_link(link);
+            }
+        }
         let mut pause = Duration::from_millis(50);
         let mut retries = 0u32;
         loop {

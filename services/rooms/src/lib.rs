@@ -688,7 +688,7 @@ impl Rooms {
         command: Command,
     ) -> Result<Ack, RoomError> {
         let decided = self.decide_append(actor, room, id, command).await?;
-        self.send_append(decided).await?.ack().await
+        self.send_append(decided, None).await?.ack().await
     }
 
     /// The first half of [`Rooms::append`]: checks what `actor` asks against the room's rules
@@ -731,13 +731,18 @@ impl Rooms {
 
     /// The second half of [`Rooms::append`]: sends a decided event to the room's log without
     /// waiting for the log's answer. Appends sent one after another are stored in that order,
-    /// so a caller may keep several in flight (then await each [`PendingAck`]).
-    pub async fn send_append(&self, decided: DecidedAppend) -> Result<PendingAck, RoomError> {
+    /// so a caller may keep several in flight (then await each [`PendingAck`]). `traceparent`
+    /// (W3C) goes with the event, so readers of the log can link to the appending request.
+    pub async fn send_append(
+        &self,
+        decided: DecidedAppend,
+        traceparent: Option<String>,
+    ) -> Result<PendingAck, RoomError> {
         match decided {
             DecidedAppend::Known(ack) => Ok(PendingAck::Known(ack)),
             DecidedAppend::Event { room, event } => {
                 let sent = Instant::now();
-                let pending = self.log.send(&room, &event).await?;
+                let pending = self.log.send_traced(&room, &event, traceparent).await?;
                 Ok(PendingAck::Sent {
                     log: self.log.clone(),
                     rooms: (!RoomState::changed_by(&event.body)).then(|| self.this.clone()),
