@@ -765,14 +765,8 @@ impl Rooms {
     ) -> Result<Option<u64>, RoomError> {
         let state = self.check_read(actor, room, up_to).await?;
         let joined = state.members.get(actor).copied().unwrap_or(0);
-        // Only the cursor is wanted: no block list needed for it.
-        let stored = self
-            .store
-            .rooms_of(actor, &HashSet::new())
-            .await?
-            .into_iter()
-            .find(|r| &r.room == room)
-            .map_or(0, |r| r.last_read);
+        // One point read (not the user's whole room list with its unread counts).
+        let stored = self.store.read_cursor(room, actor).await?;
         if up_to <= joined.max(stored) {
             return Ok(None);
         }

@@ -173,6 +173,11 @@ pub trait Store: Send + Sync + 'static {
     /// in the store, so the caller passes it).
     async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>>;
 
+    /// `user`'s stored read cursor in `room` (from read events and own messages; 0 when none is
+    /// stored). It may or may not count the user's joining: callers take the max with the join
+    /// point from the room state.
+    async fn read_cursor(&self, room: &RoomId, user: &UserId) -> Result<u64>;
+
     /// Every active member's read and delivered cursors in `room` (for delivery receipts), by
     /// user; empty for a room the store does not hold.
     async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>>;

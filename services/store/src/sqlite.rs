@@ -1001,6 +1001,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn read_cursor(&self, room: &RoomId, user: &UserId) -> Result<u64> {
+        self.read_point(|conn| {
+            let seq: Option<i64> = conn
+                .prepare_cached("SELECT last_read FROM cursors WHERE room = ?1 AND user = ?2")
+                .and_then(|mut stmt| {
+                    stmt.query_row([room.as_str(), user.as_str()], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(backend_err("read cursor"))?;
+            Ok(seq.unwrap_or(0).max(0) as u64)
+        })
+    }
+
     async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>> {
         let room = room.clone();
         self.read(move |conn| {

@@ -458,6 +458,21 @@ async fn delivered_cursors_only_move_forward_and_receipts_count_members_other_th
         assert_eq!(by_user("bob"), (m1, m3));
         assert_eq!(by_user("carol"), (1, m2), "never moved back");
         assert_eq!(by_user("dave"), (1, 8), "capped at the event's own seq");
+        // One user's stored read cursor alone, without the join point (the caller has that).
+        for (u, expected) in [("bob", m1), ("alice", m3)] {
+            // alice's by her own messages.
+            assert_eq!(
+                s.read_cursor(&log.room, &user(u)).await.unwrap(),
+                expected,
+                "{u}"
+            );
+        }
+        // carol never read: nothing past her joining (a store may hold the join point itself).
+        assert!(s.read_cursor(&log.room, &user("carol")).await.unwrap() < m1);
+        assert_eq!(
+            s.read_cursor(&room("nowhere"), &user("bob")).await.unwrap(),
+            0
+        );
 
         // What a delivered cursor's move crosses: the last message in (after, up_to].
         let last = |after, up_to| s.last_message_in(&log.room, after, up_to);

@@ -266,6 +266,17 @@ impl Store for ScyllaStore {
         self.summaries(user, blocked).await
     }
 
+    async fn read_cursor(&self, room: &RoomId, user: &UserId) -> Result<u64> {
+        let seq: Option<(Option<i64>,)> = self
+            .first(
+                "read cursor",
+                &self.st().cursor_get,
+                (room.as_str(), user.as_str()),
+            )
+            .await?;
+        Ok(seq.and_then(|(seq,)| seq).unwrap_or(0).max(0) as u64)
+    }
+
     async fn member_cursors(&self, room: &RoomId) -> Result<Vec<MemberCursors>> {
         self.cursors_of(room.as_str()).await
     }
