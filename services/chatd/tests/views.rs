@@ -272,6 +272,16 @@ async fn edits_deletes_reactions_and_threads_as_clients_see_them() {
         (&ws["events"], &ws["more"]),
         (&body["events"], &body["more"])
     );
+    // Once the store holds the delete, the message takes no more edits, deletes or reactions
+    // (its author asking), rather than acknowledging events that would change nothing.
+    for frame in [
+        json!({"type": "edit", "room": "v", "id": id(), "target": doomed, "text": "back?"}),
+        json!({"type": "delete", "room": "v", "id": id(), "target": doomed}),
+        json!({"type": "react", "room": "v", "id": id(), "target": doomed, "emoji": "👍", "on": true}),
+    ] {
+        let refused = bob.request(frame.clone()).await;
+        assert_eq!(refused["code"], "not_found", "{frame}: {refused}");
+    }
     // Pages: `before` and `limit`.
     let page = bob
         .request(json!({"type": "history", "room": "v", "before": root + 1, "limit": 1}))

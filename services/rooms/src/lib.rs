@@ -931,6 +931,7 @@ impl Rooms {
                     .ok_or(RoomError::NotFound)?;
                 state.decide_edit(actor, &author)?;
                 self.check_direct(actor, state).await?;
+                self.check_not_deleted(room, target).await?;
                 EventBody::Edit { target, text }
             }
             Command::Delete { target } => {
@@ -939,6 +940,7 @@ impl Rooms {
                     .await?
                     .ok_or(RoomError::NotFound)?;
                 state.decide_delete(actor, &author)?;
+                self.check_not_deleted(room, target).await?;
                 EventBody::Delete { target }
             }
             Command::React { target, emoji, on } => {
@@ -948,9 +950,21 @@ impl Rooms {
                 self.message_at(room, target)
                     .await?
                     .ok_or(RoomError::NotFound)?;
+                self.check_not_deleted(room, target).await?;
                 EventBody::Reaction { target, emoji, on }
             }
         })
+    }
+
+    /// Refuses to edit, delete or react to a message the store holds as deleted: such an event
+    /// would change nothing (the projection ignores it) yet be acknowledged. A delete the
+    /// projector has not stored yet is not seen here; the projection still ignores what follows
+    /// it.
+    async fn check_not_deleted(&self, room: &RoomId, target: u64) -> Result<(), RoomError> {
+        if self.store.is_deleted(room, target).await? {
+            return Err(RoomError::NotFound);
+        }
+        Ok(())
     }
 
     /// The author and thread of the message at `seq`, `None` if that is not a message.

@@ -173,6 +173,10 @@ pub trait Store: Send + Sync + 'static {
     /// in the store, so the caller passes it).
     async fn rooms_of(&self, user: &UserId, blocked: &HashSet<UserId>) -> Result<Vec<RoomSummary>>;
 
+    /// Whether the store holds the message at `seq` as deleted (false when it holds no message
+    /// there, or does not hold it yet).
+    async fn is_deleted(&self, room: &RoomId, seq: u64) -> Result<bool>;
+
     /// `user`'s stored read cursor in `room` (from read events and own messages; 0 when none is
     /// stored). It may or may not count the user's joining: callers take the max with the join
     /// point from the room state.

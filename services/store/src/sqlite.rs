@@ -1001,6 +1001,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn is_deleted(&self, room: &RoomId, seq: u64) -> Result<bool> {
+        self.read_point(|conn| {
+            let deleted: Option<bool> = conn
+                .prepare_cached(
+                    "SELECT deleted FROM events WHERE room = ?1 AND seq = ?2 AND kind = 'message'",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![room.as_str(), seq_sql(seq)], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(backend_err("message deleted"))?;
+            Ok(deleted.unwrap_or(false))
+        })
+    }
+
     async fn read_cursor(&self, room: &RoomId, user: &UserId) -> Result<u64> {
         self.read_point(|conn| {
             let seq: Option<i64> = conn

@@ -298,6 +298,17 @@ async fn edits_and_deletes_as_the_contract_shows_them() {
         assert!(carol_edit.get("text").is_none(), "{carol_edit}");
         assert!(by_seq(late).get("text").is_none(), "{}", by_seq(late));
         assert_eq!(by_seq(m_carol)["deleted"], true);
+        // What the edge asks before accepting another edit, delete or reaction.
+        assert!(s.is_deleted(&log.room, m_carol).await.unwrap());
+        assert!(
+            !s.is_deleted(&log.room, m_kept).await.unwrap(),
+            "bob's delete had no effect"
+        );
+        assert!(
+            !s.is_deleted(&log.room, late).await.unwrap(),
+            "not a message"
+        );
+        assert!(!s.is_deleted(&log.room, 9_999).await.unwrap(), "not held");
     }
 }
 

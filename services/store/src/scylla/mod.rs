@@ -266,6 +266,11 @@ impl Store for ScyllaStore {
         self.summaries(user, blocked).await
     }
 
+    async fn is_deleted(&self, room: &RoomId, seq: u64) -> Result<bool> {
+        let message = self.message_at(room.as_str(), seq).await?;
+        Ok(message.is_some_and(|m| m.deleted == Some(true)))
+    }
+
     async fn read_cursor(&self, room: &RoomId, user: &UserId) -> Result<u64> {
         let seq: Option<(Option<i64>,)> = self
             .first(
