@@ -323,17 +323,7 @@ pub fn render() -> String {
 /// The Prometheus name of an instrument: dots and other characters become `_`, seconds get
 /// their suffix, counters `_total`.
 fn prometheus_name(metric: &Metric, counter: bool) -> String {
-    let mut name: String = metric
-        .name()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut name = sanitized(metric.name());
     if metric.unit() == "s" && !name.ends_with("_seconds") {
         name.push_str("_seconds");
     }
@@ -423,18 +413,7 @@ fn sample<'a>(
 ) {
     let mut labels = Vec::new();
     for kv in attributes {
-        let key: String = kv
-            .key
-            .as_str()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let key = sanitized(kv.key.as_str());
         labels.push(format!("{key}=\"{}\"", escape(&kv.value.to_string())));
     }
     if let Some(le) = le {
@@ -445,6 +424,20 @@ fn sample<'a>(
     } else {
         let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
     }
+}
+
+/// A metric or label name as the text format allows it: anything but ASCII letters, digits and
+/// `_` becomes `_` (OpenTelemetry's dots among them).
+fn sanitized(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A label value as the text format wants it.
