@@ -117,8 +117,10 @@ pub struct Verifier {
 struct Claims {
     sub: Option<String>,
     exp: Option<u64>,
+    /// A display name when it is a string; anything else is ignored (an identity provider's
+    /// claim of another shape must not make the whole token invalid).
     #[serde(default)]
-    name: Option<String>,
+    name: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -231,7 +233,10 @@ impl Verifier {
                     let user = UserId::parse(sub).map_err(|_| AuthError::Subject)?;
                     return Ok(Identity {
                         user,
-                        name: claims.name,
+                        name: match claims.name {
+                            Some(serde_json::Value::String(name)) => Some(name),
+                            _ => None,
+                        },
                         expires_at: exp,
                     });
                 }

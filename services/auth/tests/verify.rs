@@ -85,6 +85,25 @@ fn a_valid_hs256_token_names_its_user() {
 }
 
 #[test]
+fn a_name_claim_that_is_not_a_string_is_ignored_not_fatal() {
+    for name in [
+        json!(42),
+        json!({"given": "Alice"}),
+        json!(null),
+        json!(["A"]),
+    ] {
+        let identity = hs_verifier()
+            .verify(&hs(&with(claims(), "name", name.clone())))
+            .unwrap_or_else(|e| panic!("name {name}: {e}"));
+        assert_eq!(identity.name, None, "{name}");
+    }
+    let identity = hs_verifier()
+        .verify(&hs(&without(claims(), "name")))
+        .unwrap();
+    assert_eq!(identity.name, None);
+}
+
+#[test]
 fn rs256_es256_and_eddsa_verify_from_a_pem_file() {
     let verifier = pem_verifier();
     let c = claims();

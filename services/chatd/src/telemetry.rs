@@ -128,16 +128,38 @@ fn endpoint(signal: &str) -> Option<(String, String)> {
     .find_map(|name| set(&name).map(|value| (name, value)))
 }
 
-/// Refuses an endpoint the exporter could only fail on, long after start: without a TLS stack,
-/// anything but `http://`.
-fn check_endpoint(name: &str, value: &str) -> Result<(), String> {
-    if value.trim().starts_with("http://") {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name}={value}: only http:// is supported (run a collector beside chatd for TLS)"
-        ))
+/// Refuses what the exporter could only fail on (or silently do otherwise), long after start:
+/// an endpoint that is not `http://host…` (no TLS stack here), and a protocol other than
+/// HTTP with protobuf (no gRPC, no JSON) for `signal`.
+fn check_endpoint(signal: &str, name: &str, value: &str) -> Result<(), String> {
+    let host = value
+        .trim()
+        .strip_prefix("http://")
+        .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        .ok_or_else(|| {
+            format!(
+                "{name}={value}: only http:// is supported (run a collector beside chatd for TLS)"
+            )
+        })?;
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!("{name}={value}: names no host"));
     }
+    for protocol in [
+        format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"),
+        "OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(),
+    ] {
+        if let Some(value) = std::env::var(&protocol)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            if value.trim() != "http/protobuf" {
+                return Err(format!(
+                    "{protocol}={value}: only http/protobuf is supported (run a collector beside chatd for gRPC)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process as traces and metrics name it: `OTEL_SERVICE_NAME`, else `chatd`, and
@@ -154,7 +176,7 @@ fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {
     let Some((name, value)) = endpoint("TRACES") else {
         return Ok(None);
     };
-    check_endpoint(&name, &value)?;
+    check_endpoint("TRACES", &name, &value)?;
     // The endpoint, headers and timeout come from the standard variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -173,7 +195,7 @@ fn metric_exporter() -> Result<Option<opentelemetry_otlp::MetricExporter>, Strin
     let Some((name, value)) = endpoint("METRICS") else {
         return Ok(None);
     };
-    check_endpoint(&name, &value)?;
+    check_endpoint("METRICS", &name, &value)?;
     opentelemetry_otlp::MetricExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)

@@ -68,6 +68,14 @@ fn all_in_one_starts_its_own_nats_and_serves_health() {
             "{body}"
         );
     }
+    // HEAD reaches the upgrade (the router serves it with GET), which needs GET itself.
+    let (status, head, _) =
+        chat_harness::http_exchange(chatd.http_addr(), "HEAD", "/v1/ws", &[], None).unwrap();
+    assert_eq!(status, 405, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nallow: get"),
+        "{head}"
+    );
     // The WebSocket endpoint asked without an upgrade.
     let (status, body) = chatd.get("/v1/ws").unwrap();
     assert_eq!(status, 400);
@@ -173,8 +181,19 @@ fn invalid_configuration_is_refused_before_anything_starts() {
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
             "https://collector:4318/v1/metrics",
         ),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://:4318"),
+        // With a usable endpoint (below): a protocol this build does not speak.
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/json"),
     ] {
         let mut env = standalone_env(data.path());
+        if var.ends_with("_PROTOCOL") {
+            env.push((
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://127.0.0.1:4318".to_owned(),
+            ));
+        }
         env.push((var, value.to_owned()));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let failed = Chatd::try_start(bin(), &[], &env)

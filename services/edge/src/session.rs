@@ -531,11 +531,7 @@ impl Session {
             reply["rid"] = json!(rid);
         }
         // The room the refused frame was about, as every error about one says.
-        #[derive(Deserialize)]
-        struct About {
-            room: Option<Value>,
-        }
-        if let Some(Value::String(room)) = frame.and_then(|f| f.fields::<About>().ok()?.room) {
+        if let Some(room) = frame.and_then(frame_room) {
             reply["room"] = json!(room);
         }
         self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -626,8 +622,21 @@ impl Session {
         match body.fields::<T>() {
             Ok(fields) => Some(fields),
             Err(e) => {
-                self.error(rid, ErrorCode::BadRequest, &format!("{kind} frame: {e}"))
-                    .await;
+                let message = format!("{kind} frame: {e}");
+                // The room the frame is about, when it names one, as every error about one says.
+                match frame_room(body) {
+                    Some(room) => {
+                        self.send(protocol::room_error(
+                            rid,
+                            &room,
+                            ErrorCode::BadRequest.as_str(),
+                            &message,
+                        ))
+                        .await;
+                        self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => self.error(rid, ErrorCode::BadRequest, &message).await,
+                }
                 None
             }
         }
@@ -1182,6 +1191,18 @@ async fn first_frame_auth(
             Some(Err(e)) => return Err(refused(&format!("read failed: {e}"))),
             None => return Err(refused("closed before authenticating")),
         }
+    }
+}
+
+/// The `room` a frame names, if it names one as a string (whatever else is wrong with it).
+fn frame_room(frame: &Frame<'_>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct About {
+        room: Option<Value>,
+    }
+    match frame.fields::<About>().ok()?.room {
+        Some(Value::String(room)) => Some(room),
+        _ => None,
     }
 }
 

@@ -94,10 +94,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             ));
         }
         if parts.method != Method::GET {
-            return Err(refuse(
+            // Reached by HEAD (the router serves it with GET): an upgrade needs GET itself.
+            let mut response = refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "Request method must be `GET`",
-            ));
+                "a WebSocket upgrade is a GET request",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return Err(response);
         }
         if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
             return Err(refuse(
