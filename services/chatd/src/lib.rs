@@ -52,7 +52,8 @@ pub async fn serve(
     let draining = Arc::new(AtomicBool::new(false));
     // What every part of the process stops on: `signalled`, `drain_delay` later.
     let shutdown = CancellationToken::new();
-    tokio::spawn({
+    // Owned: gone with this function, however it returns.
+    let _drain_delay = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
         let (shutdown, draining, delay) = (shutdown.clone(), draining.clone(), config.drain_delay);
         async move {
             signalled.cancelled().await;
@@ -66,7 +67,7 @@ pub async fn serve(
             }
             shutdown.cancel();
         }
-    });
+    }));
     let store = open_store_with(&config, role == Role::All).await?;
     let mut tasks = tokio::task::JoinSet::new();
 

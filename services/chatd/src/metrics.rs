@@ -59,7 +59,12 @@ pub fn install(
     resource: opentelemetry_sdk::Resource,
 ) -> Option<SdkMeterProvider> {
     let reader = Arc::new(ManualReader::builder().build());
-    SCRAPE.set(reader.clone()).ok()?;
+    if SCRAPE.set(reader.clone()).is_err() {
+        tracing::warn!(
+            "metrics were set up already; this second setup (and its exporter) is ignored"
+        );
+        return None;
+    }
     let mut builder = SdkMeterProvider::builder()
         .with_resource(resource)
         .with_reader(Scrape(reader));

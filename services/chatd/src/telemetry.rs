@@ -87,7 +87,7 @@ impl Telemetry {
         if provider.is_some() {
             tracing::info!("exporting traces over OTLP/HTTP");
         }
-        if exporting_metrics {
+        if exporting_metrics && meters.is_some() {
             tracing::info!("exporting metrics over OTLP/HTTP");
         }
         Ok(Telemetry { provider, meters })

@@ -1194,14 +1194,15 @@ async fn first_frame_auth(
     }
 }
 
-/// The `room` a frame names, if it names one as a string (whatever else is wrong with it).
+/// The `room` a frame names, if it names a valid room id (whatever else is wrong with it; an
+/// invalid one is not echoed back).
 fn frame_room(frame: &Frame<'_>) -> Option<String> {
     #[derive(Deserialize)]
     struct About {
         room: Option<Value>,
     }
     match frame.fields::<About>().ok()?.room {
-        Some(Value::String(room)) => Some(room),
+        Some(Value::String(room)) if RoomId::parse(room.as_str()).is_ok() => Some(room),
         _ => None,
     }
 }

@@ -514,7 +514,9 @@ impl RoomLog {
             condition,
             ack: None,
         };
-        // Only the first attempt carries the trace: a later one (same id) is a duplicate of it.
+        // Only this first attempt carries the trace (a retry after an unknown outcome goes
+        // through `Rooms::append`, which has none: its event, if this one never got through,
+        // is stored without a link).
         match pending.publish(traceparent.as_deref()).await {
             Ok(ack) => Ok(PendingAppend {
                 ack: Some(ack),

@@ -717,7 +717,22 @@ impl Rooms {
             // lifted read-only).
             state = self.refresh_shared(room).await?;
         }
-        let body = self.decide(actor, room, &state, command).await?;
+        let body = match self.decide(actor, room, &state, command).await {
+            Ok(body) => body,
+            Err(RoomError::NotFound) => {
+                // A resend whose original was stored meanwhile (the store holding its delete,
+                // say, but its id a moment ago not yet) answers as the original did.
+                if let Some(hit) = self.store.find_id(room, id).await? {
+                    return Ok(DecidedAppend::Known(Ack {
+                        seq: hit.seq,
+                        ts: hit.ts,
+                        duplicate: true,
+                    }));
+                }
+                return Err(RoomError::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
         Ok(DecidedAppend::Event {
             room: room.clone(),
             event: Event {
