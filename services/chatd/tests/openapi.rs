@@ -13,33 +13,50 @@ use std::path::PathBuf;
 
 use common::*;
 
-/// Every (method, path) the server routes, as the code declares them: `http::router` in
-/// `services/chatd/src/http.rs` (health, readiness, identity, metrics), `api::router` in
-/// `services/chatd/src/api.rs` (rooms, members, history, receipts, threads, blocks) and
-/// `chat_edge::router` in `services/edge/src/lib.rs` (the WebSocket upgrade, presence). `HEAD`,
-/// which axum adds to every `GET`, is left out. Update this list with the routers.
-const ROUTES: &[(&str, &str)] = &[
-    // services/chatd/src/http.rs
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/v1/me"),
-    ("GET", "/metrics"),
-    // services/chatd/src/api.rs
-    ("POST", "/v1/rooms"),
-    ("GET", "/v1/rooms"),
-    ("PATCH", "/v1/rooms/{room}"),
-    ("POST", "/v1/rooms/{room}/members"),
-    ("DELETE", "/v1/rooms/{room}/members/{user}"),
-    ("GET", "/v1/rooms/{room}/messages"),
-    ("GET", "/v1/rooms/{room}/messages/{seq}/receipts"),
-    ("GET", "/v1/rooms/{room}/threads/{root}"),
-    ("GET", "/v1/blocks"),
-    ("PUT", "/v1/blocks/{user}"),
-    ("DELETE", "/v1/blocks/{user}"),
-    // services/edge/src/lib.rs
-    ("GET", "/v1/ws"),
-    ("GET", "/v1/rooms/{room}/presence"),
-];
+/// The files whose routers make the server's HTTP surface: `http::router` (health, readiness,
+/// identity, metrics), `api::router` (rooms, members, history, receipts, threads, blocks) and
+/// `chat_edge::router` (the WebSocket upgrade, presence).
+const ROUTER_SOURCES: &[&str] = &["src/http.rs", "src/api.rs", "../edge/src/lib.rs"];
+
+/// The (METHOD, path) pairs the routers declare, read from their source: every
+/// `.route("PATH", get(..).post(..))` line. A `.route(` whose methods cannot be read there
+/// (written over several lines, say) fails the test rather than going unseen. `HEAD`, which
+/// axum adds to every `GET`, is left out.
+fn routes_in_code() -> BTreeSet<(String, String)> {
+    let mut routes = BTreeSet::new();
+    for file in ROUTER_SOURCES {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
+        let source =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for line in source
+            .lines()
+            .filter(|l| l.trim_start().starts_with(".route("))
+        {
+            let mut parts = line.splitn(3, '"');
+            let (_, route, handlers) = (parts.next(), parts.next(), parts.next());
+            let (Some(route), Some(handlers)) = (route, handlers) else {
+                panic!("{file}: cannot read the route of {line:?}");
+            };
+            let before = |i: usize| handlers[..i].chars().last().unwrap_or(' ');
+            let methods: Vec<&str> = ["get", "post", "put", "patch", "delete"]
+                .into_iter()
+                .filter(|m| {
+                    handlers
+                        .match_indices(&format!("{m}("))
+                        .any(|(i, _)| matches!(before(i), ' ' | '.' | ','))
+                })
+                .collect();
+            assert!(
+                !methods.is_empty(),
+                "{file}: no method handler read on {line:?}"
+            );
+            for method in methods {
+                routes.insert((method.to_ascii_uppercase(), route.to_owned()));
+            }
+        }
+    }
+    routes
+}
 
 /// The methods an OpenAPI path item may hold.
 const METHODS: &[&str] = &[
@@ -134,9 +151,14 @@ fn every_documented_route_exists_and_every_route_is_documented() {
 
     // Every route of the code is documented (judged with the server's answers below, so that
     // a renamed path shows both ways).
-    let undocumented: Vec<String> = ROUTES
+    let routes = routes_in_code();
+    assert!(
+        routes.len() >= 17,
+        "routes read from the routers: {routes:?}"
+    );
+    let undocumented: Vec<String> = routes
         .iter()
-        .filter(|route| !set.contains(route))
+        .filter(|(m, p)| !set.contains(&(m.as_str(), p.as_str())))
         .map(|(m, p)| format!("{m} {p}"))
         .collect();
 
