@@ -308,11 +308,12 @@ impl Retry {
                     pause = (pause * 2).min(Duration::from_millis(800));
                     // Boxed: a retry is rare, and every append's future would otherwise
                     // keep room for a whole second append.
-                    result = Box::pin(self.rooms.append(
+                    result = Box::pin(self.rooms.append_traced(
                         &self.user,
                         &frame.room,
                         frame.id,
                         frame.command.clone(),
+                        traceparent(&frame.span),
                     ))
                     .await;
                 }

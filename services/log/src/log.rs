@@ -514,9 +514,8 @@ impl RoomLog {
             condition,
             ack: None,
         };
-        // Only this first attempt carries the trace (a retry after an unknown outcome goes
-        // through `Rooms::append`, which has none: its event, if this one never got through,
-        // is stored without a link).
+        // This first attempt carries the trace (a later one here only asks again for the
+        // sequence of what is stored; an edge's retry after an unknown outcome sends its own).
         match pending.publish(traceparent.as_deref()).await {
             Ok(ack) => Ok(PendingAppend {
                 ack: Some(ack),

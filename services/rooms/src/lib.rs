@@ -687,8 +687,20 @@ impl Rooms {
         id: Uuid,
         command: Command,
     ) -> Result<Ack, RoomError> {
+        self.append_traced(actor, room, id, command, None).await
+    }
+
+    /// [`Rooms::append`], the event carrying a W3C `traceparent` (see [`Rooms::send_append`]).
+    pub async fn append_traced(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        id: Uuid,
+        command: Command,
+        traceparent: Option<String>,
+    ) -> Result<Ack, RoomError> {
         let decided = self.decide_append(actor, room, id, command).await?;
-        self.send_append(decided, None).await?.ack().await
+        self.send_append(decided, traceparent).await?.ack().await
     }
 
     /// The first half of [`Rooms::append`]: checks what `actor` asks against the room's rules
