@@ -173,6 +173,20 @@ impl ReadCursors {
             );
             gate.map_or(0, |g| g.appended)
         };
+        self.append(rooms, key, previous, seq)
+            .await
+            .map(|_| ReadOutcome::Appended)
+    }
+
+    /// Appends the gate's `seq` (its append marked in flight, `previous` what it had before),
+    /// then lands it, whatever becomes of this future.
+    async fn append(
+        &self,
+        rooms: &Rooms,
+        key: Key,
+        previous: u64,
+        seq: u64,
+    ) -> Result<Option<u64>, RoomError> {
         let mut landing = Landing {
             cursors: self,
             key,
@@ -180,10 +194,10 @@ impl ReadCursors {
             seq,
             settled: false,
         };
+        let (room, user) = (&landing.key.0, &landing.key.1);
         let result = rooms.read(user, room, seq).await;
         landing.settled = settled(&result);
-        drop(landing);
-        result.map(|_| ReadOutcome::Appended)
+        result
     }
 
     /// Ends a gate's append: the interval starts again now; one not `settled` waits again
@@ -234,19 +248,10 @@ impl ReadCursors {
         let due = self.take_due();
         stream::iter(due)
             .for_each_concurrent(APPENDS_IN_FLIGHT, |(key, previous, seq)| async move {
-                let mut landing = Landing {
-                    cursors: self,
-                    key,
-                    previous,
-                    seq,
-                    settled: false,
-                };
-                let (room, user) = (&landing.key.0, &landing.key.1);
-                let result = rooms.read(user, room, seq).await;
-                if let Err(e) = &result {
+                let (room, user) = (key.0.clone(), key.1.clone());
+                if let Err(e) = self.append(rooms, key, previous, seq).await {
                     tracing::warn!(room = %room, user = %user, seq, error = %e, "read cursor not appended");
                 }
-                landing.settled = settled(&result);
             })
             .await;
     }
