@@ -627,14 +627,8 @@ impl Session {
                 // The room the frame is about, when it names one, as every error about one says.
                 match frame_room(body) {
                     Some(room) => {
-                        self.send(protocol::room_error(
-                            rid,
-                            &room,
-                            ErrorCode::BadRequest.as_str(),
-                            &message,
-                        ))
-                        .await;
-                        self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        let e = RoomError::BadRequest(message);
+                        self.room_error(rid, &room, &e).await;
                     }
                     None => self.error(rid, ErrorCode::BadRequest, &message).await,
                 }
