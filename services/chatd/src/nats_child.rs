@@ -94,6 +94,10 @@ impl NatsChild {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // A process group of its own: a terminal's Ctrl-C (sent to the whole foreground group)
+        // reaches chatd only, which drains through this server and then stops it. Without
+        // this the server quit at once, and chatd's drain waited out its grace for it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;

@@ -151,6 +151,31 @@ fn sigterm_drains_exits_cleanly_and_stops_its_nats_server() {
 }
 
 #[test]
+fn ctrl_c_in_a_terminal_drains_through_its_own_nats_server_then_stops_it() {
+    let data = tempfile::tempdir().unwrap();
+    let mut chatd = start(&standalone_env(data.path()));
+    let nats = nats_pid(data.path());
+    // What a terminal does on Ctrl-C: SIGINT to the whole foreground job.
+    chatd.signal_group(Signal::SIGINT);
+    let status = chatd
+        .wait_exit(Duration::from_secs(30))
+        .expect("chatd exits after Ctrl-C");
+    let stderr = chatd.stderr();
+    assert!(status.success(), "{status}: {stderr}");
+    // The server stayed up through the drain: chatd never lost its connection, and what it
+    // had buffered went out.
+    let drain = stderr.split("draining").nth(1).unwrap_or_default();
+    assert!(
+        !drain.contains("event=disconnected") && !drain.contains("nats unreachable at shutdown"),
+        "its nats-server stayed up for the drain: {stderr}"
+    );
+    assert!(stderr.contains("nats-server stopped"), "{stderr}");
+    eventually("nats-server stopped", Duration::from_secs(15), || {
+        process_gone(nats)
+    });
+}
+
+#[test]
 fn sigkill_of_chatd_takes_its_nats_server_down_too() {
     let data = tempfile::tempdir().unwrap();
     let mut chatd = start(&standalone_env(data.path()));

@@ -62,6 +62,8 @@ impl Chatd {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
+        // Its own process group, as a shell job is: see [`Chatd::signal_group`].
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         for var in [
             "NATS_URL",
             "CHAT_ROLE",
@@ -154,6 +156,12 @@ impl Chatd {
 
     pub fn signal(&self, signal: Signal) {
         let _ = kill(Pid::from_raw(self.pid() as i32), signal);
+    }
+
+    /// Sends `signal` to the process and every process of its group, as a terminal's Ctrl-C
+    /// reaches a foreground job.
+    pub fn signal_group(&self, signal: Signal) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.pid() as i32), signal);
     }
 
     /// Waits for the process to exit, up to `deadline`; `None` if it is still running.
