@@ -4,7 +4,8 @@
 //!
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
 //! room_log_read, room_log_append_sync_always, projection_throughput, history_page_reads,
-//! projection_lag, edge_send_ack, edge_fanout, edge_latency, edge_idle_memory).
+//! room_list_reads, projection_lag, edge_send_ack, edge_fanout, edge_latency, edge_idle_memory,
+//! presence_churn).
 //!
 //! The edge benchmarks run the chatd release binary and drive it from this same binary started
 //! again as a load generator (`chat-bench loadgen`, plan on stdin) and, for the fan-out
@@ -365,6 +366,13 @@ async fn main() {
     }
     if wanted("history_page_reads") {
         projection::history_reads(if quick { 500 } else { 5_000 }).await;
+    }
+    if wanted("room_list_reads") {
+        if quick {
+            projection::room_list_reads(50, 200, 20).await;
+        } else {
+            projection::room_list_reads(200, 2_000, 50).await;
+        }
     }
     if wanted("projection_lag") {
         // Half of what this machine sustains right now, measured just before.

@@ -361,3 +361,80 @@ pub async fn projection_lag(log: &RoomLog, max_rate: f64, n: usize) {
         })
     );
 }
+
+/// The room list with unread counts (what `welcome` and `GET /v1/rooms` send) of a user in
+/// `rooms` rooms with `unread` unread messages in each, vs a raw select of the same
+/// membership rows without the counts: what counting the unread messages adds to listing.
+pub async fn room_list_reads(rooms: usize, unread: usize, lists: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("rooms.db")).unwrap();
+    let reader = UserId::parse("reader").unwrap();
+    for r in 0..rooms {
+        let room = RoomId::parse(format!("list-{r}")).unwrap();
+        let mut entries = vec![Entry {
+            seq: 1,
+            event: Ok(created()),
+        }];
+        entries.extend((0..unread).map(|i| Entry {
+            seq: i as u64 + 2,
+            event: Ok(event(i)),
+        }));
+        for chunk in entries.chunks(BATCH) {
+            store
+                .apply(&[RoomBatch {
+                    room: room.clone(),
+                    entries: chunk.to_vec(),
+                }])
+                .await
+                .unwrap();
+        }
+    }
+    let blocked = std::collections::HashSet::new();
+    let raw_conn = Connection::open(store.path()).unwrap();
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for _ in 0..lists {
+            let list = store.rooms_of(&reader, &blocked).await.unwrap();
+            assert_eq!(list.len(), rooms);
+            assert!(list.iter().all(|r| r.unread == unread as u64));
+        }
+        ours.push(lists as f64 / start.elapsed().as_secs_f64());
+
+        let start = Instant::now();
+        for _ in 0..lists {
+            let list = tokio::task::block_in_place(|| {
+                let mut stmt = raw_conn
+                    .prepare_cached(
+                        "SELECT m.room, r.kind, r.name, c.seq, coalesce(cu.last_read, m.joined_seq)
+                         FROM members m JOIN rooms r ON r.room = m.room
+                         LEFT JOIN checkpoints c ON c.room = m.room
+                         LEFT JOIN cursors cu ON cu.room = m.room AND cu.user = m.user
+                         WHERE m.user = ?1 AND m.active = 1 ORDER BY m.room",
+                    )
+                    .unwrap();
+                stmt.query_map([reader.as_str()], |r| {
+                    Ok(json!({
+                        "room": r.get::<_, String>(0)?,
+                        "kind": r.get::<_, String>(1)?,
+                        "name": r.get::<_, String>(2)?,
+                        "head": r.get::<_, i64>(3)?,
+                        "last_read": r.get::<_, i64>(4)?,
+                    }))
+                })
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+            });
+            assert_eq!(list.len(), rooms);
+        }
+        raw.push(lists as f64 / start.elapsed().as_secs_f64());
+    }
+    emit(
+        "room_list_reads",
+        median(ours),
+        median(raw),
+        "lists/s",
+        json!({"rooms": rooms, "unread_per_room": unread, "target": ">= 0.5"}),
+    );
+}
