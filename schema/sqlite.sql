@@ -68,12 +68,19 @@ CREATE TABLE IF NOT EXISTS events (
     reply_to      INTEGER,
     target        INTEGER,                 -- edit / delete / reaction: the message it concerns
     fields        TEXT,
+    -- How many `message` events the room holds up to and including this seq, deleted ones
+    -- included. Unread counts are differences of two of these (plus the deletes between),
+    -- not counts of rows: a room list costs a few lookups per room however much is unread.
+    -- Added to stores made before it when they are opened (filled in from the rows).
+    mnum          INTEGER,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
 -- Thread views and reply counts.
 CREATE INDEX IF NOT EXISTS events_by_thread ON events (room, thread, seq) WHERE thread IS NOT NULL;
 -- Edits of a message (cleared with it on delete).
 CREATE INDEX IF NOT EXISTS events_by_target ON events (room, target) WHERE target IS NOT NULL;
+-- Deleted messages, for unread counts (the messages after a cursor, less those deleted).
+CREATE INDEX IF NOT EXISTS events_deleted ON events (room, seq) WHERE deleted = 1;
 
 -- The idempotency index past the stream's duplicate window: (room, client id) -> seq.
 -- Keys are random, so every batch of new events lands on nearly every page of this index and

@@ -889,3 +889,101 @@ async fn fifty_thousand_messages_paginate_without_gap_or_duplicate() {
         assert_eq!(pages, 251);
     }
 }
+
+/// Unread counts, worked out by a backend however it likes, equal a plain count of the contract's
+/// definition over random rooms: messages and thread replies by several users, deletes by authors,
+/// by the admin and by others (ignored), reads, reactions and joins, applied in batches of random
+/// sizes, checked after every batch for every user and several block lists.
+#[tokio::test]
+async fn unread_counts_equal_a_plain_count_over_random_rooms() {
+    use rand::{Rng, SeedableRng};
+    const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+    for b in backends().await {
+        let s = &*b.store;
+        for trial in 0..12u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(trial);
+            let name = format!("unread-{trial}");
+            // alice creates the room (its admin) with bob and carol; dave joins later.
+            let mut log = Log::new(&name, vec![created("alice", &["bob", "carol"])]);
+            let mut messages: Vec<(u64, &str)> = Vec::new();
+            let mut deleted: HashSet<u64> = HashSet::new();
+            let mut applied = 0u64;
+            for step in 0..160 {
+                let by = USERS[rng.random_range(0..USERS.len())];
+                let roll = rng.random_range(0..100);
+                if step == 40 {
+                    log.push(ev(
+                        "alice",
+                        EventBody::MemberJoined {
+                            member: user("dave"),
+                        },
+                    ));
+                } else if roll < 55 || messages.is_empty() {
+                    let seq = if roll % 5 == 0 && !messages.is_empty() {
+                        let root = messages[rng.random_range(0..messages.len())].0;
+                        log.push(reply(by, "r", root))
+                    } else {
+                        log.push(msg(by, "m"))
+                    };
+                    messages.push((seq, by));
+                } else if roll < 70 {
+                    let (target, author) = messages[rng.random_range(0..messages.len())];
+                    if by == author || by == "alice" {
+                        deleted.insert(target);
+                    }
+                    log.push(ev(by, EventBody::Delete { target }));
+                } else if roll < 85 {
+                    let up_to = rng.random_range(1..=log.entries.len() as u64 + 3);
+                    log.push(ev(by, EventBody::Read { up_to }));
+                } else {
+                    let (target, _) = messages[rng.random_range(0..messages.len())];
+                    log.push(ev(
+                        by,
+                        EventBody::Reaction {
+                            target,
+                            emoji: "👍".into(),
+                            on: true,
+                        },
+                    ));
+                }
+                let end = log.entries.len() as u64;
+                if rng.random_range(0..10) == 0 || step == 159 {
+                    s.apply(&[RoomBatch {
+                        room: log.room.clone(),
+                        entries: log.entries[applied as usize..].to_vec(),
+                    }])
+                    .await
+                    .unwrap();
+                    applied = end;
+                    for reader in USERS {
+                        for blocked in [&[][..], &["bob"], &["carol", "dave"]] {
+                            let blocked: HashSet<UserId> =
+                                blocked.iter().map(|u| user(u)).collect();
+                            let rooms = s.rooms_of(&user(reader), &blocked).await.unwrap();
+                            let Some(r) = rooms.iter().find(|r| r.room == log.room) else {
+                                assert!(reader == "dave" && step < 40, "{reader} lost the room");
+                                continue;
+                            };
+                            let expected = messages
+                                .iter()
+                                .filter(|(seq, author)| {
+                                    *seq <= applied
+                                        && *seq > r.last_read
+                                        && *author != reader
+                                        && !deleted.contains(seq)
+                                        && !blocked.contains(&user(author))
+                                })
+                                .count() as u64;
+                            assert_eq!(
+                                r.unread,
+                                expected,
+                                "{}: trial {trial} step {step}, {reader} blocking {blocked:?}, {r:?}",
+                                s.backend()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

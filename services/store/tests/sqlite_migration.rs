@@ -182,3 +182,120 @@ async fn events_an_older_version_wrote_after_the_migration_are_indexed_on_the_ne
     )
     .await;
 }
+
+/// A room made by alice with bob, `n` messages by alice, and the delete of message seq 3.
+fn room_with_reader(room: &str, n: u64) -> RoomBatch {
+    let mut batch = room_log(room, n);
+    if let Ok(Event {
+        body: EventBody::RoomCreated { members, .. },
+        ..
+    }) = &mut batch.entries[0].event
+    {
+        members.push(UserId::parse("bob").unwrap());
+    }
+    let seq = batch.entries.len() as u64 + 1;
+    batch.entries.push(Entry {
+        seq,
+        event: Ok(event(EventBody::Delete { target: 3 })),
+    });
+    batch
+}
+
+async fn bobs_unread(store: &SqliteStore) -> Vec<(String, u64)> {
+    store
+        .rooms_of(&UserId::parse("bob").unwrap(), &Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.room.to_string(), r.unread))
+        .collect()
+}
+
+fn null_numbers(path: &std::path::Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM events WHERE mnum IS NULL", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_store_without_message_numbers_is_numbered_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let batches = [room_with_reader("num-a", 50), room_with_reader("num-b", 7)];
+    let digest = {
+        let store = SqliteStore::open(&path).unwrap();
+        store.apply(&batches).await.unwrap();
+        assert_eq!(
+            bobs_unread(&store).await,
+            [("num-a".into(), 49), ("num-b".into(), 6)]
+        );
+        store.digest(None).await.unwrap()
+    };
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE events DROP COLUMN mnum;")
+        .unwrap();
+
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(null_numbers(&path), 0);
+    assert_eq!(
+        store.digest(None).await.unwrap(),
+        digest,
+        "numbered as when written"
+    );
+    assert_eq!(
+        bobs_unread(&store).await,
+        [("num-a".into(), 49), ("num-b".into(), 6)]
+    );
+}
+
+#[tokio::test]
+async fn messages_an_older_version_wrote_are_counted_and_numbered_when_the_room_is_next_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let first = room_with_reader("old-num", 5);
+    let store = SqliteStore::open(&path).unwrap();
+    store.apply(std::slice::from_ref(&first)).await.unwrap();
+    assert_eq!(bobs_unread(&store).await, [("old-num".into(), 4)]);
+    // An older version (which knows no `mnum`) stored two more messages.
+    let next = first.entries.len() as i64 + 1;
+    {
+        let conn = Connection::open(&path).unwrap();
+        for seq in [next, next + 1] {
+            conn.execute(
+                "INSERT INTO events (room, seq, id, user, ts, kind, text)
+                 VALUES ('old-num', ?1, ?2, 'alice', 0, 'message', 'x')",
+                rusqlite::params![seq, Uuid::new_v4().to_string()],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "UPDATE checkpoints SET seq = ?1 WHERE room = 'old-num'",
+            [next + 1],
+        )
+        .unwrap();
+    }
+    assert_eq!(null_numbers(&path), 2);
+    assert_eq!(bobs_unread(&store).await, [("old-num".into(), 6)]);
+
+    // This version writes the room again: its rows are numbered, the count stays right.
+    store
+        .apply(&[RoomBatch {
+            room: first.room.clone(),
+            entries: vec![Entry {
+                seq: next as u64 + 2,
+                event: Ok(event(EventBody::Message {
+                    text: "new".into(),
+                    thread: None,
+                    reply_to: None,
+                })),
+            }],
+        }])
+        .await
+        .unwrap();
+    assert_eq!(null_numbers(&path), 0);
+    assert_eq!(bobs_unread(&store).await, [("old-num".into(), 7)]);
+}
