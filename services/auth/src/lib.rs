@@ -116,11 +116,32 @@ pub struct Verifier {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// A NumericDate: RFC 7519 allows fractions (some libraries write `time.time() + 600`),
+    /// rounded to whole seconds as jsonwebtoken's own check of it does.
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
     /// A display name when it is a string; anything else is ignored (an identity provider's
     /// claim of another shape must not make the whole token invalid).
     #[serde(default)]
     name: Option<serde_json::Value>,
+}
+
+/// A JWT NumericDate in whole seconds: an integer, or a number with a fraction, rounded.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(secs) = n.as_u64() {
+        return Ok(Some(secs));
+    }
+    match n.as_f64() {
+        Some(secs) if secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs) => {
+            Ok(Some(secs.round() as u64))
+        }
+        _ => Err(serde::de::Error::custom(
+            "a NumericDate must be a non-negative number",
+        )),
+    }
 }
 
 #[derive(Deserialize)]

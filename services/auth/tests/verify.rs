@@ -246,6 +246,30 @@ fn time_claims_are_checked_with_five_seconds_of_leeway() {
 }
 
 #[test]
+fn time_claims_may_have_fractions_as_rfc_7519_allows() {
+    let v = hs_verifier();
+    let exp = now() as f64 + 600.7;
+    let identity = v
+        .verify(&hs(&with(claims(), "exp", json!(exp))))
+        .expect("a fractional exp is a valid NumericDate");
+    assert_eq!(identity.expires_at, exp.round() as u64);
+    assert_eq!(
+        v.verify(&hs(&with(claims(), "exp", json!(now() as f64 - 60.5)))),
+        Err(AuthError::Expired)
+    );
+    assert!(v
+        .verify(&hs(&with(claims(), "nbf", json!(now() as f64 - 0.25))))
+        .is_ok());
+    for bad in [json!("soon"), json!(-5.5), json!(true)] {
+        assert_eq!(
+            v.verify(&hs(&with(claims(), "exp", bad.clone()))),
+            Err(AuthError::Malformed),
+            "exp {bad}"
+        );
+    }
+}
+
+#[test]
 fn issuer_audience_and_required_claims_are_enforced() {
     let v = hs_verifier();
     assert_eq!(
