@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use chat_model::{RoomId, UserId};
+use chat_model::{RoomId, RoomState, UserId};
 use chat_rooms::{RoomError, Rooms};
 use futures::stream::{self, StreamExt};
 use tokio::time::Instant;
@@ -131,14 +131,16 @@ impl ReadCursors {
         self.gates.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Moves `user`'s cursor in `room` to `seq` (already checked: a member, `seq` within the
-    /// head), now or once the interval has passed.
+    /// Moves `user`'s cursor in `room` to `seq`, now or once the interval has passed.
+    /// `checked` is the room's state from [`Rooms::check_read`] just now (a member, `seq`
+    /// within the head): an append now is not checked again; one that waits is, when due.
     pub async fn read(
         &self,
         rooms: &Rooms,
         room: &RoomId,
         user: &UserId,
         seq: u64,
+        checked: Arc<RoomState>,
     ) -> Result<ReadOutcome, RoomError> {
         let key = (room.clone(), user.clone());
         let previous = {
@@ -173,19 +175,21 @@ impl ReadCursors {
             );
             gate.map_or(0, |g| g.appended)
         };
-        self.append(rooms, key, previous, seq)
+        self.append(rooms, key, previous, seq, Some(checked))
             .await
             .map(|_| ReadOutcome::Appended)
     }
 
     /// Appends the gate's `seq` (its append marked in flight, `previous` what it had before),
-    /// then lands it, whatever becomes of this future.
+    /// then lands it, whatever becomes of this future. Checked first unless `checked` holds the
+    /// state a check just returned.
     async fn append(
         &self,
         rooms: &Rooms,
         key: Key,
         previous: u64,
         seq: u64,
+        checked: Option<Arc<RoomState>>,
     ) -> Result<Option<u64>, RoomError> {
         let mut landing = Landing {
             cursors: self,
@@ -195,7 +199,10 @@ impl ReadCursors {
             settled: false,
         };
         let (room, user) = (&landing.key.0, &landing.key.1);
-        let result = rooms.read(user, room, seq).await;
+        let result = match checked {
+            Some(state) => rooms.read_checked(user, room, seq, &state).await,
+            None => rooms.read(user, room, seq).await,
+        };
         landing.settled = settled(&result);
         result
     }
@@ -249,7 +256,7 @@ impl ReadCursors {
         stream::iter(due)
             .for_each_concurrent(APPENDS_IN_FLIGHT, |(key, previous, seq)| async move {
                 let (room, user) = (key.0.clone(), key.1.clone());
-                if let Err(e) = self.append(rooms, key, previous, seq).await {
+                if let Err(e) = self.append(rooms, key, previous, seq, None).await {
                     tracing::warn!(room = %room, user = %user, seq, error = %e, "read cursor not appended");
                 }
             })

@@ -1091,18 +1091,19 @@ impl Session {
         };
         // Members only (checked first: a stranger learns nothing of the room), and never above
         // the head; the rest is up to the edge's shared read cursors.
-        if let Err(e) = self
+        let checked = match self
             .state
             .rooms
             .check_read(&self.user, &room, frame.seq)
             .await
         {
-            return self.room_error(rid, &frame.room, &e).await;
-        }
+            Ok(state) => state,
+            Err(e) => return self.room_error(rid, &frame.room, &e).await,
+        };
         if let Err(e) = self
             .state
             .reads
-            .read(&self.state.rooms, &room, &self.user, frame.seq)
+            .read(&self.state.rooms, &room, &self.user, frame.seq, checked)
             .await
         {
             self.room_error(rid, &frame.room, &e).await;

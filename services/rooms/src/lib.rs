@@ -791,6 +791,18 @@ impl Rooms {
         up_to: u64,
     ) -> Result<Option<u64>, RoomError> {
         let state = self.check_read(actor, room, up_to).await?;
+        self.read_checked(actor, room, up_to, &state).await
+    }
+
+    /// [`Rooms::read`] for a caller that [`Rooms::check_read`] has just let through, with the
+    /// state it returned: the membership and the head are not looked up again.
+    pub async fn read_checked(
+        &self,
+        actor: &UserId,
+        room: &RoomId,
+        up_to: u64,
+        state: &RoomState,
+    ) -> Result<Option<u64>, RoomError> {
         let joined = state.members.get(actor).copied().unwrap_or(0);
         // One point read (not the user's whole room list with its unread counts).
         let stored = self.store.read_cursor(room, actor).await?;
