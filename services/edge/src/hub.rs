@@ -49,6 +49,8 @@ pub struct Delivery {
     /// For a message or an edit: the frame a reader who blocks `author` gets instead, rendered
     /// once like `frame` (see `Delivery::frame_for`).
     pub hidden: Option<Framed>,
+    /// When it was rendered: the time a session's block list is judged fresh at.
+    pub rendered: std::time::Instant,
 }
 
 /// This edge's room feeds.

@@ -55,6 +55,7 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
                 message_by,
                 hidden: hidden_frame(room, entry.seq, &event),
                 author: Some(event.user),
+                rendered: std::time::Instant::now(),
             }
         }
         Err(e) => {
@@ -68,6 +69,7 @@ pub(crate) fn delivery(room: &RoomId, entry: &RawEntry) -> Delivery {
                 message_by: None,
                 author: None,
                 hidden: None,
+                rendered: std::time::Instant::now(),
             }
         }
     }

@@ -143,7 +143,7 @@ impl RoomSource {
                 hidden: false,
             }));
         }
-        if let Some(blocked) = self.rooms.blocked_fresh(&self.blocks) {
+        if let Some(blocked) = self.rooms.blocked_fresh(&self.blocks, delivery.rendered) {
             let hidden = delivery.hides_for(blocked);
             return Some(self.handed(Pick { delivery, hidden }));
         }

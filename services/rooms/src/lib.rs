@@ -1220,7 +1220,7 @@ impl Rooms {
         user: &UserId,
         held: &'a mut HeldBlocks,
     ) -> Result<&'a HashSet<UserId>, RoomError> {
-        if self.blocked_fresh(held).is_none() {
+        if self.blocked_fresh(held, Instant::now()).is_none() {
             // Read before the lookup: a change during it makes the next call look again.
             let changes = self.blocks.changes();
             // Boxed: the lookup's future is large and rarely needed; a caller's own future
@@ -1235,12 +1235,18 @@ impl Rooms {
         Ok(&held.blocked)
     }
 
-    /// The block list in `held`, if [`Rooms::blocked_held`] would answer with it without a
-    /// lookup: for a caller that cannot wait (a session's room feed, polled).
-    pub fn blocked_fresh<'a>(&self, held: &'a HeldBlocks) -> Option<&'a HashSet<UserId>> {
+    /// The block list in `held`, if [`Rooms::blocked_held`] would answer with it at `at`
+    /// without a lookup: for a caller that cannot wait (a session's room feed, polled). The
+    /// feed passes the time its event was rendered: it asks for every event of every session,
+    /// and reading the clock each time cost a twentieth of an edge's CPU in fan-out.
+    pub fn blocked_fresh<'a>(
+        &self,
+        held: &'a HeldBlocks,
+        at: Instant,
+    ) -> Option<&'a HashSet<UserId>> {
         let fresh = held
             .until
-            .is_some_and(|until| held.changes == self.blocks.changes() && Instant::now() < until);
+            .is_some_and(|until| held.changes == self.blocks.changes() && at < until);
         fresh.then_some(&*held.blocked)
     }
 
