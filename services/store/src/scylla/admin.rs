@@ -65,7 +65,7 @@ struct Pointers {
     edited: BTreeSet<i64>,
     reacted: BTreeSet<i64>,
     roots: BTreeSet<i64>,
-    /// Buckets of `events` and `annotated` that may hold rows.
+    /// Buckets of `events`, `annotated` and `message_numbers` that may hold rows.
     buckets: BTreeSet<i64>,
 }
 
@@ -77,6 +77,7 @@ enum Doomed {
     Replies(i64),
     Marks(i64),
     UserRoom(String),
+    Numbers(i64),
     Events(i64),
 }
 
@@ -181,6 +182,7 @@ impl ScyllaStore {
                 self.exec(op, &st.user_room_delete, (at, member.as_str(), room))
                     .await
             }
+            Doomed::Numbers(b) => self.exec(op, &st.number_drop, (at, room, b)).await,
             Doomed::Events(b) => self.exec(op, &st.event_drop, (at, room, b)).await,
         }
     }
@@ -237,6 +239,7 @@ impl ScyllaStore {
             .chain(p.reacted.into_iter().map(Doomed::Reactions))
             .chain(p.roots.into_iter().map(Doomed::Replies))
             .chain(p.buckets.iter().copied().map(Doomed::Marks))
+            .chain(p.buckets.iter().copied().map(Doomed::Numbers))
             .chain(members.into_iter().map(|(m, _, _)| Doomed::UserRoom(m)));
         self.drop_all(room, at, derived).await?;
         self.drop_all(room, at, p.buckets.into_iter().map(Doomed::Events))
@@ -248,6 +251,8 @@ impl ScyllaStore {
             &st.room_drop,
             &st.settings_drop,
             &st.dead_drop,
+            &st.deleted_drop,
+            &st.numbered_drop,
         ] {
             self.exec("clear room", statement, (at, room)).await?;
         }

@@ -167,20 +167,35 @@ impl ScyllaStore {
             )
             .await?;
         }
+        // Messages are numbered in order here, before the writes go out concurrently.
+        let mut numbered = self.numbering(&ctx, checkpoint.seq()).await?;
         let mut in_flight = FuturesUnordered::new();
         for entry in entries {
+            let number = match (&mut numbered, &entry.event) {
+                (
+                    Some(n),
+                    Ok(Event {
+                        body: EventBody::Message { .. },
+                        ..
+                    }),
+                ) => {
+                    *n += 1;
+                    Some(*n)
+                }
+                _ => None,
+            };
             if reads_state(entry) {
                 while let Some(done) = in_flight.next().await {
                     done?;
                 }
-                self.apply_entry(&ctx, entry).await?;
+                self.apply_entry(&ctx, entry, number).await?;
             } else {
                 if in_flight.len() >= WRITES_IN_FLIGHT {
                     if let Some(done) = in_flight.next().await {
                         done?;
                     }
                 }
-                in_flight.push(self.apply_entry(&ctx, entry));
+                in_flight.push(self.apply_entry(&ctx, entry, number));
             }
         }
         while let Some(done) = in_flight.next().await {
@@ -195,9 +210,66 @@ impl ScyllaStore {
         .await
     }
 
-    async fn apply_entry(&self, ctx: &RoomCtx<'_>, entry: &Entry) -> Result<()> {
+    /// How many messages the room holds up to its checkpoint `at`, if its messages are
+    /// numbered (see `numbered_rooms` in the schema). A room's first batch (or the first after
+    /// a clear) marks it numbered, before any of its rows.
+    async fn numbering(&self, ctx: &RoomCtx<'_>, at: u64) -> Result<Option<i64>> {
+        if at == 0 {
+            self.exec(
+                "mark numbered",
+                &self.st().numbered_put,
+                (ctx.room, ctx.ts(0, OFF_EVENT)),
+            )
+            .await?;
+            return Ok(Some(0));
+        }
+        if !self.is_numbered(ctx.room).await? {
+            return Ok(None);
+        }
+        self.number_at(ctx.room, at).await.map(Some)
+    }
+
+    /// Whether every message of the room has its number.
+    pub(super) async fn is_numbered(&self, room: &str) -> Result<bool> {
+        let row: Option<(Option<bool>,)> = self
+            .first("read numbered", &self.st().numbered_get, (room,))
+            .await?;
+        Ok(matches!(row, Some((Some(true),))))
+    }
+
+    /// The number of the room's newest message at or below `seq` (0: none): walks the buckets
+    /// downward from `seq`'s and stops at the first that holds one.
+    pub(super) async fn number_at(&self, room: &str, seq: u64) -> Result<i64> {
+        if seq == 0 {
+            return Ok(0);
+        }
+        let mut b = bucket(seq);
+        loop {
+            let found: Option<(Option<i64>,)> = self
+                .first(
+                    "read message number",
+                    &self.st().number_at,
+                    (room, b, cql_seq(seq)),
+                )
+                .await?;
+            if let Some((n,)) = found {
+                return Ok(n.unwrap_or(0));
+            }
+            if b == 0 {
+                return Ok(0);
+            }
+            b -= 1;
+        }
+    }
+
+    async fn apply_entry(
+        &self,
+        ctx: &RoomCtx<'_>,
+        entry: &Entry,
+        number: Option<i64>,
+    ) -> Result<()> {
         match &entry.event {
-            Ok(event) => self.apply_event(ctx, entry.seq, event).await,
+            Ok(event) => self.apply_event(ctx, entry.seq, event, number).await,
             Err(reason) => {
                 self.exec(
                     "write dead letter",
@@ -263,7 +335,14 @@ impl ScyllaStore {
         .await
     }
 
-    async fn apply_event(&self, ctx: &RoomCtx<'_>, seq: u64, event: &Event) -> Result<()> {
+    /// `number`: for a message in a numbered room, its number.
+    async fn apply_event(
+        &self,
+        ctx: &RoomCtx<'_>,
+        seq: u64,
+        event: &Event,
+        number: Option<i64>,
+    ) -> Result<()> {
         let st = self.st();
         let room = ctx.room;
         let user = event.user.as_str();
@@ -292,6 +371,14 @@ impl ScyllaStore {
                 )
                 .await?;
                 self.put_id(ctx, seq, event).await?;
+                if let Some(n) = number {
+                    self.exec(
+                        "write message number",
+                        &st.number_put,
+                        (room, bucket(seq), cql_seq(seq), n, ctx.ts(seq, OFF_EVENT)),
+                    )
+                    .await?;
+                }
                 if let Some(root) = *thread {
                     // The mark before the reply it points to.
                     self.exec(
@@ -367,6 +454,12 @@ impl ScyllaStore {
                     "delete message",
                     &st.event_delete,
                     (effect_ts, room, bucket(*target), cql_seq(*target)),
+                )
+                .await?;
+                self.exec(
+                    "write deleted message",
+                    &st.deleted_put,
+                    (room, cql_seq(*target), effect_ts),
                 )
                 .await?;
                 if let Some(root) = message.thread {

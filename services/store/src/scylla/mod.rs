@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn the_schema_file_splits_into_its_tables() {
         let statements = cql_statements(SCHEMA);
-        assert_eq!(statements.len(), 15, "{statements:#?}");
+        assert_eq!(statements.len(), 18, "{statements:#?}");
         for s in &statements {
             assert!(s.starts_with("CREATE TABLE IF NOT EXISTS "), "{s}");
             assert!(!s.contains("--"), "{s}");

@@ -303,9 +303,14 @@ impl ScyllaStore {
         }))
     }
 
-    /// Messages by others, not deleted, not by `blocked` authors, in `(last_read, head]`: walks
-    /// the buckets of that range, filtering inside each partition (see
-    /// `statements::event_unread`; authors are compared here, as CQL has no `!=` or `NOT IN`).
+    /// Messages by others, not deleted, not by `blocked` authors, in `(last_read, head]`.
+    ///
+    /// In a room whose messages are numbered: the number of its newest message at or below
+    /// `head` less that at or below `last_read`, less the deletes between, so only a few rows
+    /// are read however much is unread. A user's own messages need no subtracting: each moves
+    /// its author's read cursor to it, so none is after the cursor. Messages by `blocked`
+    /// authors, and every unread message of a room projected before numbering (until it is
+    /// rebuilt), are counted by reading the range ([`ScyllaStore::count_unread`]).
     async fn unread(
         &self,
         room: &str,
@@ -318,6 +323,51 @@ impl ScyllaStore {
             return Ok(0);
         }
         let blocked: HashSet<&str> = blocked.iter().map(UserId::as_str).collect();
+        if !self.is_numbered(room).await? {
+            return self
+                .count_unread(room, last_read, head, |author| match author {
+                    Some(author) => author != user && !blocked.contains(author),
+                    None => true,
+                })
+                .await;
+        }
+        let deleted = async {
+            let row: Option<(i64,)> = self
+                .first(
+                    "unread",
+                    &self.st().deleted_between,
+                    (room, cql_seq(last_read), cql_seq(head)),
+                )
+                .await?;
+            Ok::<_, StoreError>(row.map_or(0, |(n,)| n))
+        };
+        let (newest, before, deleted) = futures::try_join!(
+            self.number_at(room, head),
+            self.number_at(room, last_read),
+            deleted
+        )?;
+        let mut count = newest - before - deleted;
+        if !blocked.is_empty() {
+            let by_blocked = self
+                .count_unread(room, last_read, head, |author| {
+                    author.is_some_and(|a| blocked.contains(a))
+                })
+                .await?;
+            count -= by_blocked as i64;
+        }
+        Ok(count.max(0) as u64)
+    }
+
+    /// Messages not deleted in `(last_read, head]` whose author `counts`: walks the buckets of
+    /// that range, filtering inside each partition (see `statements::event_unread`; authors are
+    /// compared here, as CQL has no `!=` or `NOT IN`).
+    async fn count_unread(
+        &self,
+        room: &str,
+        last_read: u64,
+        head: u64,
+        counts: impl Fn(Option<&str>) -> bool,
+    ) -> Result<u64> {
         let mut count = 0;
         for b in bucket(last_read + 1)..=bucket(head) {
             let authors: Vec<(Option<String>,)> = self
@@ -329,10 +379,7 @@ impl ScyllaStore {
                 .await?;
             count += authors
                 .iter()
-                .filter(|(author,)| match author.as_deref() {
-                    Some(author) => author != user && !blocked.contains(author),
-                    None => true,
-                })
+                .filter(|(author,)| counts(author.as_deref()))
                 .count() as u64;
         }
         Ok(count)

@@ -154,6 +154,19 @@ statements! {
     delivered_list = "SELECT member, delivered FROM delivered_cursors WHERE room = ?";
     delivered_drop = "DELETE FROM delivered_cursors USING TIMESTAMP ? WHERE room = ?";
 
+    // message_numbers, deleted_messages, numbered_rooms: unread counts.
+    number_put = "INSERT INTO message_numbers (room, bucket, seq, n) VALUES (?, ?, ?, ?) \
+        USING TIMESTAMP ?";
+    /// The number of the newest message of one bucket at or below a sequence.
+    number_at = "SELECT n FROM message_numbers WHERE room = ? AND bucket = ? AND seq <= ? LIMIT 1";
+    number_drop = "DELETE FROM message_numbers USING TIMESTAMP ? WHERE room = ? AND bucket = ?";
+    deleted_put = "INSERT INTO deleted_messages (room, seq) VALUES (?, ?) USING TIMESTAMP ?";
+    deleted_between = "SELECT COUNT(*) FROM deleted_messages WHERE room = ? AND seq > ? AND seq <= ?";
+    deleted_drop = "DELETE FROM deleted_messages USING TIMESTAMP ? WHERE room = ?";
+    numbered_put = "INSERT INTO numbered_rooms (room, yes) VALUES (?, true) USING TIMESTAMP ?";
+    numbered_get = "SELECT yes FROM numbered_rooms WHERE room = ?";
+    numbered_drop = "DELETE FROM numbered_rooms USING TIMESTAMP ? WHERE room = ?";
+
     // checkpoints
     checkpoint_get = "SELECT seq, written, generation FROM checkpoints WHERE room = ?";
     checkpoint_put = "UPDATE checkpoints USING TIMESTAMP ? SET seq = ? WHERE room = ?";
