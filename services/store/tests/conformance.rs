@@ -162,12 +162,25 @@ async fn applying_twice_or_in_pieces_changes_nothing() {
                 &format!("m{i}"),
             ));
         }
+        log.push(ev("bob", EventBody::Delete { target: 21 }));
+        log.push(msg("bob", "after the delete"));
         s.apply(&[log.batch()]).await.unwrap();
         let once = s.digest(None).await.unwrap();
+        let unread = || async {
+            let mut out = Vec::new();
+            for u in ["alice", "bob"] {
+                let r = &s.rooms_of(&user(u), &none()).await.unwrap()[0];
+                out.push((r.head, r.last_read, r.unread));
+            }
+            out
+        };
+        let unread_once = unread().await;
+        assert_eq!(unread_once, [(23, 20, 1), (23, 23, 0)], "{}", s.backend());
         s.apply(&[log.batch()]).await.unwrap();
         s.apply(&[log.batch_from(10)]).await.unwrap();
         assert_eq!(s.digest(None).await.unwrap(), once, "{}", s.backend());
-        assert_eq!(s.checkpoint(&log.room).await.unwrap(), 21);
+        assert_eq!(unread().await, unread_once);
+        assert_eq!(s.checkpoint(&log.room).await.unwrap(), 23);
         assert_eq!(s.checkpoint(&room("nowhere")).await.unwrap(), 0);
 
         // The same log applied in pieces into a cleared room ends identical.
@@ -182,6 +195,7 @@ async fn applying_twice_or_in_pieces_changes_nothing() {
             .unwrap();
         }
         assert_eq!(s.digest(None).await.unwrap(), once, "{}", s.backend());
+        assert_eq!(unread().await, unread_once, "{}", s.backend());
     }
 }
 

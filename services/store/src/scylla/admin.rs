@@ -228,6 +228,10 @@ impl ScyllaStore {
         )
         .await?;
         let at = clock::clear_ts(generation);
+        // First: from now on readers count the room by reading its events, which are still
+        // there, rather than from numbers partly deleted.
+        self.exec("clear room", &st.numbered_drop, (at, room))
+            .await?;
         let p = self
             .walk_events(room, checkpoint.seq().max(checkpoint.written()), None)
             .await?;
@@ -252,7 +256,6 @@ impl ScyllaStore {
             &st.settings_drop,
             &st.dead_drop,
             &st.deleted_drop,
-            &st.numbered_drop,
         ] {
             self.exec("clear room", statement, (at, room)).await?;
         }
@@ -387,6 +390,32 @@ impl ScyllaStore {
                 h.int(Some(*seq));
                 h.end_row();
             }
+        }
+
+        // Unread counts' numbers. Not the generation: a rebuilt room is in a later one.
+        h.table("message_numbers");
+        for b in &p.buckets {
+            let mut numbers: Vec<(i64, Option<i64>)> =
+                self.all("digest", &st.number_bucket, (room, *b)).await?;
+            numbers.sort();
+            for (seq, n) in &numbers {
+                h.int(Some(*seq));
+                h.int(*n);
+                h.end_row();
+            }
+        }
+        h.table("deleted_messages");
+        let mut deleted: Vec<(i64,)> = self.all("digest", &st.deleted_list, (room,)).await?;
+        deleted.sort();
+        for (seq,) in &deleted {
+            h.int(Some(*seq));
+            h.end_row();
+        }
+        h.table("numbered_rooms");
+        if let Some((seq, n)) = self.numbered_mark(room, &checkpoint).await? {
+            h.int(Some(seq as i64));
+            h.int(Some(n));
+            h.end_row();
         }
 
         h.table("checkpoints");

@@ -168,7 +168,7 @@ impl ScyllaStore {
             .await?;
         }
         // Messages are numbered in order here, before the writes go out concurrently.
-        let mut numbered = self.numbering(&ctx, checkpoint.seq()).await?;
+        let mut numbered = self.numbering(&ctx, &checkpoint).await?;
         let mut in_flight = FuturesUnordered::new();
         for entry in entries {
             let number = match (&mut numbered, &entry.event) {
@@ -201,6 +201,22 @@ impl ScyllaStore {
         while let Some(done) = in_flight.next().await {
             done?;
         }
+        // The room's message count at `last`, for the next batch to number from: after the
+        // rows, before the checkpoint (so while numbered it is never behind the checkpoint).
+        if let Some(n) = numbered {
+            self.exec(
+                "write message count",
+                &self.st().numbered_put,
+                (
+                    room,
+                    generation,
+                    cql_seq(last),
+                    n,
+                    ctx.ts(last, OFF_CHECKPOINT),
+                ),
+            )
+            .await?;
+        }
         // Last: the checkpoint covers only rows that are all written.
         self.exec(
             "write checkpoint",
@@ -210,31 +226,46 @@ impl ScyllaStore {
         .await
     }
 
-    /// How many messages the room holds up to its checkpoint `at`, if its messages are
-    /// numbered (see `numbered_rooms` in the schema). A room's first batch (or the first after
-    /// a clear) marks it numbered, before any of its rows.
-    async fn numbering(&self, ctx: &RoomCtx<'_>, at: u64) -> Result<Option<i64>> {
+    /// How many messages the room holds up to its checkpoint, if its messages are numbered
+    /// (see `numbered_rooms` in the schema); `None`: they are not, and are not numbered now.
+    async fn numbering(
+        &self,
+        ctx: &RoomCtx<'_>,
+        checkpoint: &CheckpointRow,
+    ) -> Result<Option<i64>> {
+        let at = checkpoint.seq();
         if at == 0 {
-            self.exec(
-                "mark numbered",
-                &self.st().numbered_put,
-                (ctx.room, ctx.ts(0, OFF_EVENT)),
-            )
-            .await?;
+            // Nothing stored (a new room, or one cleared): numbered from its first message.
             return Ok(Some(0));
         }
-        if !self.is_numbered(ctx.room).await? {
-            return Ok(None);
+        match self.numbered_mark(ctx.room, checkpoint).await? {
+            None => Ok(None),
+            Some((seq, n)) if seq == at => Ok(Some(n)),
+            // A batch wrote its count, then stopped before its checkpoint: the numbers up to
+            // the checkpoint are all written.
+            Some(_) => self.number_at(ctx.room, at).await.map(Some),
         }
-        self.number_at(ctx.room, at).await.map(Some)
     }
 
-    /// Whether every message of the room has its number.
-    pub(super) async fn is_numbered(&self, room: &str) -> Result<bool> {
-        let row: Option<(Option<bool>,)> = self
-            .first("read numbered", &self.st().numbered_get, (room,))
+    /// The room's message count row `(seq, n)` if the room is numbered: of the checkpoint's
+    /// generation, and not behind the checkpoint.
+    pub(super) async fn numbered_mark(
+        &self,
+        room: &str,
+        checkpoint: &CheckpointRow,
+    ) -> Result<Option<(u64, i64)>> {
+        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = self
+            .first("read message count", &self.st().numbered_get, (room,))
             .await?;
-        Ok(matches!(row, Some((Some(true),))))
+        Ok(match row {
+            Some((Some(generation), Some(seq), Some(n)))
+                if generation == checkpoint.generation()
+                    && seq.max(0) as u64 >= checkpoint.seq() =>
+            {
+                Some((seq.max(0) as u64, n))
+            }
+            _ => None,
+        })
     }
 
     /// The number of the room's newest message at or below `seq` (0: none): walks the buckets

@@ -6,7 +6,7 @@ use chat_model::{RoomId, RoomKind, RoomState, UserId};
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::clock::{bucket, cql_seq};
-use super::rows::{EventRow, RoomRow};
+use super::rows::{CheckpointRow, EventRow, RoomRow};
 use super::ScyllaStore;
 use crate::render::StoredEvent;
 use crate::{MemberCursors, Page, PageQuery, Result, RoomSummary, StoreError, ThreadPage};
@@ -290,7 +290,7 @@ impl ScyllaStore {
         let cursor = cursor.and_then(|(c,)| c).unwrap_or(0);
         let last_read = cursor.max(joined_seq.unwrap_or(0)).max(0) as u64;
         let unread = self
-            .unread(room, user.as_str(), blocked, last_read, head)
+            .unread(room, user.as_str(), blocked, last_read, &checkpoint)
             .await?;
         Ok(Some(RoomSummary {
             room: room_id,
@@ -303,27 +303,30 @@ impl ScyllaStore {
         }))
     }
 
-    /// Messages by others, not deleted, not by `blocked` authors, in `(last_read, head]`.
+    /// Messages by others, not deleted, not by `blocked` authors, in `(last_read, head]`, `head`
+    /// being the checkpoint's.
     ///
-    /// In a room whose messages are numbered: the number of its newest message at or below
-    /// `head` less that at or below `last_read`, less the deletes between, so only a few rows
-    /// are read however much is unread. A user's own messages need no subtracting: each moves
-    /// its author's read cursor to it, so none is after the cursor. Messages by `blocked`
-    /// authors, and every unread message of a room projected before numbering (until it is
-    /// rebuilt), are counted by reading the range ([`ScyllaStore::count_unread`]).
+    /// In a room whose messages are numbered: the number of the newest message in the range
+    /// less that of the oldest, plus one, less the deletes in it, so a few rows are read however
+    /// much is unread (each lookup walks at most the range's buckets). A user's own messages
+    /// need no subtracting: each moves its author's read cursor to it, so none is after the
+    /// cursor. Messages by `blocked` authors, and every unread message of a room that is not
+    /// numbered (projected before numbers existed, until rebuilt), are counted by reading the
+    /// range ([`ScyllaStore::count_unread`]).
     async fn unread(
         &self,
         room: &str,
         user: &str,
         blocked: &HashSet<UserId>,
         last_read: u64,
-        head: u64,
+        checkpoint: &CheckpointRow,
     ) -> Result<u64> {
+        let head = checkpoint.seq();
         if head <= last_read {
             return Ok(0);
         }
         let blocked: HashSet<&str> = blocked.iter().map(UserId::as_str).collect();
-        if !self.is_numbered(room).await? {
+        if self.numbered_mark(room, checkpoint).await?.is_none() {
             return self
                 .count_unread(room, last_read, head, |author| match author {
                     Some(author) => author != user && !blocked.contains(author),
@@ -331,30 +334,52 @@ impl ScyllaStore {
                 })
                 .await;
         }
+        let st = self.st();
+        let range = (cql_seq(last_read), cql_seq(head));
+        let (low, high) = (bucket(last_read + 1), bucket(head));
+        let newest = async {
+            for b in (low..=high).rev() {
+                let found: Option<(Option<i64>,)> = self
+                    .first("unread", &st.number_newest, (room, b, range.0, range.1))
+                    .await?;
+                if let Some((n,)) = found {
+                    return Ok::<_, StoreError>(n);
+                }
+            }
+            Ok(None)
+        };
+        let oldest = async {
+            for b in low..=high {
+                let found: Option<(Option<i64>,)> = self
+                    .first("unread", &st.number_oldest, (room, b, range.0, range.1))
+                    .await?;
+                if let Some((n,)) = found {
+                    return Ok::<_, StoreError>(n);
+                }
+            }
+            Ok(None)
+        };
         let deleted = async {
             let row: Option<(i64,)> = self
-                .first(
-                    "unread",
-                    &self.st().deleted_between,
-                    (room, cql_seq(last_read), cql_seq(head)),
-                )
+                .first("unread", &st.deleted_between, (room, range.0, range.1))
                 .await?;
             Ok::<_, StoreError>(row.map_or(0, |(n,)| n))
         };
-        let (newest, before, deleted) = futures::try_join!(
-            self.number_at(room, head),
-            self.number_at(room, last_read),
-            deleted
-        )?;
-        let mut count = newest - before - deleted;
-        if !blocked.is_empty() {
-            let by_blocked = self
-                .count_unread(room, last_read, head, |author| {
-                    author.is_some_and(|a| blocked.contains(a))
-                })
-                .await?;
-            count -= by_blocked as i64;
-        }
+        let by_blocked = async {
+            if blocked.is_empty() {
+                return Ok(0);
+            }
+            self.count_unread(room, last_read, head, |author| {
+                author.is_some_and(|a| blocked.contains(a))
+            })
+            .await
+        };
+        let (newest, oldest, deleted, by_blocked) =
+            futures::try_join!(newest, oldest, deleted, by_blocked)?;
+        let (Some(newest), Some(oldest)) = (newest, oldest) else {
+            return Ok(0);
+        };
+        let count = (newest - oldest + 1) - deleted - by_blocked as i64;
         Ok(count.max(0) as u64)
     }
 

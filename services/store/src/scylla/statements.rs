@@ -159,12 +159,21 @@ statements! {
         USING TIMESTAMP ?";
     /// The number of the newest message of one bucket at or below a sequence.
     number_at = "SELECT n FROM message_numbers WHERE room = ? AND bucket = ? AND seq <= ? LIMIT 1";
+    /// The number of the newest message of one bucket in a seq range.
+    number_newest = "SELECT n FROM message_numbers WHERE room = ? AND bucket = ? AND seq > ? \
+        AND seq <= ? LIMIT 1";
+    /// The number of the oldest message of one bucket in a seq range.
+    number_oldest = "SELECT n FROM message_numbers WHERE room = ? AND bucket = ? AND seq > ? \
+        AND seq <= ? ORDER BY seq ASC LIMIT 1";
+    number_bucket = "SELECT seq, n FROM message_numbers WHERE room = ? AND bucket = ?";
     number_drop = "DELETE FROM message_numbers USING TIMESTAMP ? WHERE room = ? AND bucket = ?";
     deleted_put = "INSERT INTO deleted_messages (room, seq) VALUES (?, ?) USING TIMESTAMP ?";
     deleted_between = "SELECT COUNT(*) FROM deleted_messages WHERE room = ? AND seq > ? AND seq <= ?";
+    deleted_list = "SELECT seq FROM deleted_messages WHERE room = ?";
     deleted_drop = "DELETE FROM deleted_messages USING TIMESTAMP ? WHERE room = ?";
-    numbered_put = "INSERT INTO numbered_rooms (room, yes) VALUES (?, true) USING TIMESTAMP ?";
-    numbered_get = "SELECT yes FROM numbered_rooms WHERE room = ?";
+    numbered_put = "INSERT INTO numbered_rooms (room, generation, seq, n) VALUES (?, ?, ?, ?) \
+        USING TIMESTAMP ?";
+    numbered_get = "SELECT generation, seq, n FROM numbered_rooms WHERE room = ?";
     numbered_drop = "DELETE FROM numbered_rooms USING TIMESTAMP ? WHERE room = ?";
 
     // checkpoints
