@@ -30,8 +30,10 @@ pub struct Identity {
     pub user: UserId,
     /// The optional `name` claim (display name).
     pub name: Option<String>,
-    /// `exp`, seconds since the Unix epoch: sessions end then.
+    /// `exp`, whole seconds since the Unix epoch (a fraction cut off).
     pub expires_at: u64,
+    /// `exp` in milliseconds, fraction kept.
+    expires_at_ms: u64,
 }
 
 impl Identity {
@@ -40,10 +42,11 @@ impl Identity {
         self.expires_at.saturating_sub(now_secs())
     }
 
-    /// Seconds until verification would refuse the token: expiry plus the clock leeway. A
+    /// How long until verification would refuse the token: expiry plus the clock leeway. A
     /// session authenticated by it ends then.
-    pub fn seconds_accepted(&self) -> u64 {
-        (self.expires_at + LEEWAY_SECS).saturating_sub(now_secs())
+    pub fn time_accepted(&self) -> std::time::Duration {
+        let until = self.expires_at_ms + LEEWAY_SECS * 1000;
+        std::time::Duration::from_millis(until.saturating_sub(now_ms()))
     }
 }
 
@@ -116,27 +119,27 @@ pub struct Verifier {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
-    /// A NumericDate: RFC 7519 allows fractions (some libraries write `time.time() + 600`),
-    /// rounded to whole seconds as jsonwebtoken's own check of it does.
+    /// A NumericDate: RFC 7519 allows fractions (some libraries write `time.time() + 600`).
+    /// Checked here rather than by jsonwebtoken, which compares whole seconds (a fraction
+    /// rounded, the clock cut to the second), so the leeway was 5 s to 6.5 s instead of 5.
     #[serde(default, deserialize_with = "numeric_date")]
-    exp: Option<u64>,
+    exp: Option<f64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    nbf: Option<f64>,
     /// A display name when it is a string; anything else is ignored (an identity provider's
     /// claim of another shape must not make the whole token invalid).
     #[serde(default)]
     name: Option<serde_json::Value>,
 }
 
-/// A JWT NumericDate in whole seconds: an integer, or a number with a fraction, rounded.
-fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+/// A JWT NumericDate: a non-negative number of seconds, fraction allowed.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
         return Ok(None);
     };
-    if let Some(secs) = n.as_u64() {
-        return Ok(Some(secs));
-    }
     match n.as_f64() {
-        Some(secs) if secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs) => {
-            Ok(Some(secs.round() as u64))
+        Some(secs) if secs.is_finite() && (0.0..u64::MAX as f64 / 1000.0).contains(&secs) => {
+            Ok(Some(secs))
         }
         _ => Err(serde::de::Error::custom(
             "a NumericDate must be a non-negative number",
@@ -236,9 +239,10 @@ impl Verifier {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
+        // `exp` is still required by name above; it and `nbf` are checked below, to the
+        // millisecond (see `Claims::exp`).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
 
         let mut last = AuthError::Signature;
         for key in candidates {
@@ -251,6 +255,13 @@ impl Verifier {
                     let exp = claims
                         .exp
                         .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+                    let (now, leeway) = (now_ms() as f64 / 1000.0, LEEWAY_SECS as f64);
+                    if now > exp + leeway {
+                        return Err(AuthError::Expired);
+                    }
+                    if claims.nbf.is_some_and(|nbf| now + leeway < nbf) {
+                        return Err(AuthError::NotYetValid);
+                    }
                     let user = UserId::parse(sub).map_err(|_| AuthError::Subject)?;
                     return Ok(Identity {
                         user,
@@ -258,7 +269,8 @@ impl Verifier {
                             Some(serde_json::Value::String(name)) => Some(name),
                             _ => None,
                         },
-                        expires_at: exp,
+                        expires_at: exp as u64,
+                        expires_at_ms: (exp * 1000.0) as u64,
                     });
                 }
                 Err(e) => match e.kind() {
@@ -359,6 +371,13 @@ fn jwks_keys(text: &str) -> Result<Vec<Key>, String> {
         keys.push(Key { kid, alg, key });
     }
     Ok(keys)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn now_secs() -> u64 {

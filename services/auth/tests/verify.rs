@@ -252,13 +252,36 @@ fn time_claims_may_have_fractions_as_rfc_7519_allows() {
     let identity = v
         .verify(&hs(&with(claims(), "exp", json!(exp))))
         .expect("a fractional exp is a valid NumericDate");
-    assert_eq!(identity.expires_at, exp.round() as u64);
+    assert_eq!(identity.expires_at, exp as u64);
+    let accepted = identity.time_accepted().as_secs_f64();
+    assert!((604.0..=605.8).contains(&accepted), "{accepted}");
     assert_eq!(
         v.verify(&hs(&with(claims(), "exp", json!(now() as f64 - 60.5)))),
         Err(AuthError::Expired)
     );
     assert!(v
         .verify(&hs(&with(claims(), "nbf", json!(now() as f64 - 0.25))))
+        .is_ok());
+    // The leeway is 5 s to the millisecond, not to the second.
+    let now_f = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert_eq!(
+        v.verify(&hs(&with(claims(), "exp", json!(now_f() - 5.6)))),
+        Err(AuthError::Expired)
+    );
+    assert!(v
+        .verify(&hs(&with(claims(), "exp", json!(now_f() - 4.4))))
+        .is_ok());
+    assert_eq!(
+        v.verify(&hs(&with(claims(), "nbf", json!(now_f() + 5.6)))),
+        Err(AuthError::NotYetValid)
+    );
+    assert!(v
+        .verify(&hs(&with(claims(), "nbf", json!(now_f() + 4.4))))
         .is_ok());
     for bad in [json!("soon"), json!(-5.5), json!(true)] {
         assert_eq!(

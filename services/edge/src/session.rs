@@ -386,7 +386,7 @@ impl Session {
         self.send(welcome).await;
         let removals = Arc::new(Removals::default());
         // The session ends when verification would start refusing the token.
-        let expiry = sleep_until(Instant::now() + Duration::from_secs(identity.seconds_accepted()));
+        let expiry = sleep_until(Instant::now() + identity.time_accepted());
         tokio::pin!(expiry);
         let idle_timeout = self.state.config.idle_timeout;
         let max_in_flight = self.state.config.appends_in_flight.max(1);
