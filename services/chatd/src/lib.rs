@@ -43,7 +43,7 @@ pub async fn serve(
     let role = config.role;
     // Before any instrument is made: one made earlier would report nowhere.
     metrics::ensure_installed();
-    let log = connect_log(&nats_url, &config).await?;
+    let log = connect_log(&nats_url, &config, true).await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -290,9 +290,9 @@ async fn open_store_with(
     }
 }
 
-/// Connects the room log; a library wrapper of the start-up wait for the binary's commands.
+/// Connects the room log for an operator command: an unreachable NATS is an error at once.
 pub async fn connect(url: &str, config: &Config) -> anyhow::Result<RoomLog> {
-    connect_log(url, config).await
+    connect_log(url, config, false).await
 }
 
 /// The token verifier the configuration asks for (development: the data dir's secret).
@@ -325,11 +325,15 @@ pub fn build_verifier(config: &Config) -> anyhow::Result<Verifier> {
     }
 }
 
-/// Connects the room log, waiting (up to a deadline) for NATS and JetStream to come up.
-async fn connect_log(url: &str, config: &Config) -> anyhow::Result<RoomLog> {
-    let options = async_nats::ConnectOptions::new()
-        .name(format!("chatd-{}", config.role.as_str()))
-        .retry_on_initial_connect();
+/// Connects the room log, waiting (up to a deadline) for JetStream to come up; with `retry`,
+/// for NATS to come up too (a server started beside NATS), else failing at once if NATS cannot
+/// be reached (an operator's command must not hang).
+async fn connect_log(url: &str, config: &Config, retry: bool) -> anyhow::Result<RoomLog> {
+    let mut options =
+        async_nats::ConnectOptions::new().name(format!("chatd-{}", config.role.as_str()));
+    if retry {
+        options = options.retry_on_initial_connect();
+    }
     let log = RoomLog::connect_with_options(url, options, config.log.clone())
         .await
         .with_context(|| format!("connect to nats at {url}"))?;

@@ -227,13 +227,16 @@ fn rebuild(
     into: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let room = room.map(chat_model::RoomId::parse).transpose()?;
-    // Our own nats-server and store live in the data dir: nothing else may use them meanwhile.
-    let _lock = if config.nats_url.is_none() || into.is_none() {
-        Some(lock_data_dir(&config.data_dir)?)
+    let (_lock, nats, url) = if into.is_some() {
+        // Into a file of its own: the logs may be read beside a running chatd, as `chatd log`
+        // reads them.
+        log_nats(&config)?
     } else {
-        None
+        // In place: the store lives in the data dir, nothing else may write it meanwhile.
+        let lock = lock_data_dir(&config.data_dir)?;
+        let (nats, url) = nats_for(&config)?;
+        (Some(lock), nats, url)
     };
-    let (nats, url) = nats_for(&config)?;
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     let result = runtime.block_on(async {
         let log = chatd::connect(&url, &config).await?;
@@ -257,9 +260,25 @@ fn digest(
     store: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let room = room.map(chat_model::RoomId::parse).transpose()?;
+    // A digest of a store that is not there would be the empty store's, and equal to any
+    // other mistyped path's: refuse instead (opening would create it).
+    let sqlite_path = match (&store, &config.store) {
+        (Some(path), _) => Some(path.clone()),
+        (None, StoreConfig::Sqlite) => Some(config.data_dir.join("store.db")),
+        (None, _) => None,
+    };
+    if let Some(path) = sqlite_path.filter(|path| !path.is_file()) {
+        anyhow::bail!("no store at {}", path.display());
+    }
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     runtime.block_on(async {
         let store = maintenance_store(&config, store).await?;
+        if let Some(room) = &room {
+            let held = store.checkpoints().await?;
+            if !held.iter().any(|(r, _)| r == room) {
+                anyhow::bail!("room {room}: not in the store");
+            }
+        }
         println!("{}", store.digest(room.as_ref()).await?);
         anyhow::Ok(())
     })

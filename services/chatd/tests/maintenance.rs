@@ -1,0 +1,148 @@
+//! `chatd rebuild` and `chatd digest` as an operator runs them: beside a running server, against
+//! a NATS that is not there, and with mistyped stores and rooms.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::*;
+use serde_json::json;
+
+/// Runs `chatd ARGS` with `env`, failing the test if it has not ended within `limit`.
+fn run(env: &[(&'static str, String)], args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("CHAT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatd");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "chatd {args:?} still running after {limit:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
+    let data = tempfile::tempdir().unwrap();
+    let env = standalone_env(data.path());
+    let chatd = start(&env);
+    let token = dev_token(data.path(), "alice", 3600);
+    let body = json!({"room": "general", "kind": "group", "members": ["bob"]});
+    let (status, answer) = api(&chatd, &token, "POST", "/v1/rooms", Some(body));
+    assert_eq!(status, 201, "{answer}");
+    let mut alice = Client::connect(&chatd.ws_url(), &token).await;
+    let mut head = 0;
+    for i in 0..20 {
+        head = alice.say("general", &format!("m{i}")).await["seq"]
+            .as_u64()
+            .unwrap();
+    }
+    let limit = Duration::from_secs(60);
+    // Digests of the live store until the projector has stored the last message.
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, rooms) = api(&chatd, &token, "GET", "/v1/rooms", None);
+        if rooms["rooms"][0]["head"] == head {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never projected: {rooms}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let fresh = data.path().join("rebuilt.db").display().to_string();
+    let out = run(&env, &["rebuild", "--into", &fresh], limit);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{head} events")),
+        "{}",
+        stdout(&out)
+    );
+    let live = run(&env, &["digest"], limit);
+    assert!(live.status.success(), "{}", stderr(&live));
+    let rebuilt = run(&env, &["digest", "--store", &fresh], limit);
+    assert_eq!(stdout(&live).len(), 64);
+    assert_eq!(
+        stdout(&live),
+        stdout(&rebuilt),
+        "the live store equals a rebuild"
+    );
+    let one = run(&env, &["digest", "--room", "general"], limit);
+    assert!(one.status.success(), "{}", stderr(&one));
+
+    // In place, it is refused while the server runs (its projector writes the store).
+    let out = run(&env, &["rebuild"], limit);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+
+    // Mistakes are errors, not the empty store's digest.
+    let missing = data.path().join("no-such-dir").join("store.db");
+    let out = run(
+        &env,
+        &["digest", "--store", &missing.display().to_string()],
+        limit,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no store at"), "{}", stderr(&out));
+    assert!(!missing.parent().unwrap().exists(), "nothing is created");
+    let out = run(&env, &["digest", "--room", "nosuch"], limit);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not in the store"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn commands_fail_at_once_when_nats_is_not_there() {
+    let data = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = standalone_env(data.path());
+    env.push(("NATS_URL", format!("nats://127.0.0.1:{port}")));
+    let into = data.path().join("x.db").display().to_string();
+    for args in [
+        &["log", "verify"][..],
+        &["log", "export", "general"],
+        &["rebuild", "--into", &into],
+    ] {
+        let out = run(&env, args, Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("nats"),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
