@@ -29,7 +29,9 @@ pub enum RebuildError {
     Store(#[from] chat_store::StoreError),
 }
 
-/// Clears and re-projects `room`, or every room `partition` owns, from the logs.
+/// Clears and re-projects `room`, or every room `partition` owns, from the logs. A whole
+/// rebuild also clears the rooms the store holds (by checkpoint) that no log has any more, so
+/// the store ends as the logs say.
 ///
 /// Run it while no projector writes the same rooms to this store (stop the projector role, or
 /// rebuild into a fresh store and switch to it).
@@ -50,6 +52,15 @@ pub async fn rebuild(
             .collect(),
     };
     let mut report = RebuildReport::default();
+    if room.is_none() {
+        let logged: std::collections::HashSet<&RoomId> = rooms.iter().collect();
+        for (held, _) in store.checkpoints().await? {
+            if partition.owns(&held) && !logged.contains(&held) {
+                store.clear_room(&held).await?;
+                tracing::info!(room = %held, "room cleared: no log has it");
+            }
+        }
+    }
     for room in rooms {
         store.clear_room(&room).await?;
         let mut reader = log.read_range(&room, 1, u64::MAX).bulk();

@@ -429,3 +429,46 @@ async fn live_events_wait_for_a_fuller_commit_unless_a_reader_asks_for_it() {
     .expect("written once asked");
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_whole_rebuild_clears_rooms_no_log_has_any_more() {
+    let (_server, log, r) = with_created_room("kept").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+    // The store holds a room whose stream is gone (deleted, or another deployment's).
+    let gone = room("gone");
+    store
+        .apply(&[chat_store::RoomBatch {
+            room: gone.clone(),
+            entries: vec![chat_store::Entry {
+                seq: 1,
+                event: Ok(Event {
+                    id: Uuid::new_v4(),
+                    user: user("alice"),
+                    ts: 0,
+                    body: EventBody::RoomCreated {
+                        name: "Gone".into(),
+                        room_kind: RoomKind::Group,
+                        members: vec![user("bob")],
+                    },
+                }),
+            }],
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.checkpoint(&gone).await.unwrap(), 1);
+
+    // One room rebuilt: the others are left alone.
+    rebuild(&log, &store, Some(&r), Partition::ALL)
+        .await
+        .unwrap();
+    assert_eq!(store.checkpoint(&gone).await.unwrap(), 1);
+    // The whole store: it ends as the logs say, as a rebuild into a fresh store does.
+    rebuild(&log, &store, None, Partition::ALL).await.unwrap();
+    assert_eq!(store.checkpoint(&gone).await.unwrap(), 0);
+    assert!(store.room_state(&gone).await.unwrap().is_none());
+    assert_eq!(
+        store.digest(None).await.unwrap(),
+        rebuilt_digest(&log).await
+    );
+}
