@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
         /// Lifetime, e.g. 30m, 24h.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
         ttl: Duration,
     },
     /// Rebuild the projection store (or one room of it) from the room logs. Stop the projector
@@ -75,10 +75,10 @@ enum LogCmd {
     Export {
         room: String,
         /// First sequence to print.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         from: u64,
-        /// Last sequence to print (default: the head when the export starts).
-        #[arg(long)]
+        /// Last sequence to print, at least --from (default: the head when the export starts).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         to: Option<u64>,
         /// After the head, go on printing each new event as it is stored, until interrupted.
         #[arg(long, conflicts_with = "to")]
@@ -93,8 +93,32 @@ enum LogCmd {
     },
 }
 
+/// A token's lifetime: a duration, not zero (a token that is born expired is a mistake).
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        ttl if ttl.is_zero() => Err("must be more than 0".to_owned()),
+        ttl => Ok(ttl),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Log {
+        command: LogCmd::Export {
+            from, to: Some(to), ..
+        },
+    }) = &cli.command
+    {
+        if from > to {
+            use clap::CommandFactory as _;
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--from {from} is after --to {to}"),
+                )
+                .exit();
+        }
+    }
     let telemetry = match chatd::telemetry::Telemetry::init() {
         Ok(telemetry) => telemetry,
         Err(e) => {

@@ -146,3 +146,31 @@ fn commands_fail_at_once_when_nats_is_not_there() {
         );
     }
 }
+
+#[test]
+fn arguments_that_cannot_mean_anything_are_usage_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let env = standalone_env(data.path());
+    for (args, says) in [
+        (
+            &["log", "export", "general", "--from", "5", "--to", "3"][..],
+            "after --to",
+        ),
+        (&["log", "export", "general", "--to", "0"], "--to"),
+        (&["log", "export", "general", "--from", "0"], "--from"),
+        (&["token", "alice", "--ttl", "0"], "more than 0"),
+    ] {
+        let out = run(&env, args, Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(says),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
