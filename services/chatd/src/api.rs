@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put};
@@ -17,6 +18,7 @@ use chat_auth::Identity;
 use chat_model::{RoomId, RoomKind, UserId};
 use chat_rooms::{RoomError, Rooms};
 use chat_store::{PageQuery, RoomSummary};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -64,9 +66,29 @@ fn user_id(user: String) -> Result<UserId, Response> {
     UserId::parse(user).map_err(|e| bad_request(format!("user: {e}")))
 }
 
-fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+/// The path's segments, refused in the API's JSON error shape (a segment that is not UTF-8,
+/// a number that is not one) rather than axum's plain text.
+struct Segments<T>(T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Segments<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(segments)| Segments(segments))
+            .map_err(|e| bad_request(e.body_text()))
+    }
+}
+
+/// A JSON object body as `T`. Not any JSON that `T` deserializes from: serde also reads a
+/// struct from an array of its fields in order, and the contract's bodies are objects.
+fn body<T: DeserializeOwned>(payload: Result<Json<Value>, JsonRejection>) -> Result<T, Response> {
     match payload {
-        Ok(Json(value)) => Ok(value),
+        Ok(Json(value)) if value.is_object() => {
+            serde_json::from_value(value).map_err(|e| bad_request(e.to_string()))
+        }
+        Ok(Json(_)) => Err(bad_request("the body must be a JSON object")),
         Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -95,11 +117,11 @@ struct CreateRoom {
 async fn create_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    payload: Result<Json<CreateRoom>, JsonRejection>,
+    payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
-        let req = body(payload)?;
+        let req: CreateRoom = body(payload)?;
         let created = match req.kind {
             RoomKind::Group => {
                 let room = req
@@ -180,13 +202,13 @@ struct AddMember {
 async fn add_member(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(room): Path<String>,
-    payload: Result<Json<AddMember>, JsonRejection>,
+    Segments(room): Segments<String>,
+    payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
         let room = room_id(&room)?;
-        let req = body(payload)?;
+        let req: AddMember = body(payload)?;
         let seq = rooms
             .invite(&identity.user, &room, &req.user)
             .await
@@ -200,7 +222,7 @@ async fn add_member(
 async fn remove_member(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path((room, user)): Path<(String, String)>,
+    Segments((room, user)): Segments<(String, String)>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -227,18 +249,13 @@ struct UpdateRoom {
 async fn update_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(room): Path<String>,
+    Segments(room): Segments<String>,
     payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
         let room = room_id(&room)?;
-        // An object only: serde would also read a struct from an array (`[true]`).
-        let req = match body(payload)? {
-            req @ Value::Object(_) => serde_json::from_value::<UpdateRoom>(req)
-                .map_err(|e| bad_request(format!("room settings: {e}")))?,
-            _ => return Err(bad_request("room settings are a JSON object")),
-        };
+        let req: UpdateRoom = body(payload)?;
         let read_only = req
             .read_only
             .ok_or_else(|| bad_request("nothing to change: give \"read_only\": true or false"))?;
@@ -270,7 +287,7 @@ async fn list_blocks(
 async fn block(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(user): Path<String>,
+    Segments(user): Segments<String>,
 ) -> Response {
     change_block(&state, &identity, user, true).await
 }
@@ -279,7 +296,7 @@ async fn block(
 async fn unblock(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(user): Path<String>,
+    Segments(user): Segments<String>,
 ) -> Response {
     change_block(&state, &identity, user, false).await
 }
@@ -304,7 +321,22 @@ async fn change_block(state: &AppState, identity: &Identity, user: String, on: b
 #[serde(deny_unknown_fields)]
 struct PageParams {
     before: Option<u64>,
+    #[serde(default, deserialize_with = "saturating_limit")]
     limit: Option<usize>,
+}
+
+/// A `limit` of digits, however many: one too large for a number is as good as 200 (the
+/// contract clamps limits, never refuses them).
+fn saturating_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "limit: {text:?} is not a number"
+        )));
+    }
+    Ok(Some(text.parse().unwrap_or(usize::MAX)))
 }
 
 impl PageParams {
@@ -327,7 +359,7 @@ fn page_params(
 async fn history(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path(room): Path<String>,
+    Segments(room): Segments<String>,
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let result = async {
@@ -351,7 +383,7 @@ async fn history(
 async fn receipts(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path((room, seq)): Path<(String, String)>,
+    Segments((room, seq)): Segments<(String, String)>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -374,7 +406,7 @@ async fn receipts(
 async fn thread(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    Path((room, root)): Path<(String, String)>,
+    Segments((room, root)): Segments<(String, String)>,
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let result = async {

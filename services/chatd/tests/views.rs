@@ -436,3 +436,71 @@ async fn read_events_are_one_per_user_per_second_across_sessions_and_never_go_ba
     );
     assert!(!refused["message"].as_str().unwrap().contains("head"));
 }
+
+#[tokio::test]
+async fn bodies_that_are_not_objects_paths_that_are_not_utf8_and_huge_limits() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = dev_token(data.path(), "alice", 3600);
+    let body = json!({"room": "shape", "kind": "group", "members": ["bob"]});
+    assert_eq!(api(&chatd, &t, "POST", "/v1/rooms", Some(body)).0, 201);
+
+    // serde reads a struct from an array of its fields too; the contract's bodies are objects.
+    for (path, body) in [
+        ("/v1/rooms", json!(["arr", "group"])),
+        ("/v1/rooms/shape/members", json!(["carol"])),
+        ("/v1/rooms/shape", json!([true])),
+    ] {
+        let method = if path == "/v1/rooms/shape" {
+            "PATCH"
+        } else {
+            "POST"
+        };
+        let (status, answer) = api(&chatd, &t, method, path, Some(body));
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (400, &json!("bad_request")),
+            "{method} {path}: {answer}"
+        );
+    }
+    let (status, _) = api(&chatd, &t, "GET", "/v1/rooms/arr/messages", None);
+    assert_eq!(status, 404, "no room was created");
+
+    // A path segment that is not UTF-8: the JSON error, like every other refusal.
+    for path in [
+        "/v1/rooms/%FF/messages",
+        "/v1/rooms/shape/threads/%FF",
+        "/v1/blocks/%FF",
+    ] {
+        let method = if path.starts_with("/v1/blocks") {
+            "PUT"
+        } else {
+            "GET"
+        };
+        let (status, answer) = api(&chatd, &t, method, path, None);
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (400, &json!("bad_request")),
+            "{method} {path}: {answer}"
+        );
+    }
+
+    // A limit too large for any number is clamped like any other above 200; a sign is no digit.
+    let (status, page) = api(
+        &chatd,
+        &t,
+        "GET",
+        "/v1/rooms/shape/messages?limit=99999999999999999999999",
+        None,
+    );
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    let (status, _) = api(
+        &chatd,
+        &t,
+        "GET",
+        "/v1/rooms/shape/messages?limit=%2B3",
+        None,
+    );
+    assert_eq!(status, 400);
+}
