@@ -173,3 +173,43 @@ async fn a_projector_killed_mid_stream_then_restarted_equals_a_fresh_rebuild() {
     assert_eq!(live.len(), 64);
     assert_eq!(live, rebuilt, "the restarted projection equals a rebuild");
 }
+
+#[tokio::test]
+async fn history_read_from_the_log_says_more_only_when_older_events_exist() {
+    // An api process whose store has nothing (no projector writes it): every page comes from
+    // the log.
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let all = node(&nats, d1.path(), "all");
+    let api_only = node(&nats, d2.path(), "api");
+    let t = token("alice");
+    let body = json!({"room": "logged", "kind": "group", "members": ["bob"]});
+    let (status, answer) = api(&all, &t, "POST", "/v1/rooms", Some(body));
+    assert_eq!(status, 201, "{answer}");
+    let page = |query: &str| {
+        let (status, page) = api(
+            &api_only,
+            &t,
+            "GET",
+            &format!("/v1/rooms/logged/messages{query}"),
+            None,
+        );
+        assert_eq!(status, 200, "{page}");
+        let seqs: Vec<u64> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        (seqs, page["more"].as_bool().unwrap())
+    };
+    assert_eq!(page("?limit=1"), (vec![1], false), "the room's only event");
+    let mut alice = Client::connect(&all.ws_url(), &t).await;
+    for i in 0..5 {
+        alice.say("logged", &format!("m{i}")).await;
+    }
+    assert_eq!(page("?limit=6"), (vec![6, 5, 4, 3, 2, 1], false));
+    assert_eq!(page("?limit=3"), (vec![6, 5, 4], true));
+    assert_eq!(page("?before=4&limit=3"), (vec![3, 2, 1], false));
+    assert_eq!(page("?before=4&limit=2"), (vec![3, 2], true));
+}

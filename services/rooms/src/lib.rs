@@ -1130,7 +1130,11 @@ impl Rooms {
             events.reverse();
             if from > stored + 1 || events.len() >= limit {
                 events.truncate(limit);
-                return Ok(Page { events, more: true });
+                // Older events exist unless this page reaches the room's first.
+                return Ok(Page {
+                    events,
+                    more: from > 1,
+                });
             }
         }
         let rest = self
