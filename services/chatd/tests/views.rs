@@ -465,6 +465,11 @@ async fn bodies_that_are_not_objects_paths_that_are_not_utf8_and_huge_limits() {
     }
     let (status, _) = api(&chatd, &t, "GET", "/v1/rooms/arr/messages", None);
     assert_eq!(status, 404, "no room was created");
+    for name in ["", "   "] {
+        let body = json!({"room": "blank", "kind": "group", "name": name});
+        let (status, answer) = api(&chatd, &t, "POST", "/v1/rooms", Some(body));
+        assert_eq!(status, 400, "name {name:?}: {answer}");
+    }
 
     // A path segment that is not UTF-8: the JSON error, like every other refusal.
     for path in [

@@ -59,8 +59,13 @@ pub fn validate_emoji(emoji: &str) -> Result<(), RoomError> {
     Ok(())
 }
 
-/// A room name: at most 200 characters, no control characters.
+/// A room name: 1 to 200 characters, not only white space, no control characters.
 pub(crate) fn validate_name(name: &str) -> Result<(), RoomError> {
+    if name.trim().is_empty() {
+        return Err(RoomError::BadRequest(
+            "name must not be empty (leave it out for the room id)".into(),
+        ));
+    }
     if name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(RoomError::BadRequest(
             "name must be at most 200 characters without control characters".into(),
