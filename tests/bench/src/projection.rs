@@ -193,20 +193,16 @@ pub async fn projection_throughput(log: &RoomLog, n: usize) {
     );
 }
 
-/// History pages (50, newest first, random `before`) from the store vs a raw select of the
-/// same rows.
-pub async fn history_reads(pages: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("hist.db")).unwrap();
-    let room = RoomId::parse("history-bench").unwrap();
-    let total = 20_000u64;
+/// Stores `room` straight into `store`: `room_created` (with `reader` a member), then
+/// `messages` messages by another user, in batches of [`BATCH`].
+async fn store_room(store: &SqliteStore, room: &RoomId, messages: usize) {
     let mut entries = vec![Entry {
         seq: 1,
         event: Ok(created()),
     }];
-    entries.extend((2..=total).map(|seq| Entry {
-        seq,
-        event: Ok(event(seq as usize)),
+    entries.extend((0..messages).map(|i| Entry {
+        seq: i as u64 + 2,
+        event: Ok(event(i + 2)),
     }));
     for chunk in entries.chunks(BATCH) {
         store
@@ -217,6 +213,16 @@ pub async fn history_reads(pages: usize) {
             .await
             .unwrap();
     }
+}
+
+/// History pages (50, newest first, random `before`) from the store vs a raw select of the
+/// same rows.
+pub async fn history_reads(pages: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hist.db")).unwrap();
+    let room = RoomId::parse("history-bench").unwrap();
+    let total = 20_000u64;
+    store_room(&store, &room, total as usize - 1).await;
     let befores: Vec<u64> = (0..pages)
         .map(|i| 100 + (i as u64 * 7919) % (total - 100))
         .collect();
@@ -370,24 +376,7 @@ pub async fn room_list_reads(rooms: usize, unread: usize, lists: usize) {
     let store = SqliteStore::open(&dir.path().join("rooms.db")).unwrap();
     let reader = UserId::parse("reader").unwrap();
     for r in 0..rooms {
-        let room = RoomId::parse(format!("list-{r}")).unwrap();
-        let mut entries = vec![Entry {
-            seq: 1,
-            event: Ok(created()),
-        }];
-        entries.extend((0..unread).map(|i| Entry {
-            seq: i as u64 + 2,
-            event: Ok(event(i)),
-        }));
-        for chunk in entries.chunks(BATCH) {
-            store
-                .apply(&[RoomBatch {
-                    room: room.clone(),
-                    entries: chunk.to_vec(),
-                }])
-                .await
-                .unwrap();
-        }
+        store_room(&store, &RoomId::parse(format!("list-{r}")).unwrap(), unread).await;
     }
     let blocked = std::collections::HashSet::new();
     let raw_conn = Connection::open(store.path()).unwrap();
