@@ -81,14 +81,34 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Segments<T> {
     }
 }
 
-/// A JSON object body as `T`. Not any JSON that `T` deserializes from: serde also reads a
-/// struct from an array of its fields in order, and the contract's bodies are objects.
-fn body<T: DeserializeOwned>(payload: Result<Json<Value>, JsonRejection>) -> Result<T, Response> {
-    match payload {
-        Ok(Json(value)) if value.is_object() => {
-            serde_json::from_value(value).map_err(|e| bad_request(e.to_string()))
+/// `T` read from a JSON object only. serde also reads a struct from an array of its fields
+/// in order (`["general","group"]`), and the contract's bodies are objects. Read straight from
+/// the object (not through a `Value`), so a key given twice is still refused.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
         }
-        Ok(Json(_)) => Err(bad_request("the body must be a JSON object")),
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// The body, or the contract's answer to a bad one.
+fn body<T>(payload: Result<Json<Object<T>>, JsonRejection>) -> Result<T, Response> {
+    match payload {
+        Ok(Json(Object(value))) => Ok(value),
         Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,7 +137,7 @@ struct CreateRoom {
 async fn create_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    payload: Result<Json<Value>, JsonRejection>,
+    payload: Result<Json<Object<CreateRoom>>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -203,7 +223,7 @@ async fn add_member(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
     Segments(room): Segments<String>,
-    payload: Result<Json<Value>, JsonRejection>,
+    payload: Result<Json<Object<AddMember>>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -250,7 +270,7 @@ async fn update_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
     Segments(room): Segments<String>,
-    payload: Result<Json<Value>, JsonRejection>,
+    payload: Result<Json<Object<UpdateRoom>>, JsonRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;

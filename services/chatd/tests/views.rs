@@ -465,6 +465,31 @@ async fn bodies_that_are_not_objects_paths_that_are_not_utf8_and_huge_limits() {
     }
     let (status, _) = api(&chatd, &t, "GET", "/v1/rooms/arr/messages", None);
     assert_eq!(status, 404, "no room was created");
+    // A key given twice is refused, not read as its last value.
+    let auth = format!("Bearer {t}");
+    for (method, path, body) in [
+        (
+            "PATCH",
+            "/v1/rooms/shape",
+            r#"{"read_only":true,"read_only":false}"#,
+        ),
+        (
+            "POST",
+            "/v1/rooms/shape/members",
+            r#"{"user":"dave","user":"carol"}"#,
+        ),
+    ] {
+        let (status, answer) = chat_harness::http_request(
+            chatd.http_addr(),
+            method,
+            path,
+            &[("Authorization", auth.as_str())],
+            Some(body),
+        )
+        .unwrap();
+        assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+        assert!(answer.contains("duplicate field"), "{answer}");
+    }
     for name in ["", "   "] {
         let body = json!({"room": "blank", "kind": "group", "name": name});
         let (status, answer) = api(&chatd, &t, "POST", "/v1/rooms", Some(body));
