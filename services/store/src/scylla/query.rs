@@ -337,10 +337,11 @@ impl ScyllaStore {
         let st = self.st();
         let range = (cql_seq(last_read), cql_seq(head));
         let (low, high) = (bucket(last_read + 1), bucket(head));
-        let newest = async {
-            for b in (low..=high).rev() {
+        // The first number `statement` finds, bucket by bucket in `buckets`' order.
+        let first_number = |statement, buckets: Vec<i64>| async move {
+            for b in buckets {
                 let found: Option<(Option<i64>,)> = self
-                    .first("unread", &st.number_newest, (room, b, range.0, range.1))
+                    .first("unread", statement, (room, b, range.0, range.1))
                     .await?;
                 if let Some((n,)) = found {
                     return Ok::<_, StoreError>(n);
@@ -348,17 +349,8 @@ impl ScyllaStore {
             }
             Ok(None)
         };
-        let oldest = async {
-            for b in low..=high {
-                let found: Option<(Option<i64>,)> = self
-                    .first("unread", &st.number_oldest, (room, b, range.0, range.1))
-                    .await?;
-                if let Some((n,)) = found {
-                    return Ok::<_, StoreError>(n);
-                }
-            }
-            Ok(None)
-        };
+        let newest = first_number(&st.number_newest, (low..=high).rev().collect());
+        let oldest = first_number(&st.number_oldest, (low..=high).collect());
         let deleted = async {
             let row: Option<(i64,)> = self
                 .first("unread", &st.deleted_between, (room, range.0, range.1))
