@@ -83,7 +83,8 @@ pub struct Page {
 /// A thread: its root message and a page of its replies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThreadPage {
-    /// The root, `None` if the store holds no message at that sequence.
+    /// The root, `None` if the store holds no message at that sequence, or a reply (threads
+    /// are one level deep).
     pub root: Option<Value>,
     pub replies: Page,
 }

@@ -744,7 +744,7 @@ const HISTORY_PAGE: &str = concat!(
 const THREAD_ROOT: &str = concat!(
     "SELECT ",
     event_columns!(),
-    " FROM events WHERE room = ?1 AND seq = ?2 AND kind = 'message' LIMIT ?3"
+    " FROM events WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND thread IS NULL LIMIT ?3"
 );
 
 const THREAD_PAGE: &str = concat!(

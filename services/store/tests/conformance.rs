@@ -399,6 +399,14 @@ async fn threads_count_replies_on_the_root_and_page_on_their_own() {
             .await
             .unwrap();
         assert!(none.root.is_none() && none.replies.events.is_empty());
+        // A reply roots no thread (threads are one level deep), deleted or not.
+        for reply in [r1, r3] {
+            let t = s
+                .thread(&log.room, reply, PageQuery::newest(10))
+                .await
+                .unwrap();
+            assert!(t.root.is_none(), "the thread of reply {reply}: {t:?}");
+        }
     }
 }
 

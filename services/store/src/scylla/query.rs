@@ -94,7 +94,8 @@ impl ScyllaStore {
         let limit = query.clamped_limit();
         let checkpoint = self.checkpoint_row(room).await?.seq();
         let root_row = if root <= checkpoint {
-            self.message_at(room, root).await?
+            // A reply is no thread's root: threads are one level deep.
+            (self.message_at(room, root).await?).filter(|row| row.thread.is_none())
         } else {
             None
         };
