@@ -131,6 +131,9 @@ pub struct Config {
     /// WebSocket pings this often; a client silent for `idle_timeout` is closed.
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// How often edges share what their per-user buckets gave out (`CHAT_RATE_SHARE`);
+    /// `None` (`0`): each edge limits on its own.
+    pub rate_share: Option<Duration>,
     /// More refusals than a limit's burst within this window: close 4029.
     pub flood_window: Duration,
     /// Connection caps of an edge: in total and per user.
@@ -276,6 +279,19 @@ impl Config {
             ));
         }
         let flood_window = duration("CHAT_FLOOD_WINDOW", defaults.flood_window)?;
+        let rate_share = match get("CHAT_RATE_SHARE") {
+            Some(d) => parse_duration(&d)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(10))
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_RATE_SHARE",
+                        format!("a duration from 0 (off) to 10s, got {d:?}"),
+                    )
+                })
+                .map(|d| (!d.is_zero()).then_some(d))?,
+            None => defaults.rate_share,
+        };
         let max_connections = count("CHAT_MAX_CONNECTIONS", defaults.max_connections)?;
         let max_connections_per_user = count(
             "CHAT_MAX_CONNECTIONS_PER_USER",
@@ -431,6 +447,7 @@ impl Config {
             slow_grace,
             ping_interval,
             idle_timeout,
+            rate_share,
             flood_window,
             max_connections,
             max_connections_per_user,
@@ -558,6 +575,8 @@ mod tests {
             ("CHAT_PING_INTERVAL", "soon"),
             ("CHAT_DELIVERED_INTERVAL", "0s"),
             ("CHAT_DRAIN_DELAY", "later"),
+            ("CHAT_RATE_SHARE", "11s"),
+            ("CHAT_RATE_SHARE", "often"),
             // Without a secret or key file, each names itself.
             ("CHAT_JWT_ISSUER", "idp"),
             ("CHAT_JWT_AUDIENCE", "chat"),
@@ -627,6 +646,18 @@ mod tests {
         assert_eq!(c.role, Role::Edge);
         assert_eq!(c.nats_sync, NatsSync::Interval(Duration::from_secs(1)));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            config(&[]).unwrap().rate_share,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            config(&[("CHAT_RATE_SHARE", "0")]).unwrap().rate_share,
+            None
+        );
+        assert_eq!(
+            config(&[("CHAT_RATE_SHARE", "50ms")]).unwrap().rate_share,
+            Some(Duration::from_millis(50))
+        );
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
     }
 }

@@ -246,6 +246,7 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
         ping_interval: config.ping_interval,
         idle_timeout: config.idle_timeout,
         rates: config.rates,
+        rate_share: config.rate_share,
         flood_window: config.flood_window,
         max_connections: config.max_connections,
         max_connections_per_user: config.max_connections_per_user,

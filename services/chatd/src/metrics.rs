@@ -240,6 +240,12 @@ pub fn observe(state: &AppState) {
                     |s| &s.rate_limited,
                 ),
                 (
+                    "chat.edge.rate_charged",
+                    "Tokens drawn from this edge's per-user rate limits for work on other edges.",
+                    "{token}",
+                    |s| &s.rate_charged,
+                ),
+                (
                     "chat.edge.flood_closes",
                     "Sessions closed with 4029 (kept flooding).",
                     "{session}",

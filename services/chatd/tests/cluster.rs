@@ -213,3 +213,68 @@ async fn history_read_from_the_log_says_more_only_when_older_events_exist() {
     assert_eq!(page("?before=4&limit=3"), (vec![3, 2, 1], false));
     assert_eq!(page("?before=4&limit=2"), (vec![3, 2], true));
 }
+
+/// A metric's value from `/metrics` (0 while the counter has not been exported yet).
+fn metric(chatd: &Chatd, name: &str) -> u64 {
+    let (_, text) = chatd.get("/metrics").expect("metrics answer");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_users_send_allowance_is_one_across_edges() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // One send a second, four at once; the edges share what they gave out every 50 ms.
+    let settings = [
+        ("CHAT_SEND_RATE", "1/4"),
+        ("CHAT_RATE_SHARE", "50ms"),
+        ("CHAT_FLOOD_WINDOW", "1m"),
+    ];
+    let edge1 = common::node(&nats, d1.path(), "all", &settings);
+    let edge2 = common::node(&nats, d2.path(), "all", &settings);
+    let (status, body) = api(
+        &edge1,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "quota", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut on_edge1 = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let mut on_edge2 = Client::connect(&edge2.ws_url(), &token("alice")).await;
+
+    // Alice spends her burst on edge 1.
+    let started = Instant::now();
+    for i in 0..4 {
+        let ack = on_edge1.say("quota", &format!("m{i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    // Edge 2 hears of it and draws as much from its own bucket for her.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&edge2, "chat_edge_rate_charged_total") < 4 {
+        assert!(Instant::now() < deadline, "edge 2 never drew alice's sends");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // So on edge 2 she gets only what refilled since (one a second), not a burst of her own.
+    let mut acked = 0;
+    let mut limited = 0;
+    for i in 0..4 {
+        let reply = on_edge2.say("quota", &format!("n{i}")).await;
+        match reply["code"].as_str() {
+            None => acked += 1,
+            Some("rate_limited") => limited += 1,
+            Some(other) => panic!("unexpected error {other}: {reply}"),
+        }
+    }
+    let refilled = started.elapsed().as_secs() + 1;
+    assert!(
+        acked <= refilled,
+        "{acked} of 4 acked on edge 2, {limited} limited; at most {refilled} tokens refilled \
+         since the burst on edge 1"
+    );
+    // Another user's allowance is untouched.
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    assert_eq!(bob.say("quota", "mine").await["type"], "ack");
+}

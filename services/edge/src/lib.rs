@@ -20,6 +20,7 @@ mod protocol;
 mod reads;
 mod render;
 mod session;
+mod shared_limits;
 mod socket;
 mod source;
 mod typing;
@@ -76,6 +77,9 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     /// Per-user and per-connection token buckets.
     pub rates: Rates,
+    /// How often the edges tell each other what their per-user buckets gave out, so a user's
+    /// allowance is one across all edges; `None`: each edge limits on its own.
+    pub rate_share: Option<Duration>,
     /// More refusals than a limit's burst within this window closes the connection with 4029.
     pub flood_window: Duration,
     /// Sockets this edge holds at most (authenticated or not); more are refused with 503.
@@ -110,6 +114,7 @@ impl Default for EdgeConfig {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             rates: Rates::default(),
+            rate_share: Some(Duration::from_millis(250)),
             flood_window: Duration::from_secs(10),
             max_connections: 50_000,
             max_connections_per_user: 32,
@@ -161,7 +166,10 @@ impl EdgeState {
         rooms: Arc<chat_rooms::Rooms>,
         hub: Arc<Hub>,
     ) -> EdgeState {
-        let limits = Arc::new(limits::UserLimits::new(config.rates));
+        let limits = Arc::new(limits::UserLimits::new(
+            config.rates,
+            config.rate_share.is_some(),
+        ));
         let forget = Arc::downgrade(&limits);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
@@ -174,6 +182,17 @@ impl EdgeState {
             }
         });
         let stats = Arc::new(EdgeStats::default());
+        if let Some(every) = config.rate_share {
+            let log = hub.log();
+            tokio::spawn(shared_limits::run(
+                limits.clone(),
+                log.client().clone(),
+                format!("{}.limits", log.config().prefix),
+                every,
+                stats.clone(),
+                shutdown.clone(),
+            ));
+        }
         let presence = Presence::start(
             hub.clone(),
             config.presence,
@@ -243,6 +262,8 @@ pub struct EdgeStats {
     pub ephemeral_dropped: AtomicU64,
     /// Frames refused by a rate limit.
     pub rate_limited: AtomicU64,
+    /// Tokens drawn from this edge's per-user buckets for work done on other edges.
+    pub rate_charged: AtomicU64,
     /// Sessions closed with 4029 (kept flooding).
     pub flood_closes: AtomicU64,
     /// Connections refused by a cap (total or per user).

@@ -1,8 +1,9 @@
 //! Rate limits and connection caps of an edge.
 //!
-//! - **Per user** (shared by all of a user's sessions on this edge), one token bucket per kind
-//!   of work: appends (`send`, `edit`, `delete`, `react`: the contract's `CHAT_SEND_RATE`),
-//!   `typing`, `subscribe` and `history` frames.
+//! - **Per user** (shared by all of a user's sessions on this edge, and with the other edges
+//!   through `shared_limits.rs`), one token bucket per kind of work: appends (`send`, `edit`,
+//!   `delete`, `react`: the contract's `CHAT_SEND_RATE`), `typing`, `subscribe` and `history`
+//!   frames.
 //! - **Per connection**, one token bucket over every frame, whatever its type, so that no single
 //!   socket can make the edge parse without bound (pings and malformed frames included).
 //! - **Flooding**: a connection that has more frames refused by a limit than that limit's burst
@@ -91,13 +92,33 @@ pub(crate) enum Work {
     History,
 }
 
-/// The per-user buckets, shared by every session of this edge.
+impl Work {
+    const ALL: [Work; 4] = [Work::Send, Work::Typing, Work::Subscribe, Work::History];
+
+    fn index(self) -> usize {
+        match self {
+            Work::Send => 0,
+            Work::Typing => 1,
+            Work::Subscribe => 2,
+            Work::History => 3,
+        }
+    }
+}
+
+/// Tokens drawn from one user's buckets, by [`Work`] (send, typing, subscribe, history).
+pub(crate) type Used = [u32; 4];
+
+/// The per-user buckets, shared by every session of this edge, and what they gave out since
+/// the other edges were last told (see `shared_limits.rs`).
 pub(crate) struct UserLimits {
     rates: Rates,
     send: DefaultKeyedRateLimiter<UserId>,
     typing: DefaultKeyedRateLimiter<UserId>,
     subscribe: DefaultKeyedRateLimiter<UserId>,
     history: DefaultKeyedRateLimiter<UserId>,
+    /// Tokens given out here since the last [`UserLimits::take_used`]; `None` when the buckets
+    /// are not shared with other edges.
+    used: Option<Mutex<HashMap<UserId, Used>>>,
 }
 
 /// A refusal: the limit's burst and how long until a frame would pass.
@@ -108,27 +129,71 @@ pub(crate) struct Limited {
 }
 
 impl UserLimits {
-    pub(crate) fn new(rates: Rates) -> UserLimits {
+    /// Buckets of this edge; `shared`: it records what they give out, for the other edges.
+    pub(crate) fn new(rates: Rates, shared: bool) -> UserLimits {
         UserLimits {
             rates,
             send: RateLimiter::keyed(rates.send.quota()),
             typing: RateLimiter::keyed(rates.typing.quota()),
             subscribe: RateLimiter::keyed(rates.subscribe.quota()),
             history: RateLimiter::keyed(rates.history.quota()),
+            used: shared.then(Mutex::default),
         }
     }
 
-    pub(crate) fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
-        let (limiter, rate) = match work {
+    fn bucket(&self, work: Work) -> (&DefaultKeyedRateLimiter<UserId>, Rate) {
+        match work {
             Work::Send => (&self.send, self.rates.send),
             Work::Typing => (&self.typing, self.rates.typing),
             Work::Subscribe => (&self.subscribe, self.rates.subscribe),
             Work::History => (&self.history, self.rates.history),
-        };
+        }
+    }
+
+    pub(crate) fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
+        let (limiter, rate) = self.bucket(work);
         limiter.check_key(user).map_err(|not_until| Limited {
             burst: rate.burst,
             retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-        })
+        })?;
+        if let Some(used) = &self.used {
+            if let Ok(mut used) = used.lock() {
+                match used.get_mut(user) {
+                    Some(counts) => counts[work.index()] += 1,
+                    None => {
+                        let mut counts = Used::default();
+                        counts[work.index()] = 1;
+                        used.insert(user.clone(), counts);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the buckets gave out since the last call, per user.
+    pub(crate) fn take_used(&self) -> HashMap<UserId, Used> {
+        self.used
+            .as_ref()
+            .and_then(|used| used.lock().ok().map(|mut used| std::mem::take(&mut *used)))
+            .unwrap_or_default()
+    }
+
+    /// Draws from `user`'s buckets what another edge gave out to them, as far as the buckets
+    /// hold (an empty bucket stays empty: a user cannot owe). Returns the tokens drawn.
+    pub(crate) fn charge(&self, user: &UserId, used: Used) -> u64 {
+        let mut drawn = 0;
+        for work in Work::ALL {
+            let (limiter, rate) = self.bucket(work);
+            // Past the burst the bucket is empty whatever else is owed.
+            for _ in 0..used[work.index()].min(rate.burst) {
+                if limiter.check_key(user).is_err() {
+                    break;
+                }
+                drawn += 1;
+            }
+        }
+        drawn
     }
 
     /// Forgets users whose buckets are full again (their state is the same as a new user's).
@@ -288,10 +353,13 @@ mod tests {
 
     #[test]
     fn a_user_gets_the_burst_then_waits() {
-        let limits = UserLimits::new(Rates {
-            send: Rate::new(1, 3),
-            ..Rates::default()
-        });
+        let limits = UserLimits::new(
+            Rates {
+                send: Rate::new(1, 3),
+                ..Rates::default()
+            },
+            false,
+        );
         let alice = user("alice");
         for _ in 0..3 {
             limits.check(Work::Send, &alice).unwrap();
@@ -302,6 +370,40 @@ mod tests {
         // Buckets are per user and per kind of work.
         limits.check(Work::Send, &user("bob")).unwrap();
         limits.check(Work::History, &alice).unwrap();
+    }
+
+    #[test]
+    fn what_one_edge_gave_out_is_drawn_from_the_others_buckets() {
+        let rates = Rates {
+            send: Rate::new(1, 3),
+            ..Rates::default()
+        };
+        let (here, there) = (UserLimits::new(rates, true), UserLimits::new(rates, true));
+        let alice = user("alice");
+        here.check(Work::Send, &alice).unwrap();
+        here.check(Work::Send, &alice).unwrap();
+        here.check(Work::Typing, &alice).unwrap();
+        let used = here.take_used();
+        assert_eq!(used.get(&alice), Some(&[2, 1, 0, 0]));
+        assert!(here.take_used().is_empty(), "taken once");
+
+        assert_eq!(there.charge(&alice, used[&alice]), 3);
+        assert!(
+            there.take_used().is_empty(),
+            "a charge is not passed on again"
+        );
+        there.check(Work::Send, &alice).unwrap();
+        assert!(
+            there.check(Work::Send, &alice).is_err(),
+            "one of three left"
+        );
+        // A charge beyond what a bucket holds leaves it empty, no more.
+        assert_eq!(there.charge(&user("bob"), [50, 0, 0, 0]), 3);
+        assert!(there.check(Work::Send, &user("bob")).is_err());
+        // Unshared buckets record nothing.
+        let alone = UserLimits::new(rates, false);
+        alone.check(Work::Send, &alice).unwrap();
+        assert!(alone.take_used().is_empty());
     }
 
     #[test]
