@@ -262,4 +262,35 @@ async fn a_removed_member_is_cut_off() {
         "events after removal: {:?}",
         bob.buffered()
     );
+
+    // Added again, bob resumes from the start: the replay passes his old removal and goes on
+    // to the live events.
+    let (status, added) = s.api(
+        "alice",
+        "POST",
+        "/v1/rooms/team/members",
+        Some(json!({"user": "bob"})),
+    );
+    assert_eq!(status, 200, "{added}");
+    let mut bob = s.client("bob").await;
+    let subscribed = bob.subscribe("team", Some(0)).await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    let head = subscribed["head"].as_u64().unwrap();
+    let replayed = bob.events("team", head as usize).await;
+    let seqs: Vec<u64> = replayed
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>());
+    let back = alice.say("team", "welcome back").await;
+    let live = bob.events("team", 1).await;
+    assert_eq!(
+        (&live[0]["seq"], &live[0]["text"]),
+        (&back["seq"], &json!("welcome back"))
+    );
+    assert!(
+        bob.buffered().iter().all(|f| f["type"] != "unsubscribed"),
+        "{:?}",
+        bob.buffered()
+    );
 }

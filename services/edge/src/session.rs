@@ -712,7 +712,15 @@ impl Session {
         removals: &Arc<Removals>,
     ) -> Result<(), RoomError> {
         let rooms = &self.state.rooms;
-        rooms.member_state(room, &self.user).await?;
+        // Where the user's current membership began: a removal before it (they were removed,
+        // then added again) is history the replay shows, not the end of this subscription.
+        let joined = rooms
+            .member_state(room, &self.user)
+            .await?
+            .members
+            .get(&self.user)
+            .copied()
+            .unwrap_or(0);
         let (follower, bounds) = Box::pin(self.state.hub.follow_from(room, from))
             .await
             .map_err(RoomError::from)?;
@@ -739,6 +747,7 @@ impl Session {
             follower,
             self.state.rooms.clone(),
             self.user.clone(),
+            joined,
             removals.clone(),
         );
         self.out.follow(Box::pin(source));

@@ -63,7 +63,8 @@ impl Drop for EndOnDrop {
 /// The events of a followed room as one session gets them: a message or edit by someone the
 /// user blocks arrives as a placeholder. Ends when the subscription is dropped (unsubscribed,
 /// or subscribed again from elsewhere) or after the event that removes the user from the room
-/// (the session is told, and says so to the client).
+/// (the session is told, and says so to the client); a replayed removal that the user's joining
+/// again followed does not end it.
 ///
 /// The writer pulls only while the socket takes frames: a session that falls behind the room's
 /// feed reads the rest from the log, and one whose socket takes nothing for the grace is closed
@@ -72,6 +73,9 @@ pub(crate) struct RoomSource {
     follower: Follower,
     rooms: Arc<Rooms>,
     user: UserId,
+    /// Where the user's membership began when they subscribed: only a removal after it ends
+    /// the source (an earlier one was followed by their joining again).
+    joined: u64,
     removals: Arc<Removals>,
     end: Arc<End>,
     blocks: HeldBlocks,
@@ -117,6 +121,7 @@ impl RoomSource {
         follower: Follower,
         rooms: Arc<Rooms>,
         user: UserId,
+        joined: u64,
         removals: Arc<Removals>,
     ) -> (RoomSource, EndOnDrop) {
         let end = Arc::new(End::default());
@@ -124,6 +129,7 @@ impl RoomSource {
             follower,
             rooms,
             user,
+            joined,
             removals,
             end: end.clone(),
             blocks: HeldBlocks::default(),
@@ -168,7 +174,7 @@ impl RoomSource {
     /// `pick` is going out: notes a removal of the user.
     fn handed(&mut self, pick: Pick) -> Pick {
         self.pause = FIRST_PAUSE;
-        if pick.delivery.left.as_ref() == Some(&self.user) {
+        if pick.delivery.left.as_ref() == Some(&self.user) && pick.delivery.seq > self.joined {
             self.removed = true;
             self.removals.removed(self.follower.room().clone());
         }
