@@ -306,6 +306,63 @@ async fn a_flood_is_rate_limited_then_closed_with_4029() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_closed_for_flooding_still_gets_its_acks_and_refusals_first() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_SEND_RATE", "1/5"), ("CHAT_FLOOD_WINDOW", "1m")],
+    ));
+    create_room(&chatd, data.path(), "burst", "alice", &[]);
+    let mut ws = raw(&chatd, &dev_token(data.path(), "alice", 3600)).await;
+    // 40 sends written back to back, none waiting for an answer (an outbox flushed at once).
+    let ids: Vec<String> = (0..40).map(|_| Uuid::new_v4().to_string()).collect();
+    for id in &ids {
+        let frame = json!({"type": "send", "rid": id, "room": "burst", "id": id, "text": "x"});
+        ws.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let (frames, code) = read_until_closed(&mut ws).await;
+    assert_eq!(code, 4029, "{frames:?}");
+    let answers: Vec<&Value> = frames.iter().filter(|f| f["rid"].is_string()).collect();
+    let acked: Vec<&str> = answers
+        .iter()
+        .filter(|f| f["type"] == "ack")
+        .map(|f| f["rid"].as_str().unwrap())
+        .collect();
+    let limited = answers
+        .iter()
+        .filter(|f| f["code"] == "rate_limited")
+        .count();
+    // The burst is acked, five refusals are told, and the refusal past them closes; answers
+    // come in the order of the frames.
+    assert!((5..=6).contains(&acked.len()), "{answers:?}");
+    assert_eq!(limited, 5, "{answers:?}");
+    let answered: Vec<&str> = answers.iter().map(|f| f["rid"].as_str().unwrap()).collect();
+    assert_eq!(answered, ids[..answered.len()].to_vec());
+    // Every ack is a message in the room, and nothing else was appended.
+    let (status, page) = api(
+        &chatd,
+        &dev_token(data.path(), "alice", 3600),
+        "GET",
+        "/v1/rooms/burst/messages?limit=100",
+        None,
+    );
+    assert_eq!(status, 200, "{page}");
+    let stored: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    let mut stored_sorted = stored.clone();
+    stored_sorted.sort_unstable();
+    let mut acked_sorted = acked.clone();
+    acked_sorted.sort_unstable();
+    assert_eq!(stored_sorted, acked_sorted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_refuse_with_a_clear_status() {
     let data = tempfile::tempdir().unwrap();
     let chatd = start(&env_with(

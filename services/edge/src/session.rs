@@ -517,8 +517,11 @@ impl Session {
                 .flood_closes
                 .fetch_add(1, Ordering::Relaxed);
             tracing::info!(user = %self.user, "closing a connection that kept flooding");
-            self.out
-                .abort(close_code::FLOOD, "kept sending after being rate-limited");
+            // The appends already admitted are answered and the refusals already queued go
+            // out before the close: the client learns what landed and that it was limited.
+            Box::pin(self.finish_appends()).await;
+            self.close(close_code::FLOOD, "kept sending after being rate-limited")
+                .await;
             return Admission::Closed;
         }
         let retry_ms = retry_after.as_millis().max(1) as u64;
