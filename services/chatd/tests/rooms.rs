@@ -92,6 +92,47 @@ async fn a_resent_id_returns_the_original_outcome_and_creates_nothing() {
 }
 
 #[tokio::test]
+async fn a_resend_the_rules_would_refuse_still_returns_the_original_outcome() {
+    let s = Server::start();
+    s.group("alice", "again", &["bob"]);
+    let mut alice = s.client("alice").await;
+    // Each resend follows its original at once, before the store may hold it.
+    let resends = [
+        json!({"text": ""}),
+        json!({"text": "bell\u{7}"}),
+        json!({"text": "x".repeat(4_001)}),
+        json!({"text": "in a thread", "thread": 9_999}),
+        json!({"text": "a reply", "reply_to": 9_999}),
+    ];
+    for changed in resends {
+        let id = Uuid::new_v4().to_string();
+        let first = alice
+            .request(json!({"type": "send", "room": "again", "id": id, "text": "fine"}))
+            .await;
+        assert_eq!(first["duplicate"], false, "{first}");
+        let mut frame = json!({"type": "send", "room": "again", "id": id});
+        frame
+            .as_object_mut()
+            .unwrap()
+            .extend(changed.as_object().unwrap().clone());
+        let again = alice.request(frame.clone()).await;
+        assert_eq!(
+            (
+                &again["type"],
+                &again["seq"],
+                &again["ts"],
+                &again["duplicate"]
+            ),
+            (&json!("ack"), &first["seq"], &first["ts"], &json!(true)),
+            "{frame}"
+        );
+    }
+    // A new id with the same refused content is still refused.
+    let refused = alice.say("again", "").await;
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+}
+
+#[tokio::test]
 async fn a_reconnecting_client_receives_exactly_what_it_missed_while_others_keep_sending() {
     let s = Server::start();
     s.group("alice", "resume", &["bob"]);

@@ -731,17 +731,20 @@ impl Rooms {
         }
         let body = match self.decide(actor, room, &state, command).await {
             Ok(body) => body,
-            Err(RoomError::NotFound) => {
-                // A resend whose original was stored meanwhile (the store holding its delete,
-                // say, but its id a moment ago not yet) answers as the original did.
-                if let Some(hit) = self.store.find_id(room, id).await? {
-                    return Ok(DecidedAppend::Known(Ack {
-                        seq: hit.seq,
-                        ts: hit.ts,
-                        duplicate: true,
-                    }));
+            Err(
+                refusal @ (RoomError::BadRequest(_)
+                | RoomError::Forbidden(_)
+                | RoomError::NotFound
+                | RoomError::Conflict(_)
+                | RoomError::TooLarge(_)),
+            ) => {
+                // A resend answers as its original did, whatever else it says: one refused
+                // now (its text emptied, its target deleted since, the room made read-only)
+                // may have an original in the log that the store does not hold yet.
+                if let Some(ack) = self.known_once_stored(room, id).await? {
+                    return Ok(DecidedAppend::Known(ack));
                 }
-                return Err(RoomError::NotFound);
+                return Err(refusal);
             }
             Err(e) => return Err(e),
         };
@@ -754,6 +757,28 @@ impl Rooms {
                 body,
             },
         })
+    }
+
+    /// The outcome of an earlier append of `id` in `room`, once the store holds what the log
+    /// held just now (waiting at most `history_wait` for the projector).
+    async fn known_once_stored(&self, room: &RoomId, id: Uuid) -> Result<Option<Ack>, RoomError> {
+        let known = |hit: chat_store::IdHit| Ack {
+            seq: hit.seq,
+            ts: hit.ts,
+            duplicate: true,
+        };
+        if let Some(hit) = self.store.find_id(room, id).await? {
+            return Ok(Some(known(hit)));
+        }
+        let head = self.log.head(room).await?;
+        if self.store.checkpoint(room).await? >= head
+            || !self
+                .await_stored(room, head, self.config.history_wait)
+                .await
+        {
+            return Ok(None);
+        }
+        Ok(self.store.find_id(room, id).await?.map(known))
     }
 
     /// The second half of [`Rooms::append`]: sends a decided event to the room's log without
