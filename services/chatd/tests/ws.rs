@@ -337,19 +337,57 @@ async fn frames_over_the_limit_close_with_1009() {
         let _ = ws.send(Message::Text(frame.into())).await;
         assert_eq!(expect_close(&mut ws).await.0, 1009, "{size} bytes");
     }
+    // Binary frames too, though binary is refused anyway (under the library's bound as well).
+    for size in [3_000, 100_000] {
+        let mut ws = signed_in(&chatd, data.path(), "alice").await;
+        let _ = ws.send(Message::Binary(vec![0u8; size].into())).await;
+        assert_eq!(expect_close(&mut ws).await.0, 1009, "binary, {size} bytes");
+    }
     // Also as the first (auth) frame of a connection without a token in the upgrade.
     for size in [3_000, 100_000] {
-        let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
-            .await
-            .unwrap();
-        let frame = json!({"type":"auth","token": "x".repeat(size)}).to_string();
-        let _ = ws.send(Message::Text(frame.into())).await;
-        assert_eq!(
-            expect_close(&mut ws).await.0,
-            1009,
-            "first frame, {size} bytes"
-        );
+        for binary in [false, true] {
+            let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+                .await
+                .unwrap();
+            let frame = json!({"type":"auth","token": "x".repeat(size)}).to_string();
+            let message = if binary {
+                Message::Binary(frame.into_bytes().into())
+            } else {
+                Message::Text(frame.into())
+            };
+            let _ = ws.send(message).await;
+            assert_eq!(
+                expect_close(&mut ws).await.0,
+                1009,
+                "first frame, {size} bytes, binary: {binary}"
+            );
+        }
     }
+}
+
+#[tokio::test]
+async fn broken_websocket_frames_close_with_the_rfc_codes() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    // A text frame that is not UTF-8: 1007.
+    let mut ws = signed_in(&chatd, data.path(), "alice").await;
+    let bad_text = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    let _ = ws.send(Message::Frame(bad_text)).await;
+    assert_eq!(expect_close(&mut ws).await.0, 1007);
+    // A reserved opcode: 1002.
+    let mut ws = signed_in(&chatd, data.path(), "alice").await;
+    let reserved = Frame::message(vec![b'x'], OpCode::Data(Data::Reserved(3)), true);
+    let _ = ws.send(Message::Frame(reserved)).await;
+    assert_eq!(expect_close(&mut ws).await.0, 1002);
+    // The same before authenticating.
+    let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+        .await
+        .unwrap();
+    let bad_text = Frame::message(vec![0xc3, 0x28], OpCode::Data(Data::Text), true);
+    let _ = ws.send(Message::Frame(bad_text)).await;
+    assert_eq!(expect_close(&mut ws).await.0, 1007);
 }
 
 #[tokio::test]

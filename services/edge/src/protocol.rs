@@ -14,6 +14,10 @@ pub mod close_code {
     pub const DRAINING: u16 = 1001;
     /// Frame too big.
     pub const TOO_BIG: u16 = 1009;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A breach of the WebSocket protocol (an unmasked client frame, a reserved opcode or bit).
+    pub const PROTOCOL: u16 = 1002;
     /// The user has the most connections allowed (after first-frame authentication; with a
     /// token in the upgrade request the answer is HTTP 429 instead).
     pub const TRY_AGAIN_LATER: u16 = 1013;

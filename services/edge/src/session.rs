@@ -444,8 +444,8 @@ impl Session {
                     return;
                 }
                 Some(Err(e)) => {
-                    if is_capacity_error(&e) {
-                        self.close(close_code::TOO_BIG, "frame too big").await;
+                    if let Some((code, reason)) = close_for(&e) {
+                        self.close(code, reason).await;
                     }
                     tracing::debug!(user = %self.user, error = %e, "websocket read failed");
                     return;
@@ -453,6 +453,12 @@ impl Session {
                 // Control frames are answered by the WebSocket layer (which never yields a raw
                 // `Frame` when reading).
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Binary(bytes)))
+                    if bytes.len() > self.state.config.max_frame_bytes =>
+                {
+                    self.close(close_code::TOO_BIG, "frame too big").await;
+                    return;
+                }
                 Some(Ok(Message::Binary(_))) => match Box::pin(self.admit_after_appends()).await {
                     Admission::Pass => {
                         self.error(
@@ -1169,6 +1175,9 @@ async fn first_frame_auth(
             Some(Ok(Message::Text(text))) if text.len() > state.config.max_frame_bytes => {
                 return Err((close_code::TOO_BIG, "frame too big".to_owned()))
             }
+            Some(Ok(Message::Binary(bytes))) if bytes.len() > state.config.max_frame_bytes => {
+                return Err((close_code::TOO_BIG, "frame too big".to_owned()))
+            }
             Some(Ok(Message::Text(text))) => {
                 let frame = protocol::parse(&text).map_err(|m| refused(&m.message))?;
                 if frame.kind != "auth" {
@@ -1193,10 +1202,12 @@ async fn first_frame_auth(
                     .map_err(|e| refused(&e.to_string()));
             }
             Some(Ok(_)) => return Err(refused("the first frame must be an auth text frame")),
-            Some(Err(e)) if is_capacity_error(&e) => {
-                return Err((close_code::TOO_BIG, "frame too big".to_owned()))
+            Some(Err(e)) => {
+                return Err(match close_for(&e) {
+                    Some((code, reason)) => (code, reason.to_owned()),
+                    None => refused(&format!("read failed: {e}")),
+                })
             }
-            Some(Err(e)) => return Err(refused(&format!("read failed: {e}"))),
             None => return Err(refused("closed before authenticating")),
         }
     }
@@ -1247,6 +1258,14 @@ fn is_terminal(e: &tungstenite::Error) -> bool {
     )
 }
 
-fn is_capacity_error(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Capacity(_))
+/// How to close after a failed read: 1009 for a frame past the library's bound, 1007 for a text
+/// frame that is not UTF-8, 1002 for a breach of the protocol; `None` when the connection is
+/// gone (nothing can be sent).
+fn close_for(e: &tungstenite::Error) -> Option<(u16, &'static str)> {
+    match e {
+        tungstenite::Error::Capacity(_) => Some((close_code::TOO_BIG, "frame too big")),
+        tungstenite::Error::Utf8(_) => Some((close_code::INVALID_DATA, "text frame is not UTF-8")),
+        tungstenite::Error::Protocol(_) => Some((close_code::PROTOCOL, "websocket protocol error")),
+        _ => None,
+    }
 }
