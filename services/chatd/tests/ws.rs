@@ -300,18 +300,22 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         assert_eq!(reply["code"], "bad_request", "{frame}: {reply}");
         assert_eq!(reply["rid"].as_str(), rid, "{frame}: {reply}");
     }
-    // A frame about a room that fails to parse still says which room.
-    send(
-        &mut ws,
+    // A frame about a room that fails to parse still says which room, appends included.
+    for frame in [
         r#"{"type":"history","rid":"11","room":"general","limit":-1}"#,
-    )
-    .await;
-    let reply = next_json(&mut ws).await;
-    assert_eq!(
-        (&reply["code"], &reply["rid"], &reply["room"]),
-        (&json!("bad_request"), &json!("11"), &json!("general")),
-        "{reply}"
-    );
+        r#"{"type":"send","rid":"11","room":"general","id":"x","text":5}"#,
+        r#"{"type":"edit","rid":"11","room":"general","id":"x","target":"1","text":"t"}"#,
+        r#"{"type":"delete","rid":"11","room":"general","id":"x","target":-1}"#,
+        r#"{"type":"react","rid":"11","room":"general","id":"x","target":1,"emoji":"a","on":1}"#,
+    ] {
+        send(&mut ws, frame).await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (&reply["code"], &reply["rid"], &reply["room"]),
+            (&json!("bad_request"), &json!("11"), &json!("general")),
+            "{frame}: {reply}"
+        );
+    }
     ws.send(Message::Binary(vec![1, 2, 3].into()))
         .await
         .unwrap();

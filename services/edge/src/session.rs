@@ -838,7 +838,12 @@ impl Session {
             on: Option<bool>,
         }
         let frame = body.fields::<Append>().map_err(|e| {
-            protocol::error(rid, ErrorCode::BadRequest, &format!("{kind} frame: {e}"))
+            let message = format!("{kind} frame: {e}");
+            // The room the frame is about, when it names one, as every error about one says.
+            match frame_room(body) {
+                Some(room) => protocol::room_error(rid, &room, "bad_request", &message),
+                None => protocol::error(rid, ErrorCode::BadRequest, &message),
+            }
         })?;
         let refuse =
             |e: RoomError| protocol::room_error(rid, &frame.room, e.code(), &e.to_string());
