@@ -3,6 +3,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use chat_harness::{Chatd, NatsServer};
 use common::client::Client;
@@ -98,6 +99,44 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
         .request(json!({"type": "typing", "room": "keys", "active": true}))
         .await;
     assert_eq!(refused["code"], "forbidden", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_within_the_interval_moves_the_expiry() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
+    let (status, body) = api(
+        &edge1,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "slow", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    bob.subscribe("slow", None).await;
+
+    typing(&mut alice, "slow", true).await;
+    let shown = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(shown["active"], true);
+    // Renewals within the 2 s interval: bob is not told again, but each moves the end.
+    let mut last = Instant::now();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        typing(&mut alice, "slow", true).await;
+        last = Instant::now();
+    }
+    let ended = bob.wait_for(|f| is_typing(f, "alice")).await;
+    assert_eq!(ended["active"], false, "one active:true for the interval");
+    // The expiry (1 s here) counts from the last renewal, not from the first active:true
+    // (when renewals within the interval were not forwarded, it came ~0.1 s after the last).
+    let after = last.elapsed();
+    assert!(
+        after >= Duration::from_millis(950),
+        "ended {after:?} after the last renewal"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

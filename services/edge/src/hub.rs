@@ -300,29 +300,47 @@ async fn run_feed(
     };
     loop {
         let expiry = typists.next_expiry();
+        // Typing first: a signal published before a message reaches this edge before the
+        // message's republished event, and must be decided before it, or a renewal sent just
+        // before the message would show the indicator again after the message ended it.
         tokio::select! {
+            biased;
+            message = typing.next(), if typing_open => match message {
+                Some(message) => decide_typing(&room, &mut typists, &message, &show),
+                None => typing_open = false,
+            },
             entry = live.next() => match entry {
                 Ok(entry) => {
                     pause = Duration::from_millis(50);
                     // Render what else already arrived before broadcasting any of it: the
                     // sessions woken by the first then find the whole burst, and write it in one
                     // batch rather than one write per event.
-                    let mut burst = vec![Arc::new(delivery(&room, &entry))];
+                    // A message ends its author's indicator as it is rendered, and typing signals
+                    // that arrived before the next event are decided before it (in the order the
+                    // edge received them).
+                    let first = Arc::new(delivery(&room, &entry));
+                    end_typing(&mut typists, &first, &show);
+                    let mut burst = vec![first];
                     while burst.len() < BURST {
+                        while typing_open {
+                            match typing.next().now_or_never() {
+                                Some(Some(message)) => decide_typing(&room, &mut typists, &message, &show),
+                                Some(None) => typing_open = false,
+                                None => break,
+                            }
+                        }
                         match live.next().now_or_never() {
-                            Some(Ok(entry)) => burst.push(Arc::new(delivery(&room, &entry))),
+                            Some(Ok(entry)) => {
+                                let next = Arc::new(delivery(&room, &entry));
+                                end_typing(&mut typists, &next, &show);
+                                burst.push(next);
+                            }
                             // An error is met again (and handled) at the next wait.
                             Some(Err(_)) | None => break,
                         }
                     }
                     for delivery in burst {
-                        let sender = delivery.message_by.clone();
                         let _ = tx.send(delivery);
-                        if let Some(user) = sender {
-                            if typists.sent(&user) {
-                                show(&user, false);
-                            }
-                        }
                     }
                 }
                 Err(e) => {
@@ -331,22 +349,37 @@ async fn run_feed(
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
             },
-            message = typing.next(), if typing_open => match message {
-                Some(message) => match serde_json::from_slice::<Signal>(&message.payload) {
-                    Ok(signal) => {
-                        if let Some(active) = typists.signal(&signal, tokio::time::Instant::now()) {
-                            show(&signal.user, active);
-                        }
-                    }
-                    Err(e) => tracing::debug!(room = %room, error = %e, "malformed typing signal"),
-                },
-                None => typing_open = false,
-            },
             _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
                 for user in typists.expire(tokio::time::Instant::now()) {
                     show(&user, false);
                 }
             }
+        }
+    }
+}
+
+/// A typing signal from some edge, decided for this edge's sessions.
+fn decide_typing(
+    room: &RoomId,
+    typists: &mut Typists,
+    message: &async_nats::Message,
+    show: &impl Fn(&UserId, bool),
+) {
+    match serde_json::from_slice::<Signal>(&message.payload) {
+        Ok(signal) => {
+            if let Some(active) = typists.signal(&signal, tokio::time::Instant::now()) {
+                show(&signal.user, active);
+            }
+        }
+        Err(e) => tracing::debug!(room = %room, error = %e, "malformed typing signal"),
+    }
+}
+
+/// A message ends its author's indicator.
+fn end_typing(typists: &mut Typists, delivery: &Delivery, show: &impl Fn(&UserId, bool)) {
+    if let Some(user) = &delivery.message_by {
+        if typists.sent(user) {
+            show(user, false);
         }
     }
 }

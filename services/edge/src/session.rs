@@ -14,7 +14,7 @@
 //! keeps sending after being refused is closed with 4029. A client from which nothing arrives
 //! (no frame, no pong to the writer's pings) within the idle timeout is closed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,7 +136,7 @@ fn serve_session(
             out,
             subscriptions: HashMap::new(),
             limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
-            typing: HashMap::new(),
+            typing: HashSet::new(),
             appends: std::sync::Mutex::default(),
         };
         tracing::debug!(user = %session.user, "session open");
@@ -329,8 +329,8 @@ struct Session {
     out: Outbox,
     subscriptions: HashMap<RoomId, Subscription>,
     limits: ConnectionLimits,
-    /// When this session last published `active:true` per room.
-    typing: HashMap<RoomId, Instant>,
+    /// The rooms where this session said it is typing (and has not stopped or sent since).
+    typing: HashSet<RoomId>,
     /// Appends in flight. Only reached through `&mut self` (`get_mut`: never locked); the
     /// mutex makes the session `Sync`, which its `&self` futures need.
     appends: std::sync::Mutex<Appends>,
@@ -1030,9 +1030,10 @@ impl Session {
         }
     }
 
-    /// `{"type":"typing","room":…,"active":…}`: no reply; members only. A session publishes at
-    /// most one `active:true` per room per debounce interval (what the others see is decided
-    /// by each edge's feed, see [`crate::typing`]).
+    /// `{"type":"typing","room":…,"active":…}`: no reply; members only. A session publishes
+    /// every `active:true` it admits, so a renewal moves the expiry the others see; what they
+    /// see (one `active:true` per debounce interval) is decided by each edge's feed, see
+    /// [`crate::typing`].
     async fn typing(&mut self, rid: Option<&str>, body: &Frame<'_>) {
         #[derive(Deserialize)]
         struct Typing {
@@ -1046,15 +1047,10 @@ impl Session {
             return;
         };
         if frame.active {
-            if self
-                .typing
-                .get(&room)
-                .is_some_and(|t| t.elapsed() < crate::typing::DEBOUNCE)
-            {
-                return;
-            }
-            self.typing.insert(room.clone(), Instant::now());
-        } else if self.typing.remove(&room).is_none() {
+            // Every renewal goes out (the typing rate limit bounds them): each edge shows one
+            // `active:true` per debounce interval, and a renewal within it moves the expiry.
+            self.typing.insert(room.clone());
+        } else if !self.typing.remove(&room) {
             return;
         }
         let published = self

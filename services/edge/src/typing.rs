@@ -1,7 +1,8 @@
 //! Typing indicators: ephemeral, over core NATS, never in a stream or a store.
 //!
 //! An edge publishes a user's `active:true` / `active:false` for a room on
-//! `<prefix>.typing.<room>` (at most one `true` per session and room per [`DEBOUNCE`]). Every
+//! `<prefix>.typing.<room>` (every `true` a session admits: the typing rate limit bounds them,
+//! and each renewal must reach the others to move the expiry they keep). Every
 //! edge with followers of the room subscribes to that subject, and one [`Typists`] per room
 //! decides what its sessions see, so the contract holds however many sessions and edges the
 //! typing user has:
