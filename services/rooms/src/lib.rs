@@ -13,8 +13,9 @@
 //! - **Idempotency.** The client's id is the `Nats-Msg-Id`: within the stream's duplicate
 //!   window JetStream answers a resend with the original sequence. Past the window the store's
 //!   (room, id) index answers it, which holds while projection lag stays below the window; when
-//!   it does not (or no projector has reported for longer than the window), appends are refused
-//!   with `unavailable` rather than risk a duplicate.
+//!   it does not (or no projector has reported for longer than the window, or, in a process
+//!   without a projector of its own, none ever has), appends are refused with `unavailable`
+//!   rather than risk a duplicate.
 //! - **Read-your-writes.** History the store does not hold yet is read from the log.
 //! - **Roles.** The creator is the room's admin: removes members, deletes any message, makes
 //!   the room read-only (`room_updated`); while it is, only the admin posts.
@@ -82,6 +83,10 @@ pub struct RoomsConfig {
     pub commits: Option<Arc<chat_store::Commits>>,
     /// How long a history or thread page waits for the projector in this process.
     pub history_wait: Duration,
+    /// Whether a projector runs in this process. Without one, appends wait until some
+    /// projector has reported to the store: until then nothing says the store's id index
+    /// answers resends past the duplicate window (it may be a store no projector fills).
+    pub projector_here: bool,
 }
 
 impl Default for RoomsConfig {
@@ -94,6 +99,7 @@ impl Default for RoomsConfig {
             block_list_ttl: Duration::from_secs(10),
             commits: None,
             history_wait: Duration::from_millis(250),
+            projector_here: true,
         }
     }
 }
@@ -235,6 +241,12 @@ impl Command {
     }
 }
 
+/// A refresh of a room's state that failed for want of NATS, and when it ended.
+struct Failed {
+    at: Instant,
+    error: RoomError,
+}
+
 /// The room service. Cheap to share (`Arc`).
 pub struct Rooms {
     log: RoomLog,
@@ -245,7 +257,7 @@ pub struct Rooms {
     /// Room states folded from the log, by room.
     cache: Mutex<HashMap<RoomId, Cached>>,
     /// One refresh at a time per room: concurrent callers wait for it and share its result.
-    refreshing: Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>,
+    refreshing: Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<Option<Failed>>>>>,
     /// Block lists read recently, kept current by the invalidator.
     blocks: Arc<BlockCache>,
     /// Follows the user log's change notices; stopped when the service is dropped.
@@ -379,16 +391,34 @@ impl Rooms {
             }
             gates.entry(room.clone()).or_default().clone()
         });
-        let _turn = match &gate {
+        let mut turn = match &gate {
             Some(gate) => Some(gate.lock().await),
             None => None,
         };
         if let Some(state) = self.cached_since(room, asked) {
             return Ok(state);
         }
+        // So is a failure: while NATS is away, the callers queued behind a refresh that timed
+        // out get its answer at once instead of each waiting out a timeout of their own (a
+        // session's pipelined appends were answered one timeout apart).
+        if let Some(Failed { at, error }) = turn.as_deref().and_then(Option::as_ref) {
+            if *at >= asked {
+                return Err(error.clone());
+            }
+        }
         // Boxed: callers waiting for another's refresh (every session of a room whose state
         // just expired) hold only the small future above.
-        Box::pin(self.read_state(room)).await
+        let result = Box::pin(self.read_state(room)).await;
+        if let Some(turn) = turn.as_deref_mut() {
+            *turn = match &result {
+                Err(error @ RoomError::Unavailable(_)) => Some(Failed {
+                    at: Instant::now(),
+                    error: error.clone(),
+                }),
+                _ => None,
+            };
+        }
+        result
     }
 
     /// This process appended, at `seq`, an event that changes nothing of the room's state,
@@ -1083,8 +1113,16 @@ impl Rooms {
         let reports = self.store.projectors().await?;
         let now = now_ms();
         let result = match reports.iter().map(|r| r.lag_ms as i64).max() {
-            // No projector has ever reported: nothing to judge by (see the crate docs).
-            None => Ok(()),
+            // No projector has ever reported: with one in this process (starting up), nothing
+            // to judge by yet (see the crate docs); without, the store may be one no projector
+            // fills, and a resend past the window would be appended again.
+            None if self.config.projector_here => Ok(()),
+            None => Err(
+                "no projector has reported to this process's store yet, so a resend past the \
+                 duplicate window could not be recognized; appends wait for one (an edge or api \
+                 process reads the store a projector writes: with SQLite, run CHAT_ROLE=all)"
+                    .to_owned(),
+            ),
             Some(lag) if lag >= window => Err(format!(
                 "projection lags {lag} ms behind the log, more than the {window} ms duplicate window"
             )),
