@@ -69,6 +69,14 @@ pub async fn serve(
         }
     }));
     let store = open_store_with(&config, role == Role::All).await?;
+    if matches!(role, Role::Edge | Role::Api) && config.store == StoreConfig::Sqlite {
+        tracing::warn!(
+            role = ?role,
+            "the edge and api roles read the store a projector writes, and a SQLite store is \
+             this process's own: no projector fills it, so room lists stay empty and appends are \
+             refused (run CHAT_ROLE=all with SQLite, or use CHAT_STORE=scylla://…)"
+        );
+    }
     let mut tasks = tokio::task::JoinSet::new();
 
     // The projector's commits, for the readers of the store in this process.
@@ -105,6 +113,7 @@ pub async fn serve(
                 // Only a projector of every room commits what any page may ask for.
                 commits: (role == Role::All && config.partition == chat_projector::Partition::ALL)
                     .then(|| commits.clone()),
+                projector_here: role == Role::All,
                 ..chat_rooms::RoomsConfig::default()
             },
         )

@@ -278,3 +278,30 @@ async fn a_users_send_allowance_is_one_across_edges() {
     let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
     assert_eq!(bob.say("quota", "mine").await["type"], "ack");
 }
+
+#[tokio::test]
+async fn an_edge_whose_store_no_projector_fills_refuses_appends() {
+    // An edge on SQLite has a store of its own that nothing fills: its id index cannot answer
+    // a resend past the duplicate window, so it appends nothing rather than risk a second copy.
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let all = node(&nats, d1.path(), "all");
+    let edge = node(&nats, d2.path(), "edge");
+    let t = token("alice");
+    let body = json!({"room": "lonely", "kind": "group", "members": ["bob"]});
+    let (status, answer) = api(&all, &t, "POST", "/v1/rooms", Some(body));
+    assert_eq!(status, 201, "{answer}");
+    let mut alice = Client::connect(&edge.ws_url(), &t).await;
+    let refused = alice.say("lonely", "anyone?").await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("no projector has reported"),
+        "{refused}"
+    );
+    // The all-in-one process, whose projector fills its own store, appends.
+    let mut alice = Client::connect(&all.ws_url(), &t).await;
+    assert_eq!(alice.say("lonely", "here").await["type"], "ack");
+}
