@@ -213,7 +213,13 @@ pub async fn serve(
     match drained {
         Some(result) => result.context("http server task")?.context("http server")?,
         None => {
-            tracing::warn!(grace = ?config.drain_grace, "drain grace elapsed; closing what is left")
+            tracing::warn!(grace = ?config.drain_grace, "drain grace elapsed; closing what is left");
+            // Sessions still waiting on their appends close with 1001 now: a second for their
+            // close frames to go out, rather than sockets dropped without one.
+            if let Some(edge) = &edge {
+                edge.hurry.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), edge.sessions.wait()).await;
+            }
         }
     }
     if !shutdown.is_cancelled() {

@@ -766,3 +766,34 @@ async fn pipelined_appends_are_answered_and_stored_in_the_clients_order() {
         .collect();
     assert_eq!(texts, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_grace_runs_out_while_nats_is_away_still_closes_with_1001() {
+    let mut nats = NatsServer::start_with_jetstream("");
+    let data = tempfile::tempdir().unwrap();
+    // Membership is read from the log for every frame, and a NATS request may take 30 s: the
+    // drain's second of grace runs out while the session waits on one.
+    let mut env = env_with(
+        data.path(),
+        &[
+            ("CHAT_NATS_TIMEOUT", "30s"),
+            ("CHAT_MEMBERSHIP_TTL", "1ms"),
+            ("CHAT_DRAIN_GRACE", "1s"),
+        ],
+    );
+    env.push(("NATS_URL", nats.url()));
+    let mut chatd = start(&env);
+    create_room(&chatd, data.path(), "stuck", "alice", &[]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    assert_eq!(alice.say("stuck", "before").await["type"], "ack");
+
+    nats.kill();
+    alice
+        .send(json!({"type": "read", "room": "stuck", "seq": 2}))
+        .await;
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    // The session is still waiting on NATS when the grace is over: it gets its close frame
+    // all the same, rather than a dropped socket.
+    assert_eq!(alice.closed().await, 1001);
+    assert!(chatd.wait_exit(DEADLINE).is_some(), "chatd exits");
+}

@@ -134,6 +134,9 @@ pub struct EdgeState {
     pub config: Arc<EdgeConfig>,
     /// Cancelled when the server drains: every session closes with 1001.
     pub shutdown: CancellationToken,
+    /// Cancelled when a drain's grace is over: a session still finishing its appends closes
+    /// with 1001 at once.
+    pub hurry: CancellationToken,
     /// Room rules, appends and queries.
     pub rooms: Arc<chat_rooms::Rooms>,
     /// This edge's shared room feeds.
@@ -228,6 +231,7 @@ impl EdgeState {
             ),
             config: Arc::new(config),
             shutdown,
+            hurry: CancellationToken::new(),
             rooms,
             hub,
             stats,

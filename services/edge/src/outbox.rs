@@ -180,6 +180,18 @@ pub(crate) struct Outbox {
     abort: Arc<Mutex<Option<(u16, String)>>>,
 }
 
+/// Closes a session at once with a code, from outside its producers (see [`Outbox::abort`]).
+pub(crate) struct Aborter {
+    queue: Arc<Queue>,
+    abort: Arc<Mutex<Option<(u16, String)>>>,
+}
+
+impl Aborter {
+    pub(crate) fn abort(&self, code: u16, reason: &str) {
+        abort_with(&self.abort, &self.queue, code, reason);
+    }
+}
+
 /// Stops a session's writer at once (without a close code of its own: it closes the socket).
 pub(crate) struct Stopper(Arc<Queue>);
 
@@ -244,6 +256,13 @@ impl Outbox {
     /// Stops the writer at once (without a close code of its own: it closes the socket).
     pub(crate) fn stopper(&self) -> Stopper {
         Stopper(self.queue.clone())
+    }
+
+    pub(crate) fn aborter(&self) -> Aborter {
+        Aborter {
+            queue: self.queue.clone(),
+            abort: self.abort.clone(),
+        }
     }
 
     pub(crate) fn is_stopped(&self) -> bool {

@@ -140,7 +140,17 @@ fn serve_session(
             appends: std::sync::Mutex::default(),
         };
         tracing::debug!(user = %session.user, "session open");
-        session.serve(&mut stream, &identity, auth_rid).await;
+        let aborter = session.out.aborter();
+        let hurry = session.state.hurry.clone();
+        tokio::select! {
+            () = session.serve(&mut stream, &identity, auth_rid) => {}
+            // A drain's grace is over and the session is still waiting (on NATS, say): it
+            // closes now, with what it has in flight unanswered (resent with their ids, they
+            // land at most once).
+            () = hurry.cancelled() => {
+                aborter.abort(close_code::DRAINING, "server draining, reconnect elsewhere");
+            }
+        }
         session.unsubscribe_all();
         drop(session);
         // The writer sends what is queued, then the close frame. A client that does not read gets
