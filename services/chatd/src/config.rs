@@ -242,6 +242,7 @@ impl Config {
             typing: rate("CHAT_TYPING_RATE", defaults.rates.typing)?,
             subscribe: rate("CHAT_SUBSCRIBE_RATE", defaults.rates.subscribe)?,
             history: rate("CHAT_HISTORY_RATE", defaults.rates.history)?,
+            manage: rate("CHAT_MANAGE_RATE", defaults.rates.manage)?,
             frames: rate("CHAT_FRAME_RATE", defaults.rates.frames)?,
         };
         let send_rate = rates.send;
@@ -290,7 +291,7 @@ impl Config {
                     )
                 })
                 .map(|d| (!d.is_zero()).then_some(d))?,
-            None => defaults.rate_share,
+            None => Some(Duration::from_millis(250)),
         };
         let max_connections = count("CHAT_MAX_CONNECTIONS", defaults.max_connections)?;
         let max_connections_per_user = count(
@@ -569,6 +570,7 @@ mod tests {
             ("CHAT_JWT_HS256_SECRET", "short"),
             ("CHAT_NATS_SYNC", "sometimes"),
             ("CHAT_TYPING_RATE", "fast"),
+            ("CHAT_MANAGE_RATE", "0/1"),
             ("CHAT_MAX_CONNECTIONS", "0"),
             ("CHAT_OUTBOUND_BYTES", "-1"),
             ("CHAT_IDLE_TIMEOUT", "0s"),

@@ -27,6 +27,8 @@ pub struct AppState {
     pub projector: Option<Arc<chat_projector::ProjectorStats>>,
     /// Counters of the edge running in this process, if any.
     pub edge: Option<Arc<chat_edge::EdgeStats>>,
+    /// The per-user rate limits the rooms API draws on (shared with the edge, if any).
+    pub limits: Option<Arc<chat_edge::UserLimits>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -144,12 +146,36 @@ impl FromRequestParts<AppState> for Authenticated {
             None => Err("missing Authorization: Bearer token".to_owned()),
             Some(token) => state.verifier.verify(token).map_err(|e| e.to_string()),
         };
-        result.map(Authenticated).map_err(|message| {
+        let identity = result.map_err(|message| {
             let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", &message);
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
-        })
+        })?;
+        if let Some(limits) = &state.limits {
+            // Reads draw on the user's history bucket (as `history` frames do), changes on
+            // the bucket of room and block changes; on every process alike.
+            let work = if parts.method == Method::GET || parts.method == Method::HEAD {
+                chat_edge::Work::History
+            } else {
+                chat_edge::Work::Manage
+            };
+            if let Err(limited) = limits.check(work, &identity.user) {
+                limits.http_limited.fetch_add(1, Ordering::Relaxed);
+                let retry_ms = limited.retry_after.as_millis().max(1);
+                let mut response = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!("rate limited; retry in {retry_ms} ms"),
+                );
+                let seconds = retry_ms.div_ceil(1000).to_string();
+                if let Ok(value) = HeaderValue::from_str(&seconds) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return Err(response);
+            }
+        }
+        Ok(Authenticated(identity))
     }
 }

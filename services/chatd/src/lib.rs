@@ -118,13 +118,25 @@ pub async fn serve(
             },
         )
     });
-    let edge = match (&rooms, role) {
-        (Some(rooms), Role::All | Role::Edge) => Some(chat_edge::EdgeState::new(
+    // Per-user rate limits: one set of buckets per process, for its edge and its HTTP API
+    // alike, kept in step with the other processes (`CHAT_RATE_SHARE`).
+    let limits = rooms.is_some().then(|| {
+        chat_edge::UserLimits::start(
+            config.rates,
+            config.rate_share,
+            log.client().clone(),
+            &config.log.prefix,
+            shutdown.clone(),
+        )
+    });
+    let edge = match (&rooms, &limits, role) {
+        (Some(rooms), Some(limits), Role::All | Role::Edge) => Some(chat_edge::EdgeState::new(
             verifier.clone(),
             edge_config(&config),
             shutdown.clone(),
             rooms.clone(),
             chat_edge::Hub::with_typing_expiry(log.clone(), 4_096, config.typing_expiry),
+            limits.clone(),
         )),
         _ => None,
     };
@@ -136,6 +148,7 @@ pub async fn serve(
         rooms: rooms.clone(),
         projector: projector.clone(),
         edge: edge.as_ref().map(|e| e.stats.clone()),
+        limits,
     };
     metrics::observe(&state);
     let mut app = http::router(state);
@@ -261,7 +274,6 @@ fn edge_config(config: &Config) -> chat_edge::EdgeConfig {
         ping_interval: config.ping_interval,
         idle_timeout: config.idle_timeout,
         rates: config.rates,
-        rate_share: config.rate_share,
         flood_window: config.flood_window,
         max_connections: config.max_connections,
         max_connections_per_user: config.max_connections_per_user,

@@ -201,6 +201,27 @@ pub fn observe(state: &AppState) {
             )],
         );
     }
+    if let Some(limits) = &state.limits {
+        observe_all(
+            &meter,
+            limits,
+            &[
+                (
+                    "chat.edge.rate_charged",
+                    "Tokens drawn from this process's per-user rate limits for work done in others.",
+                    "{token}",
+                    |s| &s.charged,
+                ),
+                (
+                    "chat.http.rate_limited",
+                    "HTTP requests refused by a per-user rate limit (429).",
+                    "{request}",
+                    |s| &s.http_limited,
+                ),
+            ],
+            &[],
+        );
+    }
     if let Some(edge) = &state.edge {
         observe_all(
             &meter,
@@ -238,12 +259,6 @@ pub fn observe(state: &AppState) {
                     "Frames refused by a rate limit.",
                     "{frame}",
                     |s| &s.rate_limited,
-                ),
-                (
-                    "chat.edge.rate_charged",
-                    "Tokens drawn from this edge's per-user rate limits for work on other edges.",
-                    "{token}",
-                    |s| &s.rate_charged,
                 ),
                 (
                     "chat.edge.flood_closes",

@@ -797,3 +797,56 @@ async fn a_drain_whose_grace_runs_out_while_nats_is_away_still_closes_with_1001(
     assert_eq!(alice.closed().await, 1001);
     assert!(chatd.wait_exit(DEADLINE).is_some(), "chatd exits");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_draw_on_the_users_rate_limits() {
+    let data = tempfile::tempdir().unwrap();
+    // Rates of one a second: nothing refills in the moments the test takes.
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_HISTORY_RATE", "1/3"), ("CHAT_MANAGE_RATE", "1/2")],
+    ));
+    let alice = dev_token(data.path(), "alice", 3600);
+    let bob = dev_token(data.path(), "bob", 3600);
+    let auth = format!("Bearer {alice}");
+    let exchange = |method: &str, path: &str, body: Option<&str>| {
+        chat_harness::http_exchange(
+            chatd.http_addr(),
+            method,
+            path,
+            &[("Authorization", auth.as_str())],
+            body,
+        )
+        .expect("an answer")
+    };
+    // Changes: two rooms (the burst), then a refusal with Retry-After.
+    for room in ["r1", "r2"] {
+        let body = json!({"room": room, "kind": "group"}).to_string();
+        let (status, _, answer) = exchange("POST", "/v1/rooms", Some(&body));
+        assert_eq!(status, 201, "{answer}");
+    }
+    let body = json!({"room": "r3", "kind": "group"}).to_string();
+    let (status, head, answer) = exchange("POST", "/v1/rooms", Some(&body));
+    assert_eq!(status, 429, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], "rate_limited", "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("retry-after: ")),
+        "{head}"
+    );
+    // Reads: the history bucket, shared with the WebSocket's history frames.
+    for _ in 0..3 {
+        let (status, _, answer) = exchange("GET", "/v1/rooms/r1/messages", None);
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, _, answer) = exchange("GET", "/v1/rooms", None);
+    assert_eq!(status, 429, "{answer}");
+    let mut ws = Client::connect(&chatd.ws_url(), &alice).await;
+    let history = ws.request(json!({"type": "history", "room": "r1"})).await;
+    assert_eq!(history["code"], "rate_limited", "{history}");
+    // Another user's allowance is their own.
+    let (status, rooms) = api(&chatd, &bob, "GET", "/v1/rooms", None);
+    assert_eq!(status, 200, "{rooms}");
+    assert!(metric(&chatd, "chat_http_rate_limited_total") >= 2);
+}

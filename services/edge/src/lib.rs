@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 pub use delivered::{DeliveredConfig, DeliveredCursors};
 pub use frame::Framed;
 pub use hub::{Delivery, Follower, Hub};
-pub use limits::{Rate, Rates};
+pub use limits::{Limited, Rate, Rates, UserLimits, Work};
 pub use presence::{Presence, PresenceConfig};
 pub use protocol::{close_code, ErrorCode};
 pub use render::event_frame;
@@ -77,9 +77,6 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     /// Per-user and per-connection token buckets.
     pub rates: Rates,
-    /// How often the edges tell each other what their per-user buckets gave out, so a user's
-    /// allowance is one across all edges; `None`: each edge limits on its own.
-    pub rate_share: Option<Duration>,
     /// More refusals than a limit's burst within this window closes the connection with 4029.
     pub flood_window: Duration,
     /// Sockets this edge holds at most (authenticated or not); more are refused with 503.
@@ -114,7 +111,6 @@ impl Default for EdgeConfig {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             rates: Rates::default(),
-            rate_share: Some(Duration::from_millis(250)),
             flood_window: Duration::from_secs(10),
             max_connections: 50_000,
             max_connections_per_user: 32,
@@ -155,47 +151,23 @@ pub struct EdgeState {
     pub delivered: Arc<DeliveredCursors>,
     /// Read cursors: one `read` event per user per room per second, in increasing order.
     pub(crate) reads: Arc<reads::ReadCursors>,
-    limits: Arc<limits::UserLimits>,
+    limits: Arc<UserLimits>,
     connections: Arc<limits::Connections>,
 }
 
 impl EdgeState {
-    /// An edge; starts a task that forgets idle users' rate-limit state, and the one that
-    /// appends delivered cursors (until `shutdown` and every session has ended, then once more).
+    /// An edge drawing on the process's per-user buckets `limits` (see
+    /// [`UserLimits::start`]); starts the task that appends delivered cursors (until `shutdown`
+    /// and every session has ended, then once more).
     pub fn new(
         verifier: Arc<Verifier>,
         config: EdgeConfig,
         shutdown: CancellationToken,
         rooms: Arc<chat_rooms::Rooms>,
         hub: Arc<Hub>,
+        limits: Arc<UserLimits>,
     ) -> EdgeState {
-        let limits = Arc::new(limits::UserLimits::new(
-            config.rates,
-            config.rate_share.is_some(),
-        ));
-        let forget = Arc::downgrade(&limits);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                every.tick().await;
-                match forget.upgrade() {
-                    Some(limits) => limits.forget_idle(),
-                    None => return,
-                }
-            }
-        });
         let stats = Arc::new(EdgeStats::default());
-        if let Some(every) = config.rate_share {
-            let log = hub.log();
-            tokio::spawn(shared_limits::run(
-                limits.clone(),
-                log.client().clone(),
-                format!("{}.limits", log.config().prefix),
-                every,
-                stats.clone(),
-                shutdown.clone(),
-            ));
-        }
         let presence = Presence::start(
             hub.clone(),
             config.presence,
@@ -266,8 +238,6 @@ pub struct EdgeStats {
     pub ephemeral_dropped: AtomicU64,
     /// Frames refused by a rate limit.
     pub rate_limited: AtomicU64,
-    /// Tokens drawn from this edge's per-user buckets for work done on other edges.
-    pub rate_charged: AtomicU64,
     /// Sessions closed with 4029 (kept flooding).
     pub flood_closes: AtomicU64,
     /// Connections refused by a cap (total or per user).
@@ -424,6 +394,22 @@ async fn presence_of(
             )
         }
     };
+    // A read, as the rooms API's: the user's history bucket.
+    if let Err(limited) = state.limits.check(Work::History, &identity.user) {
+        state.limits.http_limited.fetch_add(1, Ordering::Relaxed);
+        let retry_ms = limited.retry_after.as_millis().max(1);
+        let mut response = http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("rate limited; retry in {retry_ms} ms"),
+        );
+        if let Ok(value) = axum::http::HeaderValue::from_str(&retry_ms.div_ceil(1000).to_string()) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, value);
+        }
+        return response;
+    }
     let room = match chat_model::RoomId::parse(&room) {
         Ok(room) => room,
         Err(e) => {

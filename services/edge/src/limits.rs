@@ -3,7 +3,7 @@
 //! - **Per user** (shared by all of a user's sessions on this edge, and with the other edges
 //!   through `shared_limits.rs`), one token bucket per kind of work: appends (`send`, `edit`,
 //!   `delete`, `react`: the contract's `CHAT_SEND_RATE`), `typing`, `subscribe` and `history`
-//!   frames.
+//!   frames, and the HTTP API's reads (`history`) and changes (`manage`).
 //! - **Per connection**, one token bucket over every frame, whatever its type, so that no single
 //!   socket can make the edge parse without bound (pings and malformed frames included).
 //! - **Flooding**: a connection that has more frames refused by a limit than that limit's burst
@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use chat_model::UserId;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A token bucket's settings: `per_second` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +66,11 @@ pub struct Rates {
     pub typing: Rate,
     /// `subscribe` frames per user.
     pub subscribe: Rate,
-    /// `history` frames per user.
+    /// `history` frames per user (and the HTTP API's reads).
     pub history: Rate,
+    /// The HTTP API's changes per user: creating rooms, adding and removing members, room
+    /// settings, blocks.
+    pub manage: Rate,
     /// Frames of any type per connection.
     pub frames: Rate,
 }
@@ -78,22 +82,30 @@ impl Default for Rates {
             typing: Rate::new(2, 5),
             subscribe: Rate::new(5, 20),
             history: Rate::new(10, 20),
+            manage: Rate::new(2, 20),
             frames: Rate::new(50, 100),
         }
     }
 }
 
-/// Which per-user bucket a frame draws from.
+/// Which per-user bucket a frame (or an HTTP request) draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Work {
+pub enum Work {
     Send,
     Typing,
     Subscribe,
     History,
+    Manage,
 }
 
 impl Work {
-    const ALL: [Work; 4] = [Work::Send, Work::Typing, Work::Subscribe, Work::History];
+    const ALL: [Work; 5] = [
+        Work::Send,
+        Work::Typing,
+        Work::Subscribe,
+        Work::History,
+        Work::Manage,
+    ];
 
     fn index(self) -> usize {
         match self {
@@ -101,35 +113,43 @@ impl Work {
             Work::Typing => 1,
             Work::Subscribe => 2,
             Work::History => 3,
+            Work::Manage => 4,
         }
     }
 }
 
-/// Tokens drawn from one user's buckets, by [`Work`] (send, typing, subscribe, history).
-pub(crate) type Used = [u32; 4];
+/// Tokens drawn from one user's buckets, by [`Work`] (send, typing, subscribe, history,
+/// manage).
+pub(crate) type Used = [u32; 5];
 
-/// The per-user buckets, shared by every session of this edge, and what they gave out since
-/// the other edges were last told (see `shared_limits.rs`).
-pub(crate) struct UserLimits {
+/// The per-user buckets of a process, shared by every session of its edge and by its HTTP API,
+/// and what they gave out since the other processes were last told (see `shared_limits.rs`).
+pub struct UserLimits {
     rates: Rates,
     send: DefaultKeyedRateLimiter<UserId>,
     typing: DefaultKeyedRateLimiter<UserId>,
     subscribe: DefaultKeyedRateLimiter<UserId>,
     history: DefaultKeyedRateLimiter<UserId>,
+    manage: DefaultKeyedRateLimiter<UserId>,
     /// Tokens given out here since the last [`UserLimits::take_used`]; `None` when the buckets
     /// are not shared with other edges.
     used: Option<Mutex<HashMap<UserId, Used>>>,
+    /// Tokens drawn from these buckets for work done in other processes
+    /// (`chat.edge.rate_charged`).
+    pub charged: AtomicU64,
+    /// HTTP requests refused by these buckets (`chat.http.rate_limited`).
+    pub http_limited: AtomicU64,
 }
 
 /// A refusal: the limit's burst and how long until a frame would pass.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limited {
+pub struct Limited {
     pub burst: u32,
     pub retry_after: Duration,
 }
 
 impl UserLimits {
-    /// Buckets of this edge; `shared`: it records what they give out, for the other edges.
+    /// Buckets of this process; `shared`: it records what they give out, for the others.
     pub(crate) fn new(rates: Rates, shared: bool) -> UserLimits {
         UserLimits {
             rates,
@@ -137,8 +157,49 @@ impl UserLimits {
             typing: RateLimiter::keyed(rates.typing.quota()),
             subscribe: RateLimiter::keyed(rates.subscribe.quota()),
             history: RateLimiter::keyed(rates.history.quota()),
+            manage: RateLimiter::keyed(rates.manage.quota()),
             used: shared.then(Mutex::default),
+            charged: AtomicU64::new(0),
+            http_limited: AtomicU64::new(0),
         }
+    }
+
+    /// The process's buckets, with a task that forgets idle users' state and, with `share`
+    /// (`CHAT_RATE_SHARE`), one that keeps them in step with the other processes over `client`
+    /// (subject `<prefix>.limits`), both until `shutdown`.
+    pub fn start(
+        rates: Rates,
+        share: Option<Duration>,
+        client: async_nats::Client,
+        prefix: &str,
+        shutdown: CancellationToken,
+    ) -> Arc<UserLimits> {
+        let limits = Arc::new(UserLimits::new(rates, share.is_some()));
+        let forget = Arc::downgrade(&limits);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                match forget.upgrade() {
+                    Some(limits) => limits.forget_idle(),
+                    None => return,
+                }
+            }
+        });
+        if let Some(every) = share {
+            tokio::spawn(crate::shared_limits::run(
+                limits.clone(),
+                client,
+                format!("{prefix}.limits"),
+                every,
+                shutdown,
+            ));
+        }
+        limits
     }
 
     fn bucket(&self, work: Work) -> (&DefaultKeyedRateLimiter<UserId>, Rate) {
@@ -147,10 +208,11 @@ impl UserLimits {
             Work::Typing => (&self.typing, self.rates.typing),
             Work::Subscribe => (&self.subscribe, self.rates.subscribe),
             Work::History => (&self.history, self.rates.history),
+            Work::Manage => (&self.manage, self.rates.manage),
         }
     }
 
-    pub(crate) fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
+    pub fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
         let (limiter, rate) = self.bucket(work);
         limiter.check_key(user).map_err(|not_until| Limited {
             burst: rate.burst,
@@ -198,7 +260,13 @@ impl UserLimits {
 
     /// Forgets users whose buckets are full again (their state is the same as a new user's).
     pub(crate) fn forget_idle(&self) {
-        for limiter in [&self.send, &self.typing, &self.subscribe, &self.history] {
+        for limiter in [
+            &self.send,
+            &self.typing,
+            &self.subscribe,
+            &self.history,
+            &self.manage,
+        ] {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -384,7 +452,7 @@ mod tests {
         here.check(Work::Send, &alice).unwrap();
         here.check(Work::Typing, &alice).unwrap();
         let used = here.take_used();
-        assert_eq!(used.get(&alice), Some(&[2, 1, 0, 0]));
+        assert_eq!(used.get(&alice), Some(&[2, 1, 0, 0, 0]));
         assert!(here.take_used().is_empty(), "taken once");
 
         assert_eq!(there.charge(&alice, used[&alice]), 3);
@@ -398,7 +466,7 @@ mod tests {
             "one of three left"
         );
         // A charge beyond what a bucket holds leaves it empty, no more.
-        assert_eq!(there.charge(&user("bob"), [50, 0, 0, 0]), 3);
+        assert_eq!(there.charge(&user("bob"), [50, 0, 0, 0, 0]), 3);
         assert!(there.check(Work::Send, &user("bob")).is_err());
         // Unshared buckets record nothing.
         let alone = UserLimits::new(rates, false);

@@ -36,7 +36,6 @@ pub(crate) async fn run(
     client: async_nats::Client,
     subject: String,
     every: Duration,
-    stats: Arc<crate::EdgeStats>,
     shutdown: CancellationToken,
 ) {
     let edge = uuid::Uuid::new_v4().simple().to_string();
@@ -89,8 +88,8 @@ pub(crate) async fn run(
                         drawn += limits.charge(&user, used);
                     }
                 }
-                stats
-                    .rate_charged
+                limits
+                    .charged
                     .fetch_add(drawn, std::sync::atomic::Ordering::Relaxed);
             }
         }

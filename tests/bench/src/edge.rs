@@ -172,6 +172,7 @@ impl Rig {
             ("CHAT_TYPING_RATE", unlimited.to_owned()),
             ("CHAT_SUBSCRIBE_RATE", unlimited.to_owned()),
             ("CHAT_HISTORY_RATE", unlimited.to_owned()),
+            ("CHAT_MANAGE_RATE", unlimited.to_owned()),
             ("CHAT_FRAME_RATE", unlimited.to_owned()),
             ("CHAT_MAX_CONNECTIONS", "100000".to_owned()),
             ("CHAT_MAX_CONNECTIONS_PER_USER", "100000".to_owned()),
