@@ -45,8 +45,11 @@ impl Identity {
     /// How long until verification would refuse the token: expiry plus the clock leeway. A
     /// session authenticated by it ends then.
     pub fn time_accepted(&self) -> std::time::Duration {
-        let until = self.expires_at_ms + LEEWAY_SECS * 1000;
-        std::time::Duration::from_millis(until.saturating_sub(now_ms()))
+        // At most a century: a deadline that far is as good as none, and stays one a timer
+        // can hold.
+        const CENTURY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+        let until = self.expires_at_ms.saturating_add(LEEWAY_SECS * 1000);
+        std::time::Duration::from_millis(until.saturating_sub(now_ms()).min(CENTURY_MS))
     }
 }
 
@@ -137,10 +140,10 @@ fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
         return Ok(None);
     };
+    // Past what milliseconds in a `u64` hold (half a million years away) is as good as that.
+    let far = (u64::MAX / 1000) as f64;
     match n.as_f64() {
-        Some(secs) if secs.is_finite() && (0.0..u64::MAX as f64 / 1000.0).contains(&secs) => {
-            Ok(Some(secs))
-        }
+        Some(secs) if secs.is_finite() && secs >= 0.0 => Ok(Some(secs.min(far))),
         _ => Err(serde::de::Error::custom(
             "a NumericDate must be a non-negative number",
         )),

@@ -1,7 +1,7 @@
 //! Token verification: every accepted kind of key, and every way a token is refused.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chat_auth::{AuthError, KeyError, Verifier};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -288,6 +288,16 @@ fn time_claims_may_have_fractions_as_rfc_7519_allows() {
             v.verify(&hs(&with(claims(), "exp", bad.clone()))),
             Err(AuthError::Malformed),
             "exp {bad}"
+        );
+    }
+    // Any non-negative number is a NumericDate, however far away.
+    for far in [json!(i64::MAX), json!(u64::MAX)] {
+        let identity = v
+            .verify(&hs(&with(claims(), "exp", far.clone())))
+            .unwrap_or_else(|e| panic!("exp {far}: {e}"));
+        assert!(
+            identity.time_accepted() >= Duration::from_secs(99 * 365 * 24 * 3600),
+            "exp {far}"
         );
     }
 }
