@@ -300,11 +300,7 @@ async fn run_feed(
     };
     loop {
         let expiry = typists.next_expiry();
-        // Typing first: a signal published before a message reaches this edge before the
-        // message's republished event, and must be decided before it, or a renewal sent just
-        // before the message would show the indicator again after the message ended it.
         tokio::select! {
-            biased;
             message = typing.next(), if typing_open => match message {
                 Some(message) => decide_typing(&room, &mut typists, &message, &show),
                 None => typing_open = false,
@@ -315,20 +311,17 @@ async fn run_feed(
                     // Render what else already arrived before broadcasting any of it: the
                     // sessions woken by the first then find the whole burst, and write it in one
                     // batch rather than one write per event.
-                    // A message ends its author's indicator as it is rendered, and typing signals
-                    // that arrived before the next event are decided before it (in the order the
-                    // edge received them).
+                    // A message ends its author's indicator as it is rendered, and the typing
+                    // signals that reached this edge before an event are decided before it: a
+                    // signal published before a message arrives before the message's
+                    // republished event, and a renewal sent just before the message would
+                    // otherwise show the indicator again after the message ended it.
+                    drain_typing(&room, &mut typing, &mut typing_open, &mut typists, &show);
                     let first = Arc::new(delivery(&room, &entry));
                     end_typing(&mut typists, &first, &show);
                     let mut burst = vec![first];
                     while burst.len() < BURST {
-                        while typing_open {
-                            match typing.next().now_or_never() {
-                                Some(Some(message)) => decide_typing(&room, &mut typists, &message, &show),
-                                Some(None) => typing_open = false,
-                                None => break,
-                            }
-                        }
+                        drain_typing(&room, &mut typing, &mut typing_open, &mut typists, &show);
                         match live.next().now_or_never() {
                             Some(Ok(entry)) => {
                                 let next = Arc::new(delivery(&room, &entry));
@@ -374,6 +367,30 @@ fn decide_typing(
         Err(e) => tracing::debug!(room = %room, error = %e, "malformed typing signal"),
     }
 }
+
+/// Typing signals waiting to be decided, at most [`TYPING_PER_EVENT`] of them (so a flood of
+/// signals cannot hold the room's events back).
+fn drain_typing(
+    room: &RoomId,
+    typing: &mut async_nats::Subscriber,
+    open: &mut bool,
+    typists: &mut Typists,
+    show: &impl Fn(&UserId, bool),
+) {
+    for _ in 0..TYPING_PER_EVENT {
+        if !*open {
+            return;
+        }
+        match typing.next().now_or_never() {
+            Some(Some(message)) => decide_typing(room, typists, &message, show),
+            Some(None) => *open = false,
+            None => return,
+        }
+    }
+}
+
+/// Typing signals decided before each live event, at most.
+const TYPING_PER_EVENT: usize = 256;
 
 /// A message ends its author's indicator.
 fn end_typing(typists: &mut Typists, delivery: &Delivery, show: &impl Fn(&UserId, bool)) {
