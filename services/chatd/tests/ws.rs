@@ -293,6 +293,11 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         ),
         // Nothing to subscribe to: answered all the same.
         (r#"{"type":"subscribe","rid":"10","rooms":{}}"#, Some("10")),
+        // A room named twice, as a field given twice.
+        (
+            r#"{"type":"subscribe","rid":"12","rooms":{"general":0,"general":5}}"#,
+            Some("12"),
+        ),
     ] {
         send(&mut ws, frame).await;
         let reply = next_json(&mut ws).await;

@@ -683,17 +683,20 @@ impl Session {
     async fn subscribe(&mut self, rid: Option<&str>, body: &Frame<'_>, removals: &Arc<Removals>) {
         #[derive(Deserialize)]
         struct Subscribe {
-            rooms: serde_json::Map<String, Value>,
+            rooms: Positions,
         }
-        let Some(frame) = self.fields::<Subscribe>("subscribe", rid, body).await else {
+        let Some(Subscribe {
+            rooms: Positions(rooms),
+        }) = self.fields::<Subscribe>("subscribe", rid, body).await
+        else {
             return;
         };
-        if frame.rooms.is_empty() {
+        if rooms.is_empty() {
             let message = "rooms must name at least one room (unsubscribe leaves one)";
             return self.error(rid, ErrorCode::BadRequest, message).await;
         }
         let max_rooms = self.state.config.max_rooms_per_subscribe;
-        if frame.rooms.len() > max_rooms {
+        if rooms.len() > max_rooms {
             return self
                 .error(
                     rid,
@@ -702,7 +705,7 @@ impl Session {
                 )
                 .await;
         }
-        for (name, from) in frame.rooms {
+        for (name, from) in rooms {
             let Some(room) = self.room_id(rid, &name).await else {
                 continue;
             };
@@ -1221,6 +1224,39 @@ async fn first_frame_auth(
             }
             None => return Err(refused("closed before authenticating")),
         }
+    }
+}
+
+/// A `subscribe` frame's `rooms`: each room and where to resume it, in the client's order. A
+/// room named twice is refused (as a field given twice is), not read as whichever came last.
+struct Positions(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Positions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Positions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of room ids and positions")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Positions, A::Error> {
+                let mut rooms: Vec<(String, Value)> = Vec::new();
+                let mut seen = HashSet::new();
+                while let Some((room, from)) = map.next_entry::<String, Value>()? {
+                    if !seen.insert(room.clone()) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "room {room:?} given twice"
+                        )));
+                    }
+                    rooms.push((room, from));
+                }
+                Ok(Positions(rooms))
+            }
+        }
+        d.deserialize_map(Visitor)
     }
 }
 
