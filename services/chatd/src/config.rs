@@ -203,6 +203,23 @@ impl Config {
             .map_err(|_| err("CHAT_LISTEN", format!("expected IP:PORT, got {listen:?}")))?;
         let data_dir = PathBuf::from(get("CHAT_DATA_DIR").unwrap_or_else(|| "./data".to_owned()));
 
+        // Read by the telemetry set up before this: checked here so a bad one is an error.
+        match get("CHAT_LOG_FORMAT").as_deref() {
+            None | Some("text" | "json") => {}
+            Some(other) => {
+                return Err(err(
+                    "CHAT_LOG_FORMAT",
+                    format!("text or json, got {other:?}"),
+                ))
+            }
+        }
+        for var in ["CHAT_LOG", "CHAT_TRACE"] {
+            if let Some(filter) = get(var) {
+                tracing_subscriber::EnvFilter::builder()
+                    .parse(&filter)
+                    .map_err(|e| err(var, format!("not a filter ({e}): {filter:?}")))?;
+            }
+        }
         let nats_url = get("NATS_URL");
         if let Some(url) = &nats_url {
             for server in url.split(',') {
@@ -216,12 +233,22 @@ impl Config {
         let nats_sync = match get("CHAT_NATS_SYNC").as_deref() {
             None | Some("always") => NatsSync::Always,
             Some("default") => NatsSync::Default,
-            Some(other) => NatsSync::Interval(parse_duration(other).map_err(|m| {
-                err(
-                    "CHAT_NATS_SYNC",
-                    format!("always, default, or an interval: {m}"),
-                )
-            })?),
+            Some(other) => NatsSync::Interval(
+                parse_duration(other)
+                    .and_then(|d| {
+                        if d.is_zero() {
+                            Err("an interval above 0 (or always)".to_owned())
+                        } else {
+                            Ok(d)
+                        }
+                    })
+                    .map_err(|m| {
+                        err(
+                            "CHAT_NATS_SYNC",
+                            format!("always, default, or an interval: {m}"),
+                        )
+                    })?,
+            ),
         };
 
         let store = match get("CHAT_STORE").as_deref() {
@@ -345,8 +372,26 @@ impl Config {
             log.request_timeout =
                 parse_duration(&timeout).map_err(|m| err("CHAT_NATS_TIMEOUT", m))?;
         }
-        log.validate()
-            .map_err(|e| err("CHAT_PREFIX/CHAT_REPLICAS/CHAT_DEDUP_WINDOW", e.to_string()))?;
+        log.validate().map_err(|e| {
+            let var = match &e {
+                chat_log::ConfigError::Prefix(_) => "CHAT_PREFIX",
+                chat_log::ConfigError::Replicas(_) => "CHAT_REPLICAS",
+                chat_log::ConfigError::DuplicateWindow(_) => "CHAT_DEDUP_WINDOW",
+                chat_log::ConfigError::Zero("request timeout") => "CHAT_NATS_TIMEOUT",
+                _ => "CHAT_PREFIX/CHAT_REPLICAS/CHAT_DEDUP_WINDOW/CHAT_NATS_TIMEOUT",
+            };
+            err(var, e.to_string())
+        })?;
+        if nats_url.is_none() && log.replicas > 1 {
+            return Err(err(
+                "CHAT_REPLICAS",
+                format!(
+                    "{} replicas need a NATS cluster (NATS_URL); the nats-server chatd starts \
+                     when NATS_URL is unset is a single node",
+                    log.replicas
+                ),
+            ));
+        }
 
         let drain_grace = match get("CHAT_DRAIN_GRACE") {
             Some(d) => parse_duration(&d).map_err(|m| err("CHAT_DRAIN_GRACE", m))?,
@@ -358,7 +403,15 @@ impl Config {
         };
 
         let auth_timeout = match get("CHAT_AUTH_TIMEOUT") {
-            Some(d) => parse_duration(&d).map_err(|m| err("CHAT_AUTH_TIMEOUT", m))?,
+            Some(d) => parse_duration(&d)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    err(
+                        "CHAT_AUTH_TIMEOUT",
+                        format!("a duration above 0, got {d:?}"),
+                    )
+                })?,
             None => Duration::from_secs(5),
         };
         let max_frame_bytes = match get("CHAT_MAX_FRAME_BYTES") {
@@ -578,13 +631,20 @@ mod tests {
             ("CHAT_DELIVERED_INTERVAL", "0s"),
             ("CHAT_DRAIN_DELAY", "later"),
             ("CHAT_RATE_SHARE", "11s"),
+            ("CHAT_NATS_TIMEOUT", "0"),
+            ("CHAT_AUTH_TIMEOUT", "0s"),
+            ("CHAT_NATS_SYNC", "0"),
+            ("CHAT_PREFIX", "9lives"),
+            ("CHAT_LOG_FORMAT", "xml"),
+            ("CHAT_LOG", "foo=bar=baz"),
+            ("CHAT_TRACE", "[[["),
             ("CHAT_RATE_SHARE", "often"),
             // Without a secret or key file, each names itself.
             ("CHAT_JWT_ISSUER", "idp"),
             ("CHAT_JWT_AUDIENCE", "chat"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
-            assert!(e.var.split('/').any(|v| v == var), "{var}={value}: {e}");
+            assert_eq!(e.var, var, "{var}={value}: {e}");
         }
     }
 
