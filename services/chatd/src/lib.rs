@@ -43,7 +43,15 @@ pub async fn serve(
     let role = config.role;
     // Before any instrument is made: one made earlier would report nowhere.
     metrics::ensure_installed();
-    let log = connect_log(&nats_url, &config, true).await?;
+    // A signal while NATS has not answered yet (it is unreachable, say) ends the wait: there is
+    // nothing to drain.
+    let log = tokio::select! {
+        log = connect_log(&nats_url, &config, true) => log?,
+        () = signalled.cancelled() => {
+            tracing::info!("shutdown requested before nats answered; stopping");
+            return Ok(());
+        }
+    };
 
     let listener = TcpListener::bind(config.listen)
         .await

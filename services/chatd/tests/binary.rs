@@ -504,3 +504,39 @@ fn an_unusable_key_file_is_refused_before_anything_starts() {
     );
     assert!(!data.path().join("nats").exists());
 }
+
+#[test]
+fn sigterm_while_waiting_for_nats_at_start_ends_the_process_at_once() {
+    // NATS never answers: chatd waits for it (up to a minute) before it listens. A SIGTERM in
+    // that wait stops it then, rather than when the wait is over.
+    let data = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let log = data.path().join("stderr");
+    let mut child = Command::new(bin())
+        .env("CHAT_LISTEN", "127.0.0.1:0")
+        .env("CHAT_DATA_DIR", data.path())
+        .env("NATS_URL", &url)
+        .env("CHAT_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually("the wait for nats", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("waiting for nats"))
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually("chatd to exit", Duration::from_secs(20), || {
+        child.try_wait().unwrap().is_some()
+    });
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
