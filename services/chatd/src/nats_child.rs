@@ -197,13 +197,35 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Where `make run` installs a nats-server when none is on the PATH (`nats/install-nats-server.sh`),
+/// relative to the project's root.
+const PROJECT_LOCAL: &str = ".tools/nats-server/usr/sbin/nats-server";
+
+/// The nats-server `make run` installed for this checkout: under the current directory, or
+/// under the project that built this binary (`target/release/chatd` is two levels below it).
+fn project_local() -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from(PROJECT_LOCAL)];
+    if let Some(root) = std::env::current_exe()
+        .ok()
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+    {
+        candidates.push(root.join(PROJECT_LOCAL));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
 fn find_binary(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
     let candidate = match configured {
         Some(bin) => bin.to_path_buf(),
-        None => which("nats-server").with_context(|| {
-            "no nats-server found: set NATS_URL to use a running NATS, set NATS_SERVER_BIN, \
+        None => which("nats-server")
+            .or_else(project_local)
+            .with_context(|| {
+                "no nats-server found: set NATS_URL to use a running NATS, set NATS_SERVER_BIN, \
              or start with `make run`, which installs one"
-        })?,
+            })?,
     };
     let output = Command::new(&candidate)
         .arg("--version")

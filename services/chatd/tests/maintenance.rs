@@ -174,3 +174,25 @@ fn arguments_that_cannot_mean_anything_are_usage_errors() {
         );
     }
 }
+
+#[test]
+fn an_in_place_rebuild_finds_the_nats_server_make_run_installed() {
+    // `make run` installs nats-server under the project (`.tools/`) when none is on the PATH,
+    // and only its own process is told where; an operator's `chatd rebuild` from the project
+    // directory finds it there.
+    let project = tempfile::tempdir().unwrap();
+    let local = project.path().join(".tools/nats-server/usr/sbin");
+    std::fs::create_dir_all(&local).unwrap();
+    std::os::unix::fs::symlink(chat_harness::nats_server_bin(), local.join("nats-server")).unwrap();
+    let out = Command::new(bin())
+        .args(["rebuild"])
+        .current_dir(project.path())
+        .env_remove("NATS_SERVER_BIN")
+        .env_remove("NATS_URL")
+        .env("PATH", "/nonexistent")
+        .env("CHAT_LOG", "warn")
+        .output()
+        .expect("run chatd");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(project.path().join("data").exists(), "the default data dir");
+}
