@@ -7,6 +7,8 @@
 #     either, typing and presence cross between them, and either serves any room's history.
 #
 # Usage: deploy/local-cluster.sh [DIR]   (state in DIR, default ./data/cluster; Ctrl-C stops all)
+# It builds chatd first (cargo build --release) and uses fixed ports: NATS 4231-4233, routes
+# 6231-6233, monitoring 8231-8233, chatd 8081-8082.
 # Tokens: the command it prints when ready (one HS256 secret, DIR/secret: valid on both nodes).
 # Things to try: kill one nats-server (`kill $(cat DIR/n2/pid)`): appends go on with two of
 # three; kill -9 one chatd: its clients reconnect to the other and resume by sequence, and its
@@ -19,12 +21,15 @@ nats_bin=$(bash "$root/nats/install-nats-server.sh")
 cargo build --release -q -p chatd --manifest-path "$root/Cargo.toml"
 chatd="$root/target/release/chatd"
 
-pids=()
+nats_pids=()
+chatd_pids=()
 stop() {
   trap - INT TERM EXIT
   echo "stopping" >&2
-  # chatd nodes first (they drain), then the NATS cluster.
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # chatd nodes first, and until they have drained (their acks need NATS), then the cluster.
+  for pid in "${chatd_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${chatd_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${nats_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait || true
 }
 trap stop INT TERM EXIT
@@ -40,7 +45,7 @@ jetstream { store_dir: "$dir/n$i/jetstream", sync_interval: always }
 cluster { name: chat-local, listen: 127.0.0.1:623$i, routes: [ $routes ] }
 EOF
   "$nats_bin" -c "$dir/n$i/nats.conf" > "$dir/n$i/nats.log" 2>&1 &
-  pids+=($!)
+  nats_pids+=($!)
   echo $! > "$dir/n$i/pid"
 done
 
@@ -65,7 +70,7 @@ for i in 1 2; do
   CHAT_JWT_HS256_SECRET="$(cat "$secret_file")" \
   CHAT_JWT_ISSUER=chat-dev CHAT_JWT_AUDIENCE=chat-dev \
     "$chatd" run > "$dir/chatd-$i/chatd.log" 2>&1 &
-  pids+=($!)
+  chatd_pids+=($!)
   echo $! > "$dir/chatd-$i/pid"
 done
 

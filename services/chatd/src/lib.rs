@@ -81,8 +81,8 @@ pub async fn serve(
         tracing::warn!(
             role = ?role,
             "the edge and api roles read the store a projector writes, and a SQLite store is \
-             this process's own: no projector fills it, so room lists stay empty and appends are \
-             refused (run CHAT_ROLE=all with SQLite, or use CHAT_STORE=scylla://…)"
+             this process's own: no projector fills it, so room lists stay empty and WebSocket \
+             appends are refused (run CHAT_ROLE=all with SQLite, or use CHAT_STORE=scylla://…)"
         );
     }
     let mut tasks = tokio::task::JoinSet::new();

@@ -369,6 +369,15 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                         .map(|(room, _)| room)
                         .collect(),
                 };
+                if rooms.is_empty() {
+                    // Nothing to verify is worth saying: the usual cause is another
+                    // deployment's CHAT_PREFIX or NATS_URL.
+                    eprintln!(
+                        "chatd: no rooms under prefix {:?} at {}: nothing verified (set \
+                         CHAT_PREFIX and NATS_URL as the server has them)",
+                        config.log.prefix, url
+                    );
+                }
                 let mut all_ok = true;
                 for room in rooms {
                     if !log.room_exists(&room).await? {
