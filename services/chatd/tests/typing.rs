@@ -23,6 +23,46 @@ fn edge(nats: &NatsServer, data: &Path) -> Chatd {
     )
 }
 
+/// Two edges on one nats-server, a room of alice and bob (created by `creator` on its edge),
+/// alice connected to the first edge and bob to the second.
+struct Pair {
+    _nats: NatsServer,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    edge1: Chatd,
+    edge2: Chatd,
+    alice: Client,
+    bob: Client,
+}
+
+async fn pair(room: &str, creator: &str) -> Pair {
+    let nats = NatsServer::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (edge1, edge2) = (edge(&nats, dirs.0.path()), edge(&nats, dirs.1.path()));
+    let (on, other) = if creator == "alice" {
+        (&edge1, "bob")
+    } else {
+        (&edge2, "alice")
+    };
+    let (status, body) = api(
+        on,
+        &token(creator),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": room, "kind": "group", "members": [other]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
+    let bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    Pair {
+        _nats: nats,
+        _dirs: dirs,
+        edge1,
+        edge2,
+        alice,
+        bob,
+    }
+}
+
 fn is_typing(frame: &Value, user: &str) -> bool {
     frame["type"] == "typing" && frame["user"] == user
 }
@@ -35,25 +75,14 @@ async fn typing(client: &mut Client, room: &str, active: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires() {
-    let nats = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
-    let (status, body) = api(
-        &edge1,
-        &token("alice"),
-        "POST",
-        "/v1/rooms",
-        Some(json!({"room": "keys", "kind": "group", "members": ["bob"]})),
-    );
-    assert_eq!(status, 201, "{body}");
-    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
-    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    let mut p = pair("keys", "alice").await;
+    let (alice, bob, edge2) = (&mut p.alice, &mut p.bob, &p.edge2);
     alice.subscribe("keys", None).await;
     bob.subscribe("keys", None).await;
 
     // Keystrokes: many active:true within the interval, then the message.
     for _ in 0..5 {
-        typing(&mut alice, "keys", true).await;
+        typing(alice, "keys", true).await;
     }
     let first = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(
@@ -61,7 +90,7 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
         json!({"type": "typing", "room": "keys", "user": "alice", "active": true})
     );
     for _ in 0..5 {
-        typing(&mut alice, "keys", true).await;
+        typing(alice, "keys", true).await;
     }
     let ack = alice.say("keys", "done typing").await;
     assert_eq!(ack["type"], "ack", "{ack}");
@@ -78,14 +107,14 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
     );
 
     // A renewal-less indicator expires (1 s here, 5 s by default).
-    typing(&mut alice, "keys", true).await;
+    typing(alice, "keys", true).await;
     let again = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(again["active"], true);
     let expired = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(expired["active"], false);
 
     // Bob types back: alice sees it; nobody ever gets their own.
-    typing(&mut bob, "keys", true).await;
+    typing(bob, "keys", true).await;
     let seen = alice.wait_for(|f| is_typing(f, "bob")).await;
     assert_eq!(seen["active"], true);
     let pong = alice.request(json!({"type": "ping"})).await;
@@ -103,29 +132,18 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_within_the_interval_moves_the_expiry() {
-    let nats = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
-    let (status, body) = api(
-        &edge1,
-        &token("alice"),
-        "POST",
-        "/v1/rooms",
-        Some(json!({"room": "slow", "kind": "group", "members": ["bob"]})),
-    );
-    assert_eq!(status, 201, "{body}");
-    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
-    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    let mut p = pair("slow", "alice").await;
+    let (alice, bob) = (&mut p.alice, &mut p.bob);
     bob.subscribe("slow", None).await;
 
-    typing(&mut alice, "slow", true).await;
+    typing(alice, "slow", true).await;
     let shown = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(shown["active"], true);
     // Renewals within the 2 s interval: bob is not told again, but each moves the end.
     let mut last = Instant::now();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        typing(&mut alice, "slow", true).await;
+        typing(alice, "slow", true).await;
         last = Instant::now();
     }
     let ended = bob.wait_for(|f| is_typing(f, "alice")).await;
@@ -141,21 +159,10 @@ async fn a_renewal_within_the_interval_moves_the_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_indicator_does_not_stick_when_the_typing_users_edge_is_killed() {
-    let nats = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (mut edge1, edge2) = (edge(&nats, d1.path()), edge(&nats, d2.path()));
-    let (status, body) = api(
-        &edge2,
-        &token("bob"),
-        "POST",
-        "/v1/rooms",
-        Some(json!({"room": "vanish", "kind": "group", "members": ["alice"]})),
-    );
-    assert_eq!(status, 201, "{body}");
-    let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
-    let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
+    let mut p = pair("vanish", "bob").await;
+    let (alice, bob, edge1) = (&mut p.alice, &mut p.bob, &mut p.edge1);
     bob.subscribe("vanish", None).await;
-    typing(&mut alice, "vanish", true).await;
+    typing(alice, "vanish", true).await;
     let shown = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(shown["active"], true);
 
