@@ -215,6 +215,28 @@ impl EdgeState {
     }
 }
 
+/// Subscribes to `subject`, retrying every second while NATS refuses (a drain does not wait for
+/// it): `None` once `shutdown` is cancelled first. `what` names the subscription in the log.
+pub(crate) async fn subscribe_retrying(
+    client: &async_nats::Client,
+    subject: &str,
+    what: &str,
+    shutdown: &CancellationToken,
+) -> Option<async_nats::Subscriber> {
+    loop {
+        match client.subscribe(subject.to_owned()).await {
+            Ok(subscriber) => return Some(subscriber),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} subscription failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Counters of an edge (for `/metrics`).
 #[derive(Debug, Default)]
 pub struct EdgeStats {

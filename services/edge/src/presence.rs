@@ -325,18 +325,10 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let wildcard = format!("{}.>", presence.subject_prefix);
-    let mut signals = loop {
-        match presence.client.subscribe(wildcard.clone()).await {
-            Ok(subscriber) => break subscriber,
-            Err(e) => {
-                tracing::warn!(error = %e, "presence subscription failed; retrying");
-                // A backoff while NATS refuses; a drain does not wait for it.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(mut signals) =
+        crate::subscribe_retrying(&presence.client, &wildcard, "presence", &shutdown).await
+    else {
+        return;
     };
     // Local sessions per (room, user).
     let mut local: HashMap<RoomId, HashMap<UserId, usize>> = HashMap::new();

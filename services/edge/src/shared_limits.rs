@@ -39,17 +39,10 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let edge = uuid::Uuid::new_v4().simple().to_string();
-    let mut reports = loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(subscriber) => break subscriber,
-            Err(e) => {
-                tracing::warn!(error = %e, "rate-limit subscription failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(mut reports) =
+        crate::subscribe_retrying(&client, &subject, "rate-limit", &shutdown).await
+    else {
+        return;
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
