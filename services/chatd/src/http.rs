@@ -42,6 +42,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What the listener answers while the process waits for NATS at start: alive, not ready, and
+/// `503 unavailable` for everything else (with `Retry-After`), so a liveness probe does not
+/// restart a process that is only waiting and a client gets an answer instead of a refused
+/// connection.
+pub fn starting_router() -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(|| async {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "starting: waiting for nats",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        })
+}
+
 /// Runs a routed request in a span of its own (see [`crate::telemetry`]).
 pub async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument as _;

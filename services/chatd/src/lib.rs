@@ -43,20 +43,43 @@ pub async fn serve(
     let role = config.role;
     // Before any instrument is made: one made earlier would report nowhere.
     metrics::ensure_installed();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
+    let addr = listener.local_addr().context("listen address")?;
+    // Until NATS answers, a second handle on the same socket answers `/healthz` (alive) and
+    // `503 starting` to everything else; the server proper takes over the socket after it.
+    let listener = listener.into_std().context("listen socket")?;
+    let starting = CancellationToken::new();
+    let early = TcpListener::from_std(listener.try_clone().context("listen socket")?)
+        .context("listen socket")?;
+    let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let starting = starting.clone();
+        async move {
+            axum::serve(early, http::starting_router())
+                .with_graceful_shutdown(starting.cancelled_owned())
+                .await
+        }
+    }));
     // A signal while NATS has not answered yet (it is unreachable, say) ends the wait: there is
     // nothing to drain.
     let log = tokio::select! {
-        log = connect_log(&nats_url, &config, true) => log?,
+        log = connect_log(&nats_url, &config, true, addr) => log?,
         () = signalled.cancelled() => {
             tracing::info!("shutdown requested before nats answered; stopping");
             return Ok(());
         }
     };
-
-    let listener = TcpListener::bind(config.listen)
+    // The early server stops accepting at once and ends when the requests it holds are
+    // answered; connections arriving meanwhile wait in the socket's queue for the server proper.
+    starting.cancel();
+    if tokio::time::timeout(Duration::from_secs(1), early)
         .await
-        .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
-    let addr = listener.local_addr().context("listen address")?;
+        .is_err()
+    {
+        tracing::debug!("a request to the starting listener outlived the start; dropped");
+    }
+    let listener = TcpListener::from_std(listener).context("listen socket")?;
     let draining = Arc::new(AtomicBool::new(false));
     // What every part of the process stops on: `signalled`, `drain_delay` later.
     let shutdown = CancellationToken::new();
@@ -328,7 +351,7 @@ async fn open_store_with(
 
 /// Connects the room log for an operator command: an unreachable NATS is an error at once.
 pub async fn connect(url: &str, config: &Config) -> anyhow::Result<RoomLog> {
-    connect_log(url, config, false).await
+    connect_log(url, config, false, None).await
 }
 
 /// The token verifier the configuration asks for (development: the data dir's secret).
@@ -364,7 +387,13 @@ pub fn build_verifier(config: &Config) -> anyhow::Result<Verifier> {
 /// Connects the room log, waiting (up to a deadline) for JetStream to come up; with `retry`,
 /// for NATS to come up too (a server started beside NATS), else failing at once if NATS cannot
 /// be reached (an operator's command must not hang).
-async fn connect_log(url: &str, config: &Config, retry: bool) -> anyhow::Result<RoomLog> {
+async fn connect_log(
+    url: &str,
+    config: &Config,
+    retry: bool,
+    listen: impl Into<Option<std::net::SocketAddr>>,
+) -> anyhow::Result<RoomLog> {
+    let listen = listen.into();
     let mut options =
         async_nats::ConnectOptions::new().name(format!("chatd-{}", config.role.as_str()));
     if retry {
@@ -381,7 +410,15 @@ async fn connect_log(url: &str, config: &Config, retry: bool) -> anyhow::Result<
             Ok(_) => return Ok(log),
             Err(e) if Instant::now() < deadline => {
                 if !waited {
-                    tracing::info!(nats = %url, error = %e, "waiting for nats with jetstream");
+                    match listen {
+                        Some(listen) => tracing::info!(
+                            nats = %url, error = %e, %listen,
+                            "waiting for nats with jetstream; /healthz answers meanwhile"
+                        ),
+                        None => {
+                            tracing::info!(nats = %url, error = %e, "waiting for nats with jetstream")
+                        }
+                    }
                     waited = true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
