@@ -162,6 +162,96 @@ fn check_endpoint(signal: &str, name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses the SDK's own settings for `signal` that it would otherwise drop in silence for a
+/// default: an exporter other than `otlp` or `none` (nothing else is built in), a sampler it
+/// does not know or a ratio that is not a number from 0 to 1 (the SDK samples everything
+/// then), durations and sizes that are not whole numbers, headers that are not `key=value`.
+fn check_sdk_settings(signal: &str) -> Result<(), String> {
+    let set = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(|v| (name.to_owned(), v))
+    };
+    if let Some((name, value)) = set(&format!("OTEL_{signal}_EXPORTER")) {
+        if value != "otlp" && value != "none" {
+            return Err(format!("{name}={value}: only otlp or none"));
+        }
+    }
+    if endpoint(signal).is_none() {
+        return Ok(());
+    }
+    let whole = |name: &str| -> Result<(), String> {
+        match set(name) {
+            Some((name, value)) if value.parse::<u64>().is_err() => Err(format!(
+                "{name}={value}: a whole number (milliseconds or a count)"
+            )),
+            _ => Ok(()),
+        }
+    };
+    let mut numbers = vec![
+        "OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(),
+        format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"),
+    ];
+    if signal == "TRACES" {
+        if let Some((name, value)) = set("OTEL_TRACES_SAMPLER") {
+            const SAMPLERS: [&str; 6] = [
+                "always_on",
+                "always_off",
+                "traceidratio",
+                "parentbased_always_on",
+                "parentbased_always_off",
+                "parentbased_traceidratio",
+            ];
+            if !SAMPLERS.contains(&value.as_str()) {
+                return Err(format!("{name}={value}: one of {}", SAMPLERS.join(", ")));
+            }
+        }
+        if let Some((name, value)) = set("OTEL_TRACES_SAMPLER_ARG") {
+            if !value
+                .parse::<f64>()
+                .is_ok_and(|ratio| (0.0..=1.0).contains(&ratio))
+            {
+                return Err(format!("{name}={value}: a ratio from 0 to 1 (0.25, say)"));
+            }
+        }
+        numbers.extend(
+            [
+                "SCHEDULE_DELAY",
+                "EXPORT_TIMEOUT",
+                "MAX_QUEUE_SIZE",
+                "MAX_EXPORT_BATCH_SIZE",
+                "MAX_CONCURRENT_EXPORTS",
+            ]
+            .map(|setting| format!("OTEL_BSP_{setting}")),
+        );
+    } else {
+        numbers.extend([
+            "OTEL_METRIC_EXPORT_INTERVAL".to_owned(),
+            "OTEL_METRIC_EXPORT_TIMEOUT".to_owned(),
+        ]);
+    }
+    for name in &numbers {
+        whole(name)?;
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_HEADERS".to_owned(),
+        format!("OTEL_EXPORTER_OTLP_{signal}_HEADERS"),
+    ] {
+        if let Some((name, value)) = set(&name) {
+            let bad = value.split(',').find(|pair| {
+                pair.split_once('=')
+                    .is_none_or(|(key, _)| key.trim().is_empty())
+            });
+            if let Some(bad) = bad {
+                return Err(format!("{name}: `{bad}` is not key=value"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The process as traces and metrics name it: `OTEL_SERVICE_NAME`, else `chatd`, and
 /// `OTEL_RESOURCE_ATTRIBUTES`.
 fn resource() -> Resource {
@@ -173,6 +263,7 @@ fn resource() -> Resource {
 }
 
 fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {
+    check_sdk_settings("TRACES")?;
     let Some((name, value)) = endpoint("TRACES") else {
         return Ok(None);
     };
@@ -192,6 +283,7 @@ fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {
 }
 
 fn metric_exporter() -> Result<Option<opentelemetry_otlp::MetricExporter>, String> {
+    check_sdk_settings("METRICS")?;
     let Some((name, value)) = endpoint("METRICS") else {
         return Ok(None);
     };

@@ -211,9 +211,19 @@ fn invalid_configuration_is_refused_before_anything_starts() {
         // With a usable endpoint (below): a protocol this build does not speak.
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/json"),
+        ("OTEL_TRACES_EXPORTER", "jaeger"),
+        ("OTEL_METRICS_EXPORTER", "prometheus"),
+        // With a usable endpoint (below): settings the SDK would drop for its default.
+        ("OTEL_TRACES_SAMPLER", "ratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "10%"),
+        ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "60s"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key"),
     ] {
         let mut env = standalone_env(data.path());
-        if var.ends_with("_PROTOCOL") {
+        if var.ends_with("_PROTOCOL") || (var.starts_with("OTEL_") && !var.ends_with("ENDPOINT")) {
             env.push((
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 "http://127.0.0.1:4318".to_owned(),

@@ -195,6 +195,10 @@ fn traced_env(
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", delay_ms.to_owned()),
         ("OTEL_SERVICE_NAME", "chat-under-test".to_owned()),
+        // Valid settings chatd checks (the sampler is the SDK's default).
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.0".to_owned()),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=chat".to_owned()),
     ]);
     env
 }
