@@ -177,6 +177,7 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    fit_connections_to_fd_limit(&mut config);
     let (nats, url) = nats_for(&config)?;
     let grace = config.drain_grace;
 
@@ -306,6 +307,48 @@ fn digest(
         println!("{}", store.digest(room.as_ref()).await?);
         anyhow::Ok(())
     })
+}
+
+/// Descriptors kept for everything but WebSocket clients (NATS, the store, its own
+/// nats-server's pipes, HTTP requests), at most: a quarter of a small limit.
+const FDS_RESERVED: u64 = 1024;
+
+/// Raises the open-file limit to its hard limit, as Go programs do at start (the nats-server
+/// started here inherits it): the usual soft limit, 1024, stops `accept` long before
+/// `CHAT_MAX_CONNECTIONS`, and a connection that cannot be accepted waits unanswered. If even
+/// the hard limit is too low for `CHAT_MAX_CONNECTIONS`, the cap is lowered to fit, with a
+/// warning, so that clients past it are refused with 503 rather than left waiting.
+fn fit_connections_to_fd_limit(config: &mut Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // An unlimited hard limit still stops at the kernel's per-process maximum.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let wanted = hard.min(ceiling);
+    let limit = if soft < wanted && setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).is_ok() {
+        wanted
+    } else {
+        soft
+    };
+    tracing::debug!(limit, "open-file limit");
+    if !matches!(config.role, Role::All | Role::Edge) {
+        return;
+    }
+    let room = limit.saturating_sub(FDS_RESERVED.min(limit / 4));
+    if (config.max_connections as u64) > room {
+        tracing::warn!(
+            fd_limit = limit,
+            configured = config.max_connections,
+            cap = room,
+            "the open-file limit is too low for CHAT_MAX_CONNECTIONS; connections are capped \
+             lower (raise the hard limit, e.g. LimitNOFILE= or ulimit -Hn, to allow more)"
+        );
+        config.max_connections = room as usize;
+    }
 }
 
 /// The NATS a log command reads: `NATS_URL`; else the nats-server of a chatd running on the

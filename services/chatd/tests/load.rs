@@ -430,6 +430,53 @@ async fn connection_caps_refuse_with_a_clear_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_503() {
+    // A hard limit of 256 descriptors: chatd keeps 64 for itself and caps sockets at 192,
+    // instead of accepting until `accept` fails and leaving the next clients unanswered.
+    let data = tempfile::tempdir().unwrap();
+    let env = env_with(data.path(), &[("CHAT_MAX_CONNECTIONS_PER_USER", "64")]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let chatd_bin = common::bin().display().to_string();
+    let chatd = Chatd::start(
+        Path::new("/usr/bin/prlimit"),
+        &["--nofile=256:256", &chatd_bin],
+        &env,
+    );
+    assert!(
+        chatd.stderr().contains("open-file limit is too low"),
+        "{}",
+        chatd.stderr()
+    );
+    let tokens: Vec<String> = (0..4)
+        .map(|i| dev_token(data.path(), &format!("user{i}"), 3600))
+        .collect();
+    let mut open = Vec::new();
+    for i in 0..192 {
+        let mut ws = raw(&chatd, &tokens[i % 4]).await;
+        let welcome = ws.next().await.unwrap().unwrap();
+        assert!(
+            welcome.to_text().unwrap().contains("welcome"),
+            "{welcome:?}"
+        );
+        open.push(ws);
+    }
+    let mut request = chatd.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("chat.v1, bearer.{}", tokens[0])).unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // The process still answers on its own descriptors.
+    assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
+    assert_eq!(metric(&chatd, "chat_edge_sockets"), 192);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_under_load_closes_with_1001_and_loses_no_acked_message() {
     let data = tempfile::tempdir().unwrap();
     let env = env_with(
