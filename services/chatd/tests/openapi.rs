@@ -254,3 +254,48 @@ components:
         "/v1/rooms/r/messages/1/receipts"
     );
 }
+
+/// Every `$ref` within `value` (`#/…` pointers into `root`) that does not resolve.
+fn dangling_refs(root: &serde_json::Value, value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, item) in map {
+                match (key.as_str(), item.as_str()) {
+                    ("$ref", Some(target)) => {
+                        let resolves = target
+                            .strip_prefix('#')
+                            .is_some_and(|pointer| root.pointer(pointer).is_some());
+                        if !resolves {
+                            out.push(target.to_owned());
+                        }
+                    }
+                    _ => dangling_refs(root, item, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                dangling_refs(root, item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn both_api_descriptions_are_valid_yaml_whose_references_resolve() {
+    let docs = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs"));
+    for (file, version_key) in [("openapi.yaml", "openapi"), ("asyncapi.yaml", "asyncapi")] {
+        let path = docs.join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let doc: serde_json::Value =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not YAML: {e}"));
+        assert!(
+            doc[version_key].is_string(),
+            "{file}: no `{version_key}` version"
+        );
+        let mut dangling = Vec::new();
+        dangling_refs(&doc, &doc, &mut dangling);
+        assert!(dangling.is_empty(), "{file}: unresolved $ref {dangling:?}");
+    }
+}
