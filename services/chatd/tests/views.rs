@@ -63,8 +63,15 @@ async fn rooms_api_creates_group_and_direct_rooms_and_changes_membership() {
         (201, json!({"room": "retry", "seq": 1}))
     );
     assert_eq!(
-        call("alice", "POST", "/v1/rooms", Some(retried)),
+        call("alice", "POST", "/v1/rooms", Some(retried.clone())),
         (200, json!({"room": "retry", "seq": 1}))
+    );
+    // The same id from someone else is not a retry of theirs.
+    let (status, body) = call("bob", "POST", "/v1/rooms", Some(retried));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("conflict")),
+        "{body}"
     );
 
     // Direct rooms: the same room for the pair, whoever asks.
@@ -533,4 +540,99 @@ async fn bodies_that_are_not_objects_paths_that_are_not_utf8_and_huge_limits() {
         None,
     );
     assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_left_a_direct_room_comes_back_when_either_opens_it_again() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&standalone_env(data.path()));
+    let t = |user: &str| dev_token(data.path(), user, 3600);
+    let call = |user: &str, method: &str, path: &str, body: Option<Value>| {
+        api(&chatd, &t(user), method, path, body)
+    };
+    let open = |user: &str, other: &str| {
+        call(
+            user,
+            "POST",
+            "/v1/rooms",
+            Some(json!({"kind": "direct", "members": [other]})),
+        )
+    };
+    let (status, first) = open("alice", "bob");
+    assert_eq!(status, 201, "{first}");
+    let dm = first["room"].as_str().unwrap().to_owned();
+    let history = |user: &str| call(user, "GET", &format!("/v1/rooms/{dm}/messages"), None);
+
+    // Whoever opened it first has no power over the other.
+    let (status, body) = call(
+        "alice",
+        "DELETE",
+        &format!("/v1/rooms/{dm}/members/bob"),
+        None,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        call(
+            "bob",
+            "DELETE",
+            &format!("/v1/rooms/{dm}/members/bob"),
+            None
+        ),
+        (200, json!({"seq": 2}))
+    );
+    assert_eq!(history("bob").0, 403, "gone while away");
+
+    // Alice opening it again brings bob back; the room is the same.
+    assert_eq!(open("alice", "bob"), (200, json!({"room": dm, "seq": 1})));
+    let (status, page) = history("bob");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"][0]["kind"], "member_joined", "{page}");
+    assert_eq!(page["events"][0]["member"], "bob", "{page}");
+    assert_eq!(page["events"][0]["user"], "alice", "{page}");
+
+    // Bob leaves again and comes back by himself, by opening it or by adding himself.
+    assert_eq!(
+        call(
+            "bob",
+            "DELETE",
+            &format!("/v1/rooms/{dm}/members/bob"),
+            None
+        )
+        .0,
+        200
+    );
+    assert_eq!(open("bob", "alice"), (200, json!({"room": dm, "seq": 1})));
+    assert_eq!(history("bob").0, 200);
+    assert_eq!(
+        call(
+            "bob",
+            "DELETE",
+            &format!("/v1/rooms/{dm}/members/bob"),
+            None
+        )
+        .0,
+        200
+    );
+    let (status, body) = call(
+        "bob",
+        "POST",
+        &format!("/v1/rooms/{dm}/members"),
+        Some(json!({"user": "bob"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Opening it when both are in appends nothing.
+    let head = history("alice").1["events"][0]["seq"].clone();
+    assert_eq!(open("bob", "alice"), (200, json!({"room": dm, "seq": 1})));
+    assert_eq!(history("alice").1["events"][0]["seq"], head);
+
+    // Still no one else: not carol, not by alice, not by carol herself.
+    for (actor, user) in [("alice", "carol"), ("carol", "carol")] {
+        let (status, body) = call(
+            actor,
+            "POST",
+            &format!("/v1/rooms/{dm}/members"),
+            Some(json!({"user": user})),
+        );
+        assert_eq!(status, 400, "{actor} adds {user}: {body}");
+    }
 }

@@ -48,6 +48,10 @@ pub struct RoomState {
     pub head: u64,
     /// Set by the admin (`room_updated`): only the admin posts while it is.
     pub read_only: bool,
+    /// A direct room's two users, whether or not they are in it now: the only users it may
+    /// ever hold. `None` for a group room (or a direct room created with other than one other
+    /// member, which no rule here writes).
+    pub pair: Option<[UserId; 2]>,
 }
 
 impl RoomState {
@@ -63,6 +67,12 @@ impl RoomState {
         };
         let mut all: BTreeMap<UserId, u64> = members.iter().map(|m| (m.clone(), seq)).collect();
         all.insert(event.user.clone(), seq);
+        let pair = match (room_kind, members.as_slice()) {
+            (RoomKind::Direct, [other]) if *other != event.user => {
+                Some([event.user.clone(), other.clone()])
+            }
+            _ => None,
+        };
         Some(RoomState {
             kind: *room_kind,
             name: name.clone(),
@@ -70,6 +80,7 @@ impl RoomState {
             members: all,
             head: seq,
             read_only: false,
+            pair,
         })
     }
 
@@ -157,13 +168,42 @@ impl RoomState {
         Ok(EventBody::RoomUpdated { read_only })
     }
 
-    /// Any member of a group room may add a user; direct rooms have exactly their pair.
-    pub fn decide_invite(&self, actor: &UserId, user: &UserId) -> Result<EventBody, Refusal> {
-        if !self.is_member(actor) {
-            return Err(Refusal::Forbidden("only members may add users to a room"));
+    /// The pair of a direct room whose creator is `creator` and whose users, past and present,
+    /// are `ever` (as a store that keeps left members knows them): `None` unless that is
+    /// exactly the creator and one other.
+    pub fn pair_of<'a>(
+        kind: RoomKind,
+        creator: &UserId,
+        ever: impl IntoIterator<Item = &'a UserId>,
+    ) -> Option<[UserId; 2]> {
+        if kind != RoomKind::Direct {
+            return None;
         }
+        let mut others = ever.into_iter().filter(|u| *u != creator);
+        match (others.next(), others.next()) {
+            (Some(other), None) => Some([creator.clone(), other.clone()]),
+            _ => None,
+        }
+    }
+
+    /// Whether `user` is one of a direct room's pair.
+    pub fn in_pair(&self, user: &UserId) -> bool {
+        self.pair.as_ref().is_some_and(|pair| pair.contains(user))
+    }
+
+    /// Any member of a group room may add a user. A direct room holds its pair and no one else:
+    /// either of the two may bring back the one who left (opening the room again does), and
+    /// the one who left may come back.
+    pub fn decide_invite(&self, actor: &UserId, user: &UserId) -> Result<EventBody, Refusal> {
         if self.kind == RoomKind::Direct {
-            return Err(Refusal::BadRequest("direct rooms cannot get more members"));
+            if !self.in_pair(user) {
+                return Err(Refusal::BadRequest("direct rooms cannot get more members"));
+            }
+            if !self.in_pair(actor) {
+                return Err(Refusal::Forbidden("only members may add users to a room"));
+            }
+        } else if !self.is_member(actor) {
+            return Err(Refusal::Forbidden("only members may add users to a room"));
         }
         if self.is_member(user) {
             return Err(Refusal::Conflict("already a member"));
@@ -173,8 +213,14 @@ impl RoomState {
         })
     }
 
-    /// A member may leave; the admin may remove anyone.
+    /// A member may leave; the admin of a group room may remove anyone. A direct room has no
+    /// admin: whoever opened it first may not remove the other.
     pub fn decide_remove(&self, actor: &UserId, user: &UserId) -> Result<EventBody, Refusal> {
+        if actor != user && self.kind == RoomKind::Direct {
+            return Err(Refusal::Forbidden(
+                "in a direct room each user may only leave it themself",
+            ));
+        }
         if actor != user && !(self.is_admin(actor) && self.is_member(actor)) {
             return Err(Refusal::Forbidden(
                 "only the room's admin may remove other members",
@@ -587,6 +633,59 @@ mod tests {
         assert_eq!(dm.direct_peer(&user("bob")), Some(&user("alice")));
         let group = given(vec![group("alice", &["bob"])]);
         assert_eq!(group.direct_peer(&user("alice")), None);
+    }
+
+    #[test]
+    fn a_direct_room_holds_its_pair_only_and_either_may_bring_the_other_back() {
+        let created = event(
+            "alice",
+            EventBody::RoomCreated {
+                name: String::new(),
+                room_kind: RoomKind::Direct,
+                members: vec![user("bob")],
+            },
+        );
+        let left = event(
+            "bob",
+            EventBody::MemberLeft {
+                member: user("bob"),
+            },
+        );
+        let dm = given(vec![created.clone(), left]);
+        assert_eq!(dm.pair, Some([user("alice"), user("bob")]));
+        assert_eq!(
+            RoomState::pair_of(
+                RoomKind::Direct,
+                &user("alice"),
+                [&user("bob"), &user("alice")]
+            ),
+            dm.pair,
+            "a store knows the pair from everyone who was a member"
+        );
+        let back = Ok(EventBody::MemberJoined {
+            member: user("bob"),
+        });
+        assert_eq!(dm.decide_invite(&user("alice"), &user("bob")), back);
+        assert_eq!(dm.decide_invite(&user("bob"), &user("bob")), back);
+        assert!(matches!(
+            dm.decide_invite(&user("alice"), &user("carol")),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            dm.decide_invite(&user("carol"), &user("bob")),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            dm.decide_invite(&user("bob"), &user("alice")),
+            Err(Refusal::Conflict(_))
+        ));
+        // No admin in a direct room.
+        let full = given(vec![created]);
+        assert!(matches!(
+            full.decide_remove(&user("alice"), &user("bob")),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(full.decide_remove(&user("bob"), &user("bob")).is_ok());
     }
 
     #[test]

@@ -535,20 +535,39 @@ impl Rooms {
             },
         };
         self.log.ensure_room(room).await?;
-        match self.log.append_if_last(room, &event, 0).await {
-            Ok(appended) => {
+        let exists = || RoomError::Conflict(format!("room {room} already exists"));
+        let seq = match self.log.append_if_last(room, &event, 0).await {
+            Ok(appended) if !appended.duplicate => {
                 self.await_projection(room, appended.seq).await;
-                Ok(Created {
+                return Ok(Created {
                     room: room.clone(),
                     seq: appended.seq,
-                    new: !appended.duplicate,
-                })
+                    new: true,
+                });
             }
-            Err(LogError::WrongLastSequence { .. }) => {
-                Err(RoomError::Conflict(format!("room {room} already exists")))
-            }
-            Err(e) => Err(e.into()),
+            Ok(appended) => appended.seq,
+            Err(LogError::WrongLastSequence { .. }) if id.is_some() => 1,
+            Err(LogError::WrongLastSequence { .. }) => return Err(exists()),
+            Err(e) => return Err(e.into()),
+        };
+        // The id was used before: a retry only if it is this user's own creation, whenever it
+        // comes (the log's duplicate window does not bound it). The same id from someone else
+        // is another request that happens to carry it.
+        let retry = match self.log.get(room, seq).await? {
+            Some(entry) => entry
+                .decode()
+                .is_ok_and(|first| first.id == event.id && first.user == *actor),
+            None => false,
+        };
+        if !retry {
+            return Err(exists());
         }
+        self.await_projection(room, seq).await;
+        Ok(Created {
+            room: room.clone(),
+            seq,
+            new: false,
+        })
     }
 
     /// The direct room of `actor` and `other`: created the first time, the same one after.
@@ -582,6 +601,24 @@ impl Rooms {
             Err(LogError::WrongLastSequence { .. }) => (1, false),
             Err(e) => return Err(e.into()),
         };
+        if !new {
+            // Opening it again brings back whichever of the two left it: the room is theirs
+            // for good, and a leave is not a block (blocking is checked above).
+            let state = self.refresh(&room).await?;
+            for user in [actor, other] {
+                if state.is_member(user) {
+                    continue;
+                }
+                match self
+                    .change_room(actor, &room, |state| state.decide_invite(actor, user))
+                    .await
+                {
+                    // Conflict: brought back meanwhile by the other's request.
+                    Ok(_) | Err(RoomError::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.await_projection(&room, seq).await;
         Ok(Created { room, seq, new })
     }

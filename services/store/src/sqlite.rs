@@ -1026,35 +1026,47 @@ impl Store for SqliteStore {
             };
             let head = checkpoint_in(conn, room.as_str()).map_err(&err)?;
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT user, joined_seq FROM members WHERE room = ?1 AND active = 1",
-                )
+                .prepare_cached("SELECT user, joined_seq, active FROM members WHERE room = ?1")
                 .map_err(&err)?;
-            let members = stmt
+            // Everyone who was ever a member (a direct room's pair is known from them).
+            let ever: Vec<(UserId, u64, bool)> = stmt
                 .query_map([room.as_str()], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                    ))
                 })
                 .map_err(&err)?
                 .filter_map(|row| {
-                    let (user, seq) = row.ok()?;
-                    Some((UserId::parse(user).ok()?, seq as u64))
+                    let (user, seq, active) = row.ok()?;
+                    Some((UserId::parse(user).ok()?, seq as u64, active))
                 })
                 .collect();
+            let kind = if kind == "direct" {
+                RoomKind::Direct
+            } else {
+                RoomKind::Group
+            };
+            let creator = UserId::parse(creator).map_err(|e| StoreError::Room {
+                op: "room state",
+                room: room.clone(),
+                message: e.to_string(),
+            })?;
+            let pair = RoomState::pair_of(kind, &creator, ever.iter().map(|(user, ..)| user));
+            let members = ever
+                .into_iter()
+                .filter(|(.., active)| *active)
+                .map(|(user, seq, _)| (user, seq))
+                .collect();
             Ok(Some(RoomState {
-                kind: if kind == "direct" {
-                    RoomKind::Direct
-                } else {
-                    RoomKind::Group
-                },
+                kind,
                 name,
-                creator: UserId::parse(creator).map_err(|e| StoreError::Room {
-                    op: "room state",
-                    room: room.clone(),
-                    message: e.to_string(),
-                })?,
+                creator,
                 members,
                 head,
                 read_only,
+                pair,
             }))
         })
         .await

@@ -487,25 +487,38 @@ impl ScyllaStore {
         let read_only = self.read_only(r).await?;
         let rows: Vec<(String, Option<i64>, Option<bool>)> =
             self.all("room state", &self.st().member_list, (r,)).await?;
-        let members = rows
+        // Everyone who was ever a member (a direct room's pair is known from them).
+        let ever: Vec<(UserId, u64, bool)> = rows
             .into_iter()
-            .filter(|(_, _, active)| *active == Some(true))
-            .filter_map(|(user, seq, _)| {
-                Some((UserId::parse(user).ok()?, seq.unwrap_or(0).max(0) as u64))
+            .filter_map(|(user, seq, active)| {
+                Some((
+                    UserId::parse(user).ok()?,
+                    seq.unwrap_or(0).max(0) as u64,
+                    active == Some(true),
+                ))
             })
             .collect();
-        let creator = meta.creator.unwrap_or_default();
-        Ok(Some(RoomState {
-            kind: kind_of(meta.kind.as_deref().unwrap_or("group")),
-            name: meta.name.unwrap_or_default(),
-            creator: UserId::parse(creator).map_err(|e| StoreError::Room {
+        let kind = kind_of(meta.kind.as_deref().unwrap_or("group"));
+        let creator =
+            UserId::parse(meta.creator.unwrap_or_default()).map_err(|e| StoreError::Room {
                 op: "room state",
                 room: room.clone(),
                 message: e.to_string(),
-            })?,
+            })?;
+        let pair = RoomState::pair_of(kind, &creator, ever.iter().map(|(user, ..)| user));
+        let members = ever
+            .into_iter()
+            .filter(|(.., active)| *active)
+            .map(|(user, seq, _)| (user, seq))
+            .collect();
+        Ok(Some(RoomState {
+            kind,
+            name: meta.name.unwrap_or_default(),
+            creator,
             members,
             head,
             read_only,
+            pair,
         }))
     }
 }
