@@ -76,6 +76,8 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("token subject is not a valid user id")]
     Subject,
+    #[error("token header lists critical extensions (crit), none of which this server supports")]
+    Critical,
 }
 
 /// Why the configured keys cannot be used.
@@ -108,6 +110,21 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The token of a request's `Authorization` header values (`Bearer <token>`): `Ok(None)` when
+/// there is none usable, `Err` when there is more than one header (an ambiguous request is
+/// refused rather than resolved by header order).
+pub fn request_bearer<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<&'a str>, &'static str> {
+    let first = values.next();
+    if values.next().is_some() {
+        return Err("more than one Authorization header");
+    }
+    Ok(first
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(bearer_token))
 }
 
 /// Verifies tokens against the configured keys, issuer and audience.
@@ -154,6 +171,9 @@ fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D
 struct RawHeader {
     alg: Option<String>,
     kid: Option<String>,
+    /// Header parameters the recipient must understand or refuse the token (RFC 7515,
+    /// 4.1.11); this server understands none.
+    crit: Option<serde_json::Value>,
 }
 
 impl Verifier {
@@ -217,6 +237,9 @@ impl Verifier {
     /// Checks a token and says whose it is.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let header = raw_header(token)?;
+        if header.crit.is_some() {
+            return Err(AuthError::Critical);
+        }
         let alg_name = header
             .alg
             .ok_or_else(|| AuthError::Algorithm(String::new()))?;
@@ -241,9 +264,10 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        // `exp` is still required by name above; it and `nbf` are checked below, to the
-        // millisecond (see `Claims::exp`).
+        validation.set_required_spec_claims(&["iss", "aud", "sub"]);
+        // `exp` (required) and `nbf` are checked below, to the millisecond (see
+        // `Claims::exp`): jsonwebtoken reads `exp` as whole seconds in a `u64`, and calls one
+        // too large for that (`1e20`) missing.
         validation.validate_exp = false;
         validation.validate_nbf = false;
 

@@ -291,7 +291,12 @@ fn time_claims_may_have_fractions_as_rfc_7519_allows() {
         );
     }
     // Any non-negative number is a NumericDate, however far away.
-    for far in [json!(i64::MAX), json!(u64::MAX)] {
+    for far in [
+        json!(i64::MAX),
+        json!(u64::MAX),
+        json!(1e20),
+        json!(f64::MAX),
+    ] {
         let identity = v
             .verify(&hs(&with(claims(), "exp", far.clone())))
             .unwrap_or_else(|e| panic!("exp {far}: {e}"));
@@ -392,4 +397,32 @@ fn bad_key_configuration_is_refused_at_start() {
 fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[test]
+fn a_header_with_critical_extensions_is_refused() {
+    // RFC 7515, 4.1.11: a recipient that does not understand what `crit` lists must refuse.
+    let header = base64_url(br#"{"alg":"HS256","typ":"JWT","crit":["exp"]}"#);
+    let payload = base64_url(&serde_json::to_vec(&claims()).unwrap());
+    let signed = format!("{header}.{payload}");
+    let signature = jsonwebtoken::crypto::sign(
+        signed.as_bytes(),
+        &EncodingKey::from_secret(SECRET),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    let token = format!("{signed}.{signature}");
+    assert_eq!(hs_verifier().verify(&token), Err(AuthError::Critical));
+    // The same token without `crit` is fine: the refusal is for `crit` alone.
+    let header = base64_url(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let signed = format!("{header}.{payload}");
+    let signature = jsonwebtoken::crypto::sign(
+        signed.as_bytes(),
+        &EncodingKey::from_secret(SECRET),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    assert!(hs_verifier()
+        .verify(&format!("{signed}.{signature}"))
+        .is_ok());
 }

@@ -157,11 +157,14 @@ impl FromRequestParts<AppState> for Authenticated {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(chat_auth::bearer_token);
+        let token = chat_auth::request_bearer(
+            parts
+                .headers
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )
+        .map_err(|message| error(StatusCode::BAD_REQUEST, "bad_request", message))?;
         let result = match token {
             None => Err("missing Authorization: Bearer token".to_owned()),
             Some(token) => state.verifier.verify(token).map_err(|e| e.to_string()),

@@ -399,6 +399,29 @@ fn http_requests_are_authenticated_with_bearer_tokens() {
         assert_eq!(status, 200, "{scheme}");
     }
 
+    // Two Authorization headers are ambiguous, whatever their order: 400.
+    let auth_good = format!("Bearer {}", token.trim());
+    for path in ["/v1/me", "/v1/rooms/general/presence"] {
+        for (first, second) in [
+            (auth_good.as_str(), "Bearer xyz"),
+            ("Bearer xyz", &auth_good),
+        ] {
+            let (status, body) = chat_harness::http_request(
+                chatd.http_addr(),
+                "GET",
+                path,
+                &[("Authorization", first), ("Authorization", second)],
+                None,
+            )
+            .unwrap();
+            assert_eq!(status, 400, "{path}: {body}");
+            assert!(
+                body.contains("more than one Authorization header"),
+                "{body}"
+            );
+        }
+    }
+
     // No token, a forged one, an expired one, one for another audience: 401 with the contract's body.
     let (status, body) = chatd.get("/v1/me").unwrap();
     assert_eq!(status, 401);

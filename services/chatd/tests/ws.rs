@@ -179,6 +179,20 @@ async fn bad_tokens_in_the_upgrade_are_refused_with_401_before_upgrading() {
             "{what}: {body}"
         );
     }
+    // Two tokens: ambiguous, refused whatever their order (one of them is good).
+    let good = dev_token(data.path(), "alice", 600);
+    for protocols in [
+        format!("chat.v1, bearer.{good}, bearer.xyz"),
+        format!("chat.v1, bearer.xyz, bearer.{good}"),
+    ] {
+        let err = connect(&chatd.ws_url(), Some(&protocols), None).await.err();
+        let (status, body) = http_status(err.expect("two tokens: upgraded"));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

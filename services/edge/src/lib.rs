@@ -338,7 +338,16 @@ async fn upgrade(
         );
     };
     let offered = ws.offered();
-    let identity = match offered.iter().find_map(|p| p.strip_prefix("bearer.")) {
+    let mut bearers = offered.iter().filter_map(|p| p.strip_prefix("bearer."));
+    let bearer = bearers.next();
+    if bearers.next().is_some() {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "more than one bearer.<token> subprotocol",
+        );
+    }
+    let identity = match bearer {
         None => None,
         Some(token) => match state.verifier.verify(token) {
             Ok(identity) => Some(identity),
@@ -399,10 +408,15 @@ async fn presence_of(
     axum::extract::Path(room): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(chat_auth::bearer_token);
+    let token = match chat_auth::request_bearer(
+        headers
+            .get_all(axum::http::header::AUTHORIZATION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(token) => token,
+        Err(message) => return http_error(StatusCode::BAD_REQUEST, "bad_request", message),
+    };
     let identity = match token.map(|t| state.verifier.verify(t)) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
