@@ -87,6 +87,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         // In the errors' JSON shape, as every other answer.
         let refuse =
             |status: StatusCode, message: &str| crate::http_error(status, "bad_request", message);
+        // Not reached while chatd serves HTTP/1 only (an HTTP/2 client is disconnected by the
+        // HTTP layer); kept so that enabling HTTP/2 cannot break upgrades silently.
         if parts.version > Version::HTTP_11 {
             return Err(refuse(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
