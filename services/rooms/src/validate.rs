@@ -22,9 +22,26 @@ impl Default for Limits {
     }
 }
 
-/// Message text: not empty, within the limit, no control characters but newline and tab.
+/// Whether `c` shows nothing by itself: Unicode's default-ignorable code points (zero-width
+/// spaces and joiners, direction marks, variation selectors, tags, the soft hyphen…) and the
+/// Hangul fillers that render blank.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Whether `s` would show as nothing: empty, or only white space and invisible characters.
+fn blank(s: &str) -> bool {
+    s.chars().all(|c| c.is_whitespace() || invisible(c))
+}
+
+/// Message text: not blank, within the limit, no control characters but newline and tab.
 pub fn validate_text(text: &str, limits: &Limits) -> Result<(), RoomError> {
-    if text.trim().is_empty() {
+    if blank(text) {
         return Err(RoomError::BadRequest("text is empty".into()));
     }
     let chars = text.chars().count();
@@ -48,7 +65,7 @@ pub fn validate_text(text: &str, limits: &Limits) -> Result<(), RoomError> {
 
 /// An emoji (or short reaction name): 1 to 64 bytes, no whitespace or control characters.
 pub fn validate_emoji(emoji: &str) -> Result<(), RoomError> {
-    if emoji.is_empty()
+    if blank(emoji)
         || emoji.len() > 64
         || emoji.chars().any(|c| c.is_whitespace() || c.is_control())
     {
@@ -59,9 +76,9 @@ pub fn validate_emoji(emoji: &str) -> Result<(), RoomError> {
     Ok(())
 }
 
-/// A room name: 1 to 200 characters, not only white space, no control characters.
+/// A room name: 1 to 200 characters, not blank, no control characters.
 pub(crate) fn validate_name(name: &str) -> Result<(), RoomError> {
-    if name.trim().is_empty() {
+    if blank(name) {
         return Err(RoomError::BadRequest(
             "name must not be empty (leave it out for the room id)".into(),
         ));
@@ -108,6 +125,24 @@ mod tests {
             validate_text("  \n", &l),
             Err(RoomError::BadRequest(_))
         ));
+        for invisible in [
+            "\u{200B}",
+            " \u{200B}\u{FEFF} ",
+            "\u{2060}\u{00AD}",
+            "\u{3164}",
+        ] {
+            assert!(
+                matches!(validate_text(invisible, &l), Err(RoomError::BadRequest(_))),
+                "{invisible:?}"
+            );
+            assert!(validate_name(invisible).is_err(), "{invisible:?}");
+            assert!(validate_emoji(invisible).is_err(), "{invisible:?}");
+        }
+        // Invisible characters inside something visible are fine (a family emoji is joined
+        // by U+200D).
+        assert!(validate_text("👨\u{200D}👩\u{200D}👧", &l).is_ok());
+        assert!(validate_emoji("👨\u{200D}👩\u{200D}👧").is_ok());
+        assert!(validate_name("a\u{200B}b").is_ok());
         assert!(matches!(
             validate_text("a\u{0}b", &l),
             Err(RoomError::BadRequest(_))
