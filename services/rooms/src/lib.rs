@@ -39,8 +39,8 @@ use chat_model::{
     EventBody, PairBlocks, Refusal, RoomId, RoomKind, RoomState, UserId,
 };
 use chat_store::{
-    add_receipts, hide_blocked_authors, render_entry, wants_receipts, Page, PageQuery,
-    ReceiptIndex, Receipts, RoomSummary, Store, ThreadPage,
+    add_receipts, apply_unstored, hide_blocked_authors, render_entry, wants_receipts,
+    MemberCursors, Page, PageQuery, ReceiptIndex, Receipts, RoomSummary, Store, ThreadPage,
 };
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
@@ -61,6 +61,11 @@ const CHANGE_ATTEMPTS: u32 = 16;
 /// two of live events. Further behind, the projector is catching up a backlog and a page would
 /// only wait out `history_wait` before reading the log anyway.
 const COMMIT_AWAY: u64 = 4_000;
+
+/// The most events not yet stored that a history page reads from the log to apply their
+/// edits and deletes to the page (a projector that far behind is catching up, and the page is
+/// shown as stored plus the newest events as appended).
+const UNSTORED_SCAN: u64 = 1_000;
 
 /// Settings of the room service.
 #[derive(Debug, Clone)]
@@ -1009,13 +1014,45 @@ impl Rooms {
         room: &RoomId,
         seq: u64,
     ) -> Result<Receipts, RoomError> {
-        self.member_state(room, viewer).await?;
+        let state = self.member_state(room, viewer).await?;
         let (author, _) = self
             .message_at(room, seq)
             .await?
             .ok_or(RoomError::NotFound)?;
-        let cursors = self.store.member_cursors(room).await?;
+        let cursors = self.cursors_of_members(room, &state).await?;
         Ok(ReceiptIndex::new(&cursors).receipts(seq, author.as_str()))
+    }
+
+    /// The cursors of the room's current members (as its log says): the store's, and for a
+    /// member it does not hold yet (just joined, or the store behind), the seq they joined at.
+    async fn cursors_of_members(
+        &self,
+        room: &RoomId,
+        state: &RoomState,
+    ) -> Result<Vec<MemberCursors>, RoomError> {
+        let mut stored: HashMap<UserId, MemberCursors> = self
+            .store
+            .member_cursors(room)
+            .await?
+            .into_iter()
+            .map(|c| (c.user.clone(), c))
+            .collect();
+        Ok(state
+            .members
+            .iter()
+            .map(|(user, &joined)| match stored.remove(user) {
+                Some(c) => MemberCursors {
+                    read: c.read.max(joined),
+                    delivered: c.delivered.max(c.read).max(joined),
+                    user: c.user,
+                },
+                None => MemberCursors {
+                    user: user.clone(),
+                    read: joined,
+                    delivered: joined,
+                },
+            })
+            .collect())
     }
 
     /// Turns a command into the event to append, by the contract's rules.
@@ -1199,7 +1236,8 @@ impl Rooms {
         hide_blocked_authors(&mut page.events, &*self.blocked(viewer).await?);
         // The viewer's own messages show their receipts: the room's cursors read once a page.
         if wants_receipts(&page.events, viewer) {
-            let cursors = self.store.member_cursors(room).await?;
+            let state = self.member_state(room, viewer).await?;
+            let cursors = self.cursors_of_members(room, &state).await?;
             add_receipts(&mut page.events, viewer, &ReceiptIndex::new(&cursors));
         }
         Ok(page)
@@ -1223,19 +1261,41 @@ impl Rooms {
             self.await_stored(room, top, self.config.history_wait).await;
             stored = self.store.checkpoint(room).await?;
         }
-        let mut events = Vec::new();
-        if top > stored {
-            let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
-            let mut reader = self.log.read_range(room, from, top);
+        // Everything the store does not hold yet, when that is little: its edits and deletes
+        // apply to the page, wherever their targets are in it.
+        let mut unstored = Vec::new();
+        if head > stored && head - stored <= UNSTORED_SCAN {
+            let mut reader = self.log.read_range(room, stored + 1, head);
             while let Some(entry) = reader.next().await {
                 let entry = entry?;
                 if let Ok(event) = entry.decode() {
-                    events.push(render_entry(entry.seq, &event));
+                    unstored.push((entry.seq, event));
                 }
+            }
+        }
+        let mut events = Vec::new();
+        if top > stored {
+            let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
+            if unstored.is_empty() {
+                let mut reader = self.log.read_range(room, from, top);
+                while let Some(entry) = reader.next().await {
+                    let entry = entry?;
+                    if let Ok(event) = entry.decode() {
+                        events.push(render_entry(entry.seq, &event));
+                    }
+                }
+            } else {
+                events.extend(
+                    unstored
+                        .iter()
+                        .filter(|(seq, _)| (from..=top).contains(seq))
+                        .map(|(seq, event)| render_entry(*seq, event)),
+                );
             }
             events.reverse();
             if from > stored + 1 || events.len() >= limit {
                 events.truncate(limit);
+                apply_unstored(&mut events, &unstored);
                 // Older events exist unless this page reaches the room's first.
                 return Ok(Page {
                     events,
@@ -1254,12 +1314,14 @@ impl Rooms {
             )
             .await?;
         if events.len() == limit {
+            apply_unstored(&mut events, &unstored);
             return Ok(Page {
                 more: !rest.events.is_empty(),
                 events,
             });
         }
         events.extend(rest.events);
+        apply_unstored(&mut events, &unstored);
         Ok(Page {
             events,
             more: rest.more,

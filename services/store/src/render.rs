@@ -153,6 +153,59 @@ pub fn render_entry(seq: u64, event: &Event) -> Value {
     Value::Object(out)
 }
 
+/// Applies to a page of materialized events the edits and deletes the store does not hold yet
+/// (`unstored`, from the log, in sequence order), as the projector will: a deleted message
+/// loses its text, edited flag and reactions, and every edit of it in the page its text; an
+/// edit of a message that is not deleted becomes its text. Reactions and thread counts are
+/// left to the store.
+pub fn apply_unstored(events: &mut [Value], unstored: &[(u64, Event)]) {
+    let mut deleted = HashSet::new();
+    for (_, event) in unstored {
+        let target = match &event.body {
+            EventBody::Delete { target } => {
+                deleted.insert(*target);
+                *target
+            }
+            EventBody::Edit { target, .. } => *target,
+            _ => continue,
+        };
+        let found = events
+            .iter_mut()
+            .filter_map(Value::as_object_mut)
+            .find(|m| {
+                m.get("seq").and_then(Value::as_u64) == Some(target)
+                    && m.get("kind").and_then(Value::as_str) == Some("message")
+            });
+        let Some(message) = found else { continue };
+        match &event.body {
+            EventBody::Delete { .. } => {
+                message.remove("text");
+                message.remove("edited");
+                message.remove("reactions");
+                message.insert("deleted".into(), json!(true));
+            }
+            EventBody::Edit { text, .. } if !message.contains_key("deleted") => {
+                message.insert("text".into(), json!(text));
+                message.insert("edited".into(), json!(true));
+            }
+            _ => {}
+        }
+    }
+    if deleted.is_empty() {
+        return;
+    }
+    for map in events.iter_mut().filter_map(Value::as_object_mut) {
+        let edit_of_deleted = map.get("kind").and_then(Value::as_str) == Some("edit")
+            && map
+                .get("target")
+                .and_then(Value::as_u64)
+                .is_some_and(|t| deleted.contains(&t));
+        if edit_of_deleted {
+            map.remove("text");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,105 @@
+//! History while the store is behind the log, against a real nats-server: no projector runs
+//! here, so every event of the page comes from the log, and the page must still read as the
+//! projected one will.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_log::{LogConfig, RoomLog};
+use chat_model::{RoomId, UserId};
+use chat_rooms::{Command, Rooms, RoomsConfig};
+use chat_store::{PageQuery, SqliteStore};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet() {
+    let server = chat_harness::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+    let rooms = Rooms::new(
+        log,
+        Arc::new(store),
+        RoomsConfig {
+            projection_wait: Duration::ZERO,
+            ..RoomsConfig::default()
+        },
+    );
+    let (alice, bob) = (user("alice"), user("bob"));
+    let room = RoomId::parse("lagging").unwrap();
+    rooms
+        .create_group(&alice, &room, "lagging", vec![bob.clone()], None)
+        .await
+        .unwrap();
+    let append = |command: Command| {
+        let (rooms, alice, room) = (rooms.clone(), alice.clone(), room.clone());
+        async move {
+            rooms
+                .append(&alice, &room, Uuid::new_v4(), command)
+                .await
+                .unwrap()
+                .seq
+        }
+    };
+    let send = |text: &str| Command::Send {
+        text: text.into(),
+        thread: None,
+        reply_to: None,
+    };
+    let kept = append(send("first")).await; // 2
+    let gone = append(send("secret")).await; // 3
+    append(Command::Edit {
+        target: kept,
+        text: "first, edited".into(),
+    })
+    .await; // 4
+    append(Command::Edit {
+        target: gone,
+        text: "secret, edited".into(),
+    })
+    .await; // 5
+    append(Command::Delete { target: gone }).await; // 6
+
+    for limit in [50, 3] {
+        // The whole room, then a page holding only the newer half: the delete still applies
+        // to what is in it.
+        let page = rooms
+            .history(&alice, &room, PageQuery::newest(limit))
+            .await
+            .unwrap();
+        let by_seq = |seq: u64| -> &Value {
+            page.events
+                .iter()
+                .find(|e| e["seq"] == json!(seq))
+                .unwrap_or_else(|| panic!("no {seq} in {:?}", page.events))
+        };
+        let edit_of_gone = by_seq(5);
+        assert_eq!(edit_of_gone["kind"], "edit");
+        assert!(edit_of_gone.get("text").is_none(), "{edit_of_gone}");
+        if limit == 3 {
+            continue;
+        }
+        let message = by_seq(gone);
+        assert_eq!(message["deleted"], true, "{message}");
+        assert!(message.get("text").is_none(), "{message}");
+        let message = by_seq(kept);
+        assert_eq!(
+            (&message["text"], &message["edited"]),
+            (&json!("first, edited"), &json!(true)),
+            "{message}"
+        );
+        // Receipts count bob, whom the store does not know yet.
+        assert_eq!(
+            message["receipts"],
+            json!({"delivered": 0, "read": 0, "members": 1}),
+            "{message}"
+        );
+    }
+}
