@@ -136,6 +136,12 @@ pub struct Config {
     pub rate_share: Option<Duration>,
     /// More refusals than a limit's burst within this window: close 4029.
     pub flood_window: Duration,
+    /// HTTP connections not (yet) upgraded to WebSockets, at most (`CHAT_MAX_HTTP_CONNECTIONS`):
+    /// more are closed as they are accepted.
+    pub max_http_connections: usize,
+    /// How long a client may take to send a request's head, or keep an idle connection open
+    /// between requests (`CHAT_HTTP_HEADER_TIMEOUT`).
+    pub http_header_timeout: Duration,
     /// Connection caps of an edge: in total and per user.
     pub max_connections: usize,
     pub max_connections_per_user: usize,
@@ -320,6 +326,8 @@ impl Config {
                 .map(|d| (!d.is_zero()).then_some(d))?,
             None => Some(Duration::from_millis(250)),
         };
+        let max_http_connections = count("CHAT_MAX_HTTP_CONNECTIONS", 1_024)?;
+        let http_header_timeout = duration("CHAT_HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?;
         let max_connections = count("CHAT_MAX_CONNECTIONS", defaults.max_connections)?;
         let max_connections_per_user = count(
             "CHAT_MAX_CONNECTIONS_PER_USER",
@@ -503,6 +511,8 @@ impl Config {
             idle_timeout,
             rate_share,
             flood_window,
+            max_http_connections,
+            http_header_timeout,
             max_connections,
             max_connections_per_user,
             max_rooms_per_subscribe,

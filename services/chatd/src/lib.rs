@@ -9,6 +9,7 @@ pub mod http;
 pub mod logtool;
 pub mod metrics;
 pub mod nats_child;
+pub mod server;
 pub mod telemetry;
 
 use std::fs::File;
@@ -53,14 +54,15 @@ pub async fn serve(
     let starting = CancellationToken::new();
     let early = TcpListener::from_std(listener.try_clone().context("listen socket")?)
         .context("listen socket")?;
-    let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
-        let starting = starting.clone();
-        async move {
-            axum::serve(early, http::starting_router())
-                .with_graceful_shutdown(starting.cancelled_owned())
-                .await
-        }
-    }));
+    let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(server::serve(
+        early,
+        http::starting_router(),
+        starting.clone().cancelled_owned(),
+        server::Bounds {
+            max_http_connections: config.max_http_connections,
+            header_timeout: config.http_header_timeout,
+        },
+    )));
     // A signal while NATS has not answered yet (it is unreachable, say) ends the wait: there is
     // nothing to drain.
     let log = tokio::select! {
@@ -199,17 +201,11 @@ pub async fn serve(
             tracing::info!("draining");
         }
     };
-    // No Nagle: acks and events are small frames that must not wait for the peer's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_accepting)
-            .await
-    });
+    let bounds = server::Bounds {
+        max_http_connections: config.max_http_connections,
+        header_timeout: config.http_header_timeout,
+    };
+    let server = tokio::spawn(server::serve(listener, app, stop_accepting, bounds));
 
     println!("ready http=http://{addr} ws=ws://{addr}/v1/ws");
     let _ = std::io::stdout().flush();

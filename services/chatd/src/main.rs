@@ -309,8 +309,8 @@ fn digest(
     })
 }
 
-/// Descriptors kept for everything but WebSocket clients (NATS, the store, its own
-/// nats-server's pipes, HTTP requests), at most: a quarter of a small limit.
+/// Descriptors kept for the process itself (NATS, the store, its own nats-server's pipes), at
+/// most: a quarter of a small limit. HTTP connections have theirs besides.
 const FDS_RESERVED: u64 = 1024;
 
 /// Raises the open-file limit to its hard limit, as Go programs do at start (the nats-server
@@ -335,10 +335,21 @@ fn fit_connections_to_fd_limit(config: &mut Config) {
         soft
     };
     tracing::debug!(limit, "open-file limit");
+    // HTTP connections that are not WebSockets get an eighth of a small limit at most.
+    let http = (config.max_http_connections as u64).min((limit / 8).max(1));
+    if http < config.max_http_connections as u64 {
+        tracing::warn!(
+            fd_limit = limit,
+            configured = config.max_http_connections,
+            cap = http,
+            "the open-file limit is too low for CHAT_MAX_HTTP_CONNECTIONS; capped lower"
+        );
+        config.max_http_connections = http as usize;
+    }
     if !matches!(config.role, Role::All | Role::Edge) {
         return;
     }
-    let room = limit.saturating_sub(FDS_RESERVED.min(limit / 4));
+    let room = limit.saturating_sub(FDS_RESERVED.min(limit / 4) + http);
     if (config.max_connections as u64) > room {
         tracing::warn!(
             fd_limit = limit,

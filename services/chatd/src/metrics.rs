@@ -163,6 +163,14 @@ fn observe_all<S: Send + Sync + 'static>(
 /// provider is installed.
 pub fn observe(state: &AppState) {
     let meter = meter();
+    meter
+        .u64_observable_counter("chat.http.connections_refused")
+        .with_description(
+            "Connections closed as they were accepted: CHAT_MAX_HTTP_CONNECTIONS were open.",
+        )
+        .with_unit("{connection}")
+        .with_callback(|o| o.observe(crate::server::REFUSED.load(Ordering::Relaxed), &[]))
+        .build();
     if let Some(projector) = &state.projector {
         observe_all(
             &meter,

@@ -431,8 +431,9 @@ async fn connection_caps_refuse_with_a_clear_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_503() {
-    // A hard limit of 256 descriptors: chatd keeps 64 for itself and caps sockets at 192,
-    // instead of accepting until `accept` fails and leaving the next clients unanswered.
+    // A hard limit of 256 descriptors: chatd keeps 64 for itself and 32 for HTTP connections,
+    // and caps sockets at 160, instead of accepting until `accept` fails and leaving the next
+    // clients unanswered.
     let data = tempfile::tempdir().unwrap();
     let env = env_with(data.path(), &[("CHAT_MAX_CONNECTIONS_PER_USER", "64")]);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -451,7 +452,7 @@ async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_
         .map(|i| dev_token(data.path(), &format!("user{i}"), 3600))
         .collect();
     let mut open = Vec::new();
-    for i in 0..192 {
+    for i in 0..160 {
         let mut ws = raw(&chatd, &tokens[i % 4]).await;
         let welcome = ws.next().await.unwrap().unwrap();
         assert!(
@@ -473,7 +474,98 @@ async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_
     }
     // The process still answers on its own descriptors.
     assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
-    assert_eq!(metric(&chatd, "chat_edge_sockets"), 192);
+    assert_eq!(metric(&chatd, "chat_edge_sockets"), 160);
+}
+
+/// Whether the server has closed `stream` (EOF or reset), waiting at most `wait`.
+fn closed_by_server(stream: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_a_request_are_bounded_and_timed_out() {
+    use std::io::Write;
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_MAX_HTTP_CONNECTIONS", "8"),
+            ("CHAT_HTTP_HEADER_TIMEOUT", "2s"),
+            ("CHAT_DRAIN_GRACE", "30s"),
+        ],
+    ));
+    // WebSocket sessions are not HTTP connections once upgraded: more than 8 of them are fine.
+    let token = dev_token(data.path(), "alice", 3600);
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        let mut ws = raw(&chatd, &token).await;
+        assert!(ws
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .to_text()
+            .unwrap()
+            .contains("welcome"));
+        sessions.push(ws);
+    }
+    // Eight clients send half a request and stop; a ninth is closed as it is accepted.
+    let connect = || std::net::TcpStream::connect(chatd.http_addr()).unwrap();
+    let mut stalled: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut stream = connect();
+            stream
+                .write_all(b"GET /v1/me HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    // Accepted in order: once the eighth is being served, the next one finds no place.
+    eventually("a connection closed at accept", || {
+        closed_by_server(&mut connect(), Duration::from_millis(200))
+    })
+    .await;
+    // The stalled ones are closed by the header timeout, then the server answers again.
+    for stream in &mut stalled {
+        assert!(
+            closed_by_server(stream, DEADLINE),
+            "a stalled request stays open"
+        );
+    }
+    assert!(metric(&chatd, "chat_http_connections_refused_total") >= 1);
+    for ws in &mut sessions {
+        ws.send(Message::Text(r#"{"type":"ping","rid":"p"}"#.into()))
+            .await
+            .unwrap();
+        let pong = ws.next().await.unwrap().unwrap();
+        assert!(pong.to_text().unwrap().contains("pong"), "{pong:?}");
+    }
+
+    // A drain does not wait for a request that never comes.
+    let mut stalled = connect();
+    stalled.write_all(b"GET /v1/me HTTP/1.1\r\n").unwrap();
+    drop(sessions);
+    let mut chatd = chatd;
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = chatd
+        .wait_exit(DEADLINE)
+        .expect("chatd exits after SIGTERM");
+    assert!(status.success(), "{}", chatd.stderr());
+    assert!(
+        !chatd.stderr().contains("drain grace elapsed"),
+        "{}",
+        chatd.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
