@@ -49,7 +49,8 @@ enum Cmd {
         /// Only this room.
         #[arg(long)]
         room: Option<String>,
-        /// Write into this SQLite file instead of the configured store.
+        /// Write into this new SQLite file (it must not exist yet) instead of the configured
+        /// store.
         #[arg(long)]
         into: Option<std::path::PathBuf>,
     },
@@ -252,6 +253,16 @@ fn rebuild(
     into: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let room = room.map(chat_model::RoomId::parse).transpose()?;
+    if let Some(path) = &into {
+        // A new file only: an existing one may be a store some process is using (the live
+        // one, say), and a rebuild clears what it rewrites.
+        if path.exists() {
+            anyhow::bail!(
+                "{} exists: --into writes a new file (remove it first, or choose another path)",
+                path.display()
+            );
+        }
+    }
     let (_lock, nats, url) = if into.is_some() {
         // Into a file of its own: the logs may be read beside a running chatd, as `chatd log`
         // reads them.
@@ -265,7 +276,7 @@ fn rebuild(
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     let result = runtime.block_on(async {
         let log = chatd::connect(&url, &config).await?;
-        let store = maintenance_store(&config, into).await?;
+        let store = maintenance_store(&config, into.clone()).await?;
         let report = chat_projector::rebuild(&log, &store, room.as_ref(), config.partition).await?;
         println!(
             "rebuilt {} rooms, {} events, {} dead letters",
@@ -275,6 +286,14 @@ fn rebuild(
     });
     if let Some(nats) = nats {
         nats.stop(Duration::from_secs(5));
+    }
+    if let (Err(_), Some(path)) = (&result, &into) {
+        // Nothing half-built is left behind to be mistaken for a store.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
     }
     result
 }

@@ -95,6 +95,33 @@ async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
     let out = run(&env, &["rebuild"], limit);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    // So is --into an existing file: the live store, or the rebuild just made.
+    let live_store = data.path().join("store.db").display().to_string();
+    for existing in [&live_store, &fresh] {
+        let out = run(&env, &["rebuild", "--into", existing], limit);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    }
+    assert_eq!(
+        stdout(&run(&env, &["digest"], limit)),
+        stdout(&live),
+        "the live store is untouched"
+    );
+    // A rebuild that fails leaves no file behind.
+    let failed = data.path().join("failed.db");
+    let out = run(
+        &env,
+        &[
+            "rebuild",
+            "--room",
+            "nosuch",
+            "--into",
+            &failed.display().to_string(),
+        ],
+        limit,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!failed.exists(), "{}", stderr(&out));
 
     // Mistakes are errors, not the empty store's digest.
     let missing = data.path().join("no-such-dir").join("store.db");
