@@ -78,14 +78,16 @@ pub struct Verdict {
     pub digest: String,
     /// Problems that make the log unfit as a record: each a short sentence with the seq.
     pub problems: Vec<String>,
-    /// Events this build's rules would have refused (a faulty or older writer); the store
-    /// applies them by the same rules, so they do not break projections.
+    /// Events this build's rules would have refused: the log itself is intact, but no chatd
+    /// of this version appended them (a foreign or faulty writer, or an older version's
+    /// rules). They fail the verdict too: projections show some of them (a non-member's
+    /// message, say) as any other event.
     pub refused_by_rules: Vec<String>,
 }
 
 impl Verdict {
     pub fn ok(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.refused_by_rules.is_empty()
     }
 
     pub fn to_json(&self, room: &RoomId) -> Value {
@@ -110,7 +112,8 @@ impl Verdict {
 /// - every entry decodes, the first is `room_created`, and no event id appears twice;
 /// - every event is one the room's rules allow at its place (authors are members, edits by
 ///   their author, deletes by the author or the admin, targets are messages, posts in a
-///   read-only room by the admin): refusals are listed apart, as they do not damage the record.
+///   read-only room by the admin): refusals are listed apart (the record is intact, its
+///   writer is suspect), and fail the verdict as problems do.
 pub async fn verify_room(log: &RoomLog, room: &RoomId) -> anyhow::Result<Verdict> {
     let mut verdict = Verdict::default();
     check_stream_config(log, room, &mut verdict).await?;

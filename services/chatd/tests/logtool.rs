@@ -139,8 +139,9 @@ async fn export_and_verify_read_the_log_beside_a_running_server() {
     };
     publish_raw(&nats, "faulty", intruder.encode().unwrap()).await;
     let (code, verdicts) = chatd_log(&env, &["verify", "faulty"]);
-    assert_eq!(code, 0, "a refused event is listed, not a broken record");
-    assert_eq!(verdicts[0]["ok"], true);
+    assert_eq!(code, 3, "an event no chatd would append fails the verdict");
+    assert_eq!(verdicts[0]["ok"], false);
+    assert_eq!(verdicts[0]["problems"], json!([]), "the record itself is intact");
     let refused = verdicts[0]["refused_by_rules"].as_array().unwrap();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0]
