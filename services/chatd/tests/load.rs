@@ -306,6 +306,28 @@ async fn a_flood_is_rate_limited_then_closed_with_4029() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_websocket_pings_is_closed_with_4029_too() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_FRAME_RATE", "1/10"), ("CHAT_FLOOD_WINDOW", "1m")],
+    ));
+    let mut ws = raw(&chatd, &dev_token(data.path(), "alice", 3600)).await;
+    let welcome = ws.next().await.unwrap().unwrap();
+    assert!(welcome.to_text().unwrap().contains("welcome"));
+    // The burst of 10, then 10 refusals allowed, then one too many: 21 pings at least, sent
+    // at once (the WebSocket layer answers each with a pong meanwhile).
+    for _ in 0..40 {
+        if ws.send(Message::Ping(b"hi".to_vec().into())).await.is_err() {
+            break;
+        }
+    }
+    let (_, code) = read_until_closed(&mut ws).await;
+    assert_eq!(code, 4029);
+    assert_eq!(metric(&chatd, "chat_edge_flood_closes_total"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_closed_for_flooding_still_gets_its_acks_and_refusals_first() {
     let data = tempfile::tempdir().unwrap();
     let chatd = start(&env_with(

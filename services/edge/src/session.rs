@@ -461,8 +461,30 @@ impl Session {
                     return;
                 }
                 // Control frames are answered by the WebSocket layer (which never yields a raw
-                // `Frame` when reading).
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                // `Frame` when reading), but count against the connection's frame rate like
+                // any frame: a flood of them is closed with 4029 (no `rate_limited` frame
+                // answers a control frame).
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                    self.state.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                    if let Err(Limited { burst, .. }) = self.limits.check_frame() {
+                        self.state
+                            .stats
+                            .rate_limited
+                            .fetch_add(1, Ordering::Relaxed);
+                        if self.limits.refused(burst) {
+                            self.state
+                                .stats
+                                .flood_closes
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(user = %self.user, "closing a connection that kept flooding pings");
+                            Box::pin(self.finish_appends()).await;
+                            self.close(close_code::FLOOD, "kept sending after being rate-limited")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(Message::Frame(_))) => {}
                 Some(Ok(Message::Binary(bytes)))
                     if bytes.len() > self.state.config.max_frame_bytes =>
                 {
