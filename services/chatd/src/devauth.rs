@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// Issuer and audience of development tokens.
 pub const DEV_ISSUER: &str = "chat-dev";
 pub const DEV_AUDIENCE: &str = "chat-dev";
-const SECRET_FILE: &str = "dev-secret";
+pub const SECRET_FILE: &str = "dev-secret";
 
 /// The claims a token carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

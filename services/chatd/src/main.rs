@@ -94,10 +94,15 @@ enum LogCmd {
     },
 }
 
-/// A token's lifetime: a duration, not zero (a token that is born expired is a mistake).
+/// The longest lifetime `chatd token` gives: ten years.
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A token's lifetime: a duration, not zero (a token that is born expired is a mistake), at
+/// most [`MAX_TTL`] (beyond that, `exp` would overflow before it means anything).
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         ttl if ttl.is_zero() => Err("must be more than 0".to_owned()),
+        ttl if ttl > MAX_TTL => Err("must be at most 87600h (ten years)".to_owned()),
         ttl => Ok(ttl),
     }
 }
@@ -474,6 +479,14 @@ fn token(config: &Config, user: &str, name: Option<&str>, ttl: Duration) -> anyh
     let user = UserId::parse(user)?;
     let token = match &config.auth {
         AuthConfig::Development => {
+            // The secret `chatd run` made: a new one here would sign tokens no server takes.
+            let path = config.data_dir.join(devauth::SECRET_FILE);
+            anyhow::ensure!(
+                path.is_file(),
+                "no development secret at {}: `chatd run` creates it in its data dir; set \
+                 CHAT_DATA_DIR to that of the server the token is for",
+                path.display()
+            );
             let secret = devauth::dev_secret(&config.data_dir)?;
             devauth::mint_hs256(secret.as_bytes(), devauth::DEV_ISSUER, devauth::DEV_AUDIENCE, &user, name, ttl)?
         }

@@ -91,6 +91,24 @@ fn all_in_one_starts_its_own_nats_and_serves_health() {
 #[test]
 fn the_token_command_mints_tokens_the_dev_secret_verifies() {
     let data = tempfile::tempdir().unwrap();
+    // No server has run on this data dir: no secret, and none is made up here (a token
+    // signed with it would be refused by every server).
+    let out = Command::new(bin())
+        .args(["token", "alice"])
+        .env("CHAT_DATA_DIR", data.path())
+        .env_remove("CHAT_JWT_HS256_SECRET")
+        .env_remove("CHAT_JWT_PUBLIC_KEYS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no development secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.path().join("dev-secret").exists());
+    // As `chatd run` leaves it.
+    std::fs::write(data.path().join("dev-secret"), "ab".repeat(32)).unwrap();
     let out = Command::new(bin())
         .args([
             "token",

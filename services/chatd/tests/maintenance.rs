@@ -186,6 +186,11 @@ fn arguments_that_cannot_mean_anything_are_usage_errors() {
         (&["log", "export", "general", "--to", "0"], "--to"),
         (&["log", "export", "general", "--from", "0"], "--from"),
         (&["token", "alice", "--ttl", "0"], "more than 0"),
+        (&["token", "alice", "--ttl", "87601h"], "at most"),
+        (
+            &["token", "alice", "--ttl", "18446744073709551615s"],
+            "at most",
+        ),
     ] {
         let out = run(&env, args, Duration::from_secs(30));
         assert_eq!(
