@@ -395,9 +395,8 @@ async fn connect_log(
     if retry {
         options = options.retry_on_initial_connect();
     }
-    let log = RoomLog::connect_with_options(url, options, config.log.clone())
-        .await
-        .with_context(|| format!("connect to nats at {url}"))?;
+    // The error names the URL.
+    let log = RoomLog::connect_with_options(url, options, config.log.clone()).await?;
     let js = async_nats::jetstream::new(log.client().clone());
     let deadline = Instant::now() + NATS_START_DEADLINE;
     let mut waited = false;

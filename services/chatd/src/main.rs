@@ -35,6 +35,7 @@ enum Cmd {
     /// CHAT_JWT_HS256_SECRET when set).
     Token {
         /// The user id (the token's `sub`).
+        #[arg(value_parser = parse_user)]
         user: String,
         /// Display name (the `name` claim).
         #[arg(long)]
@@ -47,7 +48,7 @@ enum Cmd {
     /// role first, or rebuild into a new file with --into and switch to it.
     Rebuild {
         /// Only this room.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_room)]
         room: Option<String>,
         /// Write into this new SQLite file (it must not exist yet) instead of the configured
         /// store.
@@ -61,7 +62,7 @@ enum Cmd {
     },
     /// Print a digest of the store's rows (or one room's): equal digests, equal contents.
     Digest {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_room)]
         room: Option<String>,
         /// Read this SQLite file instead of the configured store.
         #[arg(long)]
@@ -74,6 +75,7 @@ enum LogCmd {
     /// Print ROOM's events as JSON lines in sequence order, as appended (edits and deletes are
     /// events of their own); an entry that does not decode is printed with its bytes.
     Export {
+        #[arg(value_parser = parse_room)]
         room: String,
         /// First sequence to print.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -90,8 +92,23 @@ enum LogCmd {
     /// copies. One JSON line per room; exit status 3 if any room has a problem (1: could not check).
     Verify {
         /// Only this room.
+        #[arg(value_parser = parse_room)]
         room: Option<String>,
     },
+}
+
+/// A room id argument: refused as a usage error (status 2) when it is not one.
+fn parse_room(text: &str) -> Result<String, String> {
+    chat_model::RoomId::parse(text)
+        .map(|room| room.as_str().to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// A user id argument: refused as a usage error (status 2) when it is not one.
+fn parse_user(text: &str) -> Result<String, String> {
+    UserId::parse(text)
+        .map(|user| user.as_str().to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// The longest lifetime `chatd token` gives: ten years.
@@ -117,7 +134,13 @@ fn main() -> ExitCode {
     {
         if from > to {
             use clap::CommandFactory as _;
-            Cli::command()
+            let mut cli = Cli::command();
+            let export = cli
+                .find_subcommand_mut("log")
+                .and_then(|log| log.find_subcommand_mut("export"))
+                .map(|export| export.clone().bin_name("chatd log export"));
+            export
+                .unwrap_or(cli)
                 .error(
                     clap::error::ErrorKind::ArgumentConflict,
                     format!("--from {from} is after --to {to}"),
@@ -156,8 +179,17 @@ fn run_command(cli: Cli) -> ExitCode {
             Err(e) => Err(e),
         },
     };
+    // The reader of our output went away (`chatd log export … | head`): it has what it wanted.
+    let reader_gone = |e: &anyhow::Error| {
+        e.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        })
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if reader_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {e:#}");
             ExitCode::FAILURE

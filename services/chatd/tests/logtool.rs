@@ -141,7 +141,11 @@ async fn export_and_verify_read_the_log_beside_a_running_server() {
     let (code, verdicts) = chatd_log(&env, &["verify", "faulty"]);
     assert_eq!(code, 3, "an event no chatd would append fails the verdict");
     assert_eq!(verdicts[0]["ok"], false);
-    assert_eq!(verdicts[0]["problems"], json!([]), "the record itself is intact");
+    assert_eq!(
+        verdicts[0]["problems"],
+        json!([]),
+        "the record itself is intact"
+    );
     let refused = verdicts[0]["refused_by_rules"].as_array().unwrap();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0]
@@ -175,8 +179,8 @@ async fn export_and_verify_read_the_log_beside_a_running_server() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no room nowhere"));
     let out = run_log(&env, &["verify", "Not A Room"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("room"));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("room id"));
 
     // --follow prints the log so far, then each new event as it is stored.
     let mut follower = Command::new(bin())

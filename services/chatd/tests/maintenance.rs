@@ -181,12 +181,16 @@ fn arguments_that_cannot_mean_anything_are_usage_errors() {
     for (args, says) in [
         (
             &["log", "export", "general", "--from", "5", "--to", "3"][..],
-            "after --to",
+            "Usage: chatd log export",
         ),
         (&["log", "export", "general", "--to", "0"], "--to"),
         (&["log", "export", "general", "--from", "0"], "--from"),
         (&["token", "alice", "--ttl", "0"], "more than 0"),
         (&["token", "alice", "--ttl", "87601h"], "at most"),
+        (&["token", "a b"], "user id"),
+        (&["log", "export", "bad/room"], "room id"),
+        (&["rebuild", "--room", "a/b"], "room id"),
+        (&["digest", "--room", "a b"], "room id"),
         (
             &["token", "alice", "--ttl", "18446744073709551615s"],
             "at most",

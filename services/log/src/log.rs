@@ -79,10 +79,12 @@ pub enum ConnectError {
     Config(#[from] ConfigError),
     #[error("nats url {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("connect to nats at {url}: {source}")]
+    /// The client library's error is in the message and not a `source`: its own chain repeats
+    /// what its message already says.
+    #[error("connect to nats at {url}: {error}")]
     Nats {
         url: String,
-        source: async_nats::ConnectError,
+        error: async_nats::ConnectError,
     },
 }
 
@@ -144,9 +146,9 @@ impl RoomLog {
         let client = options
             .connect(servers)
             .await
-            .map_err(|source| ConnectError::Nats {
+            .map_err(|error| ConnectError::Nats {
                 url: url.to_owned(),
-                source,
+                error,
             })?;
         Ok(RoomLog::from_parts(client, config, events))
     }
