@@ -11,7 +11,7 @@
 # 6231-6233, monitoring 8231-8233, chatd 8081-8082.
 # Tokens: the command it prints when ready (one HS256 secret, DIR/secret: valid on both nodes).
 # Things to try: kill one nats-server (`kill $(cat DIR/n2/pid)`): appends go on with two of
-# three; kill -9 one chatd: its clients reconnect to the other and resume by sequence, and its
+# three, and the command printed when ready brings it back; kill -9 one chatd: its clients reconnect to the other and resume by sequence, and its
 # users go offline there within CHAT_PRESENCE_TIMEOUT.
 set -euo pipefail
 
@@ -30,6 +30,8 @@ stop() {
   for pid in "${chatd_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${chatd_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   for pid in "${nats_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Nodes restarted by hand (with the command printed when ready) are this cluster's too.
+  pkill -TERM -f -- "-c $dir/n[123]/nats.conf" 2>/dev/null || true
   wait || true
 }
 trap stop INT TERM EXIT
@@ -50,13 +52,16 @@ EOF
 done
 
 # JetStream is ready once the cluster has a meta leader.
+js_ready() {
+  curl -fs "http://127.0.0.1:8231/healthz?js-enabled-only=true" > /dev/null 2>&1 &&
+    curl -fs "http://127.0.0.1:8231/jsz" 2>/dev/null | grep -q '"leader"'
+}
 for _ in $(seq 1 100); do
-  if curl -fs "http://127.0.0.1:8231/healthz?js-enabled-only=true" > /dev/null 2>&1 &&
-     curl -fs "http://127.0.0.1:8231/jsz" 2>/dev/null | grep -q '"leader"'; then
-    break
-  fi
+  js_ready && break
   sleep 0.2
 done
+js_ready ||
+  { echo "the NATS cluster elected no JetStream leader in 20 s; see $dir/n*/nats.log" >&2; exit 1; }
 
 secret_file="$dir/secret"
 [ -s "$secret_file" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secret_file"
@@ -87,6 +92,7 @@ cat >&2 <<EOF
 ready: chatd-1 http://127.0.0.1:8081  chatd-2 http://127.0.0.1:8082  (NATS 4231-4233)
 tokens: CHAT_JWT_HS256_SECRET=\$(cat $dir/secret) CHAT_JWT_ISSUER=chat-dev CHAT_JWT_AUDIENCE=chat-dev $chatd token alice
 logs: $dir/*/*.log   (Ctrl-C stops everything)
+a killed nats-server comes back with: $nats_bin -c $dir/n2/nats.conf >> $dir/n2/nats.log 2>&1 &   (n1, n2 or n3)
 EOF
 # Until Ctrl-C: a process that ends (killed on purpose, or failed) leaves the others running.
 wait || true
