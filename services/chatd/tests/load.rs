@@ -452,6 +452,63 @@ async fn connection_caps_refuse_with_a_clear_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_waiting_for_their_auth_frame_cannot_fill_the_edge() {
+    // 100 sockets at most, of which 64 (the floor) may wait for an `auth` frame.
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_MAX_CONNECTIONS", "100"),
+            ("CHAT_AUTH_TIMEOUT", "30s"),
+        ],
+    ));
+    let mut waiting = Vec::new();
+    for _ in 0..64 {
+        let (ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+            .await
+            .expect("a socket without a token is upgraded");
+        waiting.push(ws);
+    }
+    match tokio_tungstenite::connect_async(chatd.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // A client with its token in the upgrade still gets in, and so does one more waiting
+    // socket once one of them has authenticated.
+    let token = dev_token(data.path(), "alice", 3600);
+    let mut alice = raw(&chatd, &token).await;
+    assert!(alice
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .to_text()
+        .unwrap()
+        .contains("welcome"));
+    let first = &mut waiting[0];
+    first
+        .send(Message::Text(
+            json!({"type":"auth","token":token}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    assert!(first
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .to_text()
+        .unwrap()
+        .contains("welcome"));
+    let (ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+        .await
+        .expect("a place among the waiting is free again");
+    waiting.push(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_503() {
     // A hard limit of 256 descriptors: chatd keeps 64 for itself and 32 for HTTP connections,
     // and caps sockets at 160, instead of accepting until `accept` fails and leaving the next

@@ -361,6 +361,26 @@ async fn upgrade(
             "offer the chat.v1 subprotocol together with bearer.<token>",
         );
     }
+    // Without a token in the upgrade, the socket waits for its `auth` frame: only so many
+    // may wait at once, or sockets that never send one could keep the edge full.
+    let unauthenticated = match &identity {
+        Some(_) => None,
+        None => match state.connections.unauthenticated() {
+            Some(slot) => Some(slot),
+            None => {
+                state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return http_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    &format!(
+                        "{} connections are waiting to authenticate; offer bearer.<token> as a \
+                         subprotocol, or retry later",
+                        state.connections.max_unauthenticated()
+                    ),
+                );
+            }
+        },
+    };
     let user_slot = match &identity {
         None => None,
         Some(identity) => match state.connections.user(&identity.user) {
@@ -397,6 +417,7 @@ async fn upgrade(
             session::Slots {
                 _socket: socket_slot,
                 user: user_slot,
+                unauthenticated,
             },
         ))
     })

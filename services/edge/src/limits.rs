@@ -314,11 +314,16 @@ impl ConnectionLimits {
     }
 }
 
-/// Connection caps: sockets on this edge, and sessions per user.
+/// Connection caps: sockets on this edge, sockets still waiting for their `auth` frame, and
+/// sessions per user.
 pub(crate) struct Connections {
     max_total: usize,
     max_per_user: usize,
+    /// Sockets that have not authenticated yet, at most: a sixteenth of the total (at least
+    /// 64), so that sockets that never send a token cannot keep the edge full for everyone.
+    max_unauthenticated: usize,
     total: AtomicUsize,
+    unauthenticated: AtomicUsize,
     /// Where the open socket count is exported (`chat_edge_sockets`).
     stats: Arc<crate::EdgeStats>,
     per_user: Mutex<HashMap<UserId, usize>>,
@@ -335,6 +340,20 @@ impl Drop for Socket {
         self.connections
             .stats
             .sockets
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A socket's place among those waiting for their `auth` frame; released on drop (once it
+/// has authenticated, or been closed).
+pub(crate) struct Unauthenticated {
+    connections: Arc<Connections>,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.connections
+            .unauthenticated
             .fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -367,7 +386,9 @@ impl Connections {
         Arc::new(Connections {
             max_total,
             max_per_user,
+            max_unauthenticated: (max_total / 16).max(64).min(max_total),
             total: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
             stats,
             per_user: Mutex::new(HashMap::new()),
         })
@@ -386,6 +407,22 @@ impl Connections {
                 connections: self.clone(),
             }
         })
+    }
+
+    /// A place for one more socket waiting for its `auth` frame, unless that many wait.
+    pub(crate) fn unauthenticated(self: &Arc<Self>) -> Option<Unauthenticated> {
+        self.unauthenticated
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_unauthenticated).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Unauthenticated {
+                connections: self.clone(),
+            })
+    }
+
+    pub(crate) fn max_unauthenticated(&self) -> usize {
+        self.max_unauthenticated
     }
 
     /// A place for one more session of `user`, unless they have the most allowed.

@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 use tungstenite::Message;
 use uuid::Uuid;
 
-use crate::limits::{ConnectionLimits, Limited, Socket, UserSlot, Work};
+use crate::limits::{ConnectionLimits, Limited, Socket, Unauthenticated, UserSlot, Work};
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::protocol::{self, close_code, ErrorCode, Frame};
 use crate::socket::{Connection, FrameWriter, WsRead};
@@ -49,6 +49,8 @@ pub(crate) struct Slots {
     pub _socket: Socket,
     /// `None` until first-frame authentication names the user.
     pub user: Option<UserSlot>,
+    /// Held until first-frame authentication ends, either way.
+    pub unauthenticated: Option<Unauthenticated>,
 }
 
 async fn refuse(socket: &mut FrameWriter, code: u16, reason: String) {
@@ -77,10 +79,14 @@ pub(crate) fn run(
         // The `auth` frame's `rid`, which the welcome answers.
         let (identity, auth_rid) = match identity {
             Some(identity) => (identity, None),
-            None => match first_frame_auth(&mut socket.read, &state).await {
-                Ok(authenticated) => authenticated,
-                Err((code, reason)) => return refuse(&mut socket.write, code, reason).await,
-            },
+            None => {
+                let authenticated = first_frame_auth(&mut socket.read, &state).await;
+                slots.unauthenticated = None;
+                match authenticated {
+                    Ok(authenticated) => authenticated,
+                    Err((code, reason)) => return refuse(&mut socket.write, code, reason).await,
+                }
+            }
         };
         if slots.user.is_none() {
             match state.connections.user(&identity.user) {
