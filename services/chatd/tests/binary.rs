@@ -556,66 +556,14 @@ fn an_unusable_key_file_is_refused_before_anything_starts() {
     assert!(!data.path().join("nats").exists());
 }
 
-#[test]
-fn while_waiting_for_nats_at_start_only_health_answers_and_sigterm_ends_the_process() {
-    // NATS never answers: chatd waits for it (up to a minute) before it serves. A SIGTERM in
-    // that wait stops it then, rather than when the wait is over.
-    let data = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("nats://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let log = data.path().join("stderr");
-    let mut child = Command::new(bin())
+/// A chatd started against `url`, where no NATS answers yet, once it says it is waiting
+/// (its stderr in `log`): the process and the address it listens on.
+fn waiting_for_nats(data: &Path, url: &str) -> (std::process::Child, PathBuf, String) {
+    let log = data.join("stderr");
+    let child = Command::new(bin())
         .env("CHAT_LISTEN", "127.0.0.1:0")
-        .env("CHAT_DATA_DIR", data.path())
-        .env("NATS_URL", &url)
-        .env("CHAT_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    eventually("the wait for nats", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("waiting for nats"))
-    });
-    // Meanwhile the listener answers: alive, not ready, and 503 for the rest.
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    let listen = stderr
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("listen="))
-        .unwrap_or_else(|| panic!("no listen address in: {stderr}"));
-    let get = |path: &str| chat_harness::http_request(listen, "GET", path, &[], None).unwrap();
-    assert_eq!(get("/healthz"), (200, r#"{"status":"ok"}"#.to_owned()));
-    for path in ["/readyz", "/v1/me", "/v1/ws"] {
-        let (status, body) = get(path);
-        assert_eq!(status, 503, "{path}: {body}");
-        assert!(body.contains(r#""code":"unavailable""#), "{path}: {body}");
-        assert!(body.contains("waiting for nats"), "{path}: {body}");
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    eventually("chatd to exit", Duration::from_secs(20), || {
-        child.try_wait().unwrap().is_some()
-    });
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "{status}: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-}
-
-#[test]
-fn a_process_started_before_nats_serves_on_the_same_socket_once_nats_comes() {
-    let mut server = NatsServer::start();
-    server.kill();
-    let data = tempfile::tempdir().unwrap();
-    let log = data.path().join("stderr");
-    let mut child = Command::new(bin())
-        .env("CHAT_LISTEN", "127.0.0.1:0")
-        .env("CHAT_DATA_DIR", data.path())
-        .env("NATS_URL", server.url())
+        .env("CHAT_DATA_DIR", data)
+        .env("NATS_URL", url)
         .env("CHAT_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -630,6 +578,54 @@ fn a_process_started_before_nats_serves_on_the_same_socket_once_nats_comes() {
         .find_map(|word| word.strip_prefix("listen="))
         .unwrap_or_else(|| panic!("no listen address in: {stderr}"))
         .to_owned();
+    (child, log, listen)
+}
+
+/// SIGTERM to `child`, then its exit status (within 30 s).
+fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually("chatd to exit", Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    child.wait().unwrap()
+}
+
+#[test]
+fn while_waiting_for_nats_at_start_only_health_answers_and_sigterm_ends_the_process() {
+    // NATS never answers: chatd waits for it (up to a minute) before it serves. A SIGTERM in
+    // that wait stops it then, rather than when the wait is over.
+    let data = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (child, log, listen) = waiting_for_nats(data.path(), &url);
+    // Meanwhile the listener answers: alive, not ready, and 503 for the rest.
+    let get = |path: &str| chat_harness::http_request(&listen, "GET", path, &[], None).unwrap();
+    assert_eq!(get("/healthz"), (200, r#"{"status":"ok"}"#.to_owned()));
+    for path in ["/readyz", "/v1/me", "/v1/ws"] {
+        let (status, body) = get(path);
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains(r#""code":"unavailable""#), "{path}: {body}");
+        assert!(body.contains("waiting for nats"), "{path}: {body}");
+    }
+    let status = terminate(child);
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_process_started_before_nats_serves_on_the_same_socket_once_nats_comes() {
+    let mut server = NatsServer::start();
+    server.kill();
+    let data = tempfile::tempdir().unwrap();
+    let (child, log, listen) = waiting_for_nats(data.path(), &server.url());
     let get = |path: &str| chat_harness::http_request(&listen, "GET", path, &[], None);
     assert_eq!(get("/readyz").map(|(status, _)| status), Some(503));
     server.start_again();
@@ -639,16 +635,9 @@ fn a_process_started_before_nats_serves_on_the_same_socket_once_nats_comes() {
     });
     let (status, body) = get("/v1/me").unwrap();
     assert_eq!(status, 401, "{body}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    eventually("chatd to exit", Duration::from_secs(30), || {
-        child.try_wait().unwrap().is_some()
-    });
+    let status = terminate(child);
     assert!(
-        child.wait().unwrap().success(),
+        status.success(),
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );

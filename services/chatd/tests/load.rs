@@ -71,6 +71,17 @@ async fn raw_small_buffer(chatd: &Chatd, token: &str) -> Ws {
     ws
 }
 
+/// The HTTP status of an upgrade the server refuses (panics if it upgrades).
+async fn refused_upgrade<R>(request: R) -> u16
+where
+    R: IntoClientRequest + Unpin,
+{
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 /// Reads every text frame until the server closes: the frames and the close code.
 async fn read_until_closed(ws: &mut Ws) -> (Vec<Value>, u16) {
     let mut frames = Vec::new();
@@ -404,12 +415,7 @@ async fn connection_caps_refuse_with_a_clear_status() {
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&format!("chat.v1, bearer.{alice}")).unwrap(),
     );
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 429)
-        }
-        other => panic!("expected 429, got {other:?}"),
-    }
+    assert_eq!(refused_upgrade(request).await, 429);
     // The same by first-frame authentication: the upgrade succeeds, then close 1013.
     let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
         .await
@@ -435,12 +441,7 @@ async fn connection_caps_refuse_with_a_clear_status() {
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&format!("chat.v1, bearer.{carol}")).unwrap(),
     );
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 503)
-        }
-        other => panic!("expected 503, got {other:?}"),
-    }
+    assert_eq!(refused_upgrade(request).await, 503);
     assert!(metric(&chatd, "chat_edge_refused_total") >= 3);
     // A place freed is a place taken again.
     drop(_a1);
@@ -469,12 +470,7 @@ async fn sockets_waiting_for_their_auth_frame_cannot_fill_the_edge() {
             .expect("a socket without a token is upgraded");
         waiting.push(ws);
     }
-    match tokio_tungstenite::connect_async(chatd.ws_url()).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 503)
-        }
-        other => panic!("expected 503, got {other:?}"),
-    }
+    assert_eq!(refused_upgrade(chatd.ws_url()).await, 503);
     // A client with its token in the upgrade still gets in, and so does one more waiting
     // socket once one of them has authenticated.
     let token = dev_token(data.path(), "alice", 3600);
@@ -545,12 +541,7 @@ async fn a_low_open_file_limit_lowers_the_connection_cap_so_clients_past_it_get_
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&format!("chat.v1, bearer.{}", tokens[0])).unwrap(),
     );
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 503)
-        }
-        other => panic!("expected 503, got {other:?}"),
-    }
+    assert_eq!(refused_upgrade(request).await, 503);
     // The process still answers on its own descriptors.
     assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
     assert_eq!(metric(&chatd, "chat_edge_sockets"), 160);

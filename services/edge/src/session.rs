@@ -473,19 +473,7 @@ impl Session {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                     self.state.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                     if let Err(Limited { burst, .. }) = self.limits.check_frame() {
-                        self.state
-                            .stats
-                            .rate_limited
-                            .fetch_add(1, Ordering::Relaxed);
-                        if self.limits.refused(burst) {
-                            self.state
-                                .stats
-                                .flood_closes
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(user = %self.user, "closing a connection that kept flooding pings");
-                            Box::pin(self.finish_appends()).await;
-                            self.close(close_code::FLOOD, "kept sending after being rate-limited")
-                                .await;
+                        if let Flow::Stop = Box::pin(self.refused(burst)).await {
                             return;
                         }
                     }
@@ -536,6 +524,29 @@ impl Session {
             .await;
     }
 
+    /// Counts a refused frame; closes with 4029 (`Flow::Stop`) a client that has had more
+    /// refusals than `burst` within the flood window.
+    async fn refused(&mut self, burst: u32) -> Flow {
+        self.state
+            .stats
+            .rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.limits.refused(burst) {
+            return Flow::Continue;
+        }
+        self.state
+            .stats
+            .flood_closes
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(user = %self.user, "closing a connection that kept flooding");
+        // The appends already admitted are answered and the refusals already queued go out
+        // before the close: the client learns what landed and that it was limited.
+        Box::pin(self.finish_appends()).await;
+        self.close(close_code::FLOOD, "kept sending after being rate-limited")
+            .await;
+        Flow::Stop
+    }
+
     /// Checks a frame against the connection's bucket and, for `work`, the user's; answers a
     /// refusal with `rate_limited`, or closes with 4029 a client that keeps flooding.
     async fn admit(
@@ -551,21 +562,7 @@ impl Session {
         let Err(Limited { burst, retry_after }) = checked else {
             return Admission::Pass;
         };
-        self.state
-            .stats
-            .rate_limited
-            .fetch_add(1, Ordering::Relaxed);
-        if self.limits.refused(burst) {
-            self.state
-                .stats
-                .flood_closes
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(user = %self.user, "closing a connection that kept flooding");
-            // The appends already admitted are answered and the refusals already queued go
-            // out before the close: the client learns what landed and that it was limited.
-            Box::pin(self.finish_appends()).await;
-            self.close(close_code::FLOOD, "kept sending after being rate-limited")
-                .await;
+        if let Flow::Stop = self.refused(burst).await {
             return Admission::Closed;
         }
         let retry_ms = retry_after.as_millis().max(1) as u64;

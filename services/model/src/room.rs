@@ -168,6 +168,34 @@ impl RoomState {
         Ok(EventBody::RoomUpdated { read_only })
     }
 
+    /// The state as a store that keeps left members holds it: `ever` is every user who was a
+    /// member, with the seq they (last) joined at and whether they still are. A direct room's
+    /// pair is known from them.
+    pub fn stored(
+        kind: RoomKind,
+        name: String,
+        creator: UserId,
+        ever: Vec<(UserId, u64, bool)>,
+        head: u64,
+        read_only: bool,
+    ) -> RoomState {
+        let pair = RoomState::pair_of(kind, &creator, ever.iter().map(|(user, ..)| user));
+        let members = ever
+            .into_iter()
+            .filter(|(.., active)| *active)
+            .map(|(user, seq, _)| (user, seq))
+            .collect();
+        RoomState {
+            kind,
+            name,
+            creator,
+            members,
+            head,
+            read_only,
+            pair,
+        }
+    }
+
     /// The pair of a direct room whose creator is `creator` and whose users, past and present,
     /// are `ever` (as a store that keeps left members knows them): `None` unless that is
     /// exactly the creator and one other.

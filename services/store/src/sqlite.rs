@@ -1053,21 +1053,9 @@ impl Store for SqliteStore {
                 room: room.clone(),
                 message: e.to_string(),
             })?;
-            let pair = RoomState::pair_of(kind, &creator, ever.iter().map(|(user, ..)| user));
-            let members = ever
-                .into_iter()
-                .filter(|(.., active)| *active)
-                .map(|(user, seq, _)| (user, seq))
-                .collect();
-            Ok(Some(RoomState {
-                kind,
-                name,
-                creator,
-                members,
-                head,
-                read_only,
-                pair,
-            }))
+            Ok(Some(RoomState::stored(
+                kind, name, creator, ever, head, read_only,
+            )))
         })
         .await
     }

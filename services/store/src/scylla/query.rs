@@ -505,20 +505,13 @@ impl ScyllaStore {
                 room: room.clone(),
                 message: e.to_string(),
             })?;
-        let pair = RoomState::pair_of(kind, &creator, ever.iter().map(|(user, ..)| user));
-        let members = ever
-            .into_iter()
-            .filter(|(.., active)| *active)
-            .map(|(user, seq, _)| (user, seq))
-            .collect();
-        Ok(Some(RoomState {
+        Ok(Some(RoomState::stored(
             kind,
-            name: meta.name.unwrap_or_default(),
+            meta.name.unwrap_or_default(),
             creator,
-            members,
+            ever,
             head,
             read_only,
-            pair,
-        }))
+        )))
     }
 }
