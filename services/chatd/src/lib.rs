@@ -54,14 +54,15 @@ pub async fn serve(
     let starting = CancellationToken::new();
     let early = TcpListener::from_std(listener.try_clone().context("listen socket")?)
         .context("listen socket")?;
+    let bounds = server::Bounds {
+        max_http_connections: config.max_http_connections,
+        header_timeout: config.http_header_timeout,
+    };
     let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(server::serve(
         early,
         http::starting_router(),
         starting.clone().cancelled_owned(),
-        server::Bounds {
-            max_http_connections: config.max_http_connections,
-            header_timeout: config.http_header_timeout,
-        },
+        bounds,
     )));
     // A signal while NATS has not answered yet (it is unreachable, say) ends the wait: there is
     // nothing to drain.
@@ -200,10 +201,6 @@ pub async fn serve(
             draining.store(true, Ordering::SeqCst);
             tracing::info!("draining");
         }
-    };
-    let bounds = server::Bounds {
-        max_http_connections: config.max_http_connections,
-        header_timeout: config.http_header_timeout,
     };
     let server = tokio::spawn(server::serve(listener, app, stop_accepting, bounds));
 

@@ -562,6 +562,15 @@ async fn a_user_who_left_a_direct_room_comes_back_when_either_opens_it_again() {
     assert_eq!(status, 201, "{first}");
     let dm = first["room"].as_str().unwrap().to_owned();
     let history = |user: &str| call(user, "GET", &format!("/v1/rooms/{dm}/messages"), None);
+    let leave = |user: &str| {
+        call(
+            user,
+            "DELETE",
+            &format!("/v1/rooms/{dm}/members/{user}"),
+            None,
+        )
+        .0
+    };
 
     // Whoever opened it first has no power over the other.
     let (status, body) = call(
@@ -591,28 +600,10 @@ async fn a_user_who_left_a_direct_room_comes_back_when_either_opens_it_again() {
     assert_eq!(page["events"][0]["user"], "alice", "{page}");
 
     // Bob leaves again and comes back by himself, by opening it or by adding himself.
-    assert_eq!(
-        call(
-            "bob",
-            "DELETE",
-            &format!("/v1/rooms/{dm}/members/bob"),
-            None
-        )
-        .0,
-        200
-    );
+    assert_eq!(leave("bob"), 200);
     assert_eq!(open("bob", "alice"), (200, json!({"room": dm, "seq": 1})));
     assert_eq!(history("bob").0, 200);
-    assert_eq!(
-        call(
-            "bob",
-            "DELETE",
-            &format!("/v1/rooms/{dm}/members/bob"),
-            None
-        )
-        .0,
-        200
-    );
+    assert_eq!(leave("bob"), 200);
     let (status, body) = call(
         "bob",
         "POST",
