@@ -91,6 +91,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// An external NATS; `None` starts our own nats-server.
     pub nats_url: Option<String>,
+    /// Credentials and TLS for `nats_url`.
+    pub nats: crate::nats_security::NatsSecurity,
     /// The nats-server binary to start when `nats_url` is unset.
     pub nats_server_bin: Option<PathBuf>,
     /// File sync policy of the self-started nats-server.
@@ -226,15 +228,9 @@ impl Config {
                     .map_err(|e| err(var, format!("not a filter ({e}): {filter:?}")))?;
             }
         }
-        let nats_url = get("NATS_URL");
-        if let Some(url) = &nats_url {
-            for server in url.split(',') {
-                server
-                    .trim()
-                    .parse::<async_nats::ServerAddr>()
-                    .map_err(|e| err("NATS_URL", format!("{server:?}: {e}")))?;
-            }
-        }
+        // Kept without its credentials (they go to `nats`): it is printed and logged.
+        let (nats_url, nats) =
+            crate::nats_security::NatsSecurity::from_lookup(get("NATS_URL").as_deref(), &get)?;
         let nats_server_bin = get("NATS_SERVER_BIN").map(PathBuf::from);
         let nats_sync = match get("CHAT_NATS_SYNC").as_deref() {
             None | Some("always") => NatsSync::Always,
@@ -487,6 +483,7 @@ impl Config {
             listen,
             data_dir,
             nats_url,
+            nats,
             nats_server_bin,
             nats_sync,
             store,

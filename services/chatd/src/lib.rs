@@ -9,6 +9,7 @@ pub mod http;
 pub mod logtool;
 pub mod metrics;
 pub mod nats_child;
+pub mod nats_security;
 pub mod server;
 pub mod telemetry;
 
@@ -392,13 +393,28 @@ async fn connect_log(
     if retry {
         options = options.retry_on_initial_connect();
     }
+    let options = config.nats.apply(options).await?;
     // The error names the URL.
     let log = RoomLog::connect_with_options(url, options, config.log.clone()).await?;
     let js = async_nats::jetstream::new(log.client().clone());
     let deadline = Instant::now() + NATS_START_DEADLINE;
     let mut waited = false;
+    // Wrong credentials do not fix themselves: waiting would only delay the error.
+    let mut events = log.connection_events();
+    let refused = || {
+        anyhow::anyhow!(
+            "nats at {url} refused chatd's credentials ({}): check NATS_URL's user, \
+             NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY",
+            config.nats.auth.method()
+        )
+    };
     loop {
-        match js.query_account().await {
+        let answer = tokio::select! {
+            biased;
+            Ok(chat_log::ConnectionEvent::Refused) = events.recv() => return Err(refused()),
+            answer = js.query_account() => answer,
+        };
+        match answer {
             Ok(_) => return Ok(log),
             Err(e) if Instant::now() < deadline => {
                 if !waited {

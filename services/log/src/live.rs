@@ -94,7 +94,8 @@ impl LiveSubscription {
                 event = self.events.recv() => match event {
                     Ok(ConnectionEvent::Connected | ConnectionEvent::SlowConsumer)
                     | Err(RecvError::Lagged(_)) => self.recheck = true,
-                    Ok(ConnectionEvent::Disconnected) | Err(RecvError::Closed) => {}
+                    Ok(ConnectionEvent::Disconnected | ConnectionEvent::Refused)
+                    | Err(RecvError::Closed) => {}
                 },
                 message = self.live.next() => {
                     let Some(message) = message else {

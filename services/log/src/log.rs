@@ -62,6 +62,9 @@ pub enum ConnectionEvent {
     Connected,
     Disconnected,
     SlowConsumer,
+    /// The server refused the credentials (an authorization violation, or a nonce that could
+    /// not be signed); the client library goes on trying.
+    Refused,
 }
 
 /// A receiver of [`ConnectionEvent`]s.
@@ -130,10 +133,22 @@ impl RoomLog {
                         async_nats::Event::Connected => Some(ConnectionEvent::Connected),
                         async_nats::Event::Disconnected => Some(ConnectionEvent::Disconnected),
                         async_nats::Event::SlowConsumer(_) => Some(ConnectionEvent::SlowConsumer),
+                        async_nats::Event::ServerError(
+                            async_nats::ServerError::AuthorizationViolation,
+                        ) => Some(ConnectionEvent::Refused),
+                        // How the client library reports a refused connection attempt.
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(ref e))
+                            if e == "authorization violation" || e == "failed signing nonce" =>
+                        {
+                            Some(ConnectionEvent::Refused)
+                        }
                         _ => None,
                     };
                     match forwarded {
                         Some(ConnectionEvent::SlowConsumer) => tracing::warn!("nats slow consumer"),
+                        Some(ConnectionEvent::Refused) => {
+                            tracing::warn!(event = %event, "nats refused the credentials")
+                        }
                         Some(_) => tracing::info!(event = %event, "nats connection"),
                         None => tracing::warn!(event = %event, "nats"),
                     }

@@ -200,7 +200,7 @@ pub(crate) async fn run_invalidator(users: UserLog, cache: Weak<BlockCache>) {
                             tracing::debug!("block notices may have been lost; cache dropped");
                             cache.clear();
                         }
-                        Ok(ConnectionEvent::Disconnected) => {}
+                        Ok(ConnectionEvent::Disconnected | ConnectionEvent::Refused) => {}
                         // The sender lives as long as the connection: nothing left to follow.
                         Err(RecvError::Closed) => return,
                     }

@@ -69,6 +69,8 @@ pub struct NatsServer {
     cluster: Option<ClusterSpec>,
     /// Extra lines for the `jetstream { }` block.
     jetstream_extra: String,
+    /// Extra top-level lines (`authorization { }`, `tls { }`).
+    top_extra: String,
     /// Holds the config, the JetStream store, the ports file and the log; removed on drop.
     dir: tempfile::TempDir,
     /// The running process, if started.
@@ -89,6 +91,15 @@ impl NatsServer {
         server
     }
 
+    /// Like `start`, with extra top-level configuration, e.g. an `authorization { }` or `tls { }`
+    /// block (the monitoring port, which the harness polls, stays open).
+    pub fn start_with_config(top: &str) -> NatsServer {
+        let mut server = NatsServer::configure("n1", None, "");
+        server.top_extra = top.to_owned();
+        server.start_again();
+        server
+    }
+
     fn configure(name: &str, cluster: Option<ClusterSpec>, jetstream_extra: &str) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("nats-test-")
@@ -100,6 +111,7 @@ impl NatsServer {
             monitor_port: 0,
             cluster,
             jetstream_extra: jetstream_extra.to_owned(),
+            top_extra: String::new(),
             dir,
             child: None,
         }
@@ -123,6 +135,8 @@ impl NatsServer {
             store = self.store_dir().display(),
             extra = self.jetstream_extra,
         );
+        config.push_str(&self.top_extra);
+        config.push('\n');
         if let Some(cluster) = &self.cluster {
             let routes: Vec<String> = cluster
                 .routes

@@ -70,6 +70,14 @@ impl Chatd {
             "CHAT_STORE",
             "CHAT_JWT_HS256_SECRET",
             "CHAT_JWT_PUBLIC_KEYS",
+            "NATS_USER",
+            "NATS_PASSWORD",
+            "NATS_TOKEN",
+            "NATS_CREDS",
+            "NATS_NKEY",
+            "NATS_CA",
+            "NATS_CERT",
+            "NATS_KEY",
         ] {
             cmd.env_remove(var);
         }
