@@ -396,6 +396,7 @@ async fn connect_log(
     let options = config.nats.apply(options).await?;
     // The error names the URL.
     let log = RoomLog::connect_with_options(url, options, config.log.clone()).await?;
+    log.set_bulk_read_auth(config.nats.bulk_read_auth());
     let js = async_nats::jetstream::new(log.client().clone());
     let deadline = Instant::now() + NATS_START_DEADLINE;
     let mut waited = false;

@@ -197,6 +197,24 @@ impl NatsSecurity {
         ))
     }
 
+    /// What the room log's bulk reads present on connections of their own, or `None` when they
+    /// must go through the client library (TLS, an nkey or a credentials file: see
+    /// `chat_log::WireAuth`).
+    pub fn bulk_read_auth(&self) -> Option<chat_log::WireAuth> {
+        if self.tls {
+            return None;
+        }
+        match &self.auth {
+            NatsAuth::None => Some(chat_log::WireAuth::None),
+            NatsAuth::UserPassword { user, password } => Some(chat_log::WireAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            NatsAuth::Token(token) => Some(chat_log::WireAuth::Token(token.clone())),
+            NatsAuth::Creds(_) | NatsAuth::Nkey(_) => None,
+        }
+    }
+
     /// `options` with these settings. Reads the credentials file, if any.
     pub async fn apply(&self, options: ConnectOptions) -> anyhow::Result<ConnectOptions> {
         use anyhow::Context as _;

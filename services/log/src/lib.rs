@@ -22,6 +22,7 @@ mod live;
 mod log;
 mod range;
 mod users;
+mod wire;
 
 pub use config::{ConfigError, LogConfig, BULK_READ_FACTOR};
 pub use error::LogError;
@@ -32,3 +33,4 @@ pub use log::{
 };
 pub use range::RangeReader;
 pub use users::{BlocksEntry, UserLog, UserLogError};
+pub use wire::WireAuth;

@@ -9,6 +9,8 @@ use async_nats::header::{
 };
 use async_nats::jetstream::{self, context::PublishErrorKind, response::Response, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
+
+use crate::wire::{WireAuth, WireTarget};
 use bytes::Bytes;
 use chat_model::{Event, RoomId};
 use tokio::sync::broadcast;
@@ -106,6 +108,11 @@ struct Inner {
     config: LogConfig,
     /// Connection events fanned out to live subscriptions.
     events: broadcast::Sender<ConnectionEvent>,
+    /// Where bulk range reads open connections of their own; `None`: through the client
+    /// library (see [`crate::wire`]).
+    wire: std::sync::RwLock<Option<WireTarget>>,
+    /// Bulk range reads done on connections of their own.
+    wire_reads: std::sync::atomic::AtomicU64,
 }
 
 impl RoomLog {
@@ -158,6 +165,15 @@ impl RoomLog {
                 }
             });
         let servers = parse_servers(url)?;
+        let wire = WireTarget {
+            servers: servers
+                .iter()
+                .filter(|s| !s.tls_required() && !s.is_websocket())
+                .map(|s| (s.host().to_owned(), s.port()))
+                .collect(),
+            auth: WireAuth::None,
+        };
+        let wire = (!wire.servers.is_empty()).then_some(wire);
         let client = options
             .connect(servers)
             .await
@@ -165,13 +181,14 @@ impl RoomLog {
                 url: url.to_owned(),
                 error,
             })?;
-        Ok(RoomLog::from_parts(client, config, events))
+        Ok(RoomLog::from_parts(client, config, events, wire))
     }
 
     fn from_parts(
         client: Client,
         config: LogConfig,
         events: broadcast::Sender<ConnectionEvent>,
+        wire: Option<WireTarget>,
     ) -> RoomLog {
         let js = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
@@ -183,8 +200,56 @@ impl RoomLog {
                 js,
                 config,
                 events,
+                wire: std::sync::RwLock::new(wire),
+                wire_reads: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The credentials bulk range reads present on their own connections: those of the main
+    /// connection (by default none). `None` makes them read through the client library, as a
+    /// connection over TLS, or with an nkey or a credentials file, has to.
+    pub fn set_bulk_read_auth(&self, auth: Option<WireAuth>) {
+        let mut wire = self.inner.wire.write().unwrap_or_else(|p| p.into_inner());
+        match auth {
+            Some(auth) => {
+                if let Some(wire) = wire.as_mut() {
+                    wire.auth = auth;
+                }
+            }
+            None => *wire = None,
+        }
+    }
+
+    /// Where bulk reads connect, unless they go through the client library.
+    pub(crate) fn wire_target(&self) -> Option<WireTarget> {
+        self.inner
+            .wire
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bulk reads cannot use connections of their own here (the server wants TLS, say): from
+    /// now on they read through the client library.
+    pub(crate) fn disable_wire_reads(&self, reason: &str) {
+        let mut wire = self.inner.wire.write().unwrap_or_else(|p| p.into_inner());
+        if wire.take().is_some() {
+            tracing::info!(reason, "bulk reads go through the client library");
+        }
+    }
+
+    pub(crate) fn count_wire_read(&self) {
+        self.inner
+            .wire_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many range reads went over connections of their own (see [`RoomLog::set_bulk_read_auth`]).
+    pub fn wire_reads(&self) -> u64 {
+        self.inner
+            .wire_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &LogConfig {

@@ -6,6 +6,7 @@ use futures::{FutureExt, StreamExt};
 
 use crate::error::LogError;
 use crate::log::{RawEntry, RoomLog};
+use crate::wire::{WireError, WireReader, WireTarget};
 
 /// A range this short is read with one direct get per event; longer ones with a consumer
 /// (creating a consumer costs more than a few single reads). See decision 0001.
@@ -22,6 +23,10 @@ const PULL_BATCH_MIN: u64 = 64;
 /// one reader holds unread stays under about 1.5 times this.
 const PULL_MAX_BYTES: usize = 2 << 20;
 
+/// The shortest bulk read done on a connection of its own (see [`crate::wire`]); a shorter one is
+/// not worth a connection.
+const WIRE_MIN: u64 = 1_000;
+
 enum RangeSource {
     /// Not started yet.
     Idle,
@@ -32,6 +37,12 @@ enum RangeSource {
     /// (a message lost between the server and this reader) starts a fresh consumer at `next`.
     Pull {
         messages: Box<jetstream::consumer::pull::Stream>,
+        /// The consumer sequence of the last delivery.
+        delivered: u64,
+    },
+    /// The same consumer's deliveries read on a connection of its own (bulk reads).
+    Wire {
+        reader: Box<WireReader>,
         /// The consumer sequence of the last delivery.
         delivered: u64,
     },
@@ -49,6 +60,8 @@ pub struct RangeReader {
     clamp: bool,
     /// Messages per pull request.
     batch: u64,
+    /// Whether this is a bulk read that may use a connection of its own (until that fails).
+    wire: bool,
     source: RangeSource,
 }
 
@@ -61,6 +74,7 @@ impl RangeReader {
             next: from.max(1),
             to,
             clamp,
+            wire: false,
             source: RangeSource::Idle,
         }
     }
@@ -70,6 +84,7 @@ impl RangeReader {
     /// rebuild, an export) and can afford the memory.
     pub fn bulk(mut self) -> RangeReader {
         self.batch = (self.log.config().read_batch).saturating_mul(crate::config::BULK_READ_FACTOR);
+        self.wire = true;
         self
     }
 
@@ -98,8 +113,25 @@ impl RangeReader {
                         continue;
                     }
                     let remaining = self.to - self.next;
+                    let wire = self
+                        .log
+                        .wire_target()
+                        .filter(|_| self.wire && remaining >= WIRE_MIN);
                     if remaining < DIRECT_GET_MAX {
                         self.source = RangeSource::Direct;
+                    } else if let Some(target) = wire {
+                        match self.open_wire(&target, remaining + 1).await {
+                            Ok(reader) => {
+                                self.log.count_wire_read();
+                                self.source = RangeSource::Wire {
+                                    reader: Box::new(reader),
+                                    delivered: 0,
+                                };
+                            }
+                            Err(Some(e)) => return Some(Err(e)),
+                            // Read through the client library instead.
+                            Err(None) => self.wire = false,
+                        }
                     } else {
                         let batch = remaining.saturating_add(1).min(self.batch) as usize;
                         match pull_consumer(&self.log, &self.room, self.next, batch).await {
@@ -124,6 +156,38 @@ impl RangeReader {
                         Err(e) => return Some(Err(e)),
                     }
                 }
+                RangeSource::Wire { reader, delivered } => match reader.next().await {
+                    Ok(delivery) => {
+                        if delivery.consumer_seq != *delivered + 1 {
+                            // Cannot happen on a connection of its own; if it does, read the
+                            // rest through the client library.
+                            tracing::debug!(room = %self.room, expected = *delivered + 1, got = delivery.consumer_seq, "bulk read out of order; reading on");
+                            self.wire = false;
+                            self.source = RangeSource::Idle;
+                            continue;
+                        }
+                        *delivered = delivery.consumer_seq;
+                        let seq = delivery.stream_seq;
+                        if seq < self.next {
+                            continue;
+                        }
+                        if seq > self.to {
+                            self.next = seq;
+                            self.source = RangeSource::Idle;
+                            return None;
+                        }
+                        self.next = seq + 1;
+                        return Some(Ok(RawEntry {
+                            seq,
+                            payload: delivery.payload,
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::debug!(room = %self.room, next = self.next, error = %e, "bulk read failed; reading on through the client library");
+                        self.wire = false;
+                        self.source = RangeSource::Idle;
+                    }
+                },
                 RangeSource::Pull {
                     messages,
                     delivered,
@@ -199,6 +263,42 @@ impl RangeReader {
         }
     }
 
+    /// A consumer from `next`, read on a connection of its own. `Err(None)`: that is not
+    /// possible (read through the client library instead); `Err(Some(_))`: the consumer could
+    /// not be created.
+    async fn open_wire(
+        &self,
+        target: &WireTarget,
+        wanted: u64,
+    ) -> Result<WireReader, Option<LogError>> {
+        let consumer = create_consumer(&self.log, &self.room, self.next)
+            .await
+            .map_err(Some)?;
+        let name = consumer.cached_info().name.clone();
+        let stream = self.log.config().stream_name(&self.room);
+        match WireReader::open(
+            target,
+            &stream,
+            &name,
+            wanted,
+            self.batch,
+            PULL_MAX_BYTES,
+            self.log.config().request_timeout,
+        )
+        .await
+        {
+            Ok(reader) => Ok(reader),
+            Err(WireError::Unsupported(reason)) => {
+                self.log.disable_wire_reads(&reason);
+                Err(None)
+            }
+            Err(e) => {
+                tracing::debug!(room = %self.room, error = %e, "bulk read connection failed; reading through the client library");
+                Err(None)
+            }
+        }
+    }
+
     /// Reads the whole range into memory (tests and small ranges).
     pub async fn collect(mut self) -> Result<Vec<RawEntry>, LogError> {
         let mut out = Vec::new();
@@ -206,6 +306,14 @@ impl RangeReader {
             out.push(entry?);
         }
         Ok(out)
+    }
+}
+
+fn unavailable(room: &RoomId, e: &dyn std::fmt::Display) -> LogError {
+    LogError::Unavailable {
+        room: room.clone(),
+        op: "read range",
+        reason: e.to_string(),
     }
 }
 
@@ -217,11 +325,23 @@ async fn pull_consumer(
     start: u64,
     batch: usize,
 ) -> Result<jetstream::consumer::pull::Stream, LogError> {
-    let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable {
-        room: room.clone(),
-        op: "read range",
-        reason: e.to_string(),
-    };
+    create_consumer(log, room, start)
+        .await?
+        .stream()
+        .max_messages_per_batch(batch)
+        .max_bytes_per_batch(PULL_MAX_BYTES)
+        .messages()
+        .await
+        .map_err(|e| unavailable(room, &e))
+}
+
+/// An ephemeral pull consumer of the room's stream starting at `start`.
+async fn create_consumer(
+    log: &RoomLog,
+    room: &RoomId,
+    start: u64,
+) -> Result<jetstream::consumer::PullConsumer, LogError> {
+    let unavailable = |e: &dyn std::fmt::Display| unavailable(room, e);
     let stream = log
         .jetstream()
         .get_stream_no_info(log.config().stream_name(room))
@@ -243,11 +363,5 @@ async fn pull_consumer(
         })
         .await
         .map_err(|e| unavailable(&e))?;
-    consumer
-        .stream()
-        .max_messages_per_batch(batch)
-        .max_bytes_per_batch(PULL_MAX_BYTES)
-        .messages()
-        .await
-        .map_err(|e| unavailable(&e))
+    Ok(consumer)
 }

@@ -1,0 +1,156 @@
+//! Bulk range reads on connections of their own (decision 0008) against a real nats-server:
+//! the same entries as the client library's reads, in order, whatever their size; with the
+//! main connection's credentials; and through the client library when they cannot be used.
+
+mod common;
+
+use chat_harness::NatsServer;
+use chat_log::{LogConfig, RawEntry, RoomLog, WireAuth};
+use chat_model::{Event, RoomId};
+use common::*;
+
+/// Appends `events` to a new room in their order, pipelined (published one after the other,
+/// acknowledgements awaited 256 at a time).
+async fn fill(log: &RoomLog, name: &str, events: &[Event]) -> RoomId {
+    let room = room(name);
+    log.ensure_room(&room).await.unwrap();
+    for chunk in events.chunks(256) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for event in chunk {
+            pending.push(log.send(&room, event).await.unwrap());
+        }
+        for append in pending {
+            append.appended().await.unwrap();
+        }
+    }
+    room
+}
+
+async fn bulk(log: &RoomLog, room: &RoomId, from: u64, to: u64) -> Vec<RawEntry> {
+    within(
+        "the bulk read",
+        60,
+        log.read_range(room, from, to).bulk().collect(),
+    )
+    .await
+    .unwrap()
+}
+
+fn texts(entries: &[RawEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| text_of(&e.decode().unwrap()).to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_bulk_read_gives_what_the_client_library_gives_in_order_and_stops_at_its_end() {
+    let server = NatsServer::start();
+    let log = connect(&server.url()).await;
+    let events: Vec<Event> = (0..5_000).map(|i| message(format!("b{i}"))).collect();
+    let room = fill(&log, "bulk", &events).await;
+
+    let entries = bulk(&log, &room, 1, u64::MAX).await;
+    assert_eq!(log.wire_reads(), 1, "read on a connection of its own");
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=5_000).collect::<Vec<u64>>()
+    );
+    let plain = log.read_range(&room, 1, u64::MAX).collect().await.unwrap();
+    assert_eq!(texts(&entries), texts(&plain));
+    assert_eq!(
+        texts(&entries),
+        events
+            .iter()
+            .map(|e| text_of(e).to_owned())
+            .collect::<Vec<_>>()
+    );
+    for (a, b) in entries.iter().zip(&plain) {
+        assert_eq!(a.payload, b.payload, "seq {}", a.seq);
+    }
+
+    // A range inside the log: from its first to its last sequence, nothing past it (the
+    // consumer delivers on; the reader stops).
+    let middle = bulk(&log, &room, 1_201, 3_700).await;
+    assert_eq!(log.wire_reads(), 2);
+    assert_eq!(
+        middle.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1_201..=3_700).collect::<Vec<u64>>()
+    );
+    // A short one is not worth a connection.
+    assert_eq!(bulk(&log, &room, 10, 400).await.len(), 391);
+    assert_eq!(log.wire_reads(), 2);
+}
+
+#[tokio::test]
+async fn large_events_end_pull_requests_by_bytes_and_nothing_is_lost() {
+    let server = NatsServer::start();
+    let log = connect(&server.url()).await;
+    // 20 KiB each: a 2 MiB request holds about a hundred, so requests end on their bytes and
+    // are asked again many times over, and messages arrive split across socket reads.
+    let events: Vec<Event> = (0..1_200)
+        .map(|i| message(format!("{i:05}{}", "x".repeat(20 * 1024))))
+        .collect();
+    let room = fill(&log, "large", &events).await;
+    let entries = bulk(&log, &room, 1, u64::MAX).await;
+    assert_eq!(log.wire_reads(), 1);
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=1_200).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        texts(&entries),
+        events
+            .iter()
+            .map(|e| text_of(e).to_owned())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn bulk_reads_present_the_main_connection_s_credentials_or_use_the_client_library() {
+    let server =
+        NatsServer::start_with_config("authorization { user: reader, password: \"r3ad:er\" }");
+    let options =
+        async_nats::ConnectOptions::new().user_and_password("reader".into(), "r3ad:er".into());
+    let log = RoomLog::connect_with_options(&server.url(), options, LogConfig::default())
+        .await
+        .unwrap();
+    let events: Vec<Event> = (0..1_500).map(|i| message(format!("c{i}"))).collect();
+    let room = fill(&log, "secured", &events).await;
+
+    // Not told the credentials: the server refuses the connection, and bulk reads go through
+    // the client library from then on.
+    let entries = bulk(&log, &room, 1, u64::MAX).await;
+    assert_eq!(entries.len(), 1_500);
+    assert_eq!(log.wire_reads(), 0);
+    assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 1_500);
+    assert_eq!(log.wire_reads(), 0);
+
+    // Told them (as chatd does with its own): on a connection of their own.
+    let log = RoomLog::connect_with_options(
+        &server.url(),
+        async_nats::ConnectOptions::new().user_and_password("reader".into(), "r3ad:er".into()),
+        LogConfig::default(),
+    )
+    .await
+    .unwrap();
+    log.set_bulk_read_auth(Some(WireAuth::UserPassword {
+        user: "reader".into(),
+        password: "r3ad:er".into(),
+    }));
+    let entries = bulk(&log, &room, 1, u64::MAX).await;
+    assert_eq!(log.wire_reads(), 1);
+    assert_eq!(
+        texts(&entries),
+        events
+            .iter()
+            .map(|e| text_of(e).to_owned())
+            .collect::<Vec<_>>()
+    );
+
+    // Turned off: the client library.
+    log.set_bulk_read_auth(None);
+    assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 1_500);
+    assert_eq!(log.wire_reads(), 1);
+}
