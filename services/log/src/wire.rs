@@ -292,12 +292,17 @@ impl WireReader {
             return Ok(Some(op));
         };
         let bad = || WireError::Protocol(format!("bad line {:?}", String::from_utf8_lossy(line)));
-        let tokens: Vec<&[u8]> = args
-            .split(|&b| b == b' ')
-            .filter(|t| !t.is_empty())
-            .take(6)
-            .collect();
         // MSG subject sid [reply] size | HMSG subject sid [reply] header-size size
+        let mut tokens: [&[u8]; 5] = [&[]; 5];
+        let mut count = 0;
+        for token in args.split(|&b| b == b' ').filter(|t| !t.is_empty()) {
+            if count == tokens.len() {
+                return Err(bad());
+            }
+            tokens[count] = token;
+            count += 1;
+        }
+        let tokens = &tokens[..count];
         let sizes = if headers { 2 } else { 1 };
         if tokens.len() < 2 + sizes || tokens.len() > 3 + sizes {
             return Err(bad());
@@ -377,16 +382,21 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or with a domain
 /// and account hash in front of the stream and a token at the end (12 tokens or more).
 fn ack_info(reply: &[u8]) -> Option<(u64, u64)> {
-    let tokens: Vec<&[u8]> = reply.split(|&b| b == b'.').collect();
-    if tokens.len() < 9 || tokens[0] != b"$JS" || tokens[1] != b"ACK" {
+    let mut tokens: [&[u8]; 12] = [&[]; 12];
+    let mut count = 0;
+    for token in reply.split(|&b| b == b'.') {
+        if count == tokens.len() {
+            return None;
+        }
+        tokens[count] = token;
+        count += 1;
+    }
+    if count < 9 || tokens[0] != b"$JS" || tokens[1] != b"ACK" {
         return None;
     }
-    let first = if tokens.len() == 9 { 4 } else { 6 };
+    let first = if count == 9 { 4 } else { 6 };
     let number = |t: &[u8]| -> Option<u64> { std::str::from_utf8(t).ok()?.parse().ok() };
-    Some((
-        number(tokens.get(first + 1)?)?,
-        number(tokens.get(first + 2)?)?,
-    ))
+    Some((number(tokens[first + 1])?, number(tokens[first + 2])?))
 }
 
 /// A status message to the inbox (headers only): `NATS/1.0 408 Request Timeout` and the like.

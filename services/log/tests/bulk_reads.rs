@@ -154,3 +154,42 @@ async fn bulk_reads_present_the_main_connection_s_credentials_or_use_the_client_
     assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 1_500);
     assert_eq!(log.wire_reads(), 1);
 }
+
+#[tokio::test]
+async fn a_server_that_wants_tls_is_read_through_the_client_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert_file.display(),
+        key_file.display()
+    ));
+    // A `nats://` URL: the bulk reader tries, learns from the server's INFO that it wants TLS,
+    // and leaves bulk reads to the client library (which speaks TLS) from then on.
+    let options = async_nats::ConnectOptions::new()
+        .add_root_certificates(cert_file.clone())
+        .require_tls(true);
+    let log = RoomLog::connect_with_options(&server.url(), options, LogConfig::default())
+        .await
+        .unwrap();
+    let events: Vec<Event> = (0..1_200).map(|i| message(format!("t{i}"))).collect();
+    let room = fill(&log, "tls", &events).await;
+    for _ in 0..2 {
+        let entries = bulk(&log, &room, 1, u64::MAX).await;
+        assert_eq!(
+            texts(&entries),
+            events
+                .iter()
+                .map(|e| text_of(e).to_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(log.wire_reads(), 0);
+}
