@@ -51,6 +51,8 @@ pub enum StoreConfig {
         keyspace: String,
         /// The address as given, for the driver.
         uri: String,
+        /// `CHAT_SCYLLA_USER` and `CHAT_SCYLLA_PASSWORD`.
+        login: Option<chat_store::ScyllaLogin>,
     },
 }
 
@@ -254,8 +256,35 @@ impl Config {
         };
 
         let store = match get("CHAT_STORE").as_deref() {
-            None | Some("sqlite") => StoreConfig::Sqlite,
-            Some(uri) => parse_scylla_uri(uri).map_err(|m| err("CHAT_STORE", m))?,
+            None | Some("sqlite") => {
+                for var in ["CHAT_SCYLLA_USER", "CHAT_SCYLLA_PASSWORD"] {
+                    if get(var).is_some() {
+                        return Err(err(var, "applies to CHAT_STORE=scylla://… only"));
+                    }
+                }
+                StoreConfig::Sqlite
+            }
+            Some(uri) => {
+                let login = match (get("CHAT_SCYLLA_USER"), get("CHAT_SCYLLA_PASSWORD")) {
+                    (Some(user), Some(password)) => {
+                        Some(chat_store::ScyllaLogin { user, password })
+                    }
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(err(
+                            "CHAT_SCYLLA_PASSWORD",
+                            "required with CHAT_SCYLLA_USER",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(err(
+                            "CHAT_SCYLLA_USER",
+                            "required with CHAT_SCYLLA_PASSWORD",
+                        ))
+                    }
+                };
+                parse_scylla_uri(uri, login).map_err(|m| err("CHAT_STORE", m))?
+            }
         };
 
         let auth = auth_from(&get)?;
@@ -562,9 +591,12 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
     })
 }
 
-/// `scylla://host:port[,host:port…]/keyspace[?rf=N]`, checked by the store's own parser (the
+/// `scylla://host:port[,host:port…]/keyspace[?rf=N][&dc=NAME]`, checked by the store's own parser (the
 /// one that connects), so what starts here is what it accepts.
-fn parse_scylla_uri(uri: &str) -> Result<StoreConfig, String> {
+fn parse_scylla_uri(
+    uri: &str,
+    login: Option<chat_store::ScyllaLogin>,
+) -> Result<StoreConfig, String> {
     if !uri.starts_with("scylla://") {
         return Err(format!(
             "expected sqlite or scylla://host:port/keyspace[?rf=N], got {uri:?}"
@@ -575,6 +607,7 @@ fn parse_scylla_uri(uri: &str) -> Result<StoreConfig, String> {
         nodes,
         keyspace,
         uri: uri.to_owned(),
+        login,
     })
 }
 
@@ -679,8 +712,10 @@ mod tests {
         let c = config(&[
             (
                 "CHAT_STORE",
-                "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3",
+                "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3&dc=eu1",
             ),
+            ("CHAT_SCYLLA_USER", "chat"),
+            ("CHAT_SCYLLA_PASSWORD", "s3cret"),
             ("CHAT_SEND_RATE", "5/50"),
             ("CHAT_DEDUP_WINDOW", "2m"),
             (
@@ -697,9 +732,26 @@ mod tests {
             StoreConfig::Scylla {
                 nodes: vec!["10.0.0.1:9042".into(), "10.0.0.2:9042".into()],
                 keyspace: "chat_prod".into(),
-                uri: "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3".into(),
+                uri: "scylla://10.0.0.1:9042,10.0.0.2/chat_prod?rf=3&dc=eu1".into(),
+                login: Some(chat_store::ScyllaLogin {
+                    user: "chat".into(),
+                    password: "s3cret".into()
+                }),
             }
         );
+        assert!(!format!("{:?}", c.store).contains("s3cret"));
+        for (vars, var) in [
+            (vec![("CHAT_SCYLLA_USER", "chat")], "CHAT_SCYLLA_USER"),
+            (
+                vec![
+                    ("CHAT_STORE", "scylla://h/chat"),
+                    ("CHAT_SCYLLA_USER", "chat"),
+                ],
+                "CHAT_SCYLLA_PASSWORD",
+            ),
+        ] {
+            assert_eq!(config(&vars).unwrap_err().var, var);
+        }
         assert_eq!(
             c.send_rate,
             Rate {

@@ -334,8 +334,8 @@ async fn open_store_with(
             }
             Ok(Arc::new(store))
         }
-        StoreConfig::Scylla { uri, .. } => {
-            let store = chat_store::ScyllaStore::connect(uri)
+        StoreConfig::Scylla { uri, login, .. } => {
+            let store = chat_store::ScyllaStore::connect(uri, login.as_ref())
                 .await
                 .with_context(|| format!("connect the scylla store {uri} (CHAT_STORE)"))?;
             Ok(Arc::new(store))

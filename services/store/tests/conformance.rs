@@ -36,7 +36,14 @@ async fn backends() -> Vec<Backend> {
 async fn scylla_backend() -> Option<Backend> {
     let uri = std::env::var("SCYLLA_URI").ok()?;
     let keyspace = format!("chat_test_{}", Uuid::new_v4().simple());
-    let store = chat_store::ScyllaStore::connect_fresh(&uri, &keyspace)
+    // `SCYLLA_USER` and `SCYLLA_PASSWORD` for a cluster with `PasswordAuthenticator`.
+    let login = std::env::var("SCYLLA_USER")
+        .ok()
+        .map(|user| chat_store::ScyllaLogin {
+            user,
+            password: std::env::var("SCYLLA_PASSWORD").unwrap_or_default(),
+        });
+    let store = chat_store::ScyllaStore::connect_fresh(&uri, &keyspace, login.as_ref())
         .await
         .unwrap_or_else(|e| panic!("SCYLLA_URI={uri}: {e}"));
     Some(Backend {

@@ -28,6 +28,7 @@ use ::scylla::client::execution_profile::ExecutionProfile;
 use ::scylla::client::session::Session;
 use ::scylla::client::session_builder::SessionBuilder;
 use ::scylla::deserialize::row::DeserializeRow;
+use ::scylla::policies::load_balancing::DefaultPolicy;
 use ::scylla::serialize::row::SerializeRow;
 use ::scylla::statement::prepared::PreparedStatement;
 use ::scylla::statement::Consistency;
@@ -83,17 +84,37 @@ fn cql_statements(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The user and password ScyllaDB's `PasswordAuthenticator` asks for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScyllaLogin {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ScyllaLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScyllaLogin({:?}, ***)", self.user)
+    }
+}
+
 impl ScyllaStore {
-    /// Connects to `scylla://host:port[,host:port…]/keyspace[?rf=N]`, creating the keyspace
-    /// (replication factor N, default 1) and the tables if they are absent.
-    pub async fn connect(uri: &str) -> Result<ScyllaStore> {
-        let (nodes, keyspace, rf) = parse_uri(uri)?;
-        Self::open(&nodes, &keyspace, rf, false).await
+    /// Connects to `scylla://host:port[,host:port…]/keyspace[?rf=N][&dc=NAME]`, creating the
+    /// keyspace (replication factor N in every datacenter, default 1) and the tables if they are
+    /// absent; with `dc`, requests go to that datacenter's nodes. `login`: for a cluster with
+    /// `PasswordAuthenticator`.
+    pub async fn connect(uri: &str, login: Option<&ScyllaLogin>) -> Result<ScyllaStore> {
+        let address = uri::parse_address(uri)?;
+        let keyspace = parse_uri(uri)?.1;
+        Self::open(&address, &keyspace, login, false).await
     }
 
     /// Connects to `scylla://host:port[,host:port…][?rf=N]` and creates `keyspace`, which must
     /// not exist yet, with the tables: a store of its own, for a test.
-    pub async fn connect_fresh(uri: &str, keyspace: &str) -> Result<ScyllaStore> {
+    pub async fn connect_fresh(
+        uri: &str,
+        keyspace: &str,
+        login: Option<&ScyllaLogin>,
+    ) -> Result<ScyllaStore> {
         let address = uri::parse_address(uri)?;
         if address.keyspace.is_some() {
             return Err(StoreError::BadAddress(format!(
@@ -101,16 +122,32 @@ impl ScyllaStore {
             )));
         }
         uri::check_keyspace(keyspace).map_err(StoreError::BadAddress)?;
-        Self::open(&address.nodes, keyspace, address.rf, true).await
+        Self::open(&address, keyspace, login, true).await
     }
 
-    async fn open(nodes: &[String], keyspace: &str, rf: u32, fresh: bool) -> Result<ScyllaStore> {
-        let profile = ExecutionProfile::builder()
-            .consistency(Consistency::LocalQuorum)
-            .build();
-        let session = SessionBuilder::new()
+    async fn open(
+        address: &uri::Address,
+        keyspace: &str,
+        login: Option<&ScyllaLogin>,
+        fresh: bool,
+    ) -> Result<ScyllaStore> {
+        let (nodes, rf) = (&address.nodes, address.rf);
+        let mut profile = ExecutionProfile::builder().consistency(Consistency::LocalQuorum);
+        if let Some(dc) = &address.dc {
+            profile = profile.load_balancing_policy(
+                DefaultPolicy::builder()
+                    .prefer_datacenter(dc.clone())
+                    .token_aware(true)
+                    .build(),
+            );
+        }
+        let mut builder = SessionBuilder::new()
             .known_nodes(nodes)
-            .default_execution_profile_handle(profile.into_handle())
+            .default_execution_profile_handle(profile.build().into_handle());
+        if let Some(login) = login {
+            builder = builder.user(login.user.clone(), login.password.clone());
+        }
+        let session = builder
             .build()
             .await
             .map_err(|e| fail("connect")(format!("{}: {e}", nodes.join(","))))?;
@@ -147,7 +184,7 @@ impl ScyllaStore {
         })
     }
 
-    /// Splits a store address, `scylla://host:port[,host:port…]/keyspace[?rf=N]`, into its
+    /// Splits a store address, `scylla://host:port[,host:port…]/keyspace[?rf=N][&dc=NAME]`, into its
     /// contact points, keyspace and replication factor (default 1).
     pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String, u32)> {
         parse_uri(uri)

@@ -1,4 +1,4 @@
-//! The store's address: `scylla://host:port[,host:port…]/keyspace[?rf=N]`.
+//! The store's address: `scylla://host:port[,host:port…]/keyspace[?rf=N][&dc=NAME]`.
 
 use crate::{Result, StoreError};
 
@@ -16,6 +16,8 @@ pub(crate) struct Address {
     pub keyspace: Option<String>,
     /// Replication factor for a keyspace the store creates.
     pub rf: u32,
+    /// The local datacenter: requests go to its nodes (`LOCAL_QUORUM` is a quorum there).
+    pub dc: Option<String>,
 }
 
 /// Splits `scylla://host:port[,host:port…]/keyspace[?rf=N]` into its contact points,
@@ -55,8 +57,23 @@ pub(crate) fn parse_address(uri: &str) -> Result<Address> {
         )
     };
     let mut rf = 1;
+    let mut dc = None;
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         match pair.split_once('=') {
+            Some(("dc", value)) => {
+                let valid = !value.is_empty()
+                    && value.len() <= 64
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !valid {
+                    return Err(bad(
+                        uri,
+                        "dc must be a datacenter name (letters, digits, - _ .)",
+                    ));
+                }
+                dc = Some(value.to_owned());
+            }
             Some(("rf", value)) => {
                 rf = value
                     .parse::<u32>()
@@ -64,13 +81,19 @@ pub(crate) fn parse_address(uri: &str) -> Result<Address> {
                     .filter(|rf| *rf >= 1)
                     .ok_or_else(|| bad(uri, "rf must be a positive integer"))?;
             }
-            _ => return Err(bad(uri, &format!("unknown parameter {pair:?} (known: rf)"))),
+            _ => {
+                return Err(bad(
+                    uri,
+                    &format!("unknown parameter {pair:?} (known: rf, dc)"),
+                ))
+            }
         }
     }
     Ok(Address {
         nodes,
         keyspace,
         rf,
+        dc,
     })
 }
 
@@ -157,7 +180,9 @@ mod tests {
             (vec!["localhost:9042".to_owned()], "chat_1".to_owned(), 1)
         );
         let base = parse_address("scylla://127.0.0.1:9042").unwrap();
-        assert_eq!((base.keyspace, base.rf), (None, 1));
+        assert_eq!((base.keyspace, base.rf, base.dc), (None, 1, None));
+        let dc = parse_address("scylla://h/chat?dc=eu-west.1&rf=3").unwrap();
+        assert_eq!((dc.dc.as_deref(), dc.rf), (Some("eu-west.1"), 3));
         assert_eq!(
             parse_address("scylla://127.0.0.1:9042/").unwrap().keyspace,
             None
@@ -178,6 +203,8 @@ mod tests {
             "scylla://h:1/ks?rf=0",
             "scylla://h:1/ks?rf=x",
             "scylla://h:1/ks?replicas=3",
+            "scylla://h:1/ks?dc=",
+            "scylla://h:1/ks?dc=eu%20west",
             "scylla://[::1/ks",
         ] {
             assert!(
