@@ -198,21 +198,27 @@ impl NatsSecurity {
     }
 
     /// What the room log's bulk reads present on connections of their own, or `None` when they
-    /// must go through the client library (TLS, an nkey or a credentials file: see
+    /// must go through the client library (over TLS, or a file that cannot be read: see
     /// `chat_log::WireAuth`).
     pub fn bulk_read_auth(&self) -> Option<chat_log::WireAuth> {
         if self.tls {
             return None;
         }
-        match &self.auth {
-            NatsAuth::None => Some(chat_log::WireAuth::None),
-            NatsAuth::UserPassword { user, password } => Some(chat_log::WireAuth::UserPassword {
+        Some(match &self.auth {
+            NatsAuth::None => chat_log::WireAuth::None,
+            NatsAuth::UserPassword { user, password } => chat_log::WireAuth::UserPassword {
                 user: user.clone(),
                 password: password.clone(),
-            }),
-            NatsAuth::Token(token) => Some(chat_log::WireAuth::Token(token.clone())),
-            NatsAuth::Creds(_) | NatsAuth::Nkey(_) => None,
-        }
+            },
+            NatsAuth::Token(token) => chat_log::WireAuth::Token(token.clone()),
+            NatsAuth::Nkey(path) => {
+                chat_log::WireAuth::Nkey(nkey_seed(&std::fs::read_to_string(path).ok()?)?)
+            }
+            NatsAuth::Creds(path) => {
+                let (jwt, seed) = creds_parts(&std::fs::read_to_string(path).ok()?)?;
+                chat_log::WireAuth::Jwt { jwt, seed }
+            }
+        })
     }
 
     /// `options` with these settings. Reads the credentials file, if any.
@@ -275,6 +281,16 @@ fn nkey_seed(file: &str) -> Option<String> {
         .map(str::trim)
         .find(|line| line.starts_with("SU") && line.len() > 2)
         .map(str::to_owned)
+}
+
+/// The user JWT and the nkey seed of a credentials file: the first line inside its
+/// `BEGIN NATS USER JWT` block, and its `SU…` line.
+fn creds_parts(file: &str) -> Option<(String, String)> {
+    let mut lines = file.lines().map(str::trim);
+    lines.by_ref().find(|l| l.contains("BEGIN NATS USER JWT"))?;
+    let jwt = lines.find(|l| !l.is_empty())?.to_owned();
+    (!jwt.starts_with('-')).then_some(())?;
+    Some((jwt, nkey_seed(file)?))
 }
 
 /// `server` without the `user:password@` or `token@` part, as printed and logged.
@@ -423,5 +439,13 @@ mod tests {
             Some("SUAM5")
         );
         assert_eq!(nkey_seed("UABC\n"), None);
+        let creds =
+            "-----BEGIN NATS USER JWT-----\neyJ0.eyJ1.sig\n------END NATS USER JWT------\n\n\
+                     ***\n-----BEGIN USER NKEY SEED-----\nSUAB\n------END USER NKEY SEED------\n";
+        assert_eq!(
+            creds_parts(creds),
+            Some(("eyJ0.eyJ1.sig".to_owned(), "SUAB".to_owned()))
+        );
+        assert_eq!(creds_parts("SUAB\n"), None);
     }
 }

@@ -232,110 +232,18 @@ fn tls_with_a_private_ca_and_a_client_certificate() {
     assert!(err.contains("CertificateRequired"), "{err}");
 }
 
-/// A JWT as nats-server reads them: `claims` with `iss` and `sub`, signed by `issuer`.
-fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
-    use base64::Engine as _;
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let claims = json!({
-        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
-        "iat": 1_700_000_000,
-        "iss": issuer.public_key(),
-        "sub": subject,
-        "name": name,
-        "nats": nats,
-    });
-    let signed = format!("{header}.{}", b64(claims.to_string().as_bytes()));
-    let signature = issuer.sign(signed.as_bytes()).unwrap();
-    format!("{signed}.{}", b64(&signature))
-}
-
 #[test]
 fn a_credentials_file_authenticates_against_an_operator_mode_server() {
-    let (operator, system, account, user) = (
-        nkeys::KeyPair::new_operator(),
-        nkeys::KeyPair::new_account(),
-        nkeys::KeyPair::new_account(),
-        nkeys::KeyPair::new_user(),
-    );
-    let unlimited = json!({
-        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
-        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1,
-        "consumer": -1,
-    });
-    let operator_jwt = nats_jwt(
-        &operator,
-        &operator.public_key(),
-        "op",
-        json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
-    );
-    let system_jwt = nats_jwt(
-        &operator,
-        &system.public_key(),
-        "SYS",
-        json!({"type": "account", "version": 2}),
-    );
-    let account_jwt = nats_jwt(
-        &operator,
-        &account.public_key(),
-        "chat",
-        json!({"type": "account", "version": 2, "limits": unlimited}),
-    );
-    let user_jwt = nats_jwt(
-        &account,
-        &user.public_key(),
-        "chatd",
-        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let operator_file = dir.path().join("operator.jwt");
-    std::fs::write(&operator_file, &operator_jwt).unwrap();
-    let nats = NatsServer::start_with_config(&format!(
-        "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
-         resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}",
-        operator_file.display(),
-        system.public_key(),
-        system.public_key(),
-        system_jwt,
-        account.public_key(),
-        account_jwt
-    ));
-    let creds = dir.path().join("chatd.creds");
-    std::fs::write(
-        &creds,
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-            user.seed().unwrap()
-        ),
-    )
-    .unwrap();
-    let (chatd, _data) = serves(
-        &nats,
-        &nats.url(),
-        &[("NATS_CREDS", creds.to_str().unwrap())],
-    );
-    assert!(!chatd.stderr().contains(&user.seed().unwrap()));
-    let (code, err) = verify(&nats.url(), &[("NATS_CREDS", creds.to_str().unwrap())]);
+    let operator = chat_harness::OperatorMode::new();
+    let nats = NatsServer::start_with_config(operator.config());
+    let (creds, seed) = operator.creds("chatd");
+    let creds = creds.to_str().unwrap();
+    let (chatd, _data) = serves(&nats, &nats.url(), &[("NATS_CREDS", creds)]);
+    assert!(!chatd.stderr().contains(&seed));
+    let (code, err) = verify(&nats.url(), &[("NATS_CREDS", creds)]);
     assert_eq!(code, 0, "{err}");
     // A user the account did not sign.
-    let stranger = nkeys::KeyPair::new_user();
-    let forged = dir.path().join("forged.creds");
-    std::fs::write(
-        &forged,
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{}\n------END NATS USER JWT------\n\n\
-             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-            nats_jwt(
-                &stranger,
-                &stranger.public_key(),
-                "x",
-                json!({"type": "user", "version": 2})
-            ),
-            stranger.seed().unwrap()
-        ),
-    )
-    .unwrap();
+    let (forged, _) = operator.forged_creds("stranger");
     let logs = refused(
         &nats,
         &nats.url(),

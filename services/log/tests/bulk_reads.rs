@@ -193,3 +193,56 @@ async fn a_server_that_wants_tls_is_read_through_the_client_library() {
     }
     assert_eq!(log.wire_reads(), 0);
 }
+
+#[tokio::test]
+async fn an_nkey_or_a_user_jwt_signs_the_bulk_connection_s_nonce() {
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}",
+        key.public_key()
+    ));
+    let log = RoomLog::connect_with_options(
+        &server.url(),
+        async_nats::ConnectOptions::new().nkey(seed.clone()),
+        LogConfig::default(),
+    )
+    .await
+    .unwrap();
+    log.set_bulk_read_auth(Some(WireAuth::Nkey(seed)));
+    let events: Vec<Event> = (0..1_100).map(|i| message(format!("k{i}"))).collect();
+    let room = fill(&log, "nkey", &events).await;
+    assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 1_100);
+    assert_eq!(log.wire_reads(), 1, "read on a connection of its own");
+
+    let operator = chat_harness::OperatorMode::new();
+    let server = NatsServer::start_with_config(operator.config());
+    let (creds, _) = operator.creds("reader");
+    let file = std::fs::read_to_string(&creds).unwrap();
+    let jwt = file.lines().nth(1).unwrap().to_owned();
+    let seed = file
+        .lines()
+        .find(|l| l.starts_with("SU"))
+        .unwrap()
+        .to_owned();
+    let log = RoomLog::connect_with_options(
+        &server.url(),
+        async_nats::ConnectOptions::with_credentials_file(&creds)
+            .await
+            .unwrap(),
+        LogConfig::default(),
+    )
+    .await
+    .unwrap();
+    log.set_bulk_read_auth(Some(WireAuth::Jwt { jwt, seed }));
+    let room = fill(&log, "jwt", &events).await;
+    let entries = bulk(&log, &room, 1, u64::MAX).await;
+    assert_eq!(log.wire_reads(), 1, "read on a connection of its own");
+    assert_eq!(
+        texts(&entries),
+        events
+            .iter()
+            .map(|e| text_of(e).to_owned())
+            .collect::<Vec<_>>()
+    );
+}

@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod operator;
 mod process;
 mod proxy;
 
+pub use operator::OperatorMode;
 pub use process::{process_gone, Chatd, ExitedEarly};
 pub use proxy::TcpProxy;
 
