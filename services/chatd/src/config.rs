@@ -141,7 +141,7 @@ pub struct Config {
     /// More refusals than a limit's burst within this window: close 4029.
     pub flood_window: Duration,
     /// HTTP connections not (yet) upgraded to WebSockets, at most (`CHAT_MAX_HTTP_CONNECTIONS`):
-    /// more are closed as they are accepted.
+    /// more wait in the listen queue until one ends.
     pub max_http_connections: usize,
     /// How long a client may take to send a request's head, or keep an idle connection open
     /// between requests (`CHAT_HTTP_HEADER_TIMEOUT`).

@@ -164,12 +164,13 @@ fn observe_all<S: Send + Sync + 'static>(
 pub fn observe(state: &AppState) {
     let meter = meter();
     meter
-        .u64_observable_counter("chat.http.connections_refused")
+        .u64_observable_counter("chat.http.accept_waits")
         .with_description(
-            "Connections closed as they were accepted: CHAT_MAX_HTTP_CONNECTIONS were open.",
+            "Times CHAT_MAX_HTTP_CONNECTIONS were open and new connections waited in the listen \
+             queue for one to end.",
         )
-        .with_unit("{connection}")
-        .with_callback(|o| o.observe(crate::server::REFUSED.load(Ordering::Relaxed), &[]))
+        .with_unit("{wait}")
+        .with_callback(|o| o.observe(crate::server::ACCEPT_WAITS.load(Ordering::Relaxed), &[]))
         .build();
     if let Some(projector) = &state.projector {
         observe_all(

@@ -1,8 +1,10 @@
 //! The HTTP server: the router on hyper's HTTP/1 connections, with the bounds `axum::serve`
 //! does not set. A connection that has not sent a request's head within
 //! `CHAT_HTTP_HEADER_TIMEOUT` (an idle keep-alive connection included) is closed, and at most
-//! `CHAT_MAX_HTTP_CONNECTIONS` connections that are not WebSockets are open at once: more are
-//! closed as they are accepted. Without these, clients that connect and send nothing, or half a
+//! `CHAT_MAX_HTTP_CONNECTIONS` connections that are not WebSockets are open at once: at that
+//! many the server stops accepting, and new connections wait in the listen queue until one ends
+//! (a request answered, an upgrade to a WebSocket, a timeout). A burst of reconnecting clients
+//! is served in turn, not turned away. Without these, clients that connect and send nothing, or half a
 //! request, hold a descriptor each for as long as they like, until the process has none left
 //! for anything (its NATS connection, its store, new clients). WebSocket sessions are counted
 //! and capped by the edge once upgraded.
@@ -26,9 +28,9 @@ pub struct Bounds {
     pub header_timeout: Duration,
 }
 
-/// Connections closed at accept because `max_http_connections` were open
-/// (`chat_http_connections_refused_total`).
-pub static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Times the server had `max_http_connections` open and waited for one to end before accepting
+/// more (`chat_http_accept_waits_total`).
+pub static ACCEPT_WAITS: AtomicU64 = AtomicU64::new(0);
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets every
 /// connection finish the request it is answering (idle ones close at once) and returns once
@@ -44,6 +46,19 @@ pub async fn serve(
     let connections = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                ACCEPT_WAITS.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("HTTP connections at their maximum; accepting more once one ends");
+                tokio::select! {
+                    permit = open.clone().acquire_owned() => {
+                        permit.expect("the semaphore is never closed")
+                    }
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -58,11 +73,6 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            REFUSED.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("HTTP connections at their maximum; closing a new one");
-            continue;
         };
         // No Nagle: acks and events are small frames that must not wait for the peer's
         // delayed ACK.
