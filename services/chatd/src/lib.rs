@@ -45,8 +45,7 @@ pub async fn serve(
     let role = config.role;
     // Before any instrument is made: one made earlier would report nowhere.
     metrics::ensure_installed();
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = listen(config.listen)
         .with_context(|| format!("listen on {} (CHAT_LISTEN)", config.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     // Until NATS answers, a second handle on the same socket answers `/healthz` (alive) and
@@ -341,6 +340,26 @@ async fn open_store_with(
             Ok(Arc::new(store))
         }
     }
+}
+
+/// Connections the kernel completes and queues before chatd accepts them (capped by
+/// `net.core.somaxconn`, 4,096 by default on current kernels). When thousands of clients
+/// reconnect at once, and chatd accepts no more while `CHAT_MAX_HTTP_CONNECTIONS` are open, a
+/// connection that finds the queue full is not answered and its client retries only after a
+/// second or more. A listener gets 1,024 by default, which a burst of 10,000 can fill.
+const LISTEN_BACKLOG: u32 = 4_096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library's listeners do: a restarted chatd can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Connects the room log for an operator command: an unreachable NATS is an error at once.
