@@ -167,20 +167,10 @@ impl RangeReader {
                             continue;
                         }
                         *delivered = delivery.consumer_seq;
-                        let seq = delivery.stream_seq;
-                        if seq < self.next {
-                            continue;
+                        match self.hand_out(delivery.stream_seq, delivery.payload) {
+                            Some(out) => return out,
+                            None => continue,
                         }
-                        if seq > self.to {
-                            self.next = seq;
-                            self.source = RangeSource::Idle;
-                            return None;
-                        }
-                        self.next = seq + 1;
-                        return Some(Ok(RawEntry {
-                            seq,
-                            payload: delivery.payload,
-                        }));
                     }
                     Err(e) => {
                         tracing::debug!(room = %self.room, next = self.next, error = %e, "bulk read failed; reading on through the client library");
@@ -226,19 +216,10 @@ impl RangeReader {
                                 continue;
                             }
                             *delivered = consumer_seq;
-                            if seq < self.next {
-                                continue;
+                            match self.hand_out(seq, msg.message.payload) {
+                                Some(out) => return out,
+                                None => continue,
                             }
-                            if seq > self.to {
-                                self.next = seq;
-                                self.source = RangeSource::Idle;
-                                return None;
-                            }
-                            self.next = seq + 1;
-                            return Some(Ok(RawEntry {
-                                seq,
-                                payload: msg.message.payload,
-                            }));
                         }
                         Some(Err(e)) => {
                             // Start over from where we are with a fresh consumer next time.
@@ -261,6 +242,26 @@ impl RangeReader {
                 },
             }
         }
+    }
+
+    /// What the delivery at `seq`, in consumer order, gives the caller: `None` to read on (it
+    /// was handed out already), `Some(None)` at the range's end, else the entry.
+    #[allow(clippy::option_option)]
+    fn hand_out(
+        &mut self,
+        seq: u64,
+        payload: bytes::Bytes,
+    ) -> Option<Option<Result<RawEntry, LogError>>> {
+        if seq < self.next {
+            return None;
+        }
+        if seq > self.to {
+            self.next = seq;
+            self.source = RangeSource::Idle;
+            return Some(None);
+        }
+        self.next = seq + 1;
+        Some(Some(Ok(RawEntry { seq, payload })))
     }
 
     /// A consumer from `next`, read on a connection of its own. `Err(None)`: that is not

@@ -70,16 +70,15 @@ impl Chatd {
             "CHAT_STORE",
             "CHAT_JWT_HS256_SECRET",
             "CHAT_JWT_PUBLIC_KEYS",
-            "NATS_USER",
-            "NATS_PASSWORD",
-            "NATS_TOKEN",
-            "NATS_CREDS",
-            "NATS_NKEY",
-            "NATS_CA",
-            "NATS_CERT",
-            "NATS_KEY",
         ] {
             cmd.env_remove(var);
+        }
+        // NATS credentials and TLS settings of the caller's environment (`NATS_USER`, …).
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if name.starts_with("NATS_") && name != "NATS_SERVER_BIN" {
+                cmd.env_remove(&var);
+            }
         }
         cmd.env("CHAT_LOG", "info,async_nats=warn");
         for (k, v) in env {
