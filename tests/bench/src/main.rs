@@ -3,7 +3,7 @@
 //! result with the ratio. Absolute numbers move with the machine's load; ratios much less.
 //!
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
-//! room_log_read, room_log_append_sync_always, projection_throughput, history_page_reads,
+//! room_log_read, room_log_read_bulk, room_log_append_sync_always, projection_throughput, history_page_reads,
 //! room_list_reads, projection_lag, edge_send_ack, edge_fanout, edge_latency, edge_idle_memory,
 //! presence_churn).
 //!
@@ -282,6 +282,71 @@ impl Bench {
             json!({ "events": n, "rounds": ROUNDS }),
         );
     }
+
+    /// Bulk range reads (the projector's catch-up, rebuilds, exports), decoded, on their own
+    /// connection (decision 0008) against the same reads through the client library
+    /// (`plain`, bulk reads on its own connection turned off); events/s and this process's CPU
+    /// per event for each.
+    async fn bulk_read(&mut self, plain: &RoomLog, n: usize) {
+        let room = self.room().await;
+        let events: Vec<Event> = (0..n).map(event).collect();
+        futures::stream::iter(events.iter())
+            .map(|e| self.log.append(&room, e))
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|r| async move {
+                r.unwrap();
+            })
+            .await;
+        let read = |log: RoomLog, room: RoomId| async move {
+            let (cpu, start) = (process_cpu_s(), Instant::now());
+            let mut reader = log.read_range(&room, 1, u64::MAX).bulk();
+            let mut count = 0;
+            while let Some(entry) = reader.next().await {
+                entry.unwrap().decode().unwrap();
+                count += 1;
+            }
+            assert_eq!(count, n);
+            let elapsed = start.elapsed().as_secs_f64();
+            (n as f64 / elapsed, (process_cpu_s() - cpu) / n as f64 * 1e6)
+        };
+        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+        let wire_reads = self.log.wire_reads();
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                ours.push(read(self.log.clone(), room.clone()).await);
+                baseline.push(read(plain.clone(), room.clone()).await);
+            } else {
+                baseline.push(read(plain.clone(), room.clone()).await);
+                ours.push(read(self.log.clone(), room.clone()).await);
+            }
+        }
+        assert_eq!(self.log.wire_reads() - wire_reads, ROUNDS as u64);
+        assert_eq!(plain.wire_reads(), 0);
+        let rate = |xs: &[(f64, f64)]| median(xs.iter().map(|x| x.0).collect());
+        let cpu = |xs: &[(f64, f64)]| (median(xs.iter().map(|x| x.1).collect()) * 100.0).round() / 100.0;
+        emit(
+            "room_log_read_bulk",
+            rate(&ours),
+            rate(&baseline),
+            "msg/s",
+            json!({
+                "events": n, "rounds": ROUNDS,
+                "baseline_is": "the same bulk reads through the client library",
+                "cpu_us_per_event": cpu(&ours),
+                "baseline_cpu_us_per_event": cpu(&baseline),
+            }),
+        );
+    }
+}
+
+/// CPU time this process has used (user and system), seconds.
+fn process_cpu_s() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return 0.0;
+    };
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(usage.user_time()) + secs(usage.system_time())
 }
 
 #[tokio::main]
@@ -345,6 +410,13 @@ async fn main() {
     }
     if wanted("room_log_read") {
         bench.read_throughput(sizes.read).await;
+    }
+    if wanted("room_log_read_bulk") {
+        let plain = RoomLog::connect(&server.url(), LogConfig::default())
+            .await
+            .expect("connect the room log");
+        plain.set_bulk_read_auth(None);
+        bench.bulk_read(&plain, sizes.read).await;
     }
 
     // The projection benchmarks project every room their log holds, so each gets a log of its
