@@ -323,7 +323,8 @@ impl Bench {
         assert_eq!(self.log.wire_reads() - wire_reads, ROUNDS as u64);
         assert_eq!(plain.wire_reads(), 0);
         let rate = |xs: &[(f64, f64)]| median(xs.iter().map(|x| x.0).collect());
-        let cpu = |xs: &[(f64, f64)]| (median(xs.iter().map(|x| x.1).collect()) * 100.0).round() / 100.0;
+        let cpu =
+            |xs: &[(f64, f64)]| (median(xs.iter().map(|x| x.1).collect()) * 100.0).round() / 100.0;
         emit(
             "room_log_read_bulk",
             rate(&ours),
