@@ -91,6 +91,8 @@ const REQUEST_EXPIRES: Duration = Duration::from_secs(30);
 pub(crate) struct WireReader {
     sock: TcpStream,
     buf: BytesMut,
+    /// Operations queued for the server (pull requests, `PONG`s), written before reading on.
+    out: BytesMut,
     /// `PUB $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer> <inbox> ` (the length follows).
     request_head: String,
     /// Messages and bytes per pull request.
@@ -128,6 +130,7 @@ impl WireReader {
                     let mut reader = WireReader {
                         sock,
                         buf: BytesMut::with_capacity(READ_CHUNK),
+                        out: BytesMut::new(),
                         request_head: format!(
                             "PUB $JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer} _INBOX.bulk "
                         ),
@@ -139,7 +142,8 @@ impl WireReader {
                         timeout,
                     };
                     reader.handshake(&target.auth).await?;
-                    reader.request().await?;
+                    reader.request();
+                    reader.flush().await?;
                     return Ok(reader);
                 }
                 Ok(Err(e)) => last = Some(WireError::Io(e)),
@@ -207,12 +211,13 @@ impl WireReader {
         }
     }
 
-    /// Sends the next pull request if at most half of the last one is pending.
-    async fn request(&mut self) -> Result<(), WireError> {
+    /// Queues the next pull request (sent by [`WireReader::flush`]) if at most half of the
+    /// last one is pending.
+    fn request(&mut self) {
         if self.unrequested == 0
             || (self.pending_messages > self.batch / 2 && self.pending_bytes > self.max_bytes / 2)
         {
-            return Ok(());
+            return;
         }
         let batch = self.batch.min(self.unrequested);
         let body = format!(
@@ -221,22 +226,35 @@ impl WireReader {
             REQUEST_EXPIRES.as_nanos()
         );
         let op = format!("{}{}\r\n{body}\r\n", self.request_head, body.len());
-        self.sock.write_all(op.as_bytes()).await?;
+        self.out.extend_from_slice(op.as_bytes());
         self.unrequested -= batch;
         self.pending_messages += batch;
         self.pending_bytes += self.max_bytes;
+    }
+
+    /// Writes what is queued for the server. Cancel-safe: what was written is taken off the
+    /// queue as it goes, so a dropped call leaves no operation half sent and none sent twice.
+    async fn flush(&mut self) -> Result<(), WireError> {
+        while self.out.has_remaining() {
+            if self.sock.write_buf(&mut self.out).await? == 0 {
+                return Err(WireError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+        }
         Ok(())
     }
 
-    /// The next delivery.
+    /// The next delivery. Cancel-safe (the range reader's callers poll it once and drop it
+    /// when nothing is there): a delivery is taken off the buffer only when it is returned,
+    /// and what is to be sent is queued and written at the start of the next call.
     pub(crate) async fn next(&mut self) -> Result<Delivery, WireError> {
         loop {
+            self.flush().await?;
             if let Some(op) = self.parse()? {
                 match op {
                     Op::Delivery(delivery, size) => {
                         self.pending_messages = self.pending_messages.saturating_sub(1);
                         self.pending_bytes = self.pending_bytes.saturating_sub(size);
-                        self.request().await?;
+                        self.request();
                         return Ok(delivery);
                     }
                     Op::Ended { messages, bytes } => {
@@ -245,9 +263,9 @@ impl WireReader {
                         self.pending_messages = self.pending_messages.saturating_sub(messages);
                         self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
                         self.unrequested += messages;
-                        self.request().await?;
+                        self.request();
                     }
-                    Op::Ping => self.sock.write_all(b"PONG\r\n").await?,
+                    Op::Ping => self.out.extend_from_slice(b"PONG\r\n"),
                     Op::Nothing => {}
                 }
                 continue;

@@ -229,3 +229,36 @@ async fn an_nkey_or_a_user_jwt_signs_the_bulk_connection_s_nonce() {
     assert_eq!(log.wire_reads(), 1, "read on a connection of its own");
     read_as_appended(&entries, &events);
 }
+
+#[tokio::test]
+async fn a_bulk_read_polled_once_and_dropped_between_entries_loses_nothing() {
+    use futures::FutureExt as _;
+    let server = NatsServer::start();
+    let log = connect(&server.url()).await;
+    let events: Vec<Event> = (0..3_000).map(|i| message(format!("p{i}"))).collect();
+    let room = fill(&log, "polled", &events).await;
+    // As the projector reads: wait for one entry, then take what is already there without
+    // waiting (a pending `next` is dropped, often mid-read of the socket), and again.
+    let mut reader = log.read_range(&room, 1, u64::MAX).bulk();
+    let mut entries = Vec::new();
+    let mut dropped = 0;
+    within("the polled read", 60, async {
+        'read: while let Some(entry) = reader.next().await {
+            entries.push(entry.unwrap());
+            loop {
+                match reader.next().now_or_never() {
+                    Some(Some(entry)) => entries.push(entry.unwrap()),
+                    Some(None) => break 'read,
+                    None => {
+                        dropped += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(dropped > 0, "no pending read was dropped");
+    assert_eq!(log.wire_reads(), 1, "read on a connection of its own");
+    read_as_appended(&entries, &events);
+}

@@ -254,7 +254,8 @@ impl Bench {
         n as f64 / start.elapsed().as_secs_f64()
     }
 
-    async fn read_throughput(&mut self, n: usize) {
+    /// A fresh room holding `n` messages, appended pipelined.
+    async fn filled_room(&mut self, n: usize) -> RoomId {
         let room = self.room().await;
         let events: Vec<Event> = (0..n).map(event).collect();
         futures::stream::iter(events.iter())
@@ -264,6 +265,11 @@ impl Bench {
                 r.unwrap();
             })
             .await;
+        room
+    }
+
+    async fn read_throughput(&mut self, n: usize) {
+        let room = self.filled_room(n).await;
         let (mut ours, mut baseline) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             if round % 2 == 0 {
@@ -288,15 +294,7 @@ impl Bench {
     /// (`plain`, bulk reads on its own connection turned off); events/s and this process's CPU
     /// per event for each.
     async fn bulk_read(&mut self, plain: &RoomLog, n: usize) {
-        let room = self.room().await;
-        let events: Vec<Event> = (0..n).map(event).collect();
-        futures::stream::iter(events.iter())
-            .map(|e| self.log.append(&room, e))
-            .buffer_unordered(IN_FLIGHT)
-            .for_each(|r| async move {
-                r.unwrap();
-            })
-            .await;
+        let room = self.filled_room(n).await;
         let read = |log: RoomLog, room: RoomId| async move {
             let (cpu, start) = (process_cpu_s(), Instant::now());
             let mut reader = log.read_range(&room, 1, u64::MAX).bulk();
