@@ -159,6 +159,40 @@ pub fn reply(kind: &str, rid: Option<&str>, fields: Value) -> String {
     frame.to_string()
 }
 
+/// `{"type":"ack","rid":…,"room":…,"id":…,"seq":…,"ts":…,"duplicate":…}`, the answer to every
+/// accepted append: written straight from its fields (the same bytes as [`reply`] would make),
+/// without building a map first.
+pub fn ack(
+    rid: Option<&str>,
+    room: &str,
+    id: &uuid::Uuid,
+    seq: u64,
+    ts: i64,
+    duplicate: bool,
+) -> String {
+    #[derive(serde::Serialize)]
+    struct Ack<'a> {
+        r#type: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<&'a str>,
+        room: &'a str,
+        id: uuid::fmt::Hyphenated,
+        seq: u64,
+        ts: i64,
+        duplicate: bool,
+    }
+    let ack = Ack {
+        r#type: "ack",
+        rid,
+        room,
+        id: id.hyphenated(),
+        seq,
+        ts,
+        duplicate,
+    };
+    serde_json::to_string(&ack).unwrap_or_default()
+}
+
 /// `{"type":"pong","rid":…}`
 pub fn pong(rid: Option<&str>) -> String {
     let mut frame = json!({ "type": "pong" });
@@ -176,6 +210,20 @@ pub fn welcome(user: &str, rooms: &[Value], rid: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_are_the_bytes_a_reply_would_be() {
+        let id = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        for rid in [None, Some("r\"1\n")] {
+            let general = reply(
+                "ack",
+                rid,
+                json!({"room": "general", "id": id.hyphenated().to_string(), "seq": 42,
+                       "ts": -7, "duplicate": true}),
+            );
+            assert_eq!(ack(rid, "general", &id, 42, -7, true), general);
+        }
+    }
 
     #[test]
     fn frames_are_read_far_enough_to_answer_them() {

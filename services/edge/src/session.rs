@@ -1017,15 +1017,15 @@ impl Session {
             // starts a new one at once.
             self.typing.remove(&frame.room);
         }
-        let fields = json!({
-            "room": frame.room,
-            "id": frame.id.hyphenated().to_string(),
-            "seq": ack.seq,
-            "ts": ack.ts,
-            "duplicate": ack.duplicate,
-        });
-        self.send(protocol::reply("ack", frame.rid.as_deref(), fields))
-            .await;
+        let reply = protocol::ack(
+            frame.rid.as_deref(),
+            frame.room.as_str(),
+            &frame.id,
+            ack.seq,
+            ack.ts,
+            ack.duplicate,
+        );
+        self.send(reply).await;
     }
 
     /// Records an answered append's latency in `chat.edge.append.duration`.
