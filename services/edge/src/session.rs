@@ -519,9 +519,13 @@ impl Session {
     }
 
     async fn room_error(&self, rid: Option<&str>, room: &str, e: &RoomError) {
+        self.send(self.room_error_frame(rid, room, e)).await;
+    }
+
+    /// The `error` frame refusing a frame about `room` (counted as an error sent).
+    fn room_error_frame(&self, rid: Option<&str>, room: &str, e: &RoomError) -> String {
         self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.send(protocol::room_error(rid, room, e.code(), &e.to_string()))
-            .await;
+        protocol::room_error(rid, room, e.code(), &e.to_string())
     }
 
     /// Counts a refused frame; closes with 4029 (`Flow::Stop`) a client that has had more
@@ -639,7 +643,9 @@ impl Session {
             "subscribe" => Box::pin(self.subscribe(rid, body, removals)).await,
             "unsubscribe" => Box::pin(self.unsubscribe(rid, body)).await,
             "send" | "edit" | "delete" | "react" => {
-                Box::pin(self.append(&frame.kind, rid, body)).await;
+                if let Err(error) = self.append(&frame.kind, rid, body) {
+                    Box::pin(self.reply_in_turn(error)).await;
+                }
             }
             "read" => Box::pin(self.read(rid, body)).await,
             "delivered" => Box::pin(self.delivered(rid, body)).await,
@@ -828,16 +834,14 @@ impl Session {
         self.subscriptions.clear();
     }
 
-    /// Puts an append frame into the session's pipeline (see [`Appends`]); a frame that cannot
-    /// be read is answered in its turn.
-    async fn append(&mut self, kind: &str, rid: Option<&str>, body: &Frame<'_>) {
-        let frame = match self.read_append(kind, rid, body) {
-            Ok(frame) => frame,
-            Err(error) => {
-                self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return self.reply_in_turn(error).await;
-            }
-        };
+    /// Puts an append frame into the session's pipeline (see [`Appends`]). A frame that cannot
+    /// be read comes back as the `error` frame answering it, for the caller to send in its turn.
+    /// Not `async`: nothing here waits, and every append would otherwise box a future of
+    /// more than a KiB (glibc's slow path) only to hold the rare error's reply.
+    fn append(&mut self, kind: &str, rid: Option<&str>, body: &Frame<'_>) -> Result<(), String> {
+        let frame = self.read_append(kind, rid, body).inspect_err(|_| {
+            self.state.stats.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
         let rooms = self.state.rooms.clone();
         let user = self.user.clone();
         let (room, id, command) = (frame.room.clone(), frame.id, frame.command.clone());
@@ -849,6 +853,7 @@ impl Session {
             }
             .instrument(checks),
         ));
+        Ok(())
     }
 
     /// An append frame's fields, or the `error` frame answering it.
@@ -991,6 +996,13 @@ impl Session {
 
     /// Answers the next settled frame of the pipeline (in the client's order).
     async fn settled(&mut self, settled: Settled) {
+        let reply = self.settle(settled);
+        self.send(reply).await;
+    }
+
+    /// The frame answering a settled frame: its ack, its error, or the reply it is. Apart from
+    /// [`Session::settled`]'s one wait, so that the future boxed for every append stays small.
+    fn settle(&mut self, settled: Settled) -> String {
         let (frame, ack) = match settled {
             Settled::Append(frame, Ok(ack)) => (frame, ack),
             Settled::Append(frame, Err(e)) => {
@@ -999,11 +1011,9 @@ impl Session {
                 if matches!(e, RoomError::Unavailable(_) | RoomError::Internal(_)) {
                     frame.span.record("otel.status_code", "ERROR");
                 }
-                return self
-                    .room_error(frame.rid.as_deref(), frame.room.as_str(), &e)
-                    .await;
+                return self.room_error_frame(frame.rid.as_deref(), frame.room.as_str(), &e);
             }
-            Settled::Reply(reply) => return self.send(reply).await,
+            Settled::Reply(reply) => return reply,
         };
         self.state.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.record_append(&frame, if ack.duplicate { "duplicate" } else { "ok" });
@@ -1017,15 +1027,14 @@ impl Session {
             // starts a new one at once.
             self.typing.remove(&frame.room);
         }
-        let reply = protocol::ack(
+        protocol::ack(
             frame.rid.as_deref(),
             frame.room.as_str(),
             &frame.id,
             ack.seq,
             ack.ts,
             ack.duplicate,
-        );
-        self.send(reply).await;
+        )
     }
 
     /// Records an answered append's latency in `chat.edge.append.duration`.
