@@ -603,7 +603,9 @@ impl RoomLog {
                 ack: Some(ack),
                 ..pending
             }),
-            Err(e) => Err(pending.error(e).await),
+            // Boxed: working out what went wrong may read the stream, and every append's
+            // future would otherwise keep room for it.
+            Err(e) => Err(Box::pin(pending.error(e)).await),
         }
     }
 
