@@ -411,7 +411,8 @@ pub async fn fanout(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
 
 /// `edge_latency`: send → delivery latency through chatd, measured at a client subscribed to
 /// the room (one receiver per room; the `CLIENTS` senders spread over `ROOMS` rooms and paced
-/// together at half the rate an unpaced round of the same workload sustained just before),
+/// together at half the median rate three unpaced rounds of the same workload sustained just
+/// before),
 /// against raw publish → republish delivery (publishers paced the same way to room streams, a
 /// core subscriber of the republish subjects) at the same rate, on the same nats-server. A
 /// warm-up round each, then rounds alternate which side goes first; the percentiles pool every
@@ -451,8 +452,9 @@ pub async fn latency(chatd_bin: &std::path::Path, sizes: &EdgeSizes, send_ack_ra
         "max_rate_from": if result["max_rate"].is_null() {
             "none: CHAT_BENCH_LATENCY_RATE"
         } else {
-            "an unpaced round of this workload (the same senders and receivers) just before"
+            "the median of three unpaced rounds of this workload (the same senders and receivers) just before"
         },
+        "max_rate_rounds": result["max_rate_rounds"].clone(),
         "edge_send_ack_rate": send_ack_rate.map(f64::round),
         "senders": CLIENTS, "rooms": ROOMS, "messages_per_round": sizes.latency_messages,
         "rounds": sizes.latency_rounds, "samples_per_side": ours["samples"],
