@@ -19,7 +19,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use crate::loadgen::{
     Auth, FanoutPlan, Group, IdlePlan, LatencyPlan, Plan, PresencePlan, SendAckPlan,
 };
-use crate::{emit, median};
+use crate::{cpu_seconds, emit, median};
 
 /// Clients of `edge_send_ack` and senders of `edge_latency`: one user and connection each.
 const CLIENTS: usize = 64;
@@ -33,6 +33,9 @@ const RAW_IN_FLIGHT: usize = CLIENTS * WINDOW;
 const SUBSCRIBERS: usize = 200;
 /// Messages the `edge_fanout` sender keeps sent but not yet echoed back to itself.
 const FANOUT_WINDOW: usize = 32;
+/// The same for `edge_fanout_saturated`: far enough ahead that neither server waits for the
+/// sender (at 32 the bare server still does: it delivers ~1.7× more at 128).
+const SATURATED_WINDOW: usize = 128;
 /// Users per room in `edge_idle_memory` (a room is created with at most 1000 members).
 const IDLE_ROOM_SIZE: usize = 1_000;
 /// The per-connection memory target of `edge_idle_memory`, KiB.
@@ -342,6 +345,10 @@ pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
         raw_in_flight: RAW_IN_FLIGHT,
         rounds: sizes.send_rounds,
         raw: true,
+        chat_pids: vec![
+            rig.chatd.pid(),
+            rig.nats.pid().expect("nats-server running"),
+        ],
     });
     let result = Loadgen::start(&plan)
         .await
@@ -349,6 +356,12 @@ pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
         .await;
     let (ours, raw) = (floats(&result["ours"]), floats(&result["raw"]));
     let ours_median = median(ours.clone());
+    let per_message = |side: &str| {
+        let cpu = floats(&result[format!("{side}_cpu_s")]);
+        let messages = result["messages"].as_f64().unwrap_or(f64::NAN);
+        let us = |i: usize| cpu.get(i).map(|s| round1(s * 1e6 / messages));
+        json!({"chatd": us(0), "nats_server": us(1)})
+    };
     emit(
         "edge_send_ack",
         ours_median,
@@ -358,6 +371,7 @@ pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
             "clients": CLIENTS, "rooms": ROOMS, "window_per_client": WINDOW,
             "raw_in_flight": RAW_IN_FLIGHT, "messages_per_round": CLIENTS * sizes.send_per_client,
             "rounds": sizes.send_rounds, "ours_rounds": whole(&ours), "raw_rounds": whole(&raw),
+            "cpu_us_per_message": {"ours": per_message("ours"), "raw": per_message("raw")},
             "target": ">= 0.5",
         }),
     );
@@ -373,6 +387,12 @@ pub async fn send_ack(chatd_bin: &std::path::Path, sizes: &EdgeSizes) -> f64 {
 /// sent and not yet seen back) on both servers, and a round ends when every subscriber has every
 /// message. Ours persists each message before broadcasting it (and the projector stores it);
 /// the bare server forwards the sender's frame as is, so its frames are also ~90 bytes shorter.
+///
+/// Then `edge_fanout_saturated`: the same rounds with the sender `SATURATED_WINDOW` ahead, where
+/// both servers are busy and the ratio is one of CPU costs. Both lines give each side's CPU time
+/// per delivery (µs, from `/proc/<pid>/stat` around each counted round): chatd's and its
+/// nats-server's, and the bare server's. Per message the persistence costs about the same
+/// whatever the room's size; per delivery it is that cost over the room's subscribers.
 pub async fn fanout(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
     let rig = Rig::start(chatd_bin);
     let room = "fanout".to_owned();
@@ -389,24 +409,57 @@ pub async fn fanout(chatd_bin: &std::path::Path, sizes: &EdgeSizes) {
         subscribers: all[1..].to_vec(),
         messages: sizes.fanout_messages,
         window: FANOUT_WINDOW,
+        saturated_window: SATURATED_WINDOW,
         rounds: sizes.fanout_rounds,
+        chat_pids: vec![
+            rig.chatd.pid(),
+            rig.nats.pid().expect("nats-server running"),
+        ],
+        bare_pids: vec![bare.pid()],
     });
     let result = Loadgen::start(&plan)
         .await
         .finish(Duration::from_secs(600))
         .await;
-    let (ours, bare_rates) = (floats(&result["ours"]), floats(&result["bare"]));
-    emit(
-        "edge_fanout",
-        median(ours.clone()),
-        median(bare_rates.clone()),
-        "deliveries/s",
-        json!({
-            "subscribers": SUBSCRIBERS, "messages_per_round": sizes.fanout_messages,
-            "sender_window": FANOUT_WINDOW, "rounds": sizes.fanout_rounds,
-            "ours_rounds": whole(&ours), "bare_rounds": whole(&bare_rates), "target": ">= 0.7",
-        }),
-    );
+    for (bench, part, window, target) in [
+        ("edge_fanout", "paced", FANOUT_WINDOW, ">= 0.7"),
+        (
+            "edge_fanout_saturated",
+            "saturated",
+            SATURATED_WINDOW,
+            "none (shows the cost per delivery with both servers busy)",
+        ),
+    ] {
+        let result = &result[part];
+        let (ours, bare_rates) = (floats(&result["ours"]), floats(&result["bare"]));
+        let deliveries = result["deliveries"].as_f64().unwrap_or(f64::NAN);
+        let per_delivery = |cpu: &Value| -> Vec<f64> {
+            floats(cpu)
+                .iter()
+                .map(|s| (s * 1e6 / deliveries * 1000.0).round() / 1000.0)
+                .collect()
+        };
+        let (ours_cpu, bare_cpu) = (
+            per_delivery(&result["ours_cpu_s"]),
+            per_delivery(&result["bare_cpu_s"]),
+        );
+        emit(
+            bench,
+            median(ours.clone()),
+            median(bare_rates.clone()),
+            "deliveries/s",
+            json!({
+                "subscribers": SUBSCRIBERS, "messages_per_round": sizes.fanout_messages,
+                "sender_window": window, "rounds": sizes.fanout_rounds,
+                "ours_rounds": whole(&ours), "bare_rounds": whole(&bare_rates),
+                "cpu_us_per_delivery": {
+                    "chatd": ours_cpu.first(), "nats_server": ours_cpu.get(1),
+                    "bare": bare_cpu.first(),
+                },
+                "target": target,
+            }),
+        );
+    }
 }
 
 /// `edge_latency`: send → delivery latency through chatd, measured at a client subscribed to
@@ -643,26 +696,6 @@ pub async fn idle_memory(chatd_bin: &std::path::Path, sizes: &EdgeSizes, fd_limi
 const PRESENCE_MEMBERS: usize = 2_000;
 /// Mean online (and offline) time of a churner, ms.
 const PRESENCE_MEAN_ONLINE_MS: u64 = 2_000;
-
-/// CPU time a process has used, user and system, in seconds (`/proc/<pid>/stat`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
-        panic!("no CPU times for process {pid}");
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    (utime + stime) / hz
-}
 
 /// One phase of the presence plan, with the CPU chatd and nats-server used in it.
 struct ChurnPhase {

@@ -90,7 +90,9 @@ pub enum Plan {
 /// `edge_send_ack`: each client sends `per_client` messages per round to its group's room with
 /// at most `window` unacknowledged; the raw side publishes as many pre-encoded events round
 /// robin to `raw_rooms` with `raw_in_flight` acks outstanding. After an uncounted warm-up round,
-/// rounds alternate which side goes first. Result: `{"ours":[msg/s per round], "raw":[…]}`.
+/// rounds alternate which side goes first. Each side's counted rounds are charged the CPU time
+/// `chat_pids` used in them. Result: `{"ours":[msg/s per round], "raw":[…], "ours_cpu_s":[per
+/// pid], "raw_cpu_s":[…], "messages": per side}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SendAckPlan {
     pub ws_url: String,
@@ -105,12 +107,18 @@ pub struct SendAckPlan {
     pub rounds: usize,
     /// Whether to measure the raw side (a rate probe needs only ours).
     pub raw: bool,
+    /// chatd and its nats-server: both sides' appends go through that nats-server, and chatd
+    /// projects both.
+    pub chat_pids: Vec<u32>,
 }
 
 /// `edge_fanout`: the same client code against chatd and against the bare broadcast server:
 /// `subscribers` subscribed clients, and one sender (also subscribed, so that its own echoes
-/// pace it: at most `window` sent and not yet seen back). Warm-up round, then alternating rounds.
-/// Result: `{"ours":[deliveries/s per round], "bare":[…]}`.
+/// pace it: at most `window` sent and not yet seen back). Warm-up round, then alternating rounds;
+/// then the same again with the sender `saturated_window` ahead. Each side's counted rounds are
+/// charged the CPU time its processes used in them. Result: `{"paced": R, "saturated": R}`, each
+/// `{"ours":[deliveries/s per round], "bare":[…], "ours_cpu_s":[per chat pid], "bare_cpu_s":[…],
+/// "deliveries": per side}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FanoutPlan {
     pub chat_ws: String,
@@ -121,7 +129,11 @@ pub struct FanoutPlan {
     pub subscribers: Vec<String>,
     pub messages: usize,
     pub window: usize,
+    pub saturated_window: usize,
     pub rounds: usize,
+    /// The processes serving our side (chatd, its nats-server) and the bare side.
+    pub chat_pids: Vec<u32>,
+    pub bare_pids: Vec<u32>,
 }
 
 /// `edge_latency`: senders (each group's users) paced together at `rate` messages/s, one
@@ -456,23 +468,47 @@ async fn send_ack(plan: SendAckPlan) -> anyhow::Result<Value> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let total = clients.len() * plan.per_client;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let pids = &plan.chat_pids;
+    let (mut ours_cpu, mut raw_cpu) = (vec![0.0; pids.len()], vec![0.0; pids.len()]);
     // Round 0 warms both sides up (sockets, streams, the projector's first batches) and is not
     // counted; then rounds alternate which side goes first, so neither always meets a warmer
     // server.
     for round in 0..=plan.rounds {
         let ours_first = round % 2 == 0;
         for ours_turn in [ours_first, !ours_first] {
+            let before = cpu_now(pids);
             if ours_turn {
                 let rate = send_round(&mut clients, plan.per_client, plan.window).await?;
-                ours.extend((round > 0).then_some(rate));
+                if round > 0 {
+                    ours.push(rate);
+                    charge(&mut ours_cpu, pids, &before);
+                }
             } else if plan.raw {
                 let rate =
                     raw_publish_round(&js, &subjects, &users, total, plan.raw_in_flight).await?;
-                raw.extend((round > 0).then_some(rate));
+                if round > 0 {
+                    raw.push(rate);
+                    charge(&mut raw_cpu, pids, &before);
+                }
             }
         }
     }
-    Ok(json!({ "ours": ours, "raw": raw }))
+    Ok(json!({
+        "ours": ours, "raw": raw, "ours_cpu_s": ours_cpu, "raw_cpu_s": raw_cpu,
+        "messages": total * plan.rounds,
+    }))
+}
+
+/// CPU time each of `pids` has used so far, seconds.
+fn cpu_now(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|&pid| crate::cpu_seconds(pid)).collect()
+}
+
+/// Adds to `used` what each of `pids` used since `before` (from [`cpu_now`]).
+fn charge(used: &mut [f64], pids: &[u32], before: &[f64]) {
+    for ((used, &pid), before) in used.iter_mut().zip(pids).zip(before) {
+        *used += crate::cpu_seconds(pid) - before;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,21 +599,43 @@ impl Audience {
 async fn fanout(plan: FanoutPlan) -> anyhow::Result<Value> {
     let mut ours = Audience::connect(&plan, &plan.chat_ws).await?;
     let mut bare = Audience::connect(&plan, &plan.bare_ws).await?;
+    let paced = fanout_rounds(&plan, &mut ours, &mut bare, plan.window).await?;
+    let saturated = fanout_rounds(&plan, &mut ours, &mut bare, plan.saturated_window).await?;
+    Ok(json!({ "paced": paced, "saturated": saturated }))
+}
+
+/// Both sides' rounds with the sender `window` ahead, and the CPU time their processes used in
+/// the counted ones.
+async fn fanout_rounds(
+    plan: &FanoutPlan,
+    ours: &mut Audience,
+    bare: &mut Audience,
+    window: usize,
+) -> anyhow::Result<Value> {
     let (mut ours_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    let mut ours_cpu = vec![0.0; plan.chat_pids.len()];
+    let mut bare_cpu = vec![0.0; plan.bare_pids.len()];
     // Round 0 warms up and is not counted; then rounds alternate which side goes first.
     for round in 0..=plan.rounds {
         let ours_first = round % 2 == 0;
         for ours_turn in [ours_first, !ours_first] {
-            if ours_turn {
-                let rate = ours.round(&plan.room, plan.messages, plan.window).await?;
-                ours_rates.extend((round > 0).then_some(rate));
+            let (audience, pids, rates, cpu) = if ours_turn {
+                (&mut *ours, &plan.chat_pids, &mut ours_rates, &mut ours_cpu)
             } else {
-                let rate = bare.round(&plan.room, plan.messages, plan.window).await?;
-                bare_rates.extend((round > 0).then_some(rate));
+                (&mut *bare, &plan.bare_pids, &mut bare_rates, &mut bare_cpu)
+            };
+            let before = cpu_now(pids);
+            let rate = audience.round(&plan.room, plan.messages, window).await?;
+            if round > 0 {
+                rates.push(rate);
+                charge(cpu, pids, &before);
             }
         }
     }
-    Ok(json!({ "ours": ours_rates, "bare": bare_rates }))
+    Ok(json!({
+        "ours": ours_rates, "bare": bare_rates, "ours_cpu_s": ours_cpu, "bare_cpu_s": bare_cpu,
+        "deliveries": plan.subscribers.len() * plan.messages * plan.rounds,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

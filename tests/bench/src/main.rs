@@ -5,7 +5,7 @@
 //! Usage: `chat-bench [--quick] [NAME…]` (names: room_log_append, room_log_append_latency,
 //! room_log_read, room_log_read_bulk, room_log_append_sync_always, projection_throughput, history_page_reads,
 //! room_list_reads, projection_lag, edge_send_ack, edge_fanout, edge_latency, edge_idle_memory,
-//! presence_churn).
+//! presence_churn). `edge_fanout` also prints `edge_fanout_saturated`.
 //!
 //! The edge benchmarks run the chatd release binary and drive it from this same binary started
 //! again as a load generator (`chat-bench loadgen`, plan on stdin) and, for the fan-out
@@ -58,6 +58,26 @@ fn event(i: usize) -> Event {
             reply_to: None,
         },
     }
+}
+
+/// CPU time a process has used, user and system, in seconds (`/proc/<pid>/stat`).
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+        panic!("no CPU times for process {pid}");
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (utime + stime) / hz
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
