@@ -210,6 +210,30 @@ struct Cached {
     checked: Instant,
     /// A background refresh of this entry is under way (see `Rooms::cached_renewing`).
     renewing: bool,
+    /// This process's own appends acked past a gap after `head` (acks of concurrent appends
+    /// are not seen in sequence order), with when each was sent: folded in once the gap closes.
+    ahead: BTreeMap<u64, Instant>,
+}
+
+/// The most acks past a gap a cached room state keeps (see [`Cached::ahead`]); a gap that stays
+/// open longer is left to the TTL renewal.
+const MAX_AHEAD: usize = 4_096;
+
+impl Cached {
+    /// Folds in the entries of `ahead` that now follow `head`, and forgets those behind it.
+    fn advance(&mut self) {
+        while let Some(entry) = self.ahead.first_entry() {
+            let seq = *entry.key();
+            if seq > self.head + 1 {
+                break;
+            }
+            let sent = entry.remove();
+            if seq == self.head + 1 {
+                self.head = seq;
+                self.checked = self.checked.max(sent);
+            }
+        }
+    }
 }
 
 /// What a user asks to append to a room (the client frames that append).
@@ -431,15 +455,16 @@ impl Rooms {
     /// the log held it at `sent` (nothing came between, and `seq` was given after `sent`): it
     /// moves to `seq` and counts as checked then. A room whose appends all go through this
     /// process keeps its cached state fresh this way without reading the log back; an append
-    /// from elsewhere leaves a gap, and the state is renewed from the log as before.
+    /// from elsewhere leaves a gap, and the state is renewed from the log as before. Acks of
+    /// concurrent appends come in any order: one past a gap waits until the gap closes.
     fn appended(&self, room: &RoomId, seq: u64, sent: Instant) {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
         if let Some(cached) = cache.get_mut(room) {
-            if cached.head + 1 == seq {
-                cached.head = seq;
-                cached.checked = cached.checked.max(sent);
+            if seq > cached.head && cached.ahead.len() < MAX_AHEAD {
+                cached.ahead.insert(seq, sent);
+                cached.advance();
             }
         }
     }
@@ -481,15 +506,17 @@ impl Rooms {
         };
         let state = Arc::new(state);
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(
-                room.clone(),
-                Cached {
-                    head: state.head,
-                    state: state.clone(),
-                    checked,
-                    renewing: false,
-                },
-            );
+            // Acks past a gap that the read did not reach stay (the read may close the gap).
+            let ahead = cache.remove(room).map(|old| old.ahead).unwrap_or_default();
+            let mut cached = Cached {
+                head: state.head,
+                state: state.clone(),
+                checked,
+                renewing: false,
+                ahead,
+            };
+            cached.advance();
+            cache.insert(room.clone(), cached);
         }
         Ok(state)
     }
@@ -1511,4 +1538,56 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(head: u64, checked: Instant) -> Cached {
+        let admin = UserId::parse("admin").unwrap();
+        let state = RoomState {
+            kind: RoomKind::Group,
+            name: "r".into(),
+            creator: admin.clone(),
+            members: BTreeMap::from([(admin, 1)]),
+            head,
+            read_only: false,
+            pair: None,
+        };
+        Cached {
+            state: Arc::new(state),
+            head,
+            checked,
+            renewing: false,
+            ahead: BTreeMap::new(),
+        }
+    }
+
+    /// Acks of this process's appends that come past a gap wait for it; once it closes, the
+    /// state counts as checked when the last of them was sent. A gap that stays open (another
+    /// process's append) holds the head where it is.
+    #[test]
+    fn acks_out_of_order_advance_once_the_gap_closes() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut c = cached(5, t0);
+        for (seq, sent) in [(7, at(30)), (8, at(20)), (10, at(50))] {
+            c.ahead.insert(seq, sent);
+            c.advance();
+        }
+        assert_eq!((c.head, c.checked), (5, t0), "nothing past the gap at 6");
+        c.ahead.insert(6, at(10));
+        c.advance();
+        assert_eq!(c.head, 8, "6, 7 and 8 fold in; 10 waits for 9");
+        assert_eq!(c.checked, at(30), "the latest send among them");
+        assert_eq!(c.ahead.keys().copied().collect::<Vec<_>>(), [10]);
+
+        // A refresh that read the log to 12 makes 10 old news.
+        let mut refreshed = cached(12, at(60));
+        refreshed.ahead = std::mem::take(&mut c.ahead);
+        refreshed.advance();
+        assert!(refreshed.ahead.is_empty());
+        assert_eq!((refreshed.head, refreshed.checked), (12, at(60)));
+    }
 }
