@@ -67,6 +67,10 @@ const COMMIT_AWAY: u64 = 4_000;
 /// shown as stored plus the newest events as appended).
 const UNSTORED_SCAN: u64 = 1_000;
 
+/// The most events not yet stored that a refused resend reads from the log, looking for its
+/// original (see `Rooms::known_once_stored`); further behind, it waits for the projector.
+const RESEND_SCAN: u64 = 4_000;
+
 /// Settings of the room service.
 #[derive(Debug, Clone)]
 pub struct RoomsConfig {
@@ -858,8 +862,12 @@ impl Rooms {
         })
     }
 
-    /// The outcome of an earlier append of `id` in `room`, once the store holds what the log
-    /// held just now (waiting at most `history_wait` for the projector).
+    /// The outcome of an earlier append of `id` in `room`: from the store's id index, or from
+    /// the log's entries the store does not hold yet (up to [`RESEND_SCAN`] of them; with more,
+    /// once the projector has stored what the log held just now, waiting at most
+    /// `history_wait`). `None`: there was none. `unavailable` if the store does not catch up in
+    /// time: the original may be in what it has not stored, and a refusal could contradict an
+    /// append that landed.
     async fn known_once_stored(&self, room: &RoomId, id: Uuid) -> Result<Option<Ack>, RoomError> {
         let known = |hit: chat_store::IdHit| Ack {
             seq: hit.seq,
@@ -870,12 +878,35 @@ impl Rooms {
             return Ok(Some(known(hit)));
         }
         let head = self.log.head(room).await?;
-        if self.store.checkpoint(room).await? >= head
-            || !self
-                .await_stored(room, head, self.config.history_wait)
-                .await
-        {
+        let stored = self.store.checkpoint(room).await?;
+        if stored >= head {
             return Ok(None);
+        }
+        if head - stored <= RESEND_SCAN {
+            let mut unstored = self.log.read_range(room, stored + 1, head);
+            while let Some(entry) = unstored.next().await {
+                let entry = entry?;
+                // An entry this build cannot decode is not one it appended.
+                if let Ok(event) = entry.decode() {
+                    if event.id == id {
+                        return Ok(Some(known(chat_store::IdHit {
+                            seq: entry.seq,
+                            ts: event.ts,
+                        })));
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        if !self
+            .await_stored(room, head, self.config.history_wait)
+            .await
+        {
+            return Err(RoomError::Unavailable(
+                "the store is behind the log (this id's original may be there); retry with the \
+                 same id"
+                    .into(),
+            ));
         }
         Ok(self.store.find_id(room, id).await?.map(known))
     }

@@ -8,6 +8,7 @@ use chat_log::{LogConfig, RoomLog};
 use chat_model::{RoomId, UserId};
 use chat_rooms::{Command, RoomError, Rooms, RoomsConfig};
 use chat_store::SqliteStore;
+use futures::StreamExt;
 use uuid::Uuid;
 
 fn user(s: &str) -> UserId {
@@ -181,4 +182,56 @@ async fn concurrent_changes_are_never_both_decided_on_the_same_state() {
             "one event besides the creation"
         );
     }
+}
+
+/// A resend that the rules refuse now (the room was made read-only since its original) is
+/// answered as its original was, though the store does not hold it (no projector runs here):
+/// the entries the store lacks are read from the log. With more of them than a resend reads,
+/// it waits for the store, and while the store stays behind the answer is `unavailable`
+/// (retry with the same id), never a refusal of an append that landed.
+#[tokio::test]
+async fn a_refused_resend_finds_its_original_in_what_the_store_does_not_hold_yet() {
+    let server = chat_harness::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = service(&server.url(), &dir, "a").await;
+    let (admin, yara) = (user("admin"), user("yara"));
+    let room = RoomId::parse("lagging").unwrap();
+    a.create_group(&admin, &room, "lagging", vec![yara.clone()], None)
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    let original = a.append(&yara, &room, id, send("landed")).await.unwrap();
+    assert!(!original.duplicate);
+    a.set_read_only(&admin, &room, true).await.unwrap();
+
+    let resent = a.append(&yara, &room, id, send("landed")).await.unwrap();
+    assert_eq!(
+        (resent.seq, resent.ts, resent.duplicate),
+        (original.seq, original.ts, true)
+    );
+    // A new id is refused: nothing unstored holds it.
+    let refused = a.append(&yara, &room, Uuid::new_v4(), send("new")).await;
+    assert!(
+        matches!(refused, Err(RoomError::Forbidden(_))),
+        "{refused:?}"
+    );
+
+    // 4,000 more (the admin still posts) put the original past what a resend reads.
+    futures::stream::iter(0..4_000)
+        .map(|i| {
+            let (a, admin, room) = (a.clone(), admin.clone(), room.clone());
+            async move {
+                a.append(&admin, &room, Uuid::new_v4(), send(&format!("m{i}")))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let resent = a.append(&yara, &room, id, send("landed")).await;
+    assert!(
+        matches!(&resent, Err(RoomError::Unavailable(m)) if m.contains("retry with the same id")),
+        "{resent:?}"
+    );
 }
