@@ -265,7 +265,7 @@ pub fn observe(state: &AppState) {
                 ),
                 (
                     "chat.edge.rate_limited",
-                    "Frames refused by a rate limit.",
+                    "Frames refused by a rate limit (typing frames: dropped).",
                     "{frame}",
                     |s| &s.rate_limited,
                 ),

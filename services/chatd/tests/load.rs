@@ -316,6 +316,41 @@ async fn a_flood_is_rate_limited_then_closed_with_4029() {
     assert_eq!(bob.say("busy", "hello").await["type"], "ack");
 }
 
+/// A client that sends `typing` on every keystroke, far over the typing limit (default 2/5), is
+/// not answered with refusals or closed with 4029: the excess is dropped, and the room still sees
+/// the indicator start and end. A flood of them still meets the connection's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_on_every_keystroke_is_coalesced_not_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(data.path(), &[("CHAT_FLOOD_WINDOW", "1m")]));
+    create_room(&chatd, data.path(), "keys", "alice", &["bob"]);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    let mut bob = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
+    bob.subscribe("keys", None).await;
+    for _ in 0..40 {
+        alice
+            .send(json!({"type": "typing", "room": "keys", "active": true}))
+            .await;
+    }
+    alice
+        .send(json!({"type": "typing", "room": "keys", "active": false}))
+        .await;
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert_eq!(alice.buffered(), Vec::<Value>::new(), "no answer to typing");
+    let shown = bob
+        .wait_for(|f| f["type"] == "typing" && f["user"] == "alice")
+        .await;
+    assert_eq!(shown["active"], true, "{shown}");
+    let ended = bob
+        .wait_for(|f| f["type"] == "typing" && f["user"] == "alice")
+        .await;
+    assert_eq!(ended["active"], false, "the end is never dropped: {ended}");
+    // The bucket did act: of 40 within a moment, at most the burst and a refill or two passed.
+    assert!(metric(&chatd, "chat_edge_rate_limited_total") >= 30);
+    assert_eq!(metric(&chatd, "chat_edge_flood_closes_total"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_websocket_pings_is_closed_with_4029_too() {
     let data = tempfile::tempdir().unwrap();

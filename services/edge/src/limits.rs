@@ -80,8 +80,10 @@ impl Default for Rates {
         Rates {
             send: Rate::new(10, 20),
             typing: Rate::new(2, 5),
-            subscribe: Rate::new(5, 20),
-            history: Rate::new(10, 20),
+            // A client may subscribe room by room, and prefetch each room's history, at
+            // connect: bursts sized for a hundred rooms.
+            subscribe: Rate::new(10, 100),
+            history: Rate::new(20, 100),
             manage: Rate::new(2, 20),
             frames: Rate::new(50, 100),
         }

@@ -605,9 +605,10 @@ impl Session {
         if !is_append && !self.appends_mut().is_empty() {
             Box::pin(self.finish_appends()).await;
         }
+        // `typing` draws on its own bucket once read (see `Session::typing`): only the
+        // connection's bucket can refuse it.
         let work = match kind {
             _ if is_append => Some(Work::Send),
-            Some("typing") => Some(Work::Typing),
             Some("subscribe") => Some(Work::Subscribe),
             Some("history") => Some(Work::History),
             _ => None,
@@ -1090,6 +1091,18 @@ impl Session {
         let Some(frame) = self.fields::<Typing>("typing", rid, body).await else {
             return;
         };
+        // Over the user's typing bucket an `active:true` is dropped without an answer: what a
+        // client sends on every keystroke is coalesced here as the feed coalesces it anyway (one
+        // shown per debounce interval), not refused and counted towards a 4029 close. A flood
+        // still meets the connection's bucket. `active:false` is never dropped: it only ends
+        // an indicator this session started.
+        if frame.active && self.state.limits.check(Work::Typing, &self.user).is_err() {
+            self.state
+                .stats
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let Some(room) = self.member_room(rid, &frame.room).await else {
             return;
         };
