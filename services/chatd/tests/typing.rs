@@ -85,6 +85,7 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
         typing(alice, "keys", true).await;
     }
     let first = bob.wait_for(|f| is_typing(f, "alice")).await;
+    let first_shown = Instant::now();
     assert_eq!(
         first,
         json!({"type": "typing", "room": "keys", "user": "alice", "active": true})
@@ -106,10 +107,26 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
         bob.buffered()
     );
 
-    // A renewal-less indicator expires (1 s here, 5 s by default).
-    typing(alice, "keys", true).await;
-    let again = bob.wait_for(|f| is_typing(f, "alice")).await;
+    // Typing again at once starts a new indicator, shown once 2 s have passed since the last
+    // one (at most one active:true per 2 s, across the message) while alice keeps typing.
+    let again = loop {
+        typing(alice, "keys", true).await;
+        let shown = tokio::time::timeout(
+            Duration::from_millis(300),
+            bob.wait_for(|f| is_typing(f, "alice")),
+        )
+        .await;
+        if let Ok(shown) = shown {
+            break shown;
+        }
+    };
     assert_eq!(again["active"], true);
+    let apart = first_shown.elapsed();
+    assert!(
+        apart >= Duration::from_millis(1_500),
+        "two active:true {apart:?} apart"
+    );
+    // A renewal-less indicator expires (1 s here, 5 s by default).
     let expired = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(expired["active"], false);
 

@@ -299,7 +299,7 @@ async fn run_feed(
         listeners.pass(&typing::frame(&room, user, active));
     };
     loop {
-        let expiry = typists.next_expiry();
+        let due = typists.next_due();
         tokio::select! {
             message = typing.next(), if typing_open => match message {
                 Some(message) => decide_typing(&room, &mut typists, &message, &show),
@@ -342,9 +342,9 @@ async fn run_feed(
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
             },
-            _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
-                for user in typists.expire(tokio::time::Instant::now()) {
-                    show(&user, false);
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                for (user, active) in typists.tick(tokio::time::Instant::now()) {
+                    show(&user, active);
                 }
             }
         }

@@ -1025,7 +1025,7 @@ impl Session {
         frame.span.record("chat.duplicate", ack.duplicate);
         if matches!(frame.command, Command::Send { .. }) {
             // The message ends the indicator (each edge's feed sees it): the next keystroke
-            // starts a new one at once.
+            // starts a new one (shown once 2 s have passed since the last, see `typing.rs`).
             self.typing.remove(&frame.room);
         }
         protocol::ack(

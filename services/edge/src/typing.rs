@@ -6,8 +6,9 @@
 //! edge with followers of the room subscribes to that subject, and one [`Typists`] per room
 //! decides what its sessions see, so the contract holds however many sessions and edges the
 //! typing user has:
-//! - at most one `active:true` per user per room per [`DEBOUNCE`] (a renewal inside it only
-//!   extends the indicator);
+//! - at most one `active:true` per user per room per [`DEBOUNCE`]: a renewal inside it only
+//!   extends the indicator, and a new indicator inside it (the last one ended by a message or
+//!   `active:false`) is shown when the debounce is over, if the user is still typing then;
 //! - `active:false` when the user's message arrives, when the user says so, or when no renewal
 //!   came within the expiry (5 s by default), so no indicator sticks when a client or its edge
 //!   vanishes.
@@ -48,10 +49,25 @@ pub(crate) fn frame(room: &RoomId, user: &UserId, active: bool) -> Ephemeral {
 }
 
 struct Typist {
-    /// When this edge last showed `active:true`.
+    /// When this edge last showed `active:true` for the user. Kept after the indicator ends, so
+    /// that a new one waits out the debounce.
     shown: Instant,
-    /// When the indicator ends without a renewal.
-    expires: Instant,
+    /// While the user types: when the indicator ends without a renewal.
+    expires: Option<Instant>,
+    /// Whether the room's sessions were told `active:true` (and not yet `false`). A user typing
+    /// again within [`DEBOUNCE`] of the last one shown is not: they are told at its end.
+    showing: bool,
+}
+
+impl Typist {
+    /// The next time [`Typists::tick`] has something to do for this user.
+    fn next_due(&self) -> Instant {
+        match self.expires {
+            Some(expires) if self.showing => expires,
+            Some(expires) => expires.min(self.shown + DEBOUNCE),
+            None => self.shown + DEBOUNCE,
+        }
+    }
 }
 
 /// Who is typing in one room, as this edge shows it.
@@ -71,17 +87,18 @@ impl Typists {
     /// A signal from some edge; `Some(active)` when the room's sessions should be told.
     pub(crate) fn signal(&mut self, signal: &Signal, now: Instant) -> Option<bool> {
         if !signal.active {
-            return self.typing.remove(&signal.user).map(|_| false);
+            return self.end(&signal.user).then_some(false);
         }
-        let expires = now + self.expiry;
+        let expires = Some(now + self.expiry);
         match self.typing.get_mut(&signal.user) {
-            Some(t) if now.duration_since(t.shown) < DEBOUNCE => {
-                t.expires = expires;
-                None
-            }
             Some(t) => {
-                t.shown = now;
                 t.expires = expires;
+                if now.duration_since(t.shown) < DEBOUNCE {
+                    // A renewal (or, after an end, a start that waits for the debounce).
+                    return None;
+                }
+                t.shown = now;
+                t.showing = true;
                 Some(true)
             }
             None => {
@@ -90,6 +107,7 @@ impl Typists {
                     Typist {
                         shown: now,
                         expires,
+                        showing: true,
                     },
                 );
                 Some(true)
@@ -99,26 +117,47 @@ impl Typists {
 
     /// The user's message arrived: true if their indicator was showing (it ends now).
     pub(crate) fn sent(&mut self, user: &UserId) -> bool {
-        self.typing.remove(user).is_some()
+        self.end(user)
     }
 
-    /// The earliest expiry, if anyone is typing.
-    pub(crate) fn next_expiry(&self) -> Option<Instant> {
-        self.typing.values().map(|t| t.expires).min()
+    /// Ends the user's indicator; true if it was showing.
+    fn end(&mut self, user: &UserId) -> bool {
+        let Some(t) = self.typing.get_mut(user) else {
+            return false;
+        };
+        t.expires = None;
+        std::mem::replace(&mut t.showing, false)
     }
 
-    /// Removes and returns the users whose indicator has expired at `now`.
-    pub(crate) fn expire(&mut self, now: Instant) -> Vec<UserId> {
-        let expired: Vec<UserId> = self
-            .typing
-            .iter()
-            .filter(|(_, t)| t.expires <= now)
-            .map(|(u, _)| u.clone())
-            .collect();
-        for user in &expired {
-            self.typing.remove(user);
-        }
-        expired
+    /// When [`Typists::tick`] next has something to do, if ever.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.typing.values().map(Typist::next_due).min()
+    }
+
+    /// What is due at `now`: `active:false` for indicators without a renewal in time,
+    /// `active:true` for users who started typing again within the debounce and still are at
+    /// its end. Forgets users who stopped a debounce ago.
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<(UserId, bool)> {
+        let mut due = Vec::new();
+        self.typing.retain(|user, t| {
+            match t.expires {
+                Some(expires) if expires <= now => {
+                    if t.showing {
+                        due.push((user.clone(), false));
+                    }
+                    t.expires = None;
+                    t.showing = false;
+                }
+                Some(_) if !t.showing && t.shown + DEBOUNCE <= now => {
+                    t.shown = now;
+                    t.showing = true;
+                    due.push((user.clone(), true));
+                }
+                _ => {}
+            }
+            t.expires.is_some() || t.shown + DEBOUNCE > now
+        });
+        due
     }
 }
 
@@ -143,7 +182,7 @@ mod tests {
             None
         );
         assert_eq!(
-            t.next_expiry(),
+            t.next_due(),
             Some(t0 + Duration::from_secs(6)),
             "the renewal extended it"
         );
@@ -159,18 +198,54 @@ mod tests {
     fn false_message_and_expiry_end_it_once() {
         let mut t = Typists::new(Duration::from_secs(5));
         let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
         let bob = UserId::parse("bob").unwrap();
         t.signal(&signal("bob", true), t0);
         assert!(t.sent(&bob));
         assert!(!t.sent(&bob), "only once");
         assert_eq!(t.signal(&signal("bob", false), t0), None, "nothing showing");
 
-        t.signal(&signal("bob", true), t0);
-        assert_eq!(t.signal(&signal("bob", false), t0), Some(false));
+        // Shown a debounce after the last one: false ends it.
+        assert_eq!(t.signal(&signal("bob", true), at(2_000)), Some(true));
+        assert_eq!(t.signal(&signal("bob", false), at(2_100)), Some(false));
 
-        t.signal(&signal("bob", true), t0);
-        assert!(t.expire(t0 + Duration::from_secs(4)).is_empty());
-        assert_eq!(t.expire(t0 + Duration::from_secs(5)), vec![bob]);
-        assert_eq!(t.next_expiry(), None);
+        // Not renewed: it expires once, and the user is forgotten a debounce after.
+        assert_eq!(t.signal(&signal("bob", true), at(4_000)), Some(true));
+        assert_eq!(t.next_due(), Some(at(9_000)));
+        assert!(t.tick(at(8_999)).is_empty());
+        assert_eq!(t.tick(at(9_000)), vec![(bob, false)]);
+        assert!(t.tick(at(9_000)).is_empty(), "only once");
+        assert_eq!(t.next_due(), None, "the last shown is over a debounce old");
+    }
+
+    /// The contract's one `active:true` per 2 s holds across an end: typing again just after a
+    /// message is shown when the debounce is over, or not at all if it stopped before.
+    #[test]
+    fn a_new_indicator_within_the_debounce_waits_for_its_end() {
+        let mut t = Typists::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let bob = UserId::parse("bob").unwrap();
+        assert_eq!(t.signal(&signal("bob", true), t0), Some(true));
+        assert!(t.sent(&bob));
+        assert_eq!(t.signal(&signal("bob", true), at(500)), None, "within 2 s");
+        assert_eq!(t.next_due(), Some(at(2_000)));
+        assert!(t.tick(at(1_999)).is_empty());
+        assert_eq!(t.tick(at(2_000)), vec![(bob.clone(), true)]);
+        // Shown at 2 s: it expires 5 s after the last renewal (0.5 s), not after being shown.
+        assert_eq!(t.next_due(), Some(at(5_500)));
+        assert_eq!(t.tick(at(5_500)), vec![(bob.clone(), false)]);
+
+        // Typing again within the debounce and stopping before its end: never shown.
+        assert_eq!(t.signal(&signal("bob", true), at(6_000)), Some(true));
+        assert_eq!(t.signal(&signal("bob", false), at(6_100)), Some(false));
+        assert_eq!(t.signal(&signal("bob", true), at(6_200)), None);
+        assert_eq!(
+            t.signal(&signal("bob", false), at(6_300)),
+            None,
+            "nothing showing"
+        );
+        assert!(t.tick(at(8_000)).is_empty());
+        assert_eq!(t.next_due(), None);
     }
 }
