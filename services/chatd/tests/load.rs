@@ -773,7 +773,7 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     );
     env.push(("NATS_URL", nats.url()));
     let chatd = start(&env);
-    create_room(&chatd, data.path(), "sturdy", "alice", &["bob"]);
+    create_room(&chatd, data.path(), "sturdy", "alice", &["bob", "dave"]);
     let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
     let mut bob = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "bob", 3600)).await;
     bob.subscribe("sturdy", Some(0)).await;
@@ -789,6 +789,20 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     assert_eq!(answer["code"], "unavailable", "{answer}");
     // The sockets stay open meanwhile.
     assert_eq!(alice.request(json!({"type":"ping"})).await["type"], "pong");
+    // A member whose room list cannot be read now (their block list is not cached) is not
+    // welcomed into no rooms: close 1013, reconnect later.
+    let dave = dev_token(data.path(), "dave", 3600);
+    let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"type":"auth","token":dave}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let (frames, code) = read_until_closed(&mut ws).await;
+    assert_eq!(code, 1013, "{frames:?}");
+    assert!(!frames.iter().any(|f| f["type"] == "welcome"), "{frames:?}");
 
     nats.start_again();
     eventually("readiness after nats returns", || {
@@ -816,6 +830,8 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     assert_eq!(next["seq"].as_u64(), Some(seq + 1), "{next}");
     let after = bob.events("sturdy", 1).await;
     assert_eq!(after[0]["text"], "after");
+    let dave = Client::connect(&chatd.ws_url(), &dave).await;
+    assert!(dave.welcome_room("sturdy").is_some(), "{}", dave.welcome);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -393,8 +393,15 @@ impl Session {
                 })
                 .collect::<Vec<_>>(),
             Err(e) => {
-                tracing::warn!(user = %self.user, error = %e, "welcome without rooms");
-                Vec::new()
+                // A `welcome` with no rooms would tell the client it is in none (and a client
+                // may clear what it holds): it reconnects instead, with its usual backoff.
+                tracing::warn!(user = %self.user, error = %e, "no welcome: the room list is unavailable");
+                self.close(
+                    close_code::TRY_AGAIN_LATER,
+                    "room list unavailable, reconnect later",
+                )
+                .await;
+                return;
             }
         };
         let welcome = protocol::welcome(self.user.as_str(), &rooms, auth_rid.as_deref());
