@@ -90,19 +90,38 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready: not draining and connected to NATS.
-async fn readyz(State(state): State<AppState>) -> Response {
+/// Ready until a drain begins, as the contract says, with the NATS connection's state in the
+/// body. `?nats=required` also answers 503 while NATS is unreachable: for a balancer in front
+/// of edges connected to different NATS servers, which can send new clients to one that is.
+async fn readyz(State(state): State<AppState>, uri: Uri) -> Response {
+    let require_nats = match uri.query() {
+        None => false,
+        Some("nats=required") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("unknown query {other:?} (the only one is nats=required)"),
+            )
+        }
+    };
     if state.draining.load(Ordering::SeqCst) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "draining");
     }
-    if state.nats.connection_state() != async_nats::connection::State::Connected {
+    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
+    if require_nats && !connected {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "not connected to nats",
         );
     }
-    Json(json!({ "status": "ready" })).into_response()
+    let nats = if connected {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    Json(json!({ "status": "ready", "nats": nats })).into_response()
 }
 
 /// Who the token says the caller is (a way to check a token).

@@ -35,7 +35,12 @@ fn all_in_one_starts_its_own_nats_and_serves_health() {
     assert!(chatd.http_addr().starts_with("127.0.0.1:") && !chatd.http_addr().ends_with(":0"));
     assert_eq!(chatd.get("/healthz").unwrap().0, 200);
     let (status, body) = chatd.get("/readyz").unwrap();
-    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "ready", "nats": "connected"})
+    );
     let (status, body) = chatd.get("/no/such/thing").unwrap();
     assert_eq!(status, 404);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -315,21 +320,31 @@ fn external_nats_env(data: &Path, server: &NatsServer) -> Vec<(&'static str, Str
     ]
 }
 
+/// `/readyz` answers 200 until a drain begins (the contract), saying whether NATS is connected;
+/// `?nats=required` answers 503 while it is not.
 #[test]
-fn readiness_follows_the_nats_connection() {
+fn readiness_reports_the_nats_connection_and_can_require_it() {
     let mut server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
     let chatd = start(&external_nats_env(data.path(), &server));
-    assert_eq!(chatd.get("/readyz").unwrap().0, 200);
+    let required = "/readyz?nats=required";
+    assert_eq!(chatd.get(required).unwrap().0, 200);
     server.kill();
     eventually("not ready without nats", Duration::from_secs(30), || {
-        chatd.get("/readyz").unwrap().0 == 503
+        chatd.get(required).unwrap().0 == 503
     });
+    let (status, body) = chatd.get("/readyz").unwrap();
+    assert_eq!(status, 200, "ready until a drain begins: {body}");
+    assert!(body.contains(r#""nats":"disconnected""#), "{body}");
     assert_eq!(chatd.get("/healthz").unwrap().0, 200, "still alive");
+    let (status, body) = chatd.get("/readyz?nats=maybe").unwrap();
+    assert_eq!(status, 400, "{body}");
     server.start_again();
     eventually("ready again", Duration::from_secs(30), || {
-        chatd.get("/readyz").unwrap().0 == 200
+        chatd.get(required).unwrap().0 == 200
     });
+    let (_, body) = chatd.get("/readyz").unwrap();
+    assert!(body.contains(r#""nats":"connected""#), "{body}");
 }
 
 #[test]
@@ -341,7 +356,7 @@ fn sigterm_while_nats_is_unreachable_still_ends_the_process() {
     let mut chatd = start(&env);
     server.kill();
     eventually("not ready without nats", Duration::from_secs(30), || {
-        chatd.get("/readyz").unwrap().0 == 503
+        chatd.get("/readyz?nats=required").unwrap().0 == 503
     });
     chatd.signal(Signal::SIGTERM);
     // Nothing can reach NATS any more: the drain gives up on it instead of waiting for it.

@@ -807,7 +807,7 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     nats.start_again();
     eventually("readiness after nats returns", || {
         chatd
-            .get("/readyz")
+            .get("/readyz?nats=required")
             .is_some_and(|(status, _)| status == 200)
     })
     .await;

@@ -113,7 +113,7 @@ pub fn parse(text: &str) -> Result<Frame<'_>, Malformed> {
         Some(Value::String(s)) if s.len() <= 128 => Some(s),
         Some(_) => {
             return Err(malformed(
-                "rid must be a string of at most 128 characters".to_owned(),
+                "rid must be a string of at most 128 bytes".to_owned(),
             ))
         }
     };
