@@ -1247,32 +1247,13 @@ impl Rooms {
 
     /// Whether projection lags past the duplicate window (`Err` with why), from the store.
     async fn ask_projection_lag(&self) -> Result<Result<(), String>, RoomError> {
-        let window = self.config.dedup_window.as_millis() as i64;
         let reports = self.store.projectors().await?;
-        let now = now_ms();
-        let result = match reports.iter().map(|r| r.lag_ms as i64).max() {
-            // No projector has ever reported: with one in this process (starting up), nothing
-            // to judge by yet (see the crate docs); without, the store may be one no projector
-            // fills, and a resend past the window would be appended again.
-            None if self.config.projector_here => Ok(()),
-            None => Err(
-                "no projector has reported to this process's store yet, so a resend past the \
-                 duplicate window could not be recognized; appends wait for one (an edge or api \
-                 process reads the store a projector writes: with SQLite, run CHAT_ROLE=all)"
-                    .to_owned(),
-            ),
-            Some(lag) if lag >= window => Err(format!(
-                "projection lags {lag} ms behind the log, more than the {window} ms duplicate window"
-            )),
-            Some(_) => match reports.iter().map(|r| r.reported_at_ms).min() {
-                Some(oldest) if now - oldest >= window => Err(format!(
-                    "a projector has not reported for {} ms, more than the {window} ms duplicate window",
-                    now - oldest
-                )),
-                _ => Ok(()),
-            },
-        };
-        Ok(result)
+        Ok(judge_projection(
+            reports,
+            now_ms(),
+            self.config.dedup_window.as_millis() as i64,
+            self.config.projector_here,
+        ))
     }
 
     /// The rooms `user` is in, with head, last read and unread count (not counting the
@@ -1571,6 +1552,71 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Whether the projectors' reports (see [`Rooms::check_projection_lag`]) let appends through
+/// at `now`: `Err` says why not.
+///
+/// Only the projectors that share the rooms now are judged: those with as many partitions as
+/// the latest report says. A report row stays for each partition that ever ran, so after the
+/// projectors are split differently (`0/2`, `1/2` become `0/3` … `2/3`), or an all-in-one
+/// process once ran on the store, the old rows stop reporting; judged with the others they
+/// would refuse every append a duplicate window later. A partition of the current split that
+/// has never reported holds back appends as one that stopped does: its rooms' id index is not
+/// being kept.
+fn judge_projection(
+    reports: Vec<chat_store::ProjectorStatus>,
+    now: i64,
+    window: i64,
+    projector_here: bool,
+) -> Result<(), String> {
+    let split = |r: &chat_store::ProjectorStatus| {
+        let (index, count) = r.partition.split_once('/')?;
+        Some((index.parse::<u32>().ok()?, count.parse::<u32>().ok()?))
+    };
+    let latest = reports
+        .iter()
+        .max_by_key(|r| r.reported_at_ms)
+        .and_then(&split)
+        .map(|(_, count)| count);
+    let reports: Vec<_> = reports
+        .into_iter()
+        .filter(|r| match (latest, split(r)) {
+            (Some(latest), Some((_, count))) => count == latest,
+            _ => true,
+        })
+        .collect();
+    if let Some(count) = latest {
+        let reported: HashSet<u32> = reports.iter().filter_map(split).map(|(i, _)| i).collect();
+        if let Some(missing) = (0..count).find(|i| !reported.contains(i)) {
+            return Err(format!(
+                "projector {missing}/{count} has never reported, so its rooms' resends past the \
+                 duplicate window could not be recognized"
+            ));
+        }
+    }
+    match reports.iter().map(|r| r.lag_ms as i64).max() {
+        // No projector has ever reported: with one in this process (starting up), nothing to
+        // judge by yet (see the crate docs); without, the store may be one no projector fills,
+        // and a resend past the window would be appended again.
+        None if projector_here => Ok(()),
+        None => Err(
+            "no projector has reported to this process's store yet, so a resend past the \
+             duplicate window could not be recognized; appends wait for one (an edge or api \
+             process reads the store a projector writes: with SQLite, run CHAT_ROLE=all)"
+                .to_owned(),
+        ),
+        Some(lag) if lag >= window => Err(format!(
+            "projection lags {lag} ms behind the log, more than the {window} ms duplicate window"
+        )),
+        Some(_) => match reports.iter().map(|r| r.reported_at_ms).min() {
+            Some(oldest) if now - oldest >= window => Err(format!(
+                "a projector has not reported for {} ms, more than the {window} ms duplicate window",
+                now - oldest
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1620,5 +1666,63 @@ mod tests {
         refreshed.advance();
         assert!(refreshed.ahead.is_empty());
         assert_eq!((refreshed.head, refreshed.checked), (12, at(60)));
+    }
+
+    fn report(partition: &str, lag_ms: u64, reported_at_ms: i64) -> chat_store::ProjectorStatus {
+        chat_store::ProjectorStatus {
+            partition: partition.into(),
+            lag_ms,
+            reported_at_ms,
+        }
+    }
+
+    /// After the projectors are split three ways instead of two, the two old rows (which no
+    /// longer report) do not hold back appends; a partition of the new split that stops, or
+    /// never started, does.
+    #[test]
+    fn only_the_current_split_of_projectors_is_judged() {
+        let (window, now) = (600_000, 10_000_000);
+        let old = now - 3_600_000;
+        let mut reports = vec![report("0/2", 0, old), report("1/2", 50, old)];
+        assert!(judge_projection(reports.clone(), now, window, false)
+            .unwrap_err()
+            .contains("has not reported for"));
+        reports.extend([
+            report("0/3", 10, now - 1_000),
+            report("1/3", 0, now - 500),
+            report("2/3", 0, now - 200),
+        ]);
+        assert_eq!(
+            judge_projection(reports.clone(), now, window, false),
+            Ok(())
+        );
+
+        reports[3].reported_at_ms = old;
+        assert!(judge_projection(reports.clone(), now, window, false)
+            .unwrap_err()
+            .contains("has not reported for"));
+        reports.remove(3);
+        let refused = judge_projection(reports, now, window, false).unwrap_err();
+        assert!(
+            refused.contains("projector 1/3 has never reported"),
+            "{refused}"
+        );
+
+        // An all-in-one process once ran on the store, then a split one took over (and the
+        // other way round).
+        let once = vec![
+            report("0/1", 0, old),
+            report("0/2", 0, now),
+            report("1/2", 0, now),
+        ];
+        assert_eq!(judge_projection(once, now, window, false), Ok(()));
+        let back = vec![
+            report("0/2", 0, old),
+            report("1/2", 0, old),
+            report("0/1", 0, now),
+        ];
+        assert_eq!(judge_projection(back, now, window, false), Ok(()));
+        assert!(judge_projection(Vec::new(), now, window, false).is_err());
+        assert_eq!(judge_projection(Vec::new(), now, window, true), Ok(()));
     }
 }
