@@ -54,6 +54,11 @@ enum Cmd {
         /// store.
         #[arg(long)]
         into: Option<std::path::PathBuf>,
+        /// Also clear from the store the rooms no log has (a whole rebuild), or the room
+        /// (--room) when its log is gone. Without it the rebuild refuses, clearing nothing: the
+        /// usual cause is another deployment's NATS_URL or CHAT_PREFIX.
+        #[arg(long)]
+        force: bool,
     },
     /// Read room logs straight from their streams: export or follow a room, verify logs.
     Log {
@@ -171,7 +176,7 @@ fn run_command(cli: Cli) -> ExitCode {
     let result = match cli.command.unwrap_or(Cmd::Run { role: None }) {
         Cmd::Run { role } => run(config, role),
         Cmd::Token { user, name, ttl } => token(&config, &user, name.as_deref(), ttl),
-        Cmd::Rebuild { room, into } => rebuild(config, room, into),
+        Cmd::Rebuild { room, into, force } => rebuild(config, room, into, force),
         Cmd::Digest { room, store } => digest(config, room, store),
         Cmd::Log { command } => match log_command(config, command) {
             Ok(true) => Ok(()),
@@ -237,6 +242,23 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
 
 /// `NATS_URL`, or a nats-server of our own started in the data dir (call this from the main
 /// thread: the child's parent-death signal follows the thread that started it).
+/// [`nats_for`] for a maintenance command (`rebuild`, `log`): one that reads the logs a server
+/// wrote. Without `NATS_URL` it starts nats-server on the data dir's log, which must be there:
+/// a fresh, empty one (a data dir that is not the server's) would answer that there are no
+/// rooms, and a rebuild would clear the store.
+fn maintenance_nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
+    if config.nats_url.is_none() {
+        let dir = config.data_dir.join("nats");
+        anyhow::ensure!(
+            dir.is_dir(),
+            "no NATS_URL, and no log in {} (the nats-server `chatd run` starts keeps it there): \
+             set NATS_URL, or CHAT_DATA_DIR to the server's data dir",
+            dir.display()
+        );
+    }
+    nats_for(config)
+}
+
 fn nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
     match &config.nats_url {
         Some(url) => Ok((None, url.clone())),
@@ -288,6 +310,7 @@ fn rebuild(
     config: Config,
     room: Option<String>,
     into: Option<std::path::PathBuf>,
+    force: bool,
 ) -> anyhow::Result<()> {
     let room = room.map(chat_model::RoomId::parse).transpose()?;
     if let Some(path) = &into {
@@ -307,14 +330,19 @@ fn rebuild(
     } else {
         // In place: the store lives in the data dir, nothing else may write it meanwhile.
         let lock = lock_data_dir(&config.data_dir)?;
-        let (nats, url) = nats_for(&config)?;
+        let (nats, url) = maintenance_nats_for(&config)?;
         (Some(lock), nats, url)
     };
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     let result = runtime.block_on(async {
         let log = chatd::connect(&url, &config).await?;
         let store = maintenance_store(&config, into.clone()).await?;
-        let report = chat_projector::rebuild(&log, &store, room.as_ref(), config.partition).await?;
+        eprintln!(
+            "chatd: rebuilding from the logs under prefix {:?} at {}",
+            config.log.prefix, url
+        );
+        let report =
+            chat_projector::rebuild(&log, &store, room.as_ref(), config.partition, force).await?;
         println!(
             "rebuilt {} rooms, {} events, {} dead letters",
             report.rooms, report.events, report.dead_letters
@@ -433,7 +461,7 @@ fn log_nats(
     }
     match lock_data_dir(&config.data_dir) {
         Ok(lock) => {
-            let (nats, url) = nats_for(config)?;
+            let (nats, url) = maintenance_nats_for(config)?;
             Ok((Some(lock), nats, url))
         }
         Err(busy) => match chatd::nats_child::running_url(&config.data_dir) {
@@ -479,23 +507,39 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                         .map(|(room, _)| room)
                         .collect(),
                 };
+                let one = rooms.len() == 1;
                 if rooms.is_empty() {
-                    // Nothing to verify is worth saying: the usual cause is another
-                    // deployment's CHAT_PREFIX or NATS_URL.
+                    // Nothing verified is not a pass (a check run from cron would hide it): the
+                    // usual cause is another deployment's CHAT_PREFIX or NATS_URL.
                     eprintln!(
                         "chatd: no rooms under prefix {:?} at {}: nothing verified (set \
                          CHAT_PREFIX and NATS_URL as the server has them)",
                         config.log.prefix, url
                     );
+                    return anyhow::Ok(false);
                 }
                 let mut all_ok = true;
                 for room in rooms {
-                    if !log.room_exists(&room).await? {
-                        anyhow::bail!("no room {room} in this deployment's log");
+                    // A room that cannot be read now fails the run, and the others are still
+                    // verified.
+                    let verdict = match log.room_exists(&room).await {
+                        Ok(true) => chatd::logtool::verify_room(&log, &room).await,
+                        Ok(false) if one => {
+                            anyhow::bail!("no room {room} in this deployment's log")
+                        }
+                        Ok(false) => Err(anyhow::anyhow!("its stream is gone")),
+                        Err(e) => Err(e.into()),
+                    };
+                    match verdict {
+                        Ok(verdict) => {
+                            all_ok &= verdict.ok();
+                            println!("{}", verdict.to_json(&room));
+                        }
+                        Err(e) => {
+                            all_ok = false;
+                            eprintln!("chatd: room {room} not verified: {e:#}");
+                        }
                     }
-                    let verdict = chatd::logtool::verify_room(&log, &room).await?;
-                    all_ok &= verdict.ok();
-                    println!("{}", verdict.to_json(&room));
                 }
                 anyhow::Ok(all_ok)
             }

@@ -181,6 +181,12 @@ async fn export_and_verify_read_the_log_beside_a_running_server() {
     let out = run_log(&env, &["verify", "Not A Room"]);
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("room id"));
+    // Nothing verified (another deployment's prefix) is not a pass.
+    let mut elsewhere = env.clone();
+    elsewhere.push(("CHAT_PREFIX", "elsewhere".to_owned()));
+    let out = run_log(&elsewhere, &["verify"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing verified"));
 
     // --follow prints the log so far, then each new event as it is stored.
     let mut follower = Command::new(bin())

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::*;
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 /// Runs `chatd ARGS` with `env`, failing the test if it has not ended within `limit`.
@@ -47,7 +48,7 @@ fn stderr(out: &Output) -> String {
 async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
     let data = tempfile::tempdir().unwrap();
     let env = standalone_env(data.path());
-    let chatd = start(&env);
+    let mut chatd = start(&env);
     let token = dev_token(data.path(), "alice", 3600);
     let body = json!({"room": "general", "kind": "group", "members": ["bob"]});
     let (status, answer) = api(&chatd, &token, "POST", "/v1/rooms", Some(body));
@@ -140,6 +141,54 @@ async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
         "{}",
         stderr(&out)
     );
+
+    // Stopped, in place. Against another deployment's prefix the logs hold none of the store's
+    // rooms: the rebuild refuses and clears nothing. With the server's own, it rebuilds.
+    chatd.signal(Signal::SIGTERM);
+    let stopped = chatd.wait_exit(limit);
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    let mut elsewhere = env.clone();
+    elsewhere.push(("CHAT_PREFIX", "elsewhere".to_owned()));
+    let out = run(&elsewhere, &["rebuild"], limit);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("1 of the store's rooms have no log (general)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("\"elsewhere\""), "{}", stderr(&out));
+    assert_eq!(stdout(&run(&env, &["digest"], limit)), stdout(&live));
+    let out = run(&env, &["rebuild"], limit);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&run(&env, &["digest"], limit)), stdout(&live));
+}
+
+/// The maintenance commands read the log a server wrote: without NATS_URL, from the data dir's
+/// own nats-server store. A data dir without one (not the server's) is an error, not an empty
+/// log (which a rebuild would take as a reason to clear the store); nothing is started there.
+#[test]
+fn commands_refuse_a_data_dir_without_a_log() {
+    let data = tempfile::tempdir().unwrap();
+    let env = standalone_env(data.path());
+    for args in [
+        &["log", "verify"][..],
+        &["log", "export", "general"],
+        &["rebuild"],
+    ] {
+        let out = run(&env, args, Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("no NATS_URL, and no log in"),
+            "chatd {args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!data.path().join("nats").exists());
 }
 
 #[test]
@@ -220,6 +269,8 @@ fn an_in_place_rebuild_finds_the_nats_server_make_run_installed() {
     let local = project.path().join(".tools/nats-server/usr/sbin");
     std::fs::create_dir_all(&local).unwrap();
     std::os::unix::fs::symlink(chat_harness::nats_server_bin(), local.join("nats-server")).unwrap();
+    // The default data dir, as a server left it (with the log's directory).
+    std::fs::create_dir_all(project.path().join("data/nats")).unwrap();
     let out = Command::new(bin())
         .args(["rebuild"])
         .current_dir(project.path())
@@ -230,5 +281,8 @@ fn an_in_place_rebuild_finds_the_nats_server_make_run_installed() {
         .output()
         .expect("run chatd");
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(project.path().join("data").exists(), "the default data dir");
+    assert!(
+        project.path().join("data/store.db").exists(),
+        "rebuilt in the default data dir"
+    );
 }

@@ -27,11 +27,16 @@ pub enum RebuildError {
     Log(#[from] chat_log::LogError),
     #[error(transparent)]
     Store(#[from] chat_store::StoreError),
+    /// The rebuild would clear rooms whose logs it cannot find; nothing was cleared.
+    #[error("{0}")]
+    Refused(String),
 }
 
-/// Clears and re-projects `room`, or every room `partition` owns, from the logs. A whole
-/// rebuild also clears the rooms the store holds (by checkpoint) that no log has any more, so
-/// the store ends as the logs say.
+/// Clears and re-projects `room`, or every room `partition` owns, from the logs. With `force`,
+/// a whole rebuild also clears the rooms the store holds (by checkpoint) that no log has any
+/// more, so the store ends as the logs say, and a room rebuilt alone whose log is gone is
+/// cleared. Without it, either refuses before clearing anything: a log missing rooms the store
+/// holds is more often the wrong NATS or prefix than rooms deleted on purpose.
 ///
 /// Run it while no projector writes the same rooms to this store (stop the projector role, or
 /// rebuild into a fresh store and switch to it).
@@ -40,9 +45,20 @@ pub async fn rebuild(
     store: &Arc<dyn Store>,
     room: Option<&RoomId>,
     partition: Partition,
+    force: bool,
 ) -> Result<RebuildReport, RebuildError> {
     let rooms: Vec<RoomId> = match room {
-        Some(room) => vec![room.clone()],
+        Some(room) if log.room_exists(room).await? => vec![room.clone()],
+        Some(room) if force => {
+            store.clear_room(room).await?;
+            tracing::info!(room = %room, "room cleared: no log has it");
+            return Ok(RebuildReport::default());
+        }
+        Some(room) => {
+            return Err(RebuildError::Refused(format!(
+                "no log has room {room}; nothing cleared (--force clears it from the store)"
+            )))
+        }
         None => log
             .rooms()
             .await?
@@ -54,11 +70,31 @@ pub async fn rebuild(
     let mut report = RebuildReport::default();
     if room.is_none() {
         let logged: std::collections::HashSet<&RoomId> = rooms.iter().collect();
-        for (held, _) in store.checkpoints().await? {
-            if partition.owns(&held) && !logged.contains(&held) {
-                store.clear_room(&held).await?;
-                tracing::info!(room = %held, "room cleared: no log has it");
-            }
+        let unlogged: Vec<RoomId> = store
+            .checkpoints()
+            .await?
+            .into_iter()
+            .map(|(held, _)| held)
+            .filter(|held| partition.owns(held) && !logged.contains(held))
+            .collect();
+        if !unlogged.is_empty() && !force {
+            let some: Vec<&str> = unlogged.iter().take(5).map(RoomId::as_str).collect();
+            return Err(RebuildError::Refused(format!(
+                "{} of the store's rooms have no log ({}{}), and the logs hold {} rooms: \
+                 nothing cleared. Check NATS_URL and CHAT_PREFIX, or pass --force to clear them",
+                unlogged.len(),
+                some.join(", "),
+                if unlogged.len() > some.len() {
+                    ", …"
+                } else {
+                    ""
+                },
+                rooms.len()
+            )));
+        }
+        for held in unlogged {
+            store.clear_room(&held).await?;
+            tracing::info!(room = %held, "room cleared: no log has it");
         }
     }
     for room in rooms {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use chat_log::{LogConfig, RoomLog};
 use chat_model::{Event, EventBody, RoomId, RoomKind, UserId};
-use chat_projector::{rebuild, Partition, ProjectorConfig, ProjectorStats};
+use chat_projector::{rebuild, Partition, ProjectorConfig, ProjectorStats, RebuildError};
 use chat_store::{SqliteStore, Store};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -185,7 +185,9 @@ async fn caught_up(store: &Arc<dyn Store>, log: &RoomLog, rooms: &[RoomId]) {
 async fn rebuilt_digest(log: &RoomLog) -> String {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
-    rebuild(log, &store, None, Partition::ALL).await.unwrap();
+    rebuild(log, &store, None, Partition::ALL, false)
+        .await
+        .unwrap();
     store.digest(None).await.unwrap()
 }
 
@@ -459,12 +461,27 @@ async fn a_whole_rebuild_clears_rooms_no_log_has_any_more() {
     assert_eq!(store.checkpoint(&gone).await.unwrap(), 1);
 
     // One room rebuilt: the others are left alone.
-    rebuild(&log, &store, Some(&r), Partition::ALL)
+    rebuild(&log, &store, Some(&r), Partition::ALL, false)
         .await
         .unwrap();
     assert_eq!(store.checkpoint(&gone).await.unwrap(), 1);
-    // The whole store: it ends as the logs say, as a rebuild into a fresh store does.
-    rebuild(&log, &store, None, Partition::ALL).await.unwrap();
+    // A room no log has is cleared only when asked to, alone or with the whole store: the
+    // usual cause is the wrong NATS or prefix.
+    let refused = rebuild(&log, &store, Some(&gone), Partition::ALL, false).await;
+    assert!(
+        matches!(&refused, Err(RebuildError::Refused(m)) if m.contains("no log has room gone")),
+        "{refused:?}"
+    );
+    let refused = rebuild(&log, &store, None, Partition::ALL, false).await;
+    assert!(
+        matches!(&refused, Err(RebuildError::Refused(m)) if m.contains("1 of the store's rooms have no log (gone)")),
+        "{refused:?}"
+    );
+    assert_eq!(store.checkpoint(&gone).await.unwrap(), 1, "nothing cleared");
+    // The whole store, forced: it ends as the logs say, as a rebuild into a fresh store does.
+    rebuild(&log, &store, None, Partition::ALL, true)
+        .await
+        .unwrap();
     assert_eq!(store.checkpoint(&gone).await.unwrap(), 0);
     assert!(store.room_state(&gone).await.unwrap().is_none());
     assert_eq!(
