@@ -201,6 +201,35 @@ impl Config {
         Config::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
     }
 
+    /// [`Config::from_env`], and the `CHAT_` variables the environment sets that it did not
+    /// read: misspelled (`CHAT_PREFX`), or meant for something this build does not have.
+    pub fn from_env_noting_unread() -> Result<(Config, Vec<String>), ConfigError> {
+        Config::from_lookup_noting_unread(
+            |k| std::env::var(k).ok().filter(|v| !v.is_empty()),
+            std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+        )
+    }
+
+    /// [`Config::from_lookup`], and the names among `set` starting with `CHAT_` that it did
+    /// not ask `get` for.
+    pub fn from_lookup_noting_unread(
+        get: impl Fn(&str) -> Option<String>,
+        set: impl IntoIterator<Item = String>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let asked = std::cell::RefCell::new(std::collections::HashSet::new());
+        let config = Config::from_lookup(|k| {
+            asked.borrow_mut().insert(k.to_owned());
+            get(k)
+        })?;
+        let asked = asked.into_inner();
+        let mut unread: Vec<String> = set
+            .into_iter()
+            .filter(|k| k.starts_with("CHAT_") && !asked.contains(k))
+            .collect();
+        unread.sort();
+        Ok((config, unread))
+    }
+
     /// Reads settings through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let role = match get("CHAT_ROLE") {
@@ -623,6 +652,24 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn variables_set_but_never_read_are_named() {
+        let map: HashMap<String, String> = [
+            ("CHAT_PREFX", "prod"),
+            ("CHAT_PREFIX", "prod"),
+            ("CHAT_SEND_RAT", "5/5"),
+            ("PATH", "/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (config, unread) =
+            Config::from_lookup_noting_unread(|k| map.get(k).cloned(), map.keys().cloned())
+                .unwrap();
+        assert_eq!(config.log.prefix, "prod");
+        assert_eq!(unread, ["CHAT_PREFX", "CHAT_SEND_RAT"]);
     }
 
     #[test]

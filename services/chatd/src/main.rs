@@ -166,8 +166,13 @@ fn main() -> ExitCode {
 }
 
 fn run_command(cli: Cli) -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(config) => config,
+    let config = match Config::from_env_noting_unread() {
+        Ok((config, unread)) => {
+            for variable in unread {
+                tracing::warn!(variable, "set, but chatd does not read it (misspelled?)");
+            }
+            config
+        }
         Err(e) => {
             eprintln!("chatd: invalid configuration: {e}");
             return ExitCode::from(2);
