@@ -97,6 +97,7 @@ pub enum KeyError {
 }
 
 /// One verification key.
+#[derive(Clone)]
 struct Key {
     /// `kid` from a JWKS, matched against the token header's.
     kid: Option<String>,
@@ -129,7 +130,12 @@ pub fn request_bearer<'a>(
 
 /// Verifies tokens against the configured keys, issuer and audience.
 pub struct Verifier {
-    keys: Vec<Key>,
+    /// The HS256 secrets, then the public keys of `keys_file`.
+    keys: std::sync::RwLock<std::sync::Arc<[Key]>>,
+    /// How many of `keys` are secrets.
+    secrets: usize,
+    /// Where the public keys were read from: [`Verifier::reload_public_keys`] reads it again.
+    keys_file: Option<PathBuf>,
     issuer: String,
     audience: String,
 }
@@ -180,53 +186,69 @@ impl Verifier {
     /// A verifier with no keys yet: add a secret or a key file.
     pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Verifier {
         Verifier {
-            keys: Vec::new(),
+            keys: std::sync::RwLock::new(std::sync::Arc::from(Vec::new())),
+            secrets: 0,
+            keys_file: None,
             issuer: issuer.into(),
             audience: audience.into(),
         }
     }
 
-    /// Accepts HS256 tokens signed with `secret`.
+    /// The keys now (a reload swaps them whole).
+    fn keys(&self) -> std::sync::Arc<[Key]> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accepts HS256 tokens signed with `secret` (another call adds another: the previous
+    /// secret, while tokens signed with it are still out).
     pub fn with_hs256_secret(mut self, secret: &[u8]) -> Result<Verifier, KeyError> {
         if secret.len() < MIN_SECRET_BYTES {
             return Err(KeyError::ShortSecret);
         }
-        self.keys.push(Key {
-            kid: None,
-            alg: Algorithm::HS256,
-            key: DecodingKey::from_secret(secret),
-        });
+        let mut keys = self.keys().to_vec();
+        keys.insert(
+            self.secrets,
+            Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret),
+            },
+        );
+        self.secrets += 1;
+        self.keys = std::sync::RwLock::new(keys.into());
         Ok(self)
     }
 
     /// Accepts tokens signed by the public keys in `path`: a JWKS (JSON) or PEM blocks.
     pub fn with_public_keys_file(mut self, path: &Path) -> Result<Verifier, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let invalid = |reason: String| KeyError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
-        let keys = if text.trim_start().starts_with('{') {
-            jwks_keys(&text).map_err(invalid)?
-        } else {
-            pem_keys(&text).map_err(invalid)?
-        };
-        if keys.is_empty() {
-            return Err(KeyError::Empty {
-                path: path.to_owned(),
-            });
-        }
-        self.keys.extend(keys);
+        let file_keys = read_public_keys(path)?;
+        let mut keys = self.keys()[..self.secrets].to_vec();
+        keys.extend(file_keys);
+        self.keys = std::sync::RwLock::new(keys.into());
+        self.keys_file = Some(path.to_owned());
         Ok(self)
+    }
+
+    /// Reads the public keys file again (an identity provider's rotated keys) and swaps them
+    /// in at once; tokens are verified with the old keys until then, and on an error the old
+    /// keys stay. `Ok(None)`: no keys file is configured. `Ok(Some(n))`: `n` public keys now.
+    pub fn reload_public_keys(&self) -> Result<Option<usize>, KeyError> {
+        let Some(path) = &self.keys_file else {
+            return Ok(None);
+        };
+        let file_keys = read_public_keys(path)?;
+        let count = file_keys.len();
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = keys[..self.secrets].to_vec();
+        fresh.extend(file_keys);
+        *keys = fresh.into();
+        Ok(Some(count))
     }
 
     /// The algorithms some configured key accepts.
     pub fn algorithms(&self) -> Vec<Algorithm> {
         let mut algs: Vec<Algorithm> = Vec::new();
-        for key in &self.keys {
+        for key in self.keys().iter() {
             if !algs.contains(&key.alg) {
                 algs.push(key.alg);
             }
@@ -243,14 +265,13 @@ impl Verifier {
         let alg_name = header
             .alg
             .ok_or_else(|| AuthError::Algorithm(String::new()))?;
-        let alg = self
-            .keys
+        let keys = self.keys();
+        let alg = keys
             .iter()
             .map(|k| k.alg)
             .find(|a| format!("{a:?}") == alg_name)
             .ok_or_else(|| AuthError::Algorithm(alg_name.clone()))?;
-        let candidates: Vec<&Key> = self
-            .keys
+        let candidates: Vec<&Key> = keys
             .iter()
             .filter(|k| k.alg == alg)
             .filter(|k| match (&header.kid, &k.kid) {
@@ -319,6 +340,29 @@ impl Verifier {
         }
         Err(last)
     }
+}
+
+/// The public keys in `path`: a JWKS (JSON) or PEM blocks.
+fn read_public_keys(path: &Path) -> Result<Vec<Key>, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |reason: String| KeyError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let keys = if text.trim_start().starts_with('{') {
+        jwks_keys(&text).map_err(invalid)?
+    } else {
+        pem_keys(&text).map_err(invalid)?
+    };
+    if keys.is_empty() {
+        return Err(KeyError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(keys)
 }
 
 /// The header, read without trusting it (to name the algorithm in errors, `none` included).

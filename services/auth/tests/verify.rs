@@ -422,3 +422,57 @@ fn a_header_with_critical_extensions_is_refused() {
     let plain = with_header(br#"{"alg":"HS256","typ":"JWT"}"#);
     assert!(hs_verifier().verify(&plain).is_ok());
 }
+
+/// Rotation: a second HS256 secret is accepted beside the first (tokens signed with the one
+/// being retired keep working), and the public keys file is read again on request: the new
+/// keys replace the old at once, and a file that does not read leaves them as they were.
+#[test]
+fn secrets_rotate_side_by_side_and_public_keys_reload_from_their_file() {
+    const NEW: &[u8] = b"fedcba9876543210fedcba9876543210-test-only";
+    let both = Verifier::new(ISS, AUD)
+        .with_hs256_secret(NEW)
+        .unwrap()
+        .with_hs256_secret(SECRET)
+        .unwrap();
+    let by_new = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(NEW),
+        None,
+        &claims(),
+    );
+    assert!(both.verify(&hs(&claims())).is_ok(), "the previous secret");
+    assert!(both.verify(&by_new).is_ok(), "the new secret");
+    assert_eq!(hs_verifier().verify(&by_new), Err(AuthError::Signature));
+    assert_eq!(both.reload_public_keys().unwrap(), None, "no file to read");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.pem");
+    std::fs::copy(keys("rsa.pub.pem"), &file).unwrap();
+    let verifier = Verifier::new(ISS, AUD)
+        .with_hs256_secret(SECRET)
+        .unwrap()
+        .with_public_keys_file(&file)
+        .unwrap();
+    let by_other = sign(
+        Algorithm::RS256,
+        &EncodingKey::from_rsa_pem(&private("other-rsa.key")).unwrap(),
+        None,
+        &claims(),
+    );
+    assert!(verifier.verify(&rs(&claims())).is_ok());
+    assert_eq!(verifier.verify(&by_other), Err(AuthError::Signature));
+
+    // The identity provider moved to another key.
+    std::fs::copy(keys("other-rsa.pub.pem"), &file).unwrap();
+    assert_eq!(verifier.reload_public_keys().unwrap(), Some(1));
+    assert!(verifier.verify(&by_other).is_ok(), "the new key");
+    assert_eq!(verifier.verify(&rs(&claims())), Err(AuthError::Signature));
+    assert!(verifier.verify(&hs(&claims())).is_ok(), "the secret stays");
+
+    std::fs::write(&file, "not a key").unwrap();
+    assert!(matches!(
+        verifier.reload_public_keys(),
+        Err(KeyError::Invalid { .. } | KeyError::Empty { .. })
+    ));
+    assert!(verifier.verify(&by_other).is_ok(), "the keys before stay");
+}

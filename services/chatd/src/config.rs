@@ -64,6 +64,9 @@ pub enum AuthConfig {
     /// Operator-provided keys.
     Configured {
         hs256_secret: Option<String>,
+        /// The secret before `hs256_secret` (`CHAT_JWT_HS256_SECRET_PREVIOUS`), still accepted
+        /// while tokens signed with it are out: a rotation without refusing them.
+        hs256_previous: Option<String>,
         public_keys: Option<PathBuf>,
         issuer: String,
         audience: String,
@@ -606,12 +609,29 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
             return Err(err("CHAT_JWT_HS256_SECRET", "must be at least 32 bytes"));
         }
     }
+    let hs256_previous = get("CHAT_JWT_HS256_SECRET_PREVIOUS");
+    match (&hs256_previous, &hs256_secret) {
+        (Some(_), None) => {
+            return Err(err(
+                "CHAT_JWT_HS256_SECRET_PREVIOUS",
+                "given without CHAT_JWT_HS256_SECRET (the secret it was replaced by)",
+            ))
+        }
+        (Some(previous), _) if previous.len() < 32 => {
+            return Err(err(
+                "CHAT_JWT_HS256_SECRET_PREVIOUS",
+                "must be at least 32 bytes",
+            ))
+        }
+        _ => {}
+    }
     if let Some(path) = &public_keys {
         std::fs::metadata(path)
             .map_err(|e| err("CHAT_JWT_PUBLIC_KEYS", format!("{}: {e}", path.display())))?;
     }
     Ok(AuthConfig::Configured {
         hs256_secret,
+        hs256_previous,
         public_keys,
         issuer: issuer
             .ok_or_else(|| err("CHAT_JWT_ISSUER", "required when tokens are configured"))?,

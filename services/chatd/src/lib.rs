@@ -377,6 +377,7 @@ pub fn build_verifier(config: &Config) -> anyhow::Result<Verifier> {
         }
         AuthConfig::Configured {
             hs256_secret,
+            hs256_previous,
             public_keys,
             issuer,
             audience,
@@ -386,6 +387,11 @@ pub fn build_verifier(config: &Config) -> anyhow::Result<Verifier> {
                 verifier = verifier
                     .with_hs256_secret(secret.as_bytes())
                     .context("CHAT_JWT_HS256_SECRET")?;
+            }
+            if let Some(secret) = hs256_previous {
+                verifier = verifier
+                    .with_hs256_secret(secret.as_bytes())
+                    .context("CHAT_JWT_HS256_SECRET_PREVIOUS")?;
             }
             if let Some(path) = public_keys {
                 verifier = verifier

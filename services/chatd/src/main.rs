@@ -236,6 +236,7 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
         tokio::spawn(cancel_on_signals(shutdown.clone()));
+        tokio::spawn(reload_keys_on_sighup(verifier.clone()));
         serve(config, url, verifier, shutdown).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -275,6 +276,28 @@ fn nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
             )?;
             let url = child.url().to_owned();
             Ok((Some(child), url))
+        }
+    }
+}
+
+/// SIGHUP: reads `CHAT_JWT_PUBLIC_KEYS` again (an identity provider's rotated keys), without a
+/// restart that would close every session. A file that does not read leaves the keys as they
+/// were.
+async fn reload_keys_on_sighup(verifier: Arc<chat_auth::Verifier>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP: token keys are read at start only");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match verifier.reload_public_keys() {
+            Ok(Some(keys)) => tracing::info!(keys, "token public keys reloaded (SIGHUP)"),
+            Ok(None) => {
+                tracing::info!("SIGHUP: no CHAT_JWT_PUBLIC_KEYS to reload (secrets come from the environment: restart for those)")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: token public keys not reloaded; the previous keys stay")
+            }
         }
     }
 }

@@ -542,6 +542,79 @@ fn configured_public_keys_replace_the_development_secret() {
     );
 }
 
+/// A token signed with `key` (a file of the auth tests' keys) for `sub`.
+fn rs256_token(key: &str, sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({ "sub": sub, "iss": "https://idp.test/", "aud": "chat", "exp": now + 600 });
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(auth_keys(key)).unwrap()).unwrap();
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+/// Key rotation without a restart: SIGHUP reads CHAT_JWT_PUBLIC_KEYS again. Tokens of the new
+/// key are accepted from then on, those of the old one refused, and a session opened before
+/// stays open. A file that does not read leaves the keys as they were.
+#[test]
+fn sighup_reloads_the_public_keys_file() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("keys.pem");
+    std::fs::copy(auth_keys("rsa.pub.pem"), &file).unwrap();
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_JWT_PUBLIC_KEYS", file.display().to_string()));
+    env.push(("CHAT_JWT_ISSUER", "https://idp.test/".to_owned()));
+    env.push(("CHAT_JWT_AUDIENCE", "chat".to_owned()));
+    let chatd = start(&env);
+    let (old, new) = (
+        rs256_token("rsa.key", "bob"),
+        rs256_token("other-rsa.key", "bob"),
+    );
+    assert_eq!(bearer(&chatd, &old).0, 200);
+    assert_eq!(bearer(&chatd, &new).0, 401);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut session = runtime.block_on(common::client::Client::connect(&chatd.ws_url(), &old));
+
+    std::fs::copy(auth_keys("other-rsa.pub.pem"), &file).unwrap();
+    chatd.signal(Signal::SIGHUP);
+    eventually("the new key", Duration::from_secs(30), || {
+        bearer(&chatd, &new).0 == 200
+    });
+    assert_eq!(bearer(&chatd, &old).0, 401, "the old key is gone");
+    let pong = runtime.block_on(session.request(serde_json::json!({"type": "ping"})));
+    assert_eq!(pong["type"], "pong", "a session opened before stays");
+
+    std::fs::write(&file, "not a key").unwrap();
+    chatd.signal(Signal::SIGHUP);
+    eventually("the failed reload logged", Duration::from_secs(30), || {
+        chatd.stderr().contains("token public keys not reloaded")
+    });
+    assert_eq!(bearer(&chatd, &new).0, 200, "the keys before stay");
+}
+
+/// Secret rotation: tokens signed with CHAT_JWT_HS256_SECRET_PREVIOUS are accepted beside the
+/// new secret's, so a rolling restart onto a new secret refuses no token already out.
+#[test]
+fn the_previous_hs256_secret_is_accepted_beside_the_new_one() {
+    let data = tempfile::tempdir().unwrap();
+    let (new, previous) = ("n".repeat(40), "p".repeat(40));
+    let mut env = standalone_env(data.path());
+    env.push(("CHAT_JWT_HS256_SECRET", new.clone()));
+    env.push(("CHAT_JWT_HS256_SECRET_PREVIOUS", previous.clone()));
+    env.push(("CHAT_JWT_ISSUER", "https://idp.test/".to_owned()));
+    env.push(("CHAT_JWT_AUDIENCE", "chat".to_owned()));
+    let chatd = start(&env);
+    for (secret, sub) in [(&new, "nina"), (&previous, "pete")] {
+        let token = mint(secret.as_bytes(), "https://idp.test/", "chat", sub, 600);
+        let (status, me) = bearer(&chatd, &token);
+        assert_eq!((status, me["user"].as_str()), (200, Some(sub)));
+    }
+    let other = mint(&[b'x'; 40], "https://idp.test/", "chat", "eve", 600);
+    assert_eq!(bearer(&chatd, &other).0, 401);
+}
+
 #[test]
 fn an_unusable_key_file_is_refused_before_anything_starts() {
     let data = tempfile::tempdir().unwrap();
