@@ -365,6 +365,22 @@ async fn history_right_after_an_ack_includes_it_and_read_cursors_only_move_forwa
         .request(json!({"type": "read", "room": "ryw", "seq": 999}))
         .await;
     assert_eq!(above["code"], "bad_request", "{above}");
+
+    // alice's own message moves her cursor to it: a read below it, sent right after the ack
+    // (before the store has the message, as a rule), is ignored too; bob would otherwise see
+    // her cursor go back. Her first read event is the one past it.
+    let own = alice.say("ryw", "mine").await["seq"].as_u64().unwrap();
+    alice
+        .send(json!({"type": "read", "room": "ryw", "seq": own - 1}))
+        .await;
+    let after = bob.say("ryw", "after").await["seq"].as_u64().unwrap();
+    alice
+        .send(json!({"type": "read", "room": "ryw", "seq": after}))
+        .await;
+    let read = bob
+        .wait_for(|f| f["type"] == "event" && f["kind"] == "read" && f["user"] == "alice")
+        .await;
+    assert_eq!(read["up_to"], after, "{read}");
 }
 
 #[tokio::test]
