@@ -170,12 +170,22 @@ async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
 fn commands_refuse_a_data_dir_without_a_log() {
     let data = tempfile::tempdir().unwrap();
     let env = standalone_env(data.path());
-    for args in [
-        &["log", "verify"][..],
-        &["log", "export", "general"],
-        &["rebuild"],
-    ] {
-        let out = run(&env, args, Duration::from_secs(30));
+    each_fails_saying(
+        &env,
+        &[
+            &["log", "verify"],
+            &["log", "export", "general"],
+            &["rebuild"],
+        ],
+        "no NATS_URL, and no log in",
+    );
+    assert!(!data.path().join("nats").exists());
+}
+
+/// Runs each of `commands` with `env`: each must exit 1 with `says` in its stderr.
+fn each_fails_saying(env: &[(&'static str, String)], commands: &[&[&str]], says: &str) {
+    for args in commands {
+        let out = run(env, args, Duration::from_secs(30));
         assert_eq!(
             out.status.code(),
             Some(1),
@@ -183,12 +193,11 @@ fn commands_refuse_a_data_dir_without_a_log() {
             stderr(&out)
         );
         assert!(
-            stderr(&out).contains("no NATS_URL, and no log in"),
+            stderr(&out).contains(says),
             "chatd {args:?}: {}",
             stderr(&out)
         );
     }
-    assert!(!data.path().join("nats").exists());
 }
 
 #[test]
@@ -203,24 +212,15 @@ fn commands_fail_at_once_when_nats_is_not_there() {
     let mut env = standalone_env(data.path());
     env.push(("NATS_URL", format!("nats://127.0.0.1:{port}")));
     let into = data.path().join("x.db").display().to_string();
-    for args in [
-        &["log", "verify"][..],
-        &["log", "export", "general"],
-        &["rebuild", "--into", &into],
-    ] {
-        let out = run(&env, args, Duration::from_secs(30));
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "chatd {args:?}: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains("nats"),
-            "chatd {args:?}: {}",
-            stderr(&out)
-        );
-    }
+    each_fails_saying(
+        &env,
+        &[
+            &["log", "verify"],
+            &["log", "export", "general"],
+            &["rebuild", "--into", &into],
+        ],
+        "nats",
+    );
 }
 
 #[test]
