@@ -67,9 +67,10 @@ const COMMIT_AWAY: u64 = 4_000;
 /// shown as stored plus the newest events as appended).
 const UNSTORED_SCAN: u64 = 1_000;
 
-/// The most events not yet stored that a refused resend reads from the log, looking for its
-/// original (see `Rooms::known_once_stored`); further behind, it waits for the projector.
-const RESEND_SCAN: u64 = 4_000;
+/// The most events not yet stored that a refused append reads from the log, looking for an
+/// original with its id (see `Rooms::known_once_stored`); further behind, it waits for the
+/// projector. Every refused append may read this many while the projector lags.
+const RESEND_SCAN: u64 = 1_000;
 
 /// Settings of the room service.
 #[derive(Debug, Clone)]
@@ -466,7 +467,7 @@ impl Rooms {
             return;
         };
         if let Some(cached) = cache.get_mut(room) {
-            if seq > cached.head && cached.ahead.len() < MAX_AHEAD {
+            if seq == cached.head + 1 || (seq > cached.head && cached.ahead.len() < MAX_AHEAD) {
                 cached.ahead.insert(seq, sent);
                 cached.advance();
             }
@@ -510,6 +511,12 @@ impl Rooms {
         };
         let state = Arc::new(state);
         if let Ok(mut cache) = self.cache.lock() {
+            if let Some(old) = cache.get_mut(room).filter(|old| old.head > state.head) {
+                // Acks moved the cached state past what the read reached, meanwhile: it is the
+                // later of the two.
+                old.renewing = false;
+                return Ok(old.state.clone());
+            }
             // Acks past a gap that the read did not reach stay (the read may close the gap).
             let ahead = cache.remove(room).map(|old| old.ahead).unwrap_or_default();
             let mut cached = Cached {
@@ -874,11 +881,13 @@ impl Rooms {
             ts: hit.ts,
             duplicate: true,
         };
+        // The checkpoint first: the id index is written in the same transaction, so an
+        // original at or below it is found next, and one above it is in the range scanned.
+        let stored = self.store.checkpoint(room).await?;
         if let Some(hit) = self.store.find_id(room, id).await? {
             return Ok(Some(known(hit)));
         }
         let head = self.log.head(room).await?;
-        let stored = self.store.checkpoint(room).await?;
         if stored >= head {
             return Ok(None);
         }
@@ -970,7 +979,20 @@ impl Rooms {
             ts: now_ms(),
             body: EventBody::Read { up_to },
         };
-        Ok(Some(self.log.append(room, &event).await?.seq))
+        Ok(Some(self.append_unchanging(room, &event).await?))
+    }
+
+    /// Appends `event`, which changes nothing of the room's state (a read or delivered
+    /// cursor), keeping the cached state fresh as a message's ack does (see
+    /// [`Rooms::appended`]); its sequence.
+    async fn append_unchanging(&self, room: &RoomId, event: &Event) -> Result<u64, RoomError> {
+        debug_assert!(!RoomState::changed_by(&event.body));
+        let sent = Instant::now();
+        let appended = self.log.append(room, event).await?;
+        if !appended.duplicate {
+            self.appended(room, appended.seq, sent);
+        }
+        Ok(appended.seq)
     }
 
     /// Whether `actor` may move their read cursor in `room` to `up_to` now: a member (checked
@@ -1061,7 +1083,7 @@ impl Rooms {
             ts: now_ms(),
             body: EventBody::Delivered { cursors },
         };
-        Ok(Some(self.log.append(room, &event).await?.seq))
+        Ok(Some(self.append_unchanging(room, &event).await?))
     }
 
     /// The receipts of the message at `seq` for a member: how many of the other members it was
