@@ -263,6 +263,25 @@ impl ReadCursors {
             .await;
     }
 
+    /// The user's message at `seq` in `room` was acked: their cursor is there at least (a
+    /// message moves it). A cursor of theirs waiting here at or below it is dropped (appended
+    /// later it would move the cursor back as the room sees it), and frames at or below it are
+    /// behind. Only a gate that exists is touched: without one, nothing waits.
+    pub fn sent(&self, room: &RoomId, user: &UserId, seq: u64) {
+        let mut gates = self.gates();
+        if gates.map.is_empty() {
+            return;
+        }
+        let Some(gate) = gates.map.get_mut(&(room.clone(), user.clone())) else {
+            return;
+        };
+        gate.appended = gate.appended.max(seq);
+        if gate.waiting.is_some_and(|w| w <= seq) {
+            gate.waiting = None;
+            gates.waiting -= 1;
+        }
+    }
+
     /// Whether any cursor waits.
     fn any_waiting(&self) -> bool {
         self.gates().waiting > 0
@@ -360,6 +379,34 @@ mod tests {
         assert_eq!(cursors.take_due(), vec![(k.clone(), 10, 12)]);
         assert!(!cursors.any_waiting());
         assert!(cursors.gates().map[&k].in_flight);
+    }
+
+    /// The user's own message moves the cursor: a cursor waiting at or below it is dropped
+    /// (appended after the message it would move the cursor back), one above it stays.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_drops_the_cursors_waiting_below_it() {
+        let cursors = ReadCursors::new(READ_INTERVAL);
+        let (k, other) = (key("general", "bob"), key("general", "carol"));
+        cursors.sent(&k.0, &k.1, 99); // no gate: nothing to do
+        assert!(cursors.gates().map.is_empty());
+        in_flight(&cursors, &k, 10);
+        cursors.landed(&k, 0, 10, true);
+        cursors.gates().wait(&k, 12);
+        cursors.sent(&k.0, &k.1, 14);
+        let gate = cursors.gates().map[&k];
+        assert_eq!((gate.appended, gate.waiting), (14, None));
+        assert!(!cursors.any_waiting());
+        cursors.gates().wait(&k, 20);
+        cursors.sent(&k.0, &k.1, 15);
+        assert_eq!(
+            cursors.gates().map[&k].waiting,
+            Some(20),
+            "above the message"
+        );
+        cursors.sent(&other.0, &other.1, 30);
+        assert!(!cursors.gates().map.contains_key(&other));
+        tokio::time::advance(READ_INTERVAL).await;
+        assert_eq!(cursors.take_due(), vec![(k.clone(), 15, 20)]);
     }
 
     #[tokio::test(start_paused = true)]

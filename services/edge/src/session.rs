@@ -1050,6 +1050,7 @@ impl Session {
             }
             let sent = self.sent_up_to.entry(frame.room.clone()).or_default();
             *sent = (*sent).max(ack.seq);
+            self.state.reads.sent(&frame.room, &self.user, ack.seq);
         }
         protocol::ack(
             frame.rid.as_deref(),
