@@ -136,6 +136,9 @@ pub struct Verifier {
     secrets: usize,
     /// Where the public keys were read from: [`Verifier::reload_public_keys`] reads it again.
     keys_file: Option<PathBuf>,
+    /// A hash of the keys file's text when it was last read (to say whether a reload changed
+    /// anything).
+    keys_file_hash: std::sync::atomic::AtomicU64,
     issuer: String,
     audience: String,
 }
@@ -189,6 +192,7 @@ impl Verifier {
             keys: std::sync::RwLock::new(std::sync::Arc::from(Vec::new())),
             secrets: 0,
             keys_file: None,
+            keys_file_hash: std::sync::atomic::AtomicU64::new(0),
             issuer: issuer.into(),
             audience: audience.into(),
         }
@@ -221,28 +225,35 @@ impl Verifier {
 
     /// Accepts tokens signed by the public keys in `path`: a JWKS (JSON) or PEM blocks.
     pub fn with_public_keys_file(mut self, path: &Path) -> Result<Verifier, KeyError> {
-        let file_keys = read_public_keys(path)?;
+        let (file_keys, hash) = read_public_keys(path)?;
         let mut keys = self.keys()[..self.secrets].to_vec();
         keys.extend(file_keys);
         self.keys = std::sync::RwLock::new(keys.into());
         self.keys_file = Some(path.to_owned());
+        *self.keys_file_hash.get_mut() = hash;
         Ok(self)
     }
 
     /// Reads the public keys file again (an identity provider's rotated keys) and swaps them
     /// in at once; tokens are verified with the old keys until then, and on an error the old
-    /// keys stay. `Ok(None)`: no keys file is configured. `Ok(Some(n))`: `n` public keys now.
-    pub fn reload_public_keys(&self) -> Result<Option<usize>, KeyError> {
+    /// keys stay. `Ok(None)`: no keys file is configured.
+    pub fn reload_public_keys(&self) -> Result<Option<Reloaded>, KeyError> {
         let Some(path) = &self.keys_file else {
             return Ok(None);
         };
-        let file_keys = read_public_keys(path)?;
-        let count = file_keys.len();
+        let (file_keys, hash) = read_public_keys(path)?;
+        let keys_now = file_keys.len();
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         let mut fresh = keys[..self.secrets].to_vec();
         fresh.extend(file_keys);
         *keys = fresh.into();
-        Ok(Some(count))
+        let before = self
+            .keys_file_hash
+            .swap(hash, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(Reloaded {
+            keys: keys_now,
+            changed: before != hash,
+        }))
     }
 
     /// The algorithms some configured key accepts.
@@ -342,8 +353,17 @@ impl Verifier {
     }
 }
 
-/// The public keys in `path`: a JWKS (JSON) or PEM blocks.
-fn read_public_keys(path: &Path) -> Result<Vec<Key>, KeyError> {
+/// What a reload of the public keys file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Public keys now.
+    pub keys: usize,
+    /// Whether the file differs from when it was last read.
+    pub changed: bool,
+}
+
+/// The public keys in `path` (a JWKS, JSON, or PEM blocks), and a hash of the file's text.
+fn read_public_keys(path: &Path) -> Result<(Vec<Key>, u64), KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
         path: path.to_owned(),
         source,
@@ -362,7 +382,9 @@ fn read_public_keys(path: &Path) -> Result<Vec<Key>, KeyError> {
             path: path.to_owned(),
         });
     }
-    Ok(keys)
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&text, &mut hasher);
+    Ok((keys, std::hash::Hasher::finish(&hasher)))
 }
 
 /// The header, read without trusting it (to name the algorithm in errors, `none` included).

@@ -464,7 +464,14 @@ fn secrets_rotate_side_by_side_and_public_keys_reload_from_their_file() {
 
     // The identity provider moved to another key.
     std::fs::copy(keys("other-rsa.pub.pem"), &file).unwrap();
-    assert_eq!(verifier.reload_public_keys().unwrap(), Some(1));
+    let reloaded = verifier.reload_public_keys().unwrap().unwrap();
+    assert_eq!((reloaded.keys, reloaded.changed), (1, true));
+    let again = verifier.reload_public_keys().unwrap().unwrap();
+    assert_eq!(
+        (again.keys, again.changed),
+        (1, false),
+        "the same file again"
+    );
     assert!(verifier.verify(&by_other).is_ok(), "the new key");
     assert_eq!(verifier.verify(&rs(&claims())), Err(AuthError::Signature));
     assert!(verifier.verify(&hs(&claims())).is_ok(), "the secret stays");

@@ -226,17 +226,25 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
         }
     };
     fit_connections_to_fd_limit(&mut config);
-    let (nats, url) = nats_for(&config)?;
-    let grace = config.drain_grace;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start runtime")?;
+    // Before the wait for nats-server below (a minute at most): SIGHUP's default is to end the
+    // process, and a `systemctl reload` may come at any time.
+    let hangups = {
+        let _runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    };
+    let (nats, url) = nats_for(&config)?;
+    let grace = config.drain_grace;
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
         tokio::spawn(cancel_on_signals(shutdown.clone()));
-        tokio::spawn(reload_keys_on_sighup(verifier.clone()));
+        match hangups {
+            Ok(hangups) => drop(tokio::spawn(reload_keys_on_sighup(verifier.clone(), hangups))),
+            Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP: token keys are read at start only"),
+        }
         serve(config, url, verifier, shutdown).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -283,15 +291,23 @@ fn nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
 /// SIGHUP: reads `CHAT_JWT_PUBLIC_KEYS` again (an identity provider's rotated keys), without a
 /// restart that would close every session. A file that does not read leaves the keys as they
 /// were.
-async fn reload_keys_on_sighup(verifier: Arc<chat_auth::Verifier>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP: token keys are read at start only");
-        return;
-    };
-    while hangup.recv().await.is_some() {
+async fn reload_keys_on_sighup(
+    verifier: Arc<chat_auth::Verifier>,
+    mut hangups: tokio::signal::unix::Signal,
+) {
+    while hangups.recv().await.is_some() {
         match verifier.reload_public_keys() {
-            Ok(Some(keys)) => tracing::info!(keys, "token public keys reloaded (SIGHUP)"),
+            Ok(Some(chat_auth::Reloaded {
+                keys,
+                changed: true,
+            })) => tracing::info!(keys, "token public keys reloaded (SIGHUP)"),
+            Ok(Some(chat_auth::Reloaded {
+                keys,
+                changed: false,
+            })) => tracing::warn!(
+                keys,
+                "SIGHUP: the token public keys file is as it was: nothing changed"
+            ),
             Ok(None) => {
                 tracing::info!("SIGHUP: no CHAT_JWT_PUBLIC_KEYS to reload (secrets come from the environment: restart for those)")
             }
