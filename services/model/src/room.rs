@@ -271,15 +271,16 @@ impl RoomState {
         Ok(())
     }
 
-    /// The author or the room's admin deletes a message (in a read-only room too: retracting
-    /// one's own words is never taken away).
+    /// The author or the admin of a group room deletes a message (in a read-only room too:
+    /// retracting one's own words is never taken away). A direct room has no admin: whoever
+    /// opened it deletes only their own messages.
     pub fn decide_delete(&self, actor: &UserId, author: &UserId) -> Result<(), Refusal> {
         if !self.is_member(actor) {
             return Err(Refusal::Forbidden("not a member of this room"));
         }
-        if actor != author && !self.is_admin(actor) {
+        if actor != author && !(self.kind == RoomKind::Group && self.may_administer(actor)) {
             return Err(Refusal::Forbidden(
-                "only the author or the room's admin may delete a message",
+                "only the author or the group room's admin may delete a message",
             ));
         }
         Ok(())
@@ -533,6 +534,19 @@ mod tests {
                 .is_err(),
             "non-members"
         );
+        let direct = given(vec![event(
+            "alice",
+            EventBody::RoomCreated {
+                name: "dm".into(),
+                room_kind: RoomKind::Direct,
+                members: vec![user("bob")],
+            },
+        )]);
+        assert!(
+            direct.decide_delete(&user("alice"), &user("bob")).is_err(),
+            "a direct room has no admin"
+        );
+        assert!(direct.decide_delete(&user("alice"), &user("alice")).is_ok());
     }
 
     fn read_only(by: &str, on: bool) -> Event {

@@ -542,12 +542,17 @@ fn apply_event<'a>(
             .execute(params![room, seq_sql(*target), text, s, user])?;
         }
         EventBody::Delete { target } => {
-            // Author or the room's admin. The tombstone keeps no text, nor do edits of it.
+            // Author, or the admin of a group room (the creator, while a member), as the room
+            // aggregate decides it. The tombstone keeps no text, nor do edits of it.
             let changed = tx
                 .prepare_cached(
                     "UPDATE events SET deleted = 1, text = NULL, original_text = NULL
                  WHERE room = ?1 AND seq = ?2 AND kind = 'message' AND deleted = 0
-                   AND (user = ?3 OR ?3 = (SELECT creator FROM rooms WHERE room = ?1))",
+                   AND (user = ?3
+                        OR (EXISTS (SELECT 1 FROM rooms r
+                                    WHERE r.room = ?1 AND r.kind = 'group' AND r.creator = ?3)
+                            AND EXISTS (SELECT 1 FROM members m
+                                        WHERE m.room = ?1 AND m.user = ?3 AND m.active = 1)))",
                 )?
                 .execute(params![room, seq_sql(*target), user])?;
             if changed > 0 {

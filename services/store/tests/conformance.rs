@@ -333,6 +333,57 @@ async fn edits_and_deletes_as_the_contract_shows_them() {
     }
 }
 
+/// Only a group room has an admin, and only while a member: in a direct room whoever opened it
+/// deletes only their own messages, and a group's creator who left deletes nothing of others.
+#[tokio::test]
+async fn a_direct_rooms_opener_and_an_admin_who_left_delete_only_their_own() {
+    for b in backends().await {
+        let s = &*b.store;
+        let mut direct = Log::new(
+            "dm",
+            vec![ev(
+                "alice",
+                EventBody::RoomCreated {
+                    name: "dm".into(),
+                    room_kind: RoomKind::Direct,
+                    members: vec![user("bob")],
+                },
+            )],
+        );
+        let by_bob = direct.push(msg("bob", "mine"));
+        let by_alice = direct.push(msg("alice", "hers"));
+        direct.push(ev("alice", EventBody::Delete { target: by_bob }));
+        direct.push(ev("alice", EventBody::Delete { target: by_alice }));
+
+        let mut group = Log::new("left", vec![created("alice", &["bob"])]);
+        let early = group.push(msg("bob", "early"));
+        group.push(ev("alice", EventBody::Delete { target: early }));
+        let late = group.push(msg("bob", "late"));
+        group.push(ev(
+            "alice",
+            EventBody::MemberLeft {
+                member: user("alice"),
+            },
+        ));
+        group.push(ev("alice", EventBody::Delete { target: late }));
+        s.apply(&[direct.batch(), group.batch()]).await.unwrap();
+
+        assert!(
+            !s.is_deleted(&direct.room, by_bob).await.unwrap(),
+            "the opener of a direct room is no admin"
+        );
+        assert!(s.is_deleted(&direct.room, by_alice).await.unwrap());
+        assert!(
+            s.is_deleted(&group.room, early).await.unwrap(),
+            "the admin, while a member"
+        );
+        assert!(
+            !s.is_deleted(&group.room, late).await.unwrap(),
+            "an admin who left has no power left"
+        );
+    }
+}
+
 #[tokio::test]
 async fn reactions_aggregate_per_emoji_with_who_reacted() {
     for b in backends().await {

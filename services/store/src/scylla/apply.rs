@@ -473,11 +473,12 @@ impl ScyllaStore {
                 let Some(message) = self.message_at(room, *target).await? else {
                     return Ok(());
                 };
-                // Author or the room's admin. Unlike SQLite this does not skip a message that
-                // is already deleted: redoing a delete writes the same cells, and a delete
+                // Author, or the admin of a group room (the creator, while a member), as the
+                // room aggregate decides it. Unlike SQLite this does not skip a message that is
+                // already deleted: redoing a delete writes the same cells, and a delete
                 // interrupted half-way (tombstone written, edits not yet stripped) finishes.
                 let allowed = message.author.as_deref() == Some(user)
-                    || self.creator_of(room).await?.as_deref() == Some(user);
+                    || self.group_admin_in(room, user).await?;
                 if !allowed {
                     return Ok(());
                 }
@@ -727,5 +728,19 @@ impl ScyllaStore {
 
     async fn creator_of(&self, room: &str) -> Result<Option<String>> {
         Ok(self.room_row(room).await?.and_then(|r| r.creator))
+    }
+
+    /// Whether `user` administers `room` now: a group room's creator, while a member.
+    async fn group_admin_in(&self, room: &str, user: &str) -> Result<bool> {
+        let Some(row) = self.room_row(room).await? else {
+            return Ok(false);
+        };
+        if row.kind.as_deref() != Some("group") || row.creator.as_deref() != Some(user) {
+            return Ok(false);
+        }
+        let member: Option<(Option<i64>, Option<bool>)> = self
+            .first("read member", &self.st().member_get, (room, user))
+            .await?;
+        Ok(matches!(member, Some((_, Some(true)))))
     }
 }
