@@ -155,9 +155,9 @@ pub fn render_entry(seq: u64, event: &Event) -> Value {
 
 /// Applies to a page of materialized events the edits and deletes the store does not hold yet
 /// (`unstored`, from the log, in sequence order), as the projector will: a deleted message
-/// loses its text, edited flag and reactions, and every edit of it in the page its text; an
-/// edit of a message that is not deleted becomes its text. Reactions and thread counts are
-/// left to the store.
+/// loses its text, edited flag and reactions, and every edit of it in the page its text (of a
+/// message deleted in the store too); an edit of a message that is not deleted becomes its
+/// text. Reactions and thread counts are left to the store.
 pub fn apply_unstored(events: &mut [Value], unstored: &[(u64, Event)]) {
     let mut deleted = HashSet::new();
     for (_, event) in unstored {
@@ -191,6 +191,15 @@ pub fn apply_unstored(events: &mut [Value], unstored: &[(u64, Event)]) {
             _ => {}
         }
     }
+    // A message the store already holds as deleted counts too: an edit of it that the store
+    // does not hold yet shows no text either.
+    deleted.extend(events.iter().filter_map(|e| {
+        let deleted_message = e.get("kind").and_then(Value::as_str) == Some("message")
+            && e.get("deleted") == Some(&json!(true));
+        deleted_message
+            .then(|| e.get("seq").and_then(Value::as_u64))
+            .flatten()
+    }));
     if deleted.is_empty() {
         return;
     }
@@ -242,5 +251,43 @@ mod tests {
             events[3], untouched[3],
             "only messages and edits are hidden"
         );
+    }
+
+    /// An edit the store does not hold yet, of a message the store already holds as deleted
+    /// (the delete was stored first): the page shows it without text, as the store will.
+    #[test]
+    fn an_unstored_edit_of_a_message_deleted_in_the_store_shows_no_text() {
+        let mut events = vec![
+            render_entry(
+                11,
+                &Event {
+                    id: uuid::Uuid::new_v4(),
+                    user: UserId::parse("alice").unwrap(),
+                    ts: 1,
+                    body: EventBody::Edit {
+                        target: 9,
+                        text: "too late".into(),
+                    },
+                },
+            ),
+            json!({"seq": 10, "ts": 1, "user": "alice", "kind": "delete", "id": "i10", "target": 9}),
+            json!({"seq": 9, "ts": 1, "user": "alice", "kind": "message", "id": "i9", "deleted": true}),
+        ];
+        let unstored = vec![(
+            11,
+            Event {
+                id: uuid::Uuid::new_v4(),
+                user: UserId::parse("alice").unwrap(),
+                ts: 1,
+                body: EventBody::Edit {
+                    target: 9,
+                    text: "too late".into(),
+                },
+            },
+        )];
+        assert_eq!(events[0]["text"], "too late");
+        apply_unstored(&mut events, &unstored);
+        assert!(events[0].get("text").is_none(), "{}", events[0]);
+        assert!(events[2].get("text").is_none());
     }
 }
