@@ -1324,16 +1324,7 @@ impl Rooms {
         }
         // Everything the store does not hold yet, when that is little: its edits and deletes
         // apply to the page, wherever their targets are in it.
-        let mut unstored = Vec::new();
-        if head > stored && head - stored <= UNSTORED_SCAN {
-            let mut reader = self.log.read_range(room, stored + 1, head);
-            while let Some(entry) = reader.next().await {
-                let entry = entry?;
-                if let Ok(event) = entry.decode() {
-                    unstored.push((entry.seq, event));
-                }
-            }
-        }
+        let unstored = self.unstored(room, stored, head).await?;
         let mut events = Vec::new();
         if top > stored {
             let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
@@ -1389,7 +1380,30 @@ impl Rooms {
         })
     }
 
-    /// A thread (its root and a page of replies) for a member.
+    /// The entries after `stored` up to `head` (decoded; those that do not decode are left
+    /// out), when there are at most [`UNSTORED_SCAN`] of them; else none.
+    async fn unstored(
+        &self,
+        room: &RoomId,
+        stored: u64,
+        head: u64,
+    ) -> Result<Vec<(u64, Event)>, RoomError> {
+        let mut unstored = Vec::new();
+        if head > stored && head - stored <= UNSTORED_SCAN {
+            let mut reader = self.log.read_range(room, stored + 1, head);
+            while let Some(entry) = reader.next().await {
+                let entry = entry?;
+                if let Ok(event) = entry.decode() {
+                    unstored.push((entry.seq, event));
+                }
+            }
+        }
+        Ok(unstored)
+    }
+
+    /// A thread (its root and a page of replies) for a member: the store's, with what the log
+    /// holds and the store not yet (a root or replies just appended, edits and deletes of
+    /// them), as a history page has.
     pub async fn thread(
         &self,
         viewer: &UserId,
@@ -1398,21 +1412,77 @@ impl Rooms {
         query: PageQuery,
     ) -> Result<ThreadPage, RoomError> {
         self.member_state(room, viewer).await?;
-        if self.config.commits.is_some() {
-            // A reply the viewer just sent is in the log; the thread comes from the store.
-            let head = self.log.head(room).await?;
-            let stored = self.store.checkpoint(room).await?;
-            if head > stored && head - stored <= COMMIT_AWAY {
-                self.await_stored(room, head, self.config.history_wait)
-                    .await;
-            }
+        let limit = query.clamped_limit();
+        let before = query.before.unwrap_or(u64::MAX);
+        let mut stored = self.store.checkpoint(room).await?;
+        let head = self.log.head(room).await?;
+        if self.config.commits.is_some() && head > stored && head - stored <= COMMIT_AWAY {
+            // The projector is here: what it holds back is a commit away.
+            self.await_stored(room, head, self.config.history_wait)
+                .await;
+            stored = self.store.checkpoint(room).await?;
         }
+        let unstored = self.unstored(room, stored, head).await?;
         let mut page = self.store.thread(room, root, query).await?;
-        let Some(root) = page.root.as_mut() else {
+        if page.root.is_none() {
+            page.root = unstored
+                .iter()
+                .find(|(seq, event)| {
+                    *seq == root && matches!(event.body, EventBody::Message { thread: None, .. })
+                })
+                .map(|(seq, event)| render_entry(*seq, event));
+        }
+        let Some(root_event) = page.root.as_mut() else {
             return Err(RoomError::NotFound);
         };
+        let reply_of_root = |event: &Event| matches!(event.body, EventBody::Message { thread: Some(t), .. } if t == root);
+        // Replies the store does not count on the root yet (after the last it counted), less
+        // those deleted (the store counts no deleted reply).
+        let deleted: HashSet<u64> = unstored
+            .iter()
+            .filter_map(|(_, event)| match event.body {
+                EventBody::Delete { target } => Some(target),
+                _ => None,
+            })
+            .collect();
+        let counted_last = root_event["replies"]["last"].as_u64().unwrap_or(0);
+        let (mut count, mut last) = (root_event["replies"]["count"].as_u64().unwrap_or(0), 0);
+        for (seq, _) in unstored.iter().filter(|(seq, event)| {
+            *seq > counted_last && reply_of_root(event) && !deleted.contains(seq)
+        }) {
+            count += 1;
+            last = *seq;
+        }
+        if last > 0 {
+            root_event["replies"] = serde_json::json!({"count": count, "last": last});
+        }
+        // Replies the store does not hold yet, in the page's order (newest first).
+        let held: HashSet<u64> = page
+            .replies
+            .events
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect();
+        let newer: Vec<serde_json::Value> = unstored
+            .iter()
+            .filter(|(seq, event)| *seq < before && !held.contains(seq) && reply_of_root(event))
+            .map(|(seq, event)| render_entry(*seq, event))
+            .collect();
+        if !newer.is_empty() {
+            let replies = &mut page.replies;
+            replies.events.extend(newer);
+            replies
+                .events
+                .sort_by_key(|e| std::cmp::Reverse(e["seq"].as_u64().unwrap_or(0)));
+            if replies.events.len() > limit {
+                replies.events.truncate(limit);
+                replies.more = true;
+            }
+        }
+        apply_unstored(std::slice::from_mut(root_event), &unstored);
+        apply_unstored(&mut page.replies.events, &unstored);
         let blocked = self.blocked(viewer).await?;
-        hide_blocked_authors(std::slice::from_mut(root), &blocked);
+        hide_blocked_authors(std::slice::from_mut(root_event), &blocked);
         hide_blocked_authors(&mut page.replies.events, &blocked);
         Ok(page)
     }

@@ -103,3 +103,121 @@ async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet(
         );
     }
 }
+
+/// A thread while the store is behind the log (no projector here): its root and replies come
+/// from the log, newest first and paged, with the root's reply count and the deletes and edits
+/// the store does not hold yet, as the projected thread will show them.
+#[tokio::test]
+async fn a_thread_shows_the_root_and_replies_the_store_does_not_hold_yet() {
+    let server = chat_harness::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+    let rooms = Rooms::new(
+        log,
+        Arc::new(store),
+        RoomsConfig {
+            projection_wait: Duration::ZERO,
+            ..RoomsConfig::default()
+        },
+    );
+    let (alice, bob) = (user("alice"), user("bob"));
+    let room = RoomId::parse("threads").unwrap();
+    rooms
+        .create_group(&alice, &room, "threads", vec![bob.clone()], None)
+        .await
+        .unwrap();
+    let append = |command: Command| {
+        let (rooms, alice, room) = (rooms.clone(), alice.clone(), room.clone());
+        async move {
+            rooms
+                .append(&alice, &room, Uuid::new_v4(), command)
+                .await
+                .unwrap()
+                .seq
+        }
+    };
+    let message = |text: &str, thread: Option<u64>| Command::Send {
+        text: text.into(),
+        thread,
+        reply_to: None,
+    };
+    let root = append(message("root", None)).await;
+    let mut replies = Vec::new();
+    for i in 0..3 {
+        replies.push(append(message(&format!("r{i}"), Some(root))).await);
+    }
+    append(message("elsewhere", None)).await;
+    append(Command::Delete { target: replies[1] }).await;
+    append(Command::Edit {
+        target: replies[2],
+        text: "r2, edited".into(),
+    })
+    .await;
+
+    let page = rooms
+        .thread(&bob, &room, root, PageQuery::newest(50))
+        .await
+        .unwrap();
+    let root_event = page.root.unwrap();
+    assert_eq!(root_event["text"], "root");
+    assert_eq!(
+        root_event["replies"],
+        json!({"count": 2, "last": replies[2]}),
+        "the deleted reply is not counted"
+    );
+    let seqs: Vec<u64> = page
+        .replies
+        .events
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [replies[2], replies[1], replies[0]]);
+    assert_eq!(page.replies.events[0]["text"], "r2, edited");
+    assert_eq!(page.replies.events[1]["deleted"], true);
+    assert!(page.replies.events[1].get("text").is_none());
+    assert!(!page.replies.more);
+
+    let first = rooms
+        .thread(
+            &bob,
+            &room,
+            root,
+            PageQuery {
+                before: None,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.replies.events.len(), 2);
+    assert!(first.replies.more);
+    let older = rooms
+        .thread(
+            &bob,
+            &room,
+            root,
+            PageQuery {
+                before: Some(replies[1]),
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<&Value> = older.replies.events.iter().map(|e| &e["seq"]).collect();
+    assert_eq!(seqs, [&json!(replies[0])]);
+    assert!(!older.replies.more);
+
+    // A reply is no root, and a sequence the log does not hold is none either.
+    for not_root in [replies[0], 999] {
+        let refused = rooms
+            .thread(&bob, &room, not_root, PageQuery::newest(50))
+            .await;
+        assert!(
+            matches!(refused, Err(chat_rooms::RoomError::NotFound)),
+            "{not_root}: {refused:?}"
+        );
+    }
+}
