@@ -305,3 +305,40 @@ async fn an_edge_whose_store_no_projector_fills_refuses_appends() {
     let mut alice = Client::connect(&all.ws_url(), &t).await;
     assert_eq!(alice.say("lonely", "here").await["type"], "ack");
 }
+
+/// A subscribe that comes after a removal made through another edge, while this edge's cached
+/// membership still has the user (a long membership TTL here makes that certain), is refused:
+/// the subscription would start after the removal and never see it end the subscription.
+#[tokio::test]
+async fn a_subscribe_after_a_removal_elsewhere_is_refused_though_the_cache_has_the_member() {
+    let nats = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let edge1 = common::node(&nats, d1.path(), "all", &[("CHAT_MEMBERSHIP_TTL", "60s")]);
+    let edge2 = node(&nats, d2.path(), "all");
+    let (status, body) = api(
+        &edge1,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "team", "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    // bob's edge caches the room's membership, with bob in it.
+    let mut bob = Client::connect(&edge1.ws_url(), &token("bob")).await;
+    assert_eq!(bob.say("team", "here").await["type"], "ack");
+    let (status, body) = api(
+        &edge2,
+        &token("alice"),
+        "DELETE",
+        "/v1/rooms/team/members/bob",
+        None,
+    );
+    assert!(status < 300, "{status} {body}");
+
+    let answer = bob.subscribe("team", None).await;
+    assert_eq!(
+        (&answer["type"], &answer["code"]),
+        (&json!("error"), &json!("forbidden")),
+        "{answer}"
+    );
+}

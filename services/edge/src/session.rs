@@ -781,15 +781,8 @@ impl Session {
         removals: &Arc<Removals>,
     ) -> Result<(), RoomError> {
         let rooms = &self.state.rooms;
-        // Where the user's current membership began: a removal before it (they were removed,
-        // then added again) is history the replay shows, not the end of this subscription.
-        let joined = rooms
-            .member_state(room, &self.user)
-            .await?
-            .members
-            .get(&self.user)
-            .copied()
-            .unwrap_or(0);
+        // Members only, before anything of the room is read (a stranger learns nothing of it).
+        rooms.member_state(room, &self.user).await?;
         let (follower, bounds) = Box::pin(self.state.hub.follow_from(room, from))
             .await
             .map_err(RoomError::from)?;
@@ -803,8 +796,21 @@ impl Session {
             }
             Some(seq) => seq,
         };
-        // Replacing a subscription: the old forwarder stops before the new one starts.
-        self.subscriptions.remove(room);
+        // The follower ends the subscription at the user's removal if it is after `after`;
+        // one at or below it (a removal that landed meanwhile, or that a cached state has not
+        // seen yet) must be known now: the state through `after` says whether the user is a
+        // member there, and where the current membership began (a removal before it, followed
+        // by a new invitation, is history the replay shows, not the end of this subscription).
+        let state = Box::pin(rooms.state_through(room, after)).await?;
+        let Some(&joined) = state.members.get(&self.user) else {
+            return Err(RoomError::Forbidden("not a member of this room".into()));
+        };
+        // Replacing a subscription: the old forwarder stops before the new one starts. Its
+        // presence goes only once the new one's is there (the user never shows offline).
+        let previous_presence = self.subscriptions.remove(room).map(|old| {
+            drop(old._source);
+            old._here
+        });
         let mut fields = json!({"room": room, "head": bounds.last});
         if after + 1 < bounds.first {
             fields["truncated"] = json!(true);
@@ -821,6 +827,7 @@ impl Session {
         );
         self.out.follow(Box::pin(source));
         let here = self.state.presence.here(room, &self.user);
+        drop(previous_presence);
         self.subscriptions.insert(
             room.clone(),
             Subscription {

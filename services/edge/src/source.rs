@@ -158,12 +158,19 @@ impl RoomSource {
         let lookup = Box::pin(async move {
             let hidden = match rooms.blocked_held(&user, &mut held).await {
                 Ok(blocked) => delivery.hides_for(blocked),
-                // Fail closed: a placeholder keeps the sequence, and history shows the text
-                // later if its author is not blocked after all.
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
-                    true
-                }
+                // The list held before, if any. Without one, fail closed for others' messages:
+                // a placeholder keeps the sequence, and history shows the text later if its
+                // author is not blocked after all. Never the reader's own.
+                Err(e) => match held.last_known() {
+                    Some(blocked) => delivery.hides_for(blocked),
+                    None => {
+                        let own = delivery.author.as_ref() == Some(&user);
+                        if !own && delivery.hidden.is_some() {
+                            tracing::warn!(user = %user, error = %e, "block list unavailable; sending a placeholder");
+                        }
+                        !own && delivery.hidden.is_some()
+                    }
+                },
             };
             (held, Pick { delivery, hidden })
         });

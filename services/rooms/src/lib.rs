@@ -142,6 +142,14 @@ pub struct HeldBlocks {
     until: Option<Instant>,
 }
 
+impl HeldBlocks {
+    /// The block list last looked up, however old: what a reader falls back on while a new
+    /// lookup fails. `None` if none ever succeeded.
+    pub fn last_known(&self) -> Option<&HashSet<UserId>> {
+        self.until.is_some().then_some(&*self.blocked)
+    }
+}
+
 /// An append checked against the room's rules, not sent yet (see [`Rooms::decide_append`]).
 #[derive(Debug)]
 pub enum DecidedAppend {
@@ -400,6 +408,24 @@ impl Rooms {
             }
         }
         Some(cached.state.clone())
+    }
+
+    /// The room's state folded through `seq` at least: the cached one if it is (whatever its
+    /// age), else read from the log now. For a caller that goes on from `seq` and must not
+    /// miss a change at or below it.
+    pub async fn state_through(
+        &self,
+        room: &RoomId,
+        seq: u64,
+    ) -> Result<Arc<RoomState>, RoomError> {
+        let cached = self.cache.lock().ok().and_then(|cache| {
+            let cached = cache.get(room)?;
+            (cached.head >= seq).then(|| cached.state.clone())
+        });
+        match cached {
+            Some(state) => Ok(state),
+            None => Box::pin(self.refresh_shared(room)).await,
+        }
     }
 
     /// The cached state if it was read from the log after `since`.
