@@ -62,6 +62,8 @@ pub struct RangeReader {
     batch: u64,
     /// Whether this is a bulk read that may use a connection of its own (until that fails).
     wire: bool,
+    /// Whether a short range may be read by direct gets (until one finds nothing).
+    direct: bool,
     source: RangeSource,
 }
 
@@ -75,6 +77,7 @@ impl RangeReader {
             to,
             clamp,
             wire: false,
+            direct: true,
             source: RangeSource::Idle,
         }
     }
@@ -117,7 +120,7 @@ impl RangeReader {
                         .log
                         .wire_target()
                         .filter(|_| self.wire && remaining >= WIRE_MIN);
-                    if remaining < DIRECT_GET_MAX {
+                    if self.direct && remaining < DIRECT_GET_MAX {
                         self.source = RangeSource::Direct;
                     } else if let Some(target) = wire {
                         match self.open_wire(&target, remaining + 1).await {
@@ -152,7 +155,14 @@ impl RangeReader {
                             self.next = seq + 1;
                             return Some(Ok(entry));
                         }
-                        Ok(None) => self.next = seq + 1,
+                        // Not there: removed by retention, or not on the replica that answered
+                        // yet (any replica answers a direct get, and one may lag the leader by
+                        // a moment). Skipping it would lose an event: the rest is read through
+                        // a consumer, which delivers in order what the stream holds.
+                        Ok(None) => {
+                            self.direct = false;
+                            self.source = RangeSource::Idle;
+                        }
                         Err(e) => return Some(Err(e)),
                     }
                 }
