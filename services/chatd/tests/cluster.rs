@@ -28,14 +28,7 @@ async fn users_on_different_edges_talk_and_a_resend_through_the_other_edge_is_a_
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let edge1 = node(&nats, d1.path(), "all");
     let edge2 = node(&nats, d2.path(), "all");
-    let (status, body) = api(
-        &edge1,
-        &token("alice"),
-        "POST",
-        "/v1/rooms",
-        Some(json!({"room": "bridge", "kind": "group", "members": ["bob"]})),
-    );
-    assert_eq!(status, 201, "{body}");
+    create_group(&edge1, "bridge");
 
     let mut alice = Client::connect(&edge1.ws_url(), &token("alice")).await;
     let mut bob = Client::connect(&edge2.ws_url(), &token("bob")).await;
@@ -69,6 +62,18 @@ async fn users_on_different_edges_talk_and_a_resend_through_the_other_edge_is_a_
         assert!(Instant::now() < deadline, "{rooms}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Creates the group room `room` of alice and bob through `edge`.
+fn create_group(edge: &Chatd, room: &str) {
+    let (status, body) = api(
+        edge,
+        &token("alice"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": room, "kind": "group", "members": ["bob"]})),
+    );
+    assert_eq!(status, 201, "{body}");
 }
 
 fn event(text: &str) -> Event {
@@ -315,14 +320,7 @@ async fn a_subscribe_after_a_removal_elsewhere_is_refused_though_the_cache_has_t
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let edge1 = common::node(&nats, d1.path(), "all", &[("CHAT_MEMBERSHIP_TTL", "60s")]);
     let edge2 = node(&nats, d2.path(), "all");
-    let (status, body) = api(
-        &edge1,
-        &token("alice"),
-        "POST",
-        "/v1/rooms",
-        Some(json!({"room": "team", "kind": "group", "members": ["bob"]})),
-    );
-    assert_eq!(status, 201, "{body}");
+    create_group(&edge1, "team");
     // bob's edge caches the room's membership, with bob in it.
     let mut bob = Client::connect(&edge1.ws_url(), &token("bob")).await;
     assert_eq!(bob.say("team", "here").await["type"], "ack");

@@ -16,8 +16,17 @@ fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
 }
 
-#[tokio::test]
-async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet() {
+/// A room service with no projector (the store stays behind the log, empty), and a group room
+/// `name` of alice (its creator) and bob; the server and the store's directory live as long as
+/// the caller holds them.
+async fn behind(
+    name: &str,
+) -> (
+    chat_harness::NatsServer,
+    tempfile::TempDir,
+    Arc<Rooms>,
+    RoomId,
+) {
     let server = chat_harness::NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let log = RoomLog::connect(&server.url(), LogConfig::default())
@@ -32,22 +41,28 @@ async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet(
             ..RoomsConfig::default()
         },
     );
-    let (alice, bob) = (user("alice"), user("bob"));
-    let room = RoomId::parse("lagging").unwrap();
+    let room = RoomId::parse(name).unwrap();
     rooms
-        .create_group(&alice, &room, "lagging", vec![bob.clone()], None)
+        .create_group(&user("alice"), &room, name, vec![user("bob")], None)
         .await
         .unwrap();
-    let append = |command: Command| {
-        let (rooms, alice, room) = (rooms.clone(), alice.clone(), room.clone());
-        async move {
-            rooms
-                .append(&alice, &room, Uuid::new_v4(), command)
-                .await
-                .unwrap()
-                .seq
-        }
-    };
+    (server, dir, rooms, room)
+}
+
+/// Appends `command` as `by` (a new id); its sequence.
+async fn append_as(rooms: &Rooms, by: &UserId, room: &RoomId, command: Command) -> u64 {
+    rooms
+        .append(by, room, Uuid::new_v4(), command)
+        .await
+        .unwrap()
+        .seq
+}
+
+#[tokio::test]
+async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet() {
+    let (_server, _dir, rooms, room) = behind("lagging").await;
+    let alice = user("alice");
+    let append = |command: Command| append_as(&rooms, &alice, &room, command);
     let send = |text: &str| Command::Send {
         text: text.into(),
         thread: None,
@@ -109,36 +124,9 @@ async fn edits_deletes_and_receipts_apply_to_events_the_store_does_not_hold_yet(
 /// the store does not hold yet, as the projected thread will show them.
 #[tokio::test]
 async fn a_thread_shows_the_root_and_replies_the_store_does_not_hold_yet() {
-    let server = chat_harness::NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let log = RoomLog::connect(&server.url(), LogConfig::default())
-        .await
-        .unwrap();
-    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
-    let rooms = Rooms::new(
-        log,
-        Arc::new(store),
-        RoomsConfig {
-            projection_wait: Duration::ZERO,
-            ..RoomsConfig::default()
-        },
-    );
+    let (_server, _dir, rooms, room) = behind("threads").await;
     let (alice, bob) = (user("alice"), user("bob"));
-    let room = RoomId::parse("threads").unwrap();
-    rooms
-        .create_group(&alice, &room, "threads", vec![bob.clone()], None)
-        .await
-        .unwrap();
-    let append = |command: Command| {
-        let (rooms, alice, room) = (rooms.clone(), alice.clone(), room.clone());
-        async move {
-            rooms
-                .append(&alice, &room, Uuid::new_v4(), command)
-                .await
-                .unwrap()
-                .seq
-        }
-    };
+    let append = |command: Command| append_as(&rooms, &alice, &room, command);
     let message = |text: &str, thread: Option<u64>| Command::Send {
         text: text.into(),
         thread,

@@ -257,34 +257,21 @@ mod tests {
     /// (the delete was stored first): the page shows it without text, as the store will.
     #[test]
     fn an_unstored_edit_of_a_message_deleted_in_the_store_shows_no_text() {
+        let edit = Event {
+            id: uuid::Uuid::new_v4(),
+            user: UserId::parse("alice").unwrap(),
+            ts: 1,
+            body: EventBody::Edit {
+                target: 9,
+                text: "too late".into(),
+            },
+        };
         let mut events = vec![
-            render_entry(
-                11,
-                &Event {
-                    id: uuid::Uuid::new_v4(),
-                    user: UserId::parse("alice").unwrap(),
-                    ts: 1,
-                    body: EventBody::Edit {
-                        target: 9,
-                        text: "too late".into(),
-                    },
-                },
-            ),
+            render_entry(11, &edit),
             json!({"seq": 10, "ts": 1, "user": "alice", "kind": "delete", "id": "i10", "target": 9}),
             json!({"seq": 9, "ts": 1, "user": "alice", "kind": "message", "id": "i9", "deleted": true}),
         ];
-        let unstored = vec![(
-            11,
-            Event {
-                id: uuid::Uuid::new_v4(),
-                user: UserId::parse("alice").unwrap(),
-                ts: 1,
-                body: EventBody::Edit {
-                    target: 9,
-                    text: "too late".into(),
-                },
-            },
-        )];
+        let unstored = vec![(11, edit)];
         assert_eq!(events[0]["text"], "too late");
         apply_unstored(&mut events, &unstored);
         assert!(events[0].get("text").is_none(), "{}", events[0]);
