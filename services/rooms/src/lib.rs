@@ -1673,13 +1673,14 @@ pub fn now_ms() -> i64 {
 /// Whether the projectors' reports (see [`Rooms::check_projection_lag`]) let appends through
 /// at `now`: `Err` says why not.
 ///
-/// Only the projectors that share the rooms now are judged: those with as many partitions as
-/// the latest report says. A report row stays for each partition that ever ran, so after the
-/// projectors are split differently (`0/2`, `1/2` become `0/3` … `2/3`), or an all-in-one
-/// process once ran on the store, the old rows stop reporting; judged with the others they
-/// would refuse every append a duplicate window later. A partition of the current split that
-/// has never reported holds back appends as one that stopped does: its rooms' id index is not
-/// being kept.
+/// Judged: the projectors of the current split (as many partitions as the latest report
+/// says), and those of another split that still report (within the window). A report row stays
+/// for each partition that ever ran, so after the projectors are split differently (`0/2`,
+/// `1/2` become `0/3` … `2/3`), or an all-in-one process once ran on the store, the old rows
+/// stop reporting; judged with the others they would refuse every append a duplicate window
+/// later. A partition of the current split that has never reported holds back appends as one
+/// that stopped does (its rooms' id index is not being kept), unless projectors of another
+/// split still report: while a new split starts, the old one covers the rooms.
 fn judge_projection(
     reports: Vec<chat_store::ProjectorStatus>,
     now: i64,
@@ -1695,14 +1696,16 @@ fn judge_projection(
         .max_by_key(|r| r.reported_at_ms)
         .and_then(&split)
         .map(|(_, count)| count);
+    let current = |r: &chat_store::ProjectorStatus| match (latest, split(r)) {
+        (Some(latest), Some((_, count))) => count == latest,
+        _ => true,
+    };
     let reports: Vec<_> = reports
         .into_iter()
-        .filter(|r| match (latest, split(r)) {
-            (Some(latest), Some((_, count))) => count == latest,
-            _ => true,
-        })
+        .filter(|r| current(r) || now - r.reported_at_ms < window)
         .collect();
-    if let Some(count) = latest {
+    let other_split_reports = reports.iter().any(|r| !current(r));
+    if let (Some(count), false) = (latest, other_split_reports) {
         let reported: HashSet<u32> = reports.iter().filter_map(split).map(|(i, _)| i).collect();
         if let Some(missing) = (0..count).find(|i| !reported.contains(i)) {
             return Err(format!(
@@ -1820,11 +1823,23 @@ mod tests {
             .unwrap_err()
             .contains("has not reported for"));
         reports.remove(3);
-        let refused = judge_projection(reports, now, window, false).unwrap_err();
+        let refused = judge_projection(reports.clone(), now, window, false).unwrap_err();
         assert!(
             refused.contains("projector 1/3 has never reported"),
             "{refused}"
         );
+        // While the new split starts, the old one still reporting covers the rooms (and its
+        // lag counts).
+        reports[0].reported_at_ms = now - 100;
+        reports[1].reported_at_ms = now - 100;
+        assert_eq!(
+            judge_projection(reports.clone(), now, window, false),
+            Ok(())
+        );
+        reports[1].lag_ms = window as u64;
+        assert!(judge_projection(reports, now, window, false)
+            .unwrap_err()
+            .contains("projection lags"));
 
         // An all-in-one process once ran on the store, then a split one took over (and the
         // other way round).
