@@ -263,22 +263,39 @@ impl ReadCursors {
             .await;
     }
 
-    /// The user's message at `seq` in `room` was acked: their cursor is there at least (a
-    /// message moves it). A cursor of theirs waiting here at or below it is dropped (appended
-    /// later it would move the cursor back as the room sees it), and frames at or below it are
-    /// behind. Only a gate that exists is touched: without one, nothing waits.
+    /// The user's message at `seq` in `room` was acked through this edge: their cursor is
+    /// there at least (a message moves it), before the store knows. `read` frames at or below
+    /// it, from any of their sessions here, are behind from now on, and a cursor of theirs
+    /// waiting at or below it is dropped (appended later, it would move the cursor back as the
+    /// room sees it). A gate made for this holds back no `read` above it.
     pub fn sent(&self, room: &RoomId, user: &UserId, seq: u64) {
+        let key = (room.clone(), user.clone());
         let mut gates = self.gates();
-        if gates.map.is_empty() {
-            return;
-        }
-        let Some(gate) = gates.map.get_mut(&(room.clone(), user.clone())) else {
-            return;
-        };
-        gate.appended = gate.appended.max(seq);
-        if gate.waiting.is_some_and(|w| w <= seq) {
-            gate.waiting = None;
-            gates.waiting -= 1;
+        match gates.map.get_mut(&key) {
+            Some(gate) => {
+                gate.appended = gate.appended.max(seq);
+                if gate.waiting.is_some_and(|w| w <= seq) {
+                    gate.waiting = None;
+                    gates.waiting -= 1;
+                }
+            }
+            None => {
+                if gates.map.len() >= MAX_GATES {
+                    gates.prune(self.interval);
+                }
+                let now = Instant::now();
+                gates.map.insert(
+                    key,
+                    Gate {
+                        appended: seq,
+                        // As if its last append landed an interval ago: a higher `read` goes
+                        // out at once.
+                        at: now.checked_sub(self.interval).unwrap_or(now),
+                        in_flight: false,
+                        waiting: None,
+                    },
+                );
+            }
         }
     }
 
@@ -387,8 +404,6 @@ mod tests {
     async fn a_message_drops_the_cursors_waiting_below_it() {
         let cursors = ReadCursors::new(READ_INTERVAL);
         let (k, other) = (key("general", "bob"), key("general", "carol"));
-        cursors.sent(&k.0, &k.1, 99); // no gate: nothing to do
-        assert!(cursors.gates().map.is_empty());
         in_flight(&cursors, &k, 10);
         cursors.landed(&k, 0, 10, true);
         cursors.gates().wait(&k, 12);
@@ -403,10 +418,19 @@ mod tests {
             Some(20),
             "above the message"
         );
-        cursors.sent(&other.0, &other.1, 30);
-        assert!(!cursors.gates().map.contains_key(&other));
         tokio::time::advance(READ_INTERVAL).await;
         assert_eq!(cursors.take_due(), vec![(k.clone(), 15, 20)]);
+
+        // A user with no gate gets one: reads at or below the message are behind, and one
+        // above it is not held back.
+        cursors.sent(&other.0, &other.1, 30);
+        let gate = cursors.gates().map[&other];
+        assert_eq!(
+            (gate.appended, gate.in_flight, gate.waiting),
+            (30, false, None)
+        );
+        assert!(cursors.take_due().is_empty());
+        assert!(Instant::now() >= gate.at + READ_INTERVAL, "not held back");
     }
 
     #[tokio::test(start_paused = true)]

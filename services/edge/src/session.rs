@@ -143,7 +143,6 @@ fn serve_session(
             subscriptions: HashMap::new(),
             limits: ConnectionLimits::new(config.rates.frames, config.flood_window),
             typing: HashSet::new(),
-            sent_up_to: HashMap::new(),
             appends: std::sync::Mutex::default(),
         };
         tracing::debug!(user = %session.user, "session open");
@@ -348,17 +347,10 @@ struct Session {
     limits: ConnectionLimits,
     /// The rooms where this session said it is typing (and has not stopped or sent since).
     typing: HashSet<RoomId>,
-    /// Per room, the highest sequence of a message this session sent (acked): the user's read
-    /// cursor is there at least (a message moves it, implicitly), so a `read` at or below it
-    /// would move it back, before the store knows of the message.
-    sent_up_to: HashMap<RoomId, u64>,
     /// Appends in flight. Only reached through `&mut self` (`get_mut`: never locked); the
     /// mutex makes the session `Sync`, which its `&self` futures need.
     appends: std::sync::Mutex<Appends>,
 }
-
-/// The most rooms a session remembers its last message in (see `Session::sent_up_to`).
-const MAX_SENT_ROOMS: usize = 1_024;
 
 /// Whether the session goes on after a frame.
 enum Flow {
@@ -1049,14 +1041,7 @@ impl Session {
             // The message ends the indicator (each edge's feed sees it): the next keystroke
             // starts a new one (shown once 2 s have passed since the last, see `typing.rs`).
             self.typing.remove(&frame.room);
-            if self.sent_up_to.len() >= MAX_SENT_ROOMS && !self.sent_up_to.contains_key(&frame.room)
-            {
-                // A session posting to that many rooms keeps no floor (the store's cursor,
-                // a projection later, is the check then).
-                self.sent_up_to.clear();
-            }
-            let sent = self.sent_up_to.entry(frame.room.clone()).or_default();
-            *sent = (*sent).max(ack.seq);
+            // The message moves the user's read cursor: a `read` below it is behind now.
             self.state.reads.sent(&frame.room, &self.user, ack.seq);
         }
         protocol::ack(
@@ -1210,13 +1195,6 @@ impl Session {
             Ok(state) => state,
             Err(e) => return self.room_error(rid, &frame.room, &e).await,
         };
-        if self
-            .sent_up_to
-            .get(&room)
-            .is_some_and(|&sent| frame.seq <= sent)
-        {
-            return; // behind the cursor this session's own message moved
-        }
         if let Err(e) = self
             .state
             .reads
