@@ -541,6 +541,7 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                 anyhow::Ok(true)
             }
             LogCmd::Verify { room } => {
+                let named = room.is_some();
                 let rooms = match room {
                     Some(room) => vec![chat_model::RoomId::parse(&room)?],
                     None => log
@@ -551,7 +552,6 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                         .map(|(room, _)| room)
                         .collect(),
                 };
-                let one = rooms.len() == 1;
                 if rooms.is_empty() {
                     // Nothing verified is not a pass (a check run from cron would hide it): the
                     // usual cause is another deployment's CHAT_PREFIX or NATS_URL.
@@ -564,17 +564,19 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                 }
                 let mut all_ok = true;
                 for room in rooms {
-                    // A room that cannot be read now fails the run, and the others are still
+                    // A room named that cannot be read is an error (exit 1); among all rooms,
+                    // one that cannot be read now fails the run, and the others are still
                     // verified.
                     let verdict = match log.room_exists(&room).await {
                         Ok(true) => chatd::logtool::verify_room(&log, &room).await,
-                        Ok(false) if one => {
+                        Ok(false) if named => {
                             anyhow::bail!("no room {room} in this deployment's log")
                         }
                         Ok(false) => Err(anyhow::anyhow!("its stream is gone")),
                         Err(e) => Err(e.into()),
                     };
                     match verdict {
+                        Err(e) if named => return Err(e),
                         Ok(verdict) => {
                             all_ok &= verdict.ok();
                             println!("{}", verdict.to_json(&room));

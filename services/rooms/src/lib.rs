@@ -62,15 +62,11 @@ const CHANGE_ATTEMPTS: u32 = 16;
 /// only wait out `history_wait` before reading the log anyway.
 const COMMIT_AWAY: u64 = 4_000;
 
-/// The most events not yet stored that a history page reads from the log to apply their
-/// edits and deletes to the page (a projector that far behind is catching up, and the page is
-/// shown as stored plus the newest events as appended).
+/// The most events not yet stored that a history or thread page reads from the log to apply
+/// their edits and deletes to the page (a projector that far behind is catching up, and the page
+/// is shown as stored plus the newest events as appended), and that a refused append reads
+/// looking for an original with its id.
 const UNSTORED_SCAN: u64 = 1_000;
-
-/// The most events not yet stored that a refused append reads from the log, looking for an
-/// original with its id (see `Rooms::known_once_stored`); further behind, it waits for the
-/// projector. Every refused append may read this many while the projector lags.
-const RESEND_SCAN: u64 = 1_000;
 
 /// Settings of the room service.
 #[derive(Debug, Clone)]
@@ -896,7 +892,7 @@ impl Rooms {
     }
 
     /// The outcome of an earlier append of `id` in `room`: from the store's id index, or from
-    /// the log's entries the store does not hold yet (up to [`RESEND_SCAN`] of them; with more,
+    /// the log's entries the store does not hold yet (up to [`UNSTORED_SCAN`] of them; with more,
     /// once the projector has stored what the log held just now, waiting at most
     /// `history_wait`). `None`: there was none. `unavailable` if the store does not catch up in
     /// time: the original may be in what it has not stored, and a refusal could contradict an
@@ -917,21 +913,13 @@ impl Rooms {
         if stored >= head {
             return Ok(None);
         }
-        if head - stored <= RESEND_SCAN {
-            let mut unstored = self.log.read_range(room, stored + 1, head);
-            while let Some(entry) = unstored.next().await {
-                let entry = entry?;
-                // An entry this build cannot decode is not one it appended.
-                if let Ok(event) = entry.decode() {
-                    if event.id == id {
-                        return Ok(Some(known(chat_store::IdHit {
-                            seq: entry.seq,
-                            ts: event.ts,
-                        })));
-                    }
-                }
-            }
-            return Ok(None);
+        if head - stored <= UNSTORED_SCAN {
+            // (An entry this build cannot decode is not one it appended.)
+            let unstored = self.unstored(room, stored, head).await?;
+            return Ok(unstored
+                .into_iter()
+                .find(|(_, event)| event.id == id)
+                .map(|(seq, event)| known(chat_store::IdHit { seq, ts: event.ts })));
         }
         if !self
             .await_stored(room, head, self.config.history_wait)
