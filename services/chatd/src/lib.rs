@@ -124,7 +124,7 @@ pub async fn serve(
             commits: commits.clone(),
             ..chat_projector::ProjectorConfig::default()
         };
-        tasks.spawn(chat_projector::run(
+        tasks.spawn(chat_projector::run_supervised(
             log.clone(),
             store.clone(),
             projector_config,
@@ -262,13 +262,23 @@ pub async fn serve(
     if !shutdown.is_cancelled() {
         anyhow::bail!("http server stopped without a shutdown request");
     }
-    // The projector writes what it has queued and stops.
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "projector stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "projector task failed"),
+    // The projector writes what it has queued and stops, within what is left of the grace (a
+    // few seconds at least): a store that does not answer is not waited for (what was not
+    // written is read from the log again at the next start).
+    let left = (drain_started + config.drain_grace)
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(3));
+    let joined = tokio::time::timeout(left, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "projector task failed");
+            }
         }
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("the projector did not stop in time; stopping it");
+        tasks.shutdown().await;
     }
     // What is still buffered for NATS goes out, within what is left of the grace (a second at
     // least): with NATS unreachable a flush would wait for it forever.

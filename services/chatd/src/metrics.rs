@@ -201,6 +201,12 @@ pub fn observe(state: &AppState) {
                     "{error}",
                     |s| &s.store_errors,
                 ),
+                (
+                    "chat.projector.restarts",
+                    "Times the projector stopped on an error and was started again.",
+                    "{restart}",
+                    |s| &s.restarts,
+                ),
             ],
             &[(
                 "chat.projector.lag_ms",

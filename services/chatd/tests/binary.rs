@@ -366,6 +366,50 @@ fn sigterm_while_nats_is_unreachable_still_ends_the_process() {
     assert!(status.success(), "{status}: {}", chatd.stderr());
 }
 
+/// A store that does not answer (here: held by another writer) does not keep the process from
+/// stopping: what the projector could not write is read from the log again at the next start.
+#[test]
+fn sigterm_while_the_store_is_locked_still_ends_the_process() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut env = external_nats_env(data.path(), &server);
+    env.push(("CHAT_DRAIN_GRACE", "2s".to_owned()));
+    let mut chatd = start(&env);
+    let token = dev_token(data.path(), "alice", 3600);
+    let locker = rusqlite::Connection::open(data.path().join("store.db")).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // A room created: an event the projector cannot store while the lock is held.
+    let (status, created) = api(
+        &chatd,
+        &token,
+        "POST",
+        "/v1/rooms",
+        Some(serde_json::json!({"room": "locked", "kind": "group", "name": "L"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    chatd.signal(Signal::SIGTERM);
+    let status = chatd
+        .wait_exit(Duration::from_secs(40))
+        .unwrap_or_else(|| panic!("chatd still runs after SIGTERM: {}", chatd.stderr()));
+    assert!(status.success(), "{status}: {}", chatd.stderr());
+    locker.execute_batch("ROLLBACK").unwrap();
+
+    // Started again, it stores the room it could not store before.
+    let chatd = start(&env);
+    let token = dev_token(data.path(), "alice", 3600);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, rooms) = api(&chatd, &token, "GET", "/v1/rooms", None);
+        assert_eq!(status, 200, "{rooms}");
+        if rooms["rooms"].as_array().is_some_and(|r| r.len() == 1) {
+            assert_eq!(rooms["rooms"][0]["room"], "locked", "{rooms}");
+            break;
+        }
+        assert!(Instant::now() < end, "the room was not stored: {rooms}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_missing_nats_server_binary_is_a_clear_error() {
     let data = tempfile::tempdir().unwrap();

@@ -99,6 +99,8 @@ pub struct ProjectorStats {
     pub lag_ms: AtomicU64,
     /// Store writes that failed (and were retried).
     pub store_errors: AtomicU64,
+    /// Times the projector stopped on an error (or a panic) and was started again.
+    pub restarts: AtomicU64,
     /// Time spent writing batches to the store (retries included), µs: against the time it took
     /// to project them, it says whether the store or the stream reads set the pace.
     pub store_write_us: AtomicU64,
@@ -156,9 +158,57 @@ enum Input {
     Filled(RoomId, Vec<Entry>),
     /// A stream read ended (an error means: try again later).
     FillDone(RoomId, Result<(), String>),
-    /// The stream list: every room's last sequence.
-    Heads(Vec<(RoomId, u64)>),
+    /// The stream list: every room's last sequence, and when the listing before it started
+    /// (ms since the epoch; what it finds behind was appended after that).
+    Heads(Vec<(RoomId, u64)>, i64),
 }
+
+/// Runs a projector until `shutdown` is cancelled, starting it again (after a pause that grows
+/// to [`RESTART_PAUSE_MAX`]) whenever it stops on an error or a panic: the store unreachable at
+/// start, the live subscription closed. A projector that stopped for good would leave the store
+/// behind the log with nothing to say so but its reports going stale.
+pub async fn run_supervised(
+    log: RoomLog,
+    store: Arc<dyn Store>,
+    config: ProjectorConfig,
+    stats: Arc<ProjectorStats>,
+    shutdown: CancellationToken,
+) {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let running = tokio::spawn(run(
+            log.clone(),
+            store.clone(),
+            config.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        let started = tokio::time::Instant::now();
+        let why = match running.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => format!("panicked: {e}"),
+            Err(e) => e.to_string(),
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
+        // A run that lasted a while is a new failure, not the same one again.
+        if started.elapsed() > RESTART_PAUSE_MAX * 2 {
+            pause = Duration::from_millis(200);
+        }
+        tracing::error!(partition = %config.partition, error = %why, retry_in = ?pause, "projector stopped; starting it again");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RESTART_PAUSE_MAX);
+    }
+}
+
+/// The longest pause before a stopped projector is started again.
+pub const RESTART_PAUSE_MAX: Duration = Duration::from_secs(10);
 
 /// Runs a projector until `shutdown` is cancelled.
 pub async fn run(
@@ -185,6 +235,13 @@ pub async fn run(
         .map(|(room, seq)| (room, Track::new(seq)))
         .collect();
     tracing::info!(partition = %config.partition, rooms = tracks.len(), "projector starting");
+    // What the log gained while no projector of this share ran is dated from this share's last
+    // report, not from when this process learns of it: the edges judge resends past the
+    // duplicate window by the lag reported, and a backlog dated "now" would read as fresh.
+    let mut backlog_since = previous_backlog_floor(store.as_ref(), &config.partition).await;
+    // Listings find what the live feed missed (a lost last event, a reconnect): appended after
+    // the listing before them started, at the earliest.
+    let mut listed_at: Option<i64> = None;
 
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
     let (write_tx, write_rx) = mpsc::channel::<Commit>(1);
@@ -199,6 +256,7 @@ pub async fn run(
         stored_tx,
         stats.clone(),
         config.commits.clone(),
+        shutdown.clone(),
     ));
     tasks.spawn(list_heads(log.clone(), input_tx.clone()));
 
@@ -287,8 +345,9 @@ pub async fn run(
                             }
                         }
                     }
-                    Input::Heads(heads) => {
-                        let now = now_ms();
+                    Input::Heads(heads, started_ms) => {
+                        let since = backlog_since.take().or(listed_at).unwrap_or(started_ms);
+                        listed_at = Some(listed_at.map_or(started_ms, |at| at.max(started_ms)));
                         for (room, last) in heads {
                             if !config.partition.owns(&room) {
                                 continue;
@@ -296,7 +355,7 @@ pub async fn run(
                             let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
                             track.known = track.known.max(last);
                             if track.known > track.queued {
-                                track.mark_behind(now);
+                                track.mark_behind(since);
                                 if !track.filling {
                                     track.filling = true;
                                     fill_queue.push_back(room);
@@ -359,15 +418,21 @@ pub async fn run(
                 }
             }
             event = connection.recv() => {
-                // After a reconnect (or lost notices), live messages may have been missed.
-                if matches!(event, Ok(ConnectionEvent::Connected) | Err(_)) {
+                // After a reconnect, a slow-consumer notice (messages dropped, perhaps a
+                // room's last) or lost notices, live messages may have been missed.
+                if matches!(
+                    event,
+                    Ok(ConnectionEvent::Connected | ConnectionEvent::SlowConsumer) | Err(_)
+                ) {
                     tasks.spawn(list_heads(log.clone(), input_tx.clone()));
                 }
             }
             _ = reconcile.tick() => {
                 tasks.spawn(list_heads(log.clone(), input_tx.clone()));
             }
-            _ = report.tick() => {
+            // Nothing to report until the first listing says what is behind (a restarted
+            // projector knows of no backlog before it).
+            _ = report.tick(), if listed_at.is_some() => {
                 let now = now_ms();
                 let lag = tracks
                     .values()
@@ -549,6 +614,7 @@ async fn writer(
     stored_tx: mpsc::UnboundedSender<Vec<(RoomId, u64)>>,
     stats: Arc<ProjectorStats>,
     commits: Arc<Commits>,
+    shutdown: CancellationToken,
 ) {
     // A no-op unless the process set up a meter provider (chatd does: `/metrics`, OTLP).
     let commit_duration = opentelemetry::global::meter("chat-projector")
@@ -588,10 +654,20 @@ async fn writer(
                 Ok(()) => break,
                 Err(e) => {
                     stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    // Stopping: what is not written is read from the log again at the next
+                    // start (the store's checkpoints say where), so nothing waits for a store
+                    // that does not answer.
+                    if shutdown.is_cancelled() {
+                        tracing::warn!(error = %e, events = count, "store write failed while stopping; the next start reads these events from the log again");
+                        return;
+                    }
                     retries += 1;
                     span.record("chat.retries", i64::from(retries));
                     tracing::error!(error = %e, "store write failed; retrying");
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
@@ -657,12 +733,31 @@ async fn fill(log: RoomLog, room: RoomId, from: u64, to: u64, input: mpsc::Sende
 
 /// Lists every room's head into the projector's loop.
 async fn list_heads(log: RoomLog, input: mpsc::Sender<Input>) {
+    let started = now_ms();
     match log.rooms().await {
         Ok(rooms) => {
             let heads = rooms.into_iter().map(|(r, b)| (r, b.last)).collect();
-            let _ = input.send(Input::Heads(heads)).await;
+            let _ = input.send(Input::Heads(heads, started)).await;
         }
         Err(e) => tracing::warn!(error = %e, "listing rooms failed; next reconcile retries"),
+    }
+}
+
+/// The earliest the log's events not yet stored for `partition` can have been appended, by its
+/// last report: nothing older than its lag then was missing, and what came after it is newer.
+/// `None` when it never reported (or the store cannot say).
+async fn previous_backlog_floor(store: &dyn Store, partition: &Partition) -> Option<i64> {
+    let name = partition.to_string();
+    match store.projectors().await {
+        Ok(reports) => reports.into_iter().find(|r| r.partition == name).map(|r| {
+            r.reported_at_ms
+                .saturating_sub(r.lag_ms as i64)
+                .min(now_ms())
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the last projector report failed; backlog dated from now");
+            None
+        }
     }
 }
 

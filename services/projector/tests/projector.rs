@@ -489,3 +489,108 @@ async fn a_whole_rebuild_clears_rooms_no_log_has_any_more() {
         rebuilt_digest(&log).await
     );
 }
+
+/// A projector on `store` (shared with a projector before it).
+fn start_on(log: &RoomLog, store: Arc<dyn Store>, config: ProjectorConfig) -> Running {
+    let stats = Arc::new(ProjectorStats::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (log, store, stats, stop) = (log.clone(), store.clone(), stats.clone(), stop.clone());
+        async move {
+            chat_projector::run(log, store, config, stats, stop)
+                .await
+                .unwrap()
+        }
+    });
+    Running {
+        store,
+        stats,
+        stop,
+        task,
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// What the log gained while no projector ran is as old as the time since the last report, not
+/// as old as the restarted projector's knowledge of it: the edges refuse a resend past the
+/// duplicate window by this lag, and a backlog dated from the restart would let a resend whose
+/// original is not stored yet through.
+#[tokio::test]
+async fn a_restarted_projector_dates_the_backlog_from_its_last_report() {
+    let (_server, log, r) = with_created_room("restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let first = start_on(&log, store.clone(), test_config());
+    caught_up(&store, &log, std::slice::from_ref(&r)).await;
+    let reported = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let reports = store.projectors().await.unwrap();
+            if let Some(report) = reports.into_iter().find(|p| p.partition == "0/1") {
+                return report;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first projector reported");
+    first.stop().await;
+
+    // While none runs: appends, and the store locked by another writer, so that the next
+    // projector cannot catch up before it reports.
+    let mut rng = StdRng::seed_from_u64(4);
+    for head in 1..=3 {
+        log.append(&r, &random_event(&mut rng, head)).await.unwrap();
+    }
+    let locker = rusqlite::Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The downtime the lag must show, at least.
+    let down = Duration::from_millis(1_500);
+    let since_report = Duration::from_millis((now_ms() - reported.reported_at_ms).max(0) as u64);
+    tokio::time::sleep(down.saturating_sub(since_report)).await;
+
+    let second = start_on(&log, store.clone(), test_config());
+    let restarted_at = now_ms();
+    let lag = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let lag = second
+                .stats
+                .lag_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if lag > 0 {
+                return lag as i64;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the restarted projector reports its lag");
+    let floor = restarted_at - (reported.reported_at_ms - reported.lag_ms as i64);
+    assert!(
+        lag >= floor && floor >= 1_500,
+        "lag {lag} ms reported after {floor} ms without a projector"
+    );
+
+    locker.execute_batch("ROLLBACK").unwrap();
+    caught_up(&store, &log, std::slice::from_ref(&r)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while second
+            .stats
+            .lag_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no lag once caught up");
+    second.stop().await;
+}
