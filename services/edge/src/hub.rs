@@ -285,12 +285,19 @@ const BURST: usize = 64;
 /// room's typing indicators alongside.
 async fn run_feed(
     room: RoomId,
-    mut live: chat_log::LiveSubscription,
+    live: chat_log::LiveSubscription,
     tx: broadcast::Sender<Arc<Delivery>>,
     mut typing: async_nats::Subscriber,
     listeners: Arc<Listeners>,
     mut typists: Typists,
 ) {
+    // As a stream, so that a typing signal or an expiry taking its turn in the `select!` below
+    // does not cancel a head check or a range read the subscription has under way.
+    let mut live = futures::stream::unfold(live, |mut live| async move {
+        let entry = live.next().await;
+        Some((entry, live))
+    })
+    .boxed();
     let mut pause = Duration::from_millis(50);
     let mut typing_open = true;
     // Nobody receiving right now is fine: followers catch up from the log, and typing is
@@ -305,7 +312,7 @@ async fn run_feed(
                 Some(message) => decide_typing(&room, &mut typists, &message, &show),
                 None => typing_open = false,
             },
-            entry = live.next() => match entry {
+            Some(entry) = live.next() => match entry {
                 Ok(entry) => {
                     pause = Duration::from_millis(50);
                     // Render what else already arrived before broadcasting any of it: the
@@ -323,13 +330,13 @@ async fn run_feed(
                     while burst.len() < BURST {
                         drain_typing(&room, &mut typing, &mut typing_open, &mut typists, &show);
                         match live.next().now_or_never() {
-                            Some(Ok(entry)) => {
+                            Some(Some(Ok(entry))) => {
                                 let next = Arc::new(delivery(&room, &entry));
                                 end_typing(&mut typists, &next, &show);
                                 burst.push(next);
                             }
                             // An error is met again (and handled) at the next wait.
-                            Some(Err(_)) | None => break,
+                            Some(Some(Err(_)) | None) | None => break,
                         }
                     }
                     for delivery in burst {

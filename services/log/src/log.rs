@@ -69,6 +69,65 @@ pub enum ConnectionEvent {
     Refused,
 }
 
+/// Slow-consumer notices passed on at most once per [`SLOW_NOTICE_EVERY`]: the first of a burst
+/// at once, and one more after the burst (so every drop is followed by a notice).
+#[derive(Default)]
+struct SlowNotices {
+    state: std::sync::Mutex<SlowState>,
+}
+
+#[derive(Default)]
+struct SlowState {
+    /// When a notice was last passed on.
+    sent: Option<std::time::Instant>,
+    /// A notice is due at the end of the interval (a task waits to send it).
+    due: bool,
+    /// Notices received since the last one passed on.
+    dropped: u64,
+}
+
+const SLOW_NOTICE_EVERY: Duration = Duration::from_secs(1);
+
+impl SlowNotices {
+    fn notice(self: Arc<Self>, tx: broadcast::Sender<ConnectionEvent>) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        state.dropped += 1;
+        let now = std::time::Instant::now();
+        match state.sent {
+            Some(sent) if now.duration_since(sent) < SLOW_NOTICE_EVERY => {
+                if !state.due {
+                    state.due = true;
+                    let wait = SLOW_NOTICE_EVERY - now.duration_since(sent);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        this.pass_on(&tx);
+                    });
+                }
+            }
+            _ => {
+                drop(state);
+                self.pass_on(&tx);
+            }
+        }
+    }
+
+    fn pass_on(&self, tx: &broadcast::Sender<ConnectionEvent>) {
+        let dropped = match self.state.lock() {
+            Ok(mut state) => {
+                state.sent = Some(std::time::Instant::now());
+                state.due = false;
+                std::mem::take(&mut state.dropped)
+            }
+            Err(_) => return,
+        };
+        tracing::warn!(notices = dropped, "nats slow consumer: messages dropped");
+        let _ = tx.send(ConnectionEvent::SlowConsumer);
+    }
+}
+
 /// A receiver of [`ConnectionEvent`]s.
 pub type ConnectionEvents = broadcast::Receiver<ConnectionEvent>;
 
@@ -131,15 +190,23 @@ impl RoomLog {
         config.validate()?;
         let (events, _) = broadcast::channel(CONNECTION_EVENTS_CAPACITY);
         let events_tx = events.clone();
+        let slow = Arc::new(SlowNotices::default());
         let options = options
             .request_timeout(Some(config.request_timeout))
             .event_callback(move |event| {
                 let events_tx = events_tx.clone();
+                let slow = slow.clone();
                 async move {
+                    // One notice per message dropped, on any subscription of the connection:
+                    // every live feed re-reads its room's head on each, so a burst of them is
+                    // passed on as one now and one when it is over.
+                    if let async_nats::Event::SlowConsumer(_) = event {
+                        slow.notice(events_tx);
+                        return;
+                    }
                     let forwarded = match event {
                         async_nats::Event::Connected => Some(ConnectionEvent::Connected),
                         async_nats::Event::Disconnected => Some(ConnectionEvent::Disconnected),
-                        async_nats::Event::SlowConsumer(_) => Some(ConnectionEvent::SlowConsumer),
                         async_nats::Event::ServerError(
                             async_nats::ServerError::AuthorizationViolation,
                         ) => Some(ConnectionEvent::Refused),
@@ -152,7 +219,6 @@ impl RoomLog {
                         _ => None,
                     };
                     match forwarded {
-                        Some(ConnectionEvent::SlowConsumer) => tracing::warn!("nats slow consumer"),
                         Some(ConnectionEvent::Refused) => {
                             tracing::warn!(event = %event, "nats refused the credentials")
                         }
