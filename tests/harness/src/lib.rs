@@ -536,7 +536,9 @@ mod tests {
 mod shipped_configs {
     use super::*;
 
-    /// Every nats-server configuration the project ships parses (`nats-server -t`).
+    /// Every nats-server configuration the project ships parses (`nats-server -t`) once given
+    /// its secrets, and is refused without them (none admits a client or a route without
+    /// credentials).
     #[test]
     fn shipped_nats_configs_are_valid() {
         let root = workspace_root().join("nats");
@@ -545,13 +547,33 @@ mod shipped_configs {
             configs.push(entry.unwrap().path());
         }
         assert!(configs.len() >= 4);
+        let secrets = [
+            (
+                "CHAT_NATS_NKEY",
+                "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4",
+            ),
+            ("CHAT_NATS_ROUTE_PASSWORD", "pw"),
+            ("CHAT_NATS_ROUTE_1", "nats-route://route:pw@n1:6222"),
+            ("CHAT_NATS_ROUTE_2", "nats-route://route:pw@n2:6222"),
+            ("CHAT_NATS_ROUTE_3", "nats-route://route:pw@n3:6222"),
+        ];
         for config in configs {
-            let out = Command::new(nats_server_bin())
-                .arg("-t")
-                .arg("-c")
-                .arg(&config)
-                .output()
-                .unwrap();
+            let check = || {
+                let mut command = Command::new(nats_server_bin());
+                command.arg("-t").arg("-c").arg(&config);
+                for (name, _) in secrets {
+                    command.env_remove(name);
+                }
+                command
+            };
+            let without = check().output().unwrap();
+            assert!(
+                !without.status.success()
+                    && String::from_utf8_lossy(&without.stderr).contains("CHAT_NATS_NKEY"),
+                "{} starts without the client nkey",
+                config.display()
+            );
+            let out = check().envs(secrets).output().unwrap();
             assert!(
                 out.status.success(),
                 "{}: {}{}",
