@@ -154,6 +154,11 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// The most rooms one `subscribe` frame may name.
     pub max_rooms_per_subscribe: usize,
+    /// Streams in the NATS account past which no room is created (`CHAT_MAX_ROOMS`; 0: none).
+    pub max_rooms: u64,
+    /// Rooms a user may be a member of and still create one (`CHAT_MAX_ROOMS_PER_USER`; 0:
+    /// no cap).
+    pub max_rooms_per_user: usize,
     /// How long an append with an unknown outcome is retried (same id) before `unavailable`.
     pub append_retry: Duration,
     /// Appends one session may have in flight (`CHAT_APPENDS_IN_FLIGHT`).
@@ -394,6 +399,17 @@ impl Config {
             "CHAT_MAX_ROOMS_PER_SUBSCRIBE",
             defaults.max_rooms_per_subscribe,
         )?;
+        // 0: no cap.
+        let cap = |var: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(var) {
+                Some(n) => n
+                    .parse::<u64>()
+                    .map_err(|_| err(var, format!("a whole number (0: no cap), got {n:?}"))),
+                None => Ok(default),
+            }
+        };
+        let max_rooms = cap("CHAT_MAX_ROOMS", 20_000)?;
+        let max_rooms_per_user = cap("CHAT_MAX_ROOMS_PER_USER", 1_000)? as usize;
         let append_retry = duration("CHAT_APPEND_RETRY", defaults.append_retry)?;
         let appends_in_flight = count("CHAT_APPENDS_IN_FLIGHT", defaults.appends_in_flight)?;
         let typing_expiry = duration("CHAT_TYPING_TIMEOUT", Duration::from_secs(5))?;
@@ -574,6 +590,8 @@ impl Config {
             max_connections,
             max_connections_per_user,
             max_rooms_per_subscribe,
+            max_rooms,
+            max_rooms_per_user,
             append_retry,
             appends_in_flight,
             typing_expiry,

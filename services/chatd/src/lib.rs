@@ -148,6 +148,8 @@ pub async fn serve(
                 commits: (role == Role::All && config.partition == chat_projector::Partition::ALL)
                     .then(|| commits.clone()),
                 projector_here: role == Role::All,
+                max_rooms: config.max_rooms,
+                max_rooms_per_user: config.max_rooms_per_user,
                 ..chat_rooms::RoomsConfig::default()
             },
         )

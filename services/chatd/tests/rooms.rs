@@ -335,3 +335,87 @@ async fn a_removed_member_is_cut_off() {
         bob.buffered()
     );
 }
+
+/// Every room is a stream, and a NATS server holds tens of thousands at most: a user who is a
+/// member of `CHAT_MAX_ROOMS_PER_USER` rooms creates no more, and once the account holds
+/// `CHAT_MAX_ROOMS` streams nobody does. Existing rooms stay reachable.
+#[test]
+fn room_creation_is_capped_per_user_and_in_total() {
+    let nats = chat_harness::NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let chatd = common::node(
+        &nats,
+        data.path(),
+        "all",
+        &[("CHAT_MAX_ROOMS_PER_USER", "2"), ("CHAT_MAX_ROOMS", "4")],
+    );
+    let call = |user: &str, method: &str, path: &str, body: Option<Value>| {
+        common::api(&chatd, &common::token(user), method, path, body)
+    };
+    let group = |user: &str, room: &str| {
+        call(
+            user,
+            "POST",
+            "/v1/rooms",
+            Some(json!({"room": room, "kind": "group", "name": room})),
+        )
+    };
+    let direct = |user: &str, with: &str| {
+        call(
+            user,
+            "POST",
+            "/v1/rooms",
+            Some(json!({"kind": "direct", "members": [with]})),
+        )
+    };
+    assert_eq!(group("alice", "a1").0, 201);
+    assert_eq!(group("alice", "a2").0, 201);
+    let (status, refused) = group("alice", "a3");
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("CHAT_MAX_ROOMS_PER_USER"),
+        "{refused}"
+    );
+    assert_eq!(direct("alice", "bob").0, 403, "alice is in 2 rooms");
+    // Bob may open it; alice then reaches the same room (not a new one).
+    let (status, dm) = direct("bob", "alice");
+    assert_eq!(status, 201, "{dm}");
+    let (status, again) = direct("alice", "bob");
+    assert_eq!((status, &again["room"]), (200, &dm["room"]), "{again}");
+    // A room that exists is answered as before (409), not refused by the cap.
+    assert_eq!(group("alice", "a1").0, 409);
+
+    // Carol (in no room) creates until the account is full: 3 streams so far (the rooms; the
+    // user log's comes with the first block), 4 at most.
+    let mut created = 0;
+    let refused = loop {
+        let (status, body) = group("carol", &format!("c{created}"));
+        if status != 201 {
+            break (status, body, format!("c{created}"));
+        }
+        created += 1;
+        assert!(created <= 2, "carol created {created} rooms");
+    };
+    assert_eq!((created, refused.0), (1, 403), "{}", refused.1);
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(CHAT_MAX_ROOMS)"), "{message}");
+    let (status, _) = call(
+        "carol",
+        "GET",
+        &format!("/v1/rooms/{}/messages", refused.2),
+        None,
+    );
+    assert_eq!(status, 404, "the refused room was not created");
+    // Existing rooms still take messages and members.
+    let (status, joined) = call(
+        "alice",
+        "POST",
+        "/v1/rooms/a1/members",
+        Some(json!({"user": "carol"})),
+    );
+    assert_eq!(status, 200, "{joined}");
+}

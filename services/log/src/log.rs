@@ -486,6 +486,24 @@ impl RoomLog {
     }
 
     /// The room's last sequence (0 when empty).
+    /// How many streams the NATS account holds (rooms of every deployment sharing it, and the
+    /// user logs): what a cap on rooms is judged by.
+    pub async fn stream_count(&self) -> Result<u64, LogError> {
+        let unavailable = |reason: String| LogError::Unavailable {
+            room: RoomId::parse("account").expect("a valid room id"),
+            op: "count streams",
+            reason,
+        };
+        let info = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            self.inner.js.query_account(),
+        )
+        .await
+        .map_err(|_| unavailable("timed out".to_owned()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+        Ok(info.streams as u64)
+    }
+
     pub async fn head(&self, room: &RoomId) -> Result<u64, LogError> {
         Ok(self.bounds(room).await?.last)
     }

@@ -93,6 +93,12 @@ pub struct RoomsConfig {
     /// projector has reported to the store: until then nothing says the store's id index
     /// answers resends past the duplicate window (it may be a store no projector fills).
     pub projector_here: bool,
+    /// Rooms (streams of the NATS account) past which no new room is created; 0: no cap. Each
+    /// room is a stream, and a server holds tens of thousands at most.
+    pub max_rooms: u64,
+    /// A user who is a member of this many rooms creates no more; 0: no cap. With `max_rooms`
+    /// it keeps one user from taking every room there can be.
+    pub max_rooms_per_user: usize,
 }
 
 impl Default for RoomsConfig {
@@ -106,6 +112,8 @@ impl Default for RoomsConfig {
             commits: None,
             history_wait: Duration::from_millis(250),
             projector_here: true,
+            max_rooms: 0,
+            max_rooms_per_user: 0,
         }
     }
 }
@@ -589,6 +597,7 @@ impl Rooms {
         }
         validate::validate_name(name)?;
         let members = validate::members(actor, members)?;
+        self.check_room_caps(actor, room).await?;
         let event = Event {
             id: id.unwrap_or_else(Uuid::new_v4),
             user: actor.clone(),
@@ -648,6 +657,7 @@ impl Rooms {
         }
         decide_direct_contact(self.pair_blocks(actor, other).await?)?;
         let room = direct_room_id(actor, other);
+        self.check_room_caps(actor, &room).await?;
         // The same id whoever asks: concurrent first requests from both users make one event.
         let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, room.as_str().as_bytes());
         let event = Event {
@@ -1290,6 +1300,31 @@ impl Rooms {
             self.config.dedup_window.as_millis() as i64,
             self.config.projector_here,
         ))
+    }
+
+    /// Whether `actor` may create `room` under the caps on rooms (`max_rooms`,
+    /// `max_rooms_per_user`): a room that exists already is not a new one.
+    async fn check_room_caps(&self, actor: &UserId, room: &RoomId) -> Result<(), RoomError> {
+        let (max_rooms, per_user) = (self.config.max_rooms, self.config.max_rooms_per_user);
+        if max_rooms == 0 && per_user == 0 {
+            return Ok(());
+        }
+        match self.log.head(room).await {
+            Ok(_) => return Ok(()),
+            Err(LogError::RoomNotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if per_user > 0 && self.rooms_of(actor).await?.len() >= per_user {
+            return Err(RoomError::Forbidden(format!(
+                "a member of {per_user} rooms or more creates no more (CHAT_MAX_ROOMS_PER_USER)"
+            )));
+        }
+        if max_rooms > 0 && self.log.stream_count().await? >= max_rooms {
+            return Err(RoomError::Forbidden(format!(
+                "this deployment holds its most rooms, {max_rooms} (CHAT_MAX_ROOMS)"
+            )));
+        }
+        Ok(())
     }
 
     /// The rooms `user` is in, with head, last read and unread count (not counting the
