@@ -149,6 +149,8 @@ pub struct Config {
     /// How long a client may take to send a request's head, or keep an idle connection open
     /// between requests (`CHAT_HTTP_HEADER_TIMEOUT`).
     pub http_header_timeout: Duration,
+    /// How long a request's body and its answer may take (`CHAT_HTTP_REQUEST_TIMEOUT`).
+    pub http_request_timeout: Duration,
     /// Connection caps of an edge: in total and per user.
     pub max_connections: usize,
     pub max_connections_per_user: usize,
@@ -390,6 +392,7 @@ impl Config {
         };
         let max_http_connections = count("CHAT_MAX_HTTP_CONNECTIONS", 1_024)?;
         let http_header_timeout = duration("CHAT_HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?;
+        let http_request_timeout = duration("CHAT_HTTP_REQUEST_TIMEOUT", Duration::from_secs(15))?;
         let max_connections = count("CHAT_MAX_CONNECTIONS", defaults.max_connections)?;
         let max_connections_per_user = count(
             "CHAT_MAX_CONNECTIONS_PER_USER",
@@ -587,6 +590,7 @@ impl Config {
             flood_window,
             max_http_connections,
             http_header_timeout,
+            http_request_timeout,
             max_connections,
             max_connections_per_user,
             max_rooms_per_subscribe,

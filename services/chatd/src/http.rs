@@ -62,6 +62,32 @@ pub fn starting_router() -> Router {
         })
 }
 
+/// A request must be received and answered within `limit` (`CHAT_HTTP_REQUEST_TIMEOUT`): the
+/// head is bounded by the server's header timeout, and this bounds the body and the answer, so
+/// that a client sending its body a byte at a time cannot hold one of the process's HTTP
+/// connections for as long as it likes. Past it: `503 unavailable`, and the connection closes.
+/// A WebSocket upgrade is answered at once; the session that follows is not a request.
+pub async fn bounded(
+    limit: std::time::Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &format!("the request was not received and answered within {limit:?}"),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
 /// Runs a routed request in a span of its own (see [`crate::telemetry`]).
 pub async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument as _;

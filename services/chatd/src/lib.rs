@@ -191,9 +191,13 @@ pub async fn serve(
     if let Some(edge) = &edge {
         app = app.merge(chat_edge::router(edge.clone()));
     }
+    let request_timeout = config.http_request_timeout;
     let app = app
         .method_not_allowed_fallback(http::method_not_allowed)
-        .route_layer(axum::middleware::from_fn(http::traced));
+        .route_layer(axum::middleware::from_fn(http::traced))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            http::bounded(request_timeout, request, next)
+        }));
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

@@ -677,6 +677,63 @@ async fn connections_that_never_finish_a_request_are_bounded_and_timed_out() {
     );
 }
 
+/// A body sent a byte at a time holds its HTTP connection no longer than the request timeout:
+/// the answer is `503` and the connection closes.
+#[test]
+fn a_request_body_that_never_finishes_is_timed_out() {
+    use std::io::{Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_HTTP_REQUEST_TIMEOUT", "1s")],
+    ));
+    let token = dev_token(data.path(), "alice", 3600);
+    let mut stream = std::net::TcpStream::connect(chatd.http_addr()).unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /v1/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    // Trickle the body until the server answers (a byte every 200 ms: never done in time).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = std::time::Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    loop {
+        assert!(started.elapsed() < DEADLINE, "no answer to a trickled body");
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !answer.is_empty() {
+                    continue;
+                }
+                if stream.write_all(b" ").is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("not received and answered"), "{answer}");
+    // And the process still serves.
+    let (status, _) = chatd.get("/healthz").unwrap();
+    assert_eq!(status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_under_load_closes_with_1001_and_loses_no_acked_message() {
     let data = tempfile::tempdir().unwrap();
