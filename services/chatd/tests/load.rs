@@ -1179,3 +1179,38 @@ async fn http_requests_draw_on_the_users_rate_limits() {
     assert_eq!(status, 200, "{rooms}");
     assert!(metric(&chatd, "chat_http_rate_limited_total") >= 2);
 }
+
+/// A `subscribe` costs one token per room it names: a frame of many rooms is as much work as as
+/// many frames of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_draws_one_token_per_room() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(data.path(), &[("CHAT_SUBSCRIBE_RATE", "1/50")]));
+    let alice = dev_token(data.path(), "alice", 3600);
+    for room in ["s1", "s2", "s3"] {
+        let body = json!({"room": room, "kind": "group"});
+        let (status, answer) = api(&chatd, &alice, "POST", "/v1/rooms", Some(body));
+        assert_eq!(status, 201, "{answer}");
+    }
+    let mut ws = Client::connect(&chatd.ws_url(), &alice).await;
+    // 16 frames of 3 rooms take 48 of the 50 tokens; by one a frame, 50 frames would pass.
+    let mut passed = 0;
+    let refused = loop {
+        let frame = json!({"type": "subscribe", "rooms": {"s1": null, "s2": null, "s3": null}});
+        let reply = ws.request(frame).await;
+        if reply["type"] == "error" {
+            break reply;
+        }
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        // The other two rooms' replies.
+        ws.wait_for(|f| f["type"] == "subscribed" && f["room"] == "s3")
+            .await;
+        passed += 1;
+        assert!(
+            passed <= 20,
+            "{passed} frames of 3 rooms passed a burst of 50"
+        );
+    };
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(passed >= 16, "refused after {passed} frames: {refused}");
+}

@@ -215,21 +215,34 @@ impl UserLimits {
     }
 
     pub fn check(&self, work: Work, user: &UserId) -> Result<(), Limited> {
+        self.check_n(work, user, 1)
+    }
+
+    /// Draws `n` tokens at once (a `subscribe` naming `n` rooms), at most the whole burst: work
+    /// larger than the burst empties the bucket rather than never passing.
+    pub fn check_n(&self, work: Work, user: &UserId, n: u32) -> Result<(), Limited> {
         let (limiter, rate) = self.bucket(work);
-        limiter.check_key(user).map_err(|not_until| Limited {
+        let n = n.clamp(1, rate.burst.max(1));
+        let tokens = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let limited = |retry_after| Limited {
             burst: rate.burst,
-            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-        })?;
+            retry_after,
+        };
+        match limiter.check_key_n(user, tokens) {
+            Ok(Ok(())) => {}
+            Ok(Err(not_until)) => {
+                return Err(limited(
+                    not_until.wait_time_from(DefaultClock::default().now()),
+                ))
+            }
+            // More than the bucket holds when full (the burst was lowered under `n`): it
+            // refills in a second at most.
+            Err(_) => return Err(limited(Duration::from_secs(1))),
+        }
         if let Some(used) = &self.used {
             if let Ok(mut used) = used.lock() {
-                match used.get_mut(user) {
-                    Some(counts) => counts[work.index()] += 1,
-                    None => {
-                        let mut counts = Used::default();
-                        counts[work.index()] = 1;
-                        used.insert(user.clone(), counts);
-                    }
-                }
+                let counts = used.entry(user.clone()).or_default();
+                counts[work.index()] = counts[work.index()].saturating_add(n);
             }
         }
         Ok(())

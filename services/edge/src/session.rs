@@ -566,8 +566,14 @@ impl Session {
         frame: Option<&Frame<'_>>,
         work: Option<Work>,
     ) -> Admission {
+        // A `subscribe` costs one token per room it names (each is a log read, a feed, perhaps
+        // a NATS subscription), not one per frame.
+        let tokens = match (work, frame) {
+            (Some(Work::Subscribe), Some(frame)) => subscribe_rooms(frame),
+            _ => 1,
+        };
         let checked = self.limits.check_frame().and_then(|()| match work {
-            Some(work) => self.state.limits.check(work, &self.user),
+            Some(work) => self.state.limits.check_n(work, &self.user, tokens),
             None => Ok(()),
         });
         let Err(Limited { burst, retry_after }) = checked else {
@@ -1325,6 +1331,19 @@ impl<'de> Deserialize<'de> for Positions {
 
 /// The `room` a frame names, if it names a valid room id (whatever else is wrong with it; an
 /// invalid one is not echoed back).
+/// How many rooms a `subscribe` frame names (1 when it cannot say: the frame is refused later).
+fn subscribe_rooms(frame: &Frame<'_>) -> u32 {
+    #[derive(Deserialize)]
+    struct Rooms {
+        rooms: Option<serde_json::Map<String, Value>>,
+    }
+    frame
+        .fields::<Rooms>()
+        .ok()
+        .and_then(|f| f.rooms)
+        .map_or(1, |rooms| u32::try_from(rooms.len()).unwrap_or(u32::MAX))
+}
+
 fn frame_room(frame: &Frame<'_>) -> Option<String> {
     #[derive(Deserialize)]
     struct About {
