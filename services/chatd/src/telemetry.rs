@@ -51,8 +51,7 @@ impl Telemetry {
         let metrics_exporter = metric_exporter()?;
         let exporting_metrics = metrics_exporter.is_some();
         let meters = crate::metrics::install(metrics_exporter, resource());
-        let log_filter = EnvFilter::try_from_env("CHAT_LOG")
-            .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+        let log_filter = filter_from_env("CHAT_LOG", "info,async_nats=warn");
         // Events only: no span is made for the log's sake. (The hint keeps the log filter's
         // own level as the process's most verbose: without it, every `debug!` and `trace!` in
         // the process and its libraries would be looked at, and dropped, at run time.)
@@ -67,8 +66,7 @@ impl Telemetry {
             fmt.with_filter(log_filter).boxed()
         };
         let traces = provider.as_ref().map(|provider| {
-            let filter =
-                EnvFilter::try_from_env("CHAT_TRACE").unwrap_or_else(|_| EnvFilter::new("info"));
+            let filter = filter_from_env("CHAT_TRACE", "info");
             // No thread, code location or busy/idle times on every span.
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("chatd"))
@@ -334,5 +332,17 @@ pub fn record_status(span: &tracing::Span, status: axum::http::StatusCode) {
     span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// The filter `var` names, or `default` when it is unset, empty or not a filter (an empty one
+/// would be a filter with no directives: nothing logged, errors included).
+fn filter_from_env(var: &str, default: &str) -> EnvFilter {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v.trim()).unwrap_or_else(|e| {
+            eprintln!("{var}={v:?} is not a log filter ({e}); using {default:?}");
+            EnvFilter::new(default)
+        }),
+        _ => EnvFilter::new(default),
     }
 }
