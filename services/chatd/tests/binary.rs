@@ -187,7 +187,10 @@ fn ctrl_c_in_a_terminal_drains_through_its_own_nats_server_then_stops_it() {
     assert!(status.success(), "{status}: {stderr}");
     // The server stayed up through the drain: chatd never lost its connection, and what it
     // had buffered went out.
-    let drain = stderr.split("draining").nth(1).unwrap_or_default();
+    let drain = stderr
+        .split("draining")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the drain is logged: {stderr}"));
     assert!(
         !drain.contains("event=disconnected") && !drain.contains("nats unreachable at shutdown"),
         "its nats-server stayed up for the drain: {stderr}"

@@ -335,6 +335,16 @@ async fn a_drain_appends_the_delivered_cursors_still_waiting() {
         before["delivered"], 0,
         "nothing appended before the drain: {before}"
     );
+    // And not merely unprojected: the log's head is still the message (a new subscription
+    // says where the log ends).
+    let mut carol_view = Client::connect(&chatd.ws_url(), &t("alice")).await;
+    let subscribed = carol_view.subscribe("general", None).await;
+    assert_eq!(
+        subscribed["head"].as_u64(),
+        Some(seq),
+        "nothing appended before the drain: {subscribed}"
+    );
+    drop(carol_view);
 
     chatd.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(bob.closed().await, 1001, "the edge drains");

@@ -109,7 +109,12 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
 
     // Typing again at once starts a new indicator, shown once 2 s have passed since the last
     // one (at most one active:true per 2 s, across the message) while alice keeps typing.
+    let deadline = Instant::now() + Duration::from_secs(15);
     let again = loop {
+        assert!(
+            Instant::now() < deadline,
+            "typing again after the message is never shown"
+        );
         typing(alice, "keys", true).await;
         let shown = tokio::time::timeout(
             Duration::from_millis(300),
@@ -130,11 +135,14 @@ async fn typing_crosses_edges_once_per_interval_ends_with_the_message_or_expires
     let expired = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(expired["active"], false);
 
-    // Bob types back: alice sees it; nobody ever gets their own.
+    // Bob types back: alice sees it; nobody ever gets their own (a round trip on each socket
+    // first, so that an echo would have arrived).
     typing(bob, "keys", true).await;
     let seen = alice.wait_for(|f| is_typing(f, "bob")).await;
     assert_eq!(seen["active"], true);
     let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+    let pong = bob.request(json!({"type": "ping"})).await;
     assert_eq!(pong["type"], "pong");
     assert!(!alice.buffered().iter().any(|f| is_typing(f, "alice")));
     assert!(!bob.buffered().iter().any(|f| is_typing(f, "bob")));
@@ -156,11 +164,19 @@ async fn a_renewal_within_the_interval_moves_the_expiry() {
     typing(alice, "slow", true).await;
     let shown = bob.wait_for(|f| is_typing(f, "alice")).await;
     assert_eq!(shown["active"], true);
-    // Renewals within the 2 s interval: bob is not told again, but each moves the end.
-    let mut last = Instant::now();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // Renewals within the 2 s interval, 300 ms apart by the clock: bob is not told again, but
+    // each moves the end. (A renewal later than the 1 s expiry would let the indicator end
+    // early: the test could not tell, and says so.)
+    let start = Instant::now();
+    let mut last = start;
+    for n in 1..=3u32 {
+        tokio::time::sleep_until((start + Duration::from_millis(300) * n).into()).await;
         typing(alice, "slow", true).await;
+        let gap = last.elapsed();
+        assert!(
+            gap < Duration::from_millis(800),
+            "the machine stalled {gap:?} between renewals: too slow to judge the expiry"
+        );
         last = Instant::now();
     }
     let ended = bob.wait_for(|f| is_typing(f, "alice")).await;
