@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -105,19 +106,24 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
-/// The body, or the contract's answer to a bad one.
-fn body<T>(payload: Result<Json<Object<T>>, JsonRejection>) -> Result<T, Response> {
-    match payload {
-        Ok(Json(Object(value))) => Ok(value),
-        Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            Err(error(
+/// The body, read as JSON whatever its `Content-Type` says (the contract does not ask for one,
+/// and `curl -d` sends `application/x-www-form-urlencoded`), or the contract's answer to a bad
+/// one.
+fn body<T: DeserializeOwned>(payload: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let bytes = match payload {
+        Ok(bytes) => bytes,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 &e.body_text(),
             ))
         }
-        Err(e) => Err(bad_request(e.body_text())),
-    }
+        Err(e) => return Err(bad_request(e.body_text())),
+    };
+    serde_json::from_slice::<Object<T>>(&bytes)
+        .map(|Object(value)| value)
+        .map_err(|e| bad_request(format!("the body is not the JSON object expected: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -137,7 +143,7 @@ struct CreateRoom {
 async fn create_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
-    payload: Result<Json<Object<CreateRoom>>, JsonRejection>,
+    payload: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -223,7 +229,7 @@ async fn add_member(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
     Segments(room): Segments<String>,
-    payload: Result<Json<Object<AddMember>>, JsonRejection>,
+    payload: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;
@@ -270,7 +276,7 @@ async fn update_room(
     State(state): State<AppState>,
     Authenticated(identity): Authenticated,
     Segments(room): Segments<String>,
-    payload: Result<Json<Object<UpdateRoom>>, JsonRejection>,
+    payload: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let rooms = rooms(&state)?;

@@ -419,3 +419,45 @@ fn room_creation_is_capped_per_user_and_in_total() {
     );
     assert_eq!(status, 200, "{joined}");
 }
+
+/// Bodies are JSON whatever their `Content-Type` says: the contract asks for none, and
+/// `curl -d '{…}'` sends `application/x-www-form-urlencoded`.
+#[test]
+fn a_json_body_is_read_whatever_its_content_type() {
+    let server = Server::start();
+    let auth = format!("Bearer {}", server.token("alice"));
+    let post = |content_type: &str, room: &str| {
+        let body = json!({"room": room, "kind": "group"}).to_string();
+        chat_harness::http_exchange(
+            server.chatd.http_addr(),
+            "POST",
+            "/v1/rooms",
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", content_type),
+            ],
+            Some(&body),
+        )
+        .expect("an answer")
+    };
+    for (content_type, room) in [
+        ("application/x-www-form-urlencoded", "curl"),
+        ("text/plain", "plain"),
+        ("application/json; charset=utf-8", "charset"),
+    ] {
+        let (status, _, answer) = post(content_type, room);
+        assert_eq!(status, 201, "{content_type}: {answer}");
+    }
+    // What is not a JSON object is still refused, as the contract's error.
+    let (status, _, answer) = chat_harness::http_exchange(
+        server.chatd.http_addr(),
+        "POST",
+        "/v1/rooms",
+        &[("Authorization", auth.as_str())],
+        Some("room=general&kind=group"),
+    )
+    .expect("an answer");
+    assert_eq!(status, 400, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], "bad_request", "{answer}");
+}
