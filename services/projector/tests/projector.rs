@@ -123,22 +123,9 @@ fn test_config() -> ProjectorConfig {
 fn start_config(log: &RoomLog, config: ProjectorConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-    let stats = Arc::new(ProjectorStats::default());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (log, store, stats, stop) = (log.clone(), store.clone(), stats.clone(), stop.clone());
-        async move {
-            chat_projector::run(log, store, config, stats, stop)
-                .await
-                .unwrap()
-        }
-    });
     Running {
-        store,
-        stats,
-        stop,
-        task,
         _dir: dir,
+        ..start_on(log, store, config)
     }
 }
 
