@@ -1035,3 +1035,42 @@ fn request_error(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of slow-consumer notices becomes one notice at once and one after the burst:
+    /// every drop is followed by a notice, and the feeds re-read their heads twice, not per drop.
+    #[tokio::test]
+    async fn a_burst_of_slow_notices_is_passed_on_twice() {
+        let (tx, mut rx) = broadcast::channel(CONNECTION_EVENTS_CAPACITY);
+        let slow = Arc::new(SlowNotices::default());
+        for _ in 0..1_000 {
+            slow.clone().notice(tx.clone());
+        }
+        assert!(
+            matches!(rx.try_recv(), Ok(ConnectionEvent::SlowConsumer)),
+            "the first notice of a burst is passed on at once"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "the rest of the burst waits for the interval"
+        );
+        let trailing = tokio::time::timeout(SLOW_NOTICE_EVERY * 5, rx.recv())
+            .await
+            .expect("a notice follows the burst");
+        assert!(matches!(trailing, Ok(ConnectionEvent::SlowConsumer)));
+        {
+            let state = slow.state.lock().unwrap();
+            assert!(!state.due, "no further notice is waiting to be sent");
+            assert_eq!(state.dropped, 0, "the trailing notice covered the burst");
+        }
+        assert!(rx.try_recv().is_err(), "two notices for the whole burst");
+
+        // A drop long after: passed on at once again.
+        slow.state.lock().unwrap().sent = Some(std::time::Instant::now() - SLOW_NOTICE_EVERY);
+        slow.clone().notice(tx.clone());
+        assert!(matches!(rx.try_recv(), Ok(ConnectionEvent::SlowConsumer)));
+    }
+}

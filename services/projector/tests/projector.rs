@@ -597,3 +597,52 @@ async fn a_restarted_projector_dates_the_backlog_from_its_last_report() {
     .expect("no lag once caught up");
     second.stop().await;
 }
+
+/// A projector that stops on an error is started again, and then catches up: the process
+/// around it stays ready, so a projector that stayed down would leave history behind for good.
+#[tokio::test]
+async fn a_projector_that_stops_on_a_store_error_is_started_again() {
+    let (_server, log, r) = with_created_room("supervised").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    // Another connection takes the checkpoints away: the projector's first read fails.
+    let operator = rusqlite::Connection::open(&path).unwrap();
+    operator
+        .execute_batch("ALTER TABLE checkpoints RENAME TO checkpoints_away")
+        .unwrap();
+
+    let stats = Arc::new(ProjectorStats::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(chat_projector::run_supervised(
+        log.clone(),
+        store.clone(),
+        test_config(),
+        stats.clone(),
+        stop.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.restarts.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the failed projector is counted as restarted");
+    assert!(!task.is_finished(), "the supervisor gave up");
+
+    operator
+        .execute_batch("ALTER TABLE checkpoints_away RENAME TO checkpoints")
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    for head in 1..=3 {
+        log.append(&r, &random_event(&mut rng, head)).await.unwrap();
+    }
+    caught_up(&store, &log, std::slice::from_ref(&r)).await;
+    assert_eq!(store.checkpoint(&r).await.unwrap(), 4);
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the supervisor ends on shutdown")
+        .unwrap();
+}
