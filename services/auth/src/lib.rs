@@ -14,7 +14,8 @@ use base64::Engine;
 use chat_model::UserId;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{
-    AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, OctetKeyPairType,
+    AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, KeyOperations, OctetKeyPairType,
+    PublicKeyUse,
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -444,6 +445,20 @@ fn jwks_keys(text: &str) -> Result<Vec<Key>, String> {
     for jwk in &set.keys {
         let kid = jwk.common.key_id.clone();
         let name = kid.clone().unwrap_or_else(|| "(no kid)".to_owned());
+        // A key published for encryption (`use`), or for operations that do not include
+        // verifying (`key_ops`), must not verify tokens (RFC 7517 §4.2, §4.3).
+        let for_signatures = match &jwk.common.public_key_use {
+            None | Some(PublicKeyUse::Signature) => true,
+            Some(_) => false,
+        };
+        let verifies = jwk
+            .common
+            .key_operations
+            .as_ref()
+            .is_none_or(|ops| ops.contains(&KeyOperations::Verify));
+        if !for_signatures || !verifies {
+            continue;
+        }
         let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
             (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
             (AlgorithmParameters::EllipticCurve(p), None | Some(KeyAlgorithm::ES256))

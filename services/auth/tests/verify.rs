@@ -156,6 +156,51 @@ fn jwks_keys_are_chosen_by_kid() {
     );
 }
 
+/// A key the identity provider publishes for encryption, or for operations other than
+/// verifying, does not verify tokens, even when the token names it.
+#[test]
+fn jwks_keys_for_encryption_do_not_verify_tokens() {
+    let text = std::fs::read_to_string(keys("jwks.json")).unwrap();
+    let mut set: Value = serde_json::from_str(&text).unwrap();
+    let rsa_key = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == "rsa-1")
+        .unwrap()
+        .clone();
+    let mut enc = rsa_key.clone();
+    enc["kid"] = json!("rsa-enc");
+    enc["use"] = json!("enc");
+    let mut wrap = rsa_key.clone();
+    wrap["kid"] = json!("rsa-wrap");
+    wrap.as_object_mut().unwrap().remove("use");
+    wrap["key_ops"] = json!(["encrypt", "wrapKey"]);
+    let mut ops = rsa_key.clone();
+    ops["kid"] = json!("rsa-ops");
+    ops["key_ops"] = json!(["verify"]);
+    set["keys"] = json!([enc, wrap, ops]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, set.to_string()).unwrap();
+    let verifier = Verifier::new(ISS, AUD)
+        .with_public_keys_file(&file)
+        .unwrap();
+
+    let rsa = EncodingKey::from_rsa_pem(&private("rsa.key")).unwrap();
+    let c = claims();
+    for kid in ["rsa-enc", "rsa-wrap"] {
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::RS256, &rsa, Some(kid), &c)),
+            Err(AuthError::UnknownKey),
+            "{kid}"
+        );
+    }
+    assert!(verifier
+        .verify(&sign(Algorithm::RS256, &rsa, Some("rsa-ops"), &c))
+        .is_ok());
+}
+
 #[test]
 fn forged_signatures_are_refused() {
     let other = EncodingKey::from_secret(b"another secret, just as long as the real one!");

@@ -180,6 +180,28 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// `CHAT_ALLOWED_ORIGINS`: origins as browsers send them, `scheme://host[:port]`. A trailing
+/// `/` is dropped (browsers never send one); a path could never match, so it is refused.
+fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    list.split(',')
+        .map(|o| o.trim().trim_end_matches('/'))
+        .filter(|o| !o.is_empty())
+        .map(|o| match o.split_once("://") {
+            Some((scheme, host))
+                if !scheme.is_empty() && !host.is_empty() && !host.contains('/') =>
+            {
+                Ok(o.to_owned())
+            }
+            _ => Err(err(
+                "CHAT_ALLOWED_ORIGINS",
+                format!(
+                    "{o:?} is not an origin: write scheme://host[:port], as https://app.example"
+                ),
+            )),
+        })
+        .collect()
+}
+
 fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
@@ -432,12 +454,9 @@ impl Config {
             interval: duration("CHAT_DELIVERED_INTERVAL", defaults.delivered.interval)?,
             ..defaults.delivered
         };
-        let allowed_origins = get("CHAT_ALLOWED_ORIGINS").map(|list| {
-            list.split(',')
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect()
-        });
+        let allowed_origins = get("CHAT_ALLOWED_ORIGINS")
+            .map(|list| parse_origins(&list))
+            .transpose()?;
 
         let mut log = LogConfig::default();
         if let Some(prefix) = get("CHAT_PREFIX") {
@@ -809,7 +828,7 @@ mod tests {
             ("CHAT_DEDUP_WINDOW", "2m"),
             (
                 "CHAT_ALLOWED_ORIGINS",
-                "https://a.example, https://b.example",
+                "https://a.example, https://b.example/",
             ),
             ("CHAT_ROLE", "edge"),
             ("NATS_URL", "nats://a:4222,nats://b:4222"),
@@ -831,6 +850,14 @@ mod tests {
         assert!(!format!("{:?}", c.store).contains("s3cret"));
         for (vars, var) in [
             (vec![("CHAT_SCYLLA_USER", "chat")], "CHAT_SCYLLA_USER"),
+            (
+                vec![("CHAT_ALLOWED_ORIGINS", "https://a.example/app")],
+                "CHAT_ALLOWED_ORIGINS",
+            ),
+            (
+                vec![("CHAT_ALLOWED_ORIGINS", "a.example")],
+                "CHAT_ALLOWED_ORIGINS",
+            ),
             (
                 vec![
                     ("CHAT_STORE", "scylla://h/chat"),
