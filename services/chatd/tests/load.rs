@@ -1216,3 +1216,68 @@ async fn a_subscribe_draws_one_token_per_room() {
     assert_eq!(refused["code"], "rate_limited", "{refused}");
     assert!(passed >= 16, "refused after {passed} frames: {refused}");
 }
+
+/// Frames about a room the connection does not follow may each cost the edge a read of the log
+/// (is the sender a member?), so they draw on the user's history bucket: a stranger repeating
+/// them is limited, then closed with 4029. Members' frames about rooms they follow are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_about_rooms_not_followed_draw_on_the_history_limit() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[("CHAT_HISTORY_RATE", "1/5"), ("CHAT_FLOOD_WINDOW", "1m")],
+    ));
+    create_room(&chatd, data.path(), "secret", "alice", &[]);
+
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    assert_eq!(
+        alice.subscribe("secret", Some(0)).await["type"],
+        "subscribed"
+    );
+    for _ in 0..20 {
+        alice
+            .send(json!({"type": "read", "room": "secret", "seq": 1}))
+            .await;
+        alice
+            .send(json!({"type": "typing", "room": "secret", "active": false}))
+            .await;
+    }
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    let errors: Vec<Value> = alice
+        .buffered()
+        .into_iter()
+        .filter(|f| f["type"] == "error")
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "a member's frames were refused: {errors:?}"
+    );
+
+    let mut mallory =
+        Client::connect(&chatd.ws_url(), &dev_token(data.path(), "mallory", 3600)).await;
+    let mut refused = 0;
+    let mut limited = 0;
+    let code = loop {
+        let reply = mallory
+            .request(json!({"type": "read", "room": "secret", "seq": 1}))
+            .await;
+        match reply["code"].as_str() {
+            Some("forbidden" | "not_found") => refused += 1,
+            Some("rate_limited") => {
+                assert_eq!(reply["room"], "secret", "{reply}");
+                limited += 1;
+                if limited == 5 {
+                    mallory
+                        .send(json!({"type": "delivered", "room": "secret", "seq": 1}))
+                        .await;
+                    break mallory.closed().await;
+                }
+            }
+            _ => panic!("unexpected answer to a stranger's read: {reply}"),
+        }
+        assert!(refused <= 10, "{refused} look-ups and not limited");
+    };
+    assert_eq!(code, 4029);
+    assert!((5..=6).contains(&refused), "{refused} look-ups answered");
+}

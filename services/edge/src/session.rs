@@ -618,12 +618,21 @@ impl Session {
         if !is_append && !self.appends_mut().is_empty() {
             Box::pin(self.finish_appends()).await;
         }
-        // `typing` draws on its own bucket once read (see `Session::typing`): only the
-        // connection's bucket can refuse it.
+        // `typing` draws on its own bucket once read (see `Session::typing`): here only the
+        // connection's bucket, and for a room not followed the history bucket, refuse it.
         let work = match kind {
             _ if is_append => Some(Work::Send),
             Some("subscribe") => Some(Work::Subscribe),
             Some("history") => Some(Work::History),
+            // About a room this connection does not follow, the edge may have to read the log
+            // to learn whether the user is a member (a refusal always asks the log again): a
+            // read like `history`'s, from the same bucket, or a stranger's frames would each
+            // cost NATS a request, limited only by the connection's frame rate.
+            Some("read" | "delivered" | "typing")
+                if parsed.as_ref().is_ok_and(|f| !self.follows(f)) =>
+            {
+                Some(Work::History)
+            }
             _ => None,
         };
         match self.admit(rid.as_deref(), parsed.as_ref().ok(), work).await {
@@ -675,6 +684,14 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+
+    /// Whether the frame is about a room this connection has subscribed to (a frame naming no
+    /// valid room is answered without a look-up, so it counts as followed).
+    fn follows(&self, frame: &Frame<'_>) -> bool {
+        frame_room(frame)
+            .and_then(|room| RoomId::parse(room.as_str()).ok())
+            .is_none_or(|room| self.subscriptions.contains_key(&room))
     }
 
     /// Reads a frame's fields, or answers `bad_request` naming what is wrong.
