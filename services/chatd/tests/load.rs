@@ -844,6 +844,13 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
         "never an ack without the log: {answer}"
     );
     assert_eq!(answer["code"], "unavailable", "{answer}");
+    // What failed, in the service's words: what the client library said stays in the log.
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("room sturdy: append")
+            && (message.ends_with(": the log is unavailable") || message.ends_with(" timed out")),
+        "{answer}"
+    );
     // The sockets stay open meanwhile.
     assert_eq!(alice.request(json!({"type":"ping"})).await["type"], "pong");
     // A member whose room list cannot be read now (their block list is not cached) is not

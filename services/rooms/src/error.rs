@@ -4,6 +4,11 @@ use chat_log::{LogError, UserLogError};
 use chat_model::Refusal;
 use chat_store::StoreError;
 
+/// What a client is told of a failure inside the service; the details go to the log at error.
+const INTERNAL: &str = "internal error (logged on the server)";
+
+/// A refusal's message is sent to the client: what NATS or the store said about a failure is
+/// logged here and not passed on (it can name hosts, files and streams).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RoomError {
     #[error("{0}")]
@@ -66,16 +71,19 @@ impl From<Refusal> for RoomError {
 impl From<UserLogError> for RoomError {
     fn from(e: UserLogError) -> RoomError {
         match e {
-            UserLogError::Unavailable { .. } | UserLogError::Timeout { .. } => {
-                RoomError::Unavailable(e.to_string())
+            // What NATS said stays in this process's log; the client learns what failed.
+            UserLogError::Unavailable { op, .. } => {
+                tracing::debug!(error = %e, "user log unavailable");
+                RoomError::Unavailable(format!("user log: {op}: the log is unavailable"))
             }
+            UserLogError::Timeout { .. } => RoomError::Unavailable(e.to_string()),
             UserLogError::WrongLastSequence { .. } => RoomError::Conflict(e.to_string()),
             UserLogError::Encode(_) => RoomError::TooLarge(e.to_string()),
             UserLogError::Corrupt { .. }
             | UserLogError::StreamConflict { .. }
             | UserLogError::JetStream { .. } => {
                 tracing::error!(error = %e, "user log refused a request");
-                RoomError::Internal(e.to_string())
+                RoomError::Internal(INTERNAL.into())
             }
         }
     }
@@ -89,12 +97,14 @@ impl From<LogError> for RoomError {
                 RoomError::TooLarge(e.to_string())
             }
             LogError::WrongLastSequence { .. } => RoomError::Conflict(e.to_string()),
-            LogError::Unavailable { .. } | LogError::Timeout { .. } => {
-                RoomError::Unavailable(e.to_string())
+            LogError::Unavailable { ref room, op, .. } => {
+                tracing::debug!(error = %e, "room log unavailable");
+                RoomError::Unavailable(format!("room {room}: {op}: the log is unavailable"))
             }
+            LogError::Timeout { .. } => RoomError::Unavailable(e.to_string()),
             LogError::StreamConflict { .. } | LogError::JetStream { .. } => {
                 tracing::error!(error = %e, "room log refused a request");
-                RoomError::Internal(e.to_string())
+                RoomError::Internal(INTERNAL.into())
             }
         }
     }
@@ -103,6 +113,98 @@ impl From<LogError> for RoomError {
 impl From<StoreError> for RoomError {
     fn from(e: StoreError) -> RoomError {
         tracing::warn!(error = %e, "store request failed");
-        RoomError::Unavailable(e.to_string())
+        let op = match e {
+            StoreError::Backend { op, .. } | StoreError::Room { op, .. } => op,
+            StoreError::BadAddress(_) => "open",
+        };
+        RoomError::Unavailable(format!("store {op}: the store is unavailable"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_model::RoomId;
+
+    /// Clients are told what failed, never what NATS or the store said about it: that can name
+    /// hosts, files and streams, and stays in the server's log.
+    #[test]
+    fn what_nats_and_the_store_said_is_not_passed_on() {
+        let room = RoomId::parse("general").unwrap();
+        let secret = "nats://10.1.2.3:4222 /var/lib/chat/store.db stream CHAT_ab12";
+        let cases: Vec<(RoomError, &str, &str)> = vec![
+            (
+                LogError::Unavailable {
+                    room: room.clone(),
+                    op: "append",
+                    reason: secret.into(),
+                }
+                .into(),
+                "unavailable",
+                "room general: append: the log is unavailable",
+            ),
+            (
+                LogError::JetStream {
+                    room: room.clone(),
+                    op: "read",
+                    reason: secret.into(),
+                }
+                .into(),
+                "internal",
+                INTERNAL,
+            ),
+            (
+                LogError::StreamConflict {
+                    room: room.clone(),
+                    stream: secret.into(),
+                    owner: None,
+                }
+                .into(),
+                "internal",
+                INTERNAL,
+            ),
+            (
+                UserLogError::Unavailable {
+                    op: "block",
+                    reason: secret.into(),
+                }
+                .into(),
+                "unavailable",
+                "user log: block: the log is unavailable",
+            ),
+            (
+                UserLogError::JetStream {
+                    op: "read",
+                    reason: secret.into(),
+                }
+                .into(),
+                "internal",
+                INTERNAL,
+            ),
+            (
+                StoreError::Room {
+                    op: "history",
+                    room: room.clone(),
+                    message: secret.into(),
+                }
+                .into(),
+                "unavailable",
+                "store history: the store is unavailable",
+            ),
+            (
+                StoreError::Backend {
+                    op: "apply",
+                    message: secret.into(),
+                }
+                .into(),
+                "unavailable",
+                "store apply: the store is unavailable",
+            ),
+        ];
+        for (error, code, message) in cases {
+            assert_eq!((error.code(), error.to_string().as_str()), (code, message));
+        }
+        let timeout: RoomError = LogError::Timeout { room, op: "append" }.into();
+        assert_eq!(timeout.to_string(), "room general: append timed out");
     }
 }
