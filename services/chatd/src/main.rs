@@ -200,6 +200,11 @@ fn run_command(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if reader_gone(&e) => ExitCode::SUCCESS,
+        // No usable nats-server to start: restarting cannot fix that either.
+        Err(e) if e.chain().any(|c| c.is::<chatd::nats_child::NoNatsServer>()) => {
+            eprintln!("chatd: invalid configuration: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("chatd: {e:#}");
             ExitCode::FAILURE
@@ -372,10 +377,22 @@ fn rebuild(
         // reads them.
         log_nats(&config)?
     } else {
-        // In place: the store lives in the data dir, nothing else may write it meanwhile.
-        let lock = lock_data_dir(&config.data_dir)?;
+        // In place: an SQLite store (or the nats-server) lives in the data dir, and nothing else
+        // may write it meanwhile. A shared ScyllaDB store has no such lock: its projectors must
+        // be stopped by hand.
+        let uses_data_dir =
+            config.nats_url.is_none() || matches!(config.store, StoreConfig::Sqlite);
+        let lock = if uses_data_dir {
+            Some(lock_data_dir(&config.data_dir)?)
+        } else {
+            eprintln!(
+                "chatd: rebuilding a shared store in place: stop its projectors first (nothing \
+                 here can tell whether they run)"
+            );
+            None
+        };
         let (nats, url) = maintenance_nats_for(&config)?;
-        (Some(lock), nats, url)
+        (lock, nats, url)
     };
     let runtime = tokio::runtime::Runtime::new().context("start runtime")?;
     let result = runtime.block_on(async {
@@ -385,8 +402,22 @@ fn rebuild(
             "chatd: rebuilding from the logs under prefix {:?} at {}",
             config.log.prefix, url
         );
-        let report =
-            chat_projector::rebuild(&log, &store, room.as_ref(), config.partition, force).await?;
+        // Every room, whatever CHAT_PROJECTOR_PARTITION the environment carries (a projector's,
+        // say): a store rebuilt from a share of the logs would be missing the other rooms.
+        if config.partition != chat_projector::Partition::ALL {
+            eprintln!(
+                "chatd: CHAT_PROJECTOR_PARTITION={} is a projector's share; a rebuild covers every room",
+                config.partition
+            );
+        }
+        let report = chat_projector::rebuild(
+            &log,
+            &store,
+            room.as_ref(),
+            chat_projector::Partition::ALL,
+            force,
+        )
+        .await?;
         println!(
             "rebuilt {} rooms, {} events, {} dead letters",
             report.rooms, report.events, report.dead_letters
@@ -563,10 +594,12 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                     return anyhow::Ok(false);
                 }
                 let mut all_ok = true;
+                let mut unchecked = 0usize;
                 for room in rooms {
-                    // A room named that cannot be read is an error (exit 1); among all rooms,
-                    // one that cannot be read now fails the run, and the others are still
-                    // verified.
+                    // A room named that cannot be read is an error (exit 1). Among all rooms,
+                    // one that cannot be read now is reported (a line with `ok: null`) and the
+                    // others are still verified: the run then exits 3 if a room failed, else 1,
+                    // since not being able to check is not a finding about the log.
                     let verdict = match log.room_exists(&room).await {
                         Ok(true) => chatd::logtool::verify_room(&log, &room).await,
                         Ok(false) if named => {
@@ -582,10 +615,19 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                             println!("{}", verdict.to_json(&room));
                         }
                         Err(e) => {
-                            all_ok = false;
+                            unchecked += 1;
                             eprintln!("chatd: room {room} not verified: {e:#}");
+                            let line = serde_json::json!({
+                                "room": room.as_str(),
+                                "ok": null,
+                                "error": format!("{e:#}"),
+                            });
+                            println!("{line}");
                         }
                     }
+                }
+                if all_ok && unchecked > 0 {
+                    anyhow::bail!("{unchecked} room(s) could not be verified");
                 }
                 anyhow::Ok(all_ok)
             }

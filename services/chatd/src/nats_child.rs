@@ -76,7 +76,7 @@ impl NatsChild {
             .with_context(|| format!("write {}", config_path.display()))?;
 
         let log_start = fs::metadata(&log_file).map(|m| m.len()).unwrap_or(0);
-        let mut cmd = match which("setpriv") {
+        let mut cmd = match which_all("setpriv").into_iter().next() {
             Some(setpriv) => {
                 let mut c = Command::new(setpriv);
                 c.args(["--pdeathsig", "TERM"]).arg(&bin);
@@ -189,12 +189,15 @@ fn reported_port(ports_dir: &Path) -> Option<u16> {
     ports["nats"][0].as_str()?.rsplit(':').next()?.parse().ok()
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
+/// Every `name` on the PATH, in its order.
+fn which_all(name: &str) -> Vec<PathBuf> {
+    let Some(path) = std::env::var_os("PATH") else {
+        return Vec::new();
+    };
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 /// Where `make run` installs a nats-server when none is on the PATH (`nats/install-nats-server.sh`),
@@ -217,20 +220,58 @@ fn project_local() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-fn find_binary(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let candidate = match configured {
-        Some(bin) => bin.to_path_buf(),
-        None => which("nats-server")
-            .or_else(project_local)
-            .with_context(|| {
-                "no nats-server found: set NATS_URL to use a running NATS, set NATS_SERVER_BIN, \
-             or start with `make run`, which installs one"
-            })?,
+/// No usable nats-server: none found, or only ones too old. Restarting cannot fix it, so chatd
+/// exits with the configuration-error status (2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoNatsServer(String);
+
+/// `NATS_SERVER_BIN` when set; else the first nats-server new enough of those on the PATH and
+/// the one `make run` installed (a distribution's older nats-server on the PATH is passed over,
+/// as `nats/install-nats-server.sh` passes it over).
+fn find_binary(configured: Option<&Path>) -> Result<PathBuf, NoNatsServer> {
+    let candidates: Vec<PathBuf> = match configured {
+        Some(bin) => vec![bin.to_path_buf()],
+        None => which_all("nats-server")
+            .into_iter()
+            .chain(project_local())
+            .collect(),
     };
-    let output = Command::new(&candidate)
+    if candidates.is_empty() {
+        return Err(NoNatsServer(
+            "no nats-server found: set NATS_URL to use a running NATS, set NATS_SERVER_BIN, or \
+             start with `make run`, which installs one"
+                .into(),
+        ));
+    }
+    let mut refused = Vec::new();
+    for candidate in candidates {
+        match server_version(&candidate) {
+            Ok(found) if found >= MIN_VERSION => return Ok(candidate),
+            Ok(found) => refused.push(format!(
+                "{} is version {}.{}",
+                candidate.display(),
+                found.0,
+                found.1
+            )),
+            Err(e) => refused.push(format!("{}: {e}", candidate.display())),
+        }
+    }
+    Err(NoNatsServer(format!(
+        "{}; nats-server {}.{} or newer is needed (`bash nats/install-nats-server.sh` installs \
+         one and prints its path, for NATS_SERVER_BIN)",
+        refused.join("; "),
+        MIN_VERSION.0,
+        MIN_VERSION.1
+    )))
+}
+
+/// The (major, minor) version a nats-server binary reports.
+fn server_version(bin: &Path) -> Result<(u32, u32), String> {
+    let output = Command::new(bin)
         .arg("--version")
         .output()
-        .with_context(|| format!("run {} --version", candidate.display()))?;
+        .map_err(|e| format!("cannot run it: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     let version = text
@@ -238,17 +279,7 @@ fn find_binary(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
         .find(|t| t.matches('.').count() >= 1 && !t.starts_with('.'))
         .unwrap_or("");
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if found < MIN_VERSION {
-        bail!(
-            "{} is version {:?}; nats-server {}.{} or newer is needed (`make run` installs one)",
-            candidate.display(),
-            text.trim(),
-            MIN_VERSION.0,
-            MIN_VERSION.1
-        );
-    }
-    Ok(candidate)
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
 }
 
 /// What the log file gained since `from` (at most the last 4 KiB of it).

@@ -777,3 +777,52 @@ fn a_process_started_before_nats_serves_on_the_same_socket_once_nats_comes() {
         std::fs::read_to_string(&log).unwrap()
     );
 }
+
+/// A distribution's nats-server older than 2.10 (Debian 12 ships 2.9) first on the PATH is passed
+/// over for a newer one further on; named in `NATS_SERVER_BIN`, or the only one, it is a
+/// configuration error (exit 2, which the systemd unit does not restart), not a failure.
+#[test]
+fn an_old_nats_server_is_passed_over_or_refused_as_configuration() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = tempfile::tempdir().unwrap();
+    let old_dir = dirs.path().join("old");
+    let new_dir = dirs.path().join("new");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let old = old_dir.join("nats-server");
+    std::fs::write(&old, "#!/bin/sh\necho 'nats-server: v2.9.10'\n").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(nats_bin(), new_dir.join("nats-server")).unwrap();
+    let system_path = std::env::var("PATH").unwrap_or_default();
+
+    // Named: refused, exit 2, saying which binary and what is needed.
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.retain(|(k, _)| *k != "NATS_SERVER_BIN");
+    env.push(("NATS_SERVER_BIN", old.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let refused = Chatd::try_start(bin(), &[], &env)
+        .err()
+        .expect("chatd refuses nats-server 2.9");
+    assert_eq!(
+        refused.status.and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("is version 2.9") && refused.stderr.contains("2.10 or newer"),
+        "{}",
+        refused.stderr
+    );
+
+    // Found on the PATH behind a newer one: the newer one serves.
+    let data = tempfile::tempdir().unwrap();
+    let mut env = standalone_env(data.path());
+    env.retain(|(k, _)| *k != "NATS_SERVER_BIN");
+    let path = format!("{}:{}:{system_path}", old_dir.display(), new_dir.display());
+    env.push(("NATS_SERVER_BIN", String::new()));
+    env.push(("PATH", path));
+    let chatd = start(&env);
+    assert_eq!(chatd.get("/readyz").map(|(status, _)| status), Some(200));
+}

@@ -91,6 +91,27 @@ async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
     );
     let one = run(&env, &["digest", "--room", "general"], limit);
     assert!(one.status.success(), "{}", stderr(&one));
+    // A projector's share in the environment does not make a partial store: one of the two
+    // shares does not own `general`, and both rebuild it.
+    for share in ["0/2", "1/2"] {
+        let mut projector_env = env.clone();
+        projector_env.push(("CHAT_PROJECTOR_PARTITION", share.to_owned()));
+        let file = data.path().join(format!("share-{}.db", &share[..1]));
+        let file = file.display().to_string();
+        let out = run(&projector_env, &["rebuild", "--into", &file], limit);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("covers every room"),
+            "{}",
+            stderr(&out)
+        );
+        let digest = run(&env, &["digest", "--store", &file], limit);
+        assert_eq!(
+            stdout(&digest),
+            stdout(&live),
+            "rebuilt with {share} in the environment"
+        );
+    }
 
     // In place, it is refused while the server runs (its projector writes the store).
     let out = run(&env, &["rebuild"], limit);
