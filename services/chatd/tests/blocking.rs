@@ -192,6 +192,69 @@ async fn a_blocked_user_cannot_open_or_write_the_direct_room() {
     assert_eq!(s.direct("bob", "alice").0, 200);
 }
 
+/// A block holds between a direct room's pair while one of them has left it: the one who stayed
+/// can neither write to the blocker's room nor bring the blocker back into it.
+#[tokio::test]
+async fn a_block_holds_after_the_blocker_has_left_the_direct_room() {
+    let s = Server::start();
+    let (status, dm) = s.direct("alice", "bob");
+    assert_eq!(status, 201, "{dm}");
+    let dm = dm["room"].as_str().unwrap().to_owned();
+    let (status, body) = s.api(
+        "bob",
+        "DELETE",
+        &format!("/v1/rooms/{dm}/members/bob"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.block("bob", "alice").0, 200);
+
+    let mut alice = s.client("alice").await;
+    let refused = alice.say(&dm, "are you there?").await;
+    assert_eq!(
+        (&refused["type"], &refused["code"]),
+        (&json!("error"), &json!("forbidden")),
+        "{refused}"
+    );
+    let (status, body) = s.api(
+        "alice",
+        "POST",
+        &format!("/v1/rooms/{dm}/members"),
+        Some(json!({"user": "bob"})),
+    );
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (403, &json!("forbidden")),
+        "{body}"
+    );
+    let (_, rooms) = s.api("bob", "GET", "/v1/rooms", None);
+    assert!(
+        !rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room"] == dm),
+        "{rooms}"
+    );
+    // Nor may the blocker come back while he blocks her; unblocked, either may.
+    let (status, body) = s.api(
+        "bob",
+        "POST",
+        &format!("/v1/rooms/{dm}/members"),
+        Some(json!({"user": "bob"})),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(s.unblock("bob", "alice").0, 200);
+    let (status, body) = s.api(
+        "alice",
+        "POST",
+        &format!("/v1/rooms/{dm}/members"),
+        Some(json!({"user": "bob"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(alice.say(&dm, "welcome back").await["type"], "ack");
+}
+
 #[tokio::test]
 async fn the_blocker_sees_hidden_placeholders_in_history_and_does_not_count_them_unread() {
     let s = Server::start();

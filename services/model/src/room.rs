@@ -131,12 +131,16 @@ impl RoomState {
         self.is_admin(user) && self.is_member(user)
     }
 
-    /// The other user of a direct room, while they are in it.
+    /// The other user of a direct room's pair, whether or not they are in it now: a block
+    /// between the two holds while one of them has left (they may be brought back).
     pub fn direct_peer(&self, actor: &UserId) -> Option<&UserId> {
         if self.kind != RoomKind::Direct {
             return None;
         }
-        self.members.keys().find(|m| *m != actor)
+        match &self.pair {
+            Some(pair) => pair.iter().find(|m| *m != actor),
+            None => self.members.keys().find(|m| *m != actor),
+        }
     }
 
     /// Posting (send, react; edits also check authorship): members only, and only the admin
@@ -673,6 +677,13 @@ mod tests {
         )]);
         assert_eq!(dm.direct_peer(&user("alice")), Some(&user("bob")));
         assert_eq!(dm.direct_peer(&user("bob")), Some(&user("alice")));
+        let mut left = dm.clone();
+        left.members.remove(&user("bob"));
+        assert_eq!(
+            left.direct_peer(&user("alice")),
+            Some(&user("bob")),
+            "the pair's other user, after they left too"
+        );
         let group = given(vec![group("alice", &["bob"])]);
         assert_eq!(group.direct_peer(&user("alice")), None);
     }

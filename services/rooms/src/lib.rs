@@ -698,13 +698,19 @@ impl Rooms {
         Ok(Created { room, seq, new })
     }
 
-    /// Adds `user` to a group room (any member may).
+    /// Adds `user` to a group room (any member may), or brings one of a direct room's pair
+    /// back (either of the two may, unless one of them blocks the other, as for opening it).
     pub async fn invite(
         &self,
         actor: &UserId,
         room: &RoomId,
         user: &UserId,
     ) -> Result<u64, RoomError> {
+        let state = self.shared_state(room).await?;
+        if let Some([a, b]) = state.pair.as_ref().filter(|pair| pair.contains(actor)) {
+            let (me, peer) = if a == actor { (a, b) } else { (b, a) };
+            decide_direct_contact(self.pair_blocks(me, peer).await?)?;
+        }
         self.change_room(actor, room, |state| state.decide_invite(actor, user))
             .await
     }
