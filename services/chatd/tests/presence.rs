@@ -149,3 +149,51 @@ async fn presence_across_edges_without_flapping_and_a_killed_edge_takes_its_user
         (400, &json!("bad_request"))
     );
 }
+
+/// More changes in one interval than `CHAT_PRESENCE_MAX_FRAMES`: one `changed` frame with their
+/// number instead of a frame per user, and the endpoint has the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_changes_in_one_interval_come_as_one_changed_frame() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let chatd = node(
+        &nats,
+        data.path(),
+        "all",
+        &[
+            ("CHAT_PRESENCE_INTERVAL", "2s"),
+            ("CHAT_PRESENCE_MAX_FRAMES", "1"),
+        ],
+    );
+    let (status, body) = api(
+        &chatd,
+        &token("bob"),
+        "POST",
+        "/v1/rooms",
+        Some(json!({"room": "hall", "kind": "group", "members": ["u1", "u2", "u3"]})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut bob = Client::connect(&chatd.ws_url(), &token("bob")).await;
+    bob.subscribe("hall", None).await;
+    let mut others = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        let mut client = Client::connect(&chatd.ws_url(), &token(user)).await;
+        client.subscribe("hall", None).await;
+        others.push(client);
+    }
+    // Three users come online well within one 2 s interval, so at least two of them (bob
+    // too, perhaps) are shown together: over the maximum of one frame.
+    let changed = bob
+        .wait_for(|f| f["type"] == "presence" && f.get("changed").is_some())
+        .await;
+    assert_eq!(changed["room"], "hall", "{changed}");
+    assert!(changed["changed"].as_u64().unwrap() >= 2, "{changed}");
+    assert!(
+        changed.get("user").is_none() && changed.get("status").is_none(),
+        "{changed}"
+    );
+    eventually("the endpoint to list all four", || {
+        online(&chatd, "hall") == ["bob", "u1", "u2", "u3"]
+    })
+    .await;
+}

@@ -618,8 +618,8 @@ impl Session {
         if !is_append && !self.appends_mut().is_empty() {
             Box::pin(self.finish_appends()).await;
         }
-        // `typing` draws on its own bucket once read (see `Session::typing`): here only the
-        // connection's bucket, and for a room not followed the history bucket, refuse it.
+        // `typing` draws on its own bucket once read (see `Session::typing`), which bounds the
+        // look-ups it makes: only the connection's bucket refuses it.
         let work = match kind {
             _ if is_append => Some(Work::Send),
             Some("subscribe") => Some(Work::Subscribe),
@@ -628,9 +628,7 @@ impl Session {
             // to learn whether the user is a member (a refusal always asks the log again): a
             // read like `history`'s, from the same bucket, or a stranger's frames would each
             // cost NATS a request, limited only by the connection's frame rate.
-            Some("read" | "delivered" | "typing")
-                if parsed.as_ref().is_ok_and(|f| !self.follows(f)) =>
-            {
+            Some("read" | "delivered") if parsed.as_ref().is_ok_and(|f| !self.follows(f)) => {
                 Some(Work::History)
             }
             _ => None,
@@ -1141,6 +1139,16 @@ impl Session {
                 .rate_limited
                 .fetch_add(1, Ordering::Relaxed);
             return;
+        }
+        if !frame.active {
+            // Ends only an indicator this session started: otherwise there is nothing to do,
+            // and no need to ask whether the user is a member.
+            let Some(room) = self.room_id(rid, &frame.room).await else {
+                return;
+            };
+            if !self.typing.contains(&room) {
+                return;
+            }
         }
         let Some(room) = self.member_room(rid, &frame.room).await else {
             return;
