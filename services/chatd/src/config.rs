@@ -254,9 +254,12 @@ impl Config {
             get(k)
         })?;
         let asked = asked.into_inner();
+        // Read by the shipped nats-server configs (nats/), not by chatd; often in the same
+        // environment.
+        let for_nats_server = |k: &str| k == "CHAT_NATS_NKEY" || k.starts_with("CHAT_NATS_ROUTE_");
         let mut unread: Vec<String> = set
             .into_iter()
-            .filter(|k| k.starts_with("CHAT_") && !asked.contains(k))
+            .filter(|k| k.starts_with("CHAT_") && !asked.contains(k) && !for_nats_server(k))
             .collect();
         unread.sort();
         Ok((config, unread))
@@ -629,11 +632,13 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
     let public_keys = get("CHAT_JWT_PUBLIC_KEYS").map(PathBuf::from);
     let issuer = get("CHAT_JWT_ISSUER");
     let audience = get("CHAT_JWT_AUDIENCE");
+    let hs256_previous = get("CHAT_JWT_HS256_SECRET_PREVIOUS");
     if hs256_secret.is_none() && public_keys.is_none() {
         // Named as given, so the message points at the variable that was set.
         if let Some(name) = [
             ("CHAT_JWT_ISSUER", &issuer),
             ("CHAT_JWT_AUDIENCE", &audience),
+            ("CHAT_JWT_HS256_SECRET_PREVIOUS", &hs256_previous),
         ]
         .into_iter()
         .find_map(|(name, value)| value.is_some().then_some(name))
@@ -650,7 +655,6 @@ fn auth_from(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Config
             return Err(err("CHAT_JWT_HS256_SECRET", "must be at least 32 bytes"));
         }
     }
-    let hs256_previous = get("CHAT_JWT_HS256_SECRET_PREVIOUS");
     match (&hs256_previous, &hs256_secret) {
         (Some(_), None) => {
             return Err(err(
@@ -722,6 +726,10 @@ mod tests {
             ("CHAT_PREFIX", "prod"),
             ("CHAT_SEND_RAT", "5/5"),
             ("PATH", "/bin"),
+            // The nats-server configs' own, often set beside chatd's.
+            ("CHAT_NATS_NKEY", "U..."),
+            ("CHAT_NATS_ROUTE_PASSWORD", "pw"),
+            ("CHAT_NATS_ROUTE_1", "nats-route://route:pw@n1:6222"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -731,6 +739,9 @@ mod tests {
                 .unwrap();
         assert_eq!(config.log.prefix, "prod");
         assert_eq!(unread, ["CHAT_PREFX", "CHAT_SEND_RAT"]);
+        // A previous secret with no secret at all is an error, not an unread variable.
+        let e = self::config(&[("CHAT_JWT_HS256_SECRET_PREVIOUS", &"p".repeat(32))]).unwrap_err();
+        assert_eq!(e.var, "CHAT_JWT_HS256_SECRET_PREVIOUS");
     }
 
     #[test]
