@@ -478,7 +478,7 @@ impl ScyllaStore {
                 // already deleted: redoing a delete writes the same cells, and a delete
                 // interrupted half-way (tombstone written, edits not yet stripped) finishes.
                 let allowed = message.author.as_deref() == Some(user)
-                    || self.group_admin_in(room, user).await?;
+                    || self.group_admin_in(room, user, seq).await?;
                 if !allowed {
                     return Ok(());
                 }
@@ -631,13 +631,9 @@ impl ScyllaStore {
                 // it. Every earlier event is written (this kind reads state), so the check sees
                 // the membership the log had at `seq`; a later one re-applied has a higher
                 // timestamp and wins anyway.
-                if self.creator_of(room).await?.as_deref() != Some(user) {
-                    return Ok(());
-                }
-                let member: Option<(Option<i64>, Option<bool>)> = self
-                    .first("read member", &st.member_get, (room, user))
-                    .await?;
-                if !matches!(member, Some((_, Some(true)))) {
+                if self.creator_of(room).await?.as_deref() != Some(user)
+                    || !self.member_at(room, user, seq).await?
+                {
                     return Ok(());
                 }
                 self.exec(
@@ -730,17 +726,27 @@ impl ScyllaStore {
         Ok(self.room_row(room).await?.and_then(|r| r.creator))
     }
 
-    /// Whether `user` administers `room` now: a group room's creator, while a member.
-    async fn group_admin_in(&self, room: &str, user: &str) -> Result<bool> {
+    /// Whether `user` administers `room` at `seq`: a group room's creator, while a member.
+    async fn group_admin_in(&self, room: &str, user: &str, seq: u64) -> Result<bool> {
         let Some(row) = self.room_row(room).await? else {
             return Ok(false);
         };
         if row.kind.as_deref() != Some("group") || row.creator.as_deref() != Some(user) {
             return Ok(false);
         }
+        self.member_at(room, user, seq).await
+    }
+
+    /// Whether `user` is a member of `room` at `seq`, from the member row. Every earlier event
+    /// is written when this is asked (the kinds that ask read state), but a batch applied again
+    /// after a failed write also finds the rows of later events: a member who left before `seq`
+    /// and joined again after it is active now, since a join later than `seq`, and was not a
+    /// member at `seq`. (A leave later than `seq` re-applied refuses what the first application
+    /// allowed; its writes stay, so the cells are the same.)
+    async fn member_at(&self, room: &str, user: &str, seq: u64) -> Result<bool> {
         let member: Option<(Option<i64>, Option<bool>)> = self
             .first("read member", &self.st().member_get, (room, user))
             .await?;
-        Ok(matches!(member, Some((_, Some(true)))))
+        Ok(matches!(member, Some((Some(joined), Some(true))) if joined < cql_seq(seq)))
     }
 }
