@@ -39,8 +39,9 @@ use chat_model::{
     EventBody, PairBlocks, Refusal, RoomId, RoomKind, RoomState, UserId,
 };
 use chat_store::{
-    add_receipts, apply_unstored, hide_blocked_authors, render_entry, wants_receipts,
-    MemberCursors, Page, PageQuery, ReceiptIndex, Receipts, RoomSummary, Store, ThreadPage,
+    add_receipts, apply_unstored, authors, hide_blocked_authors, render_entry, unstored_deletes,
+    wants_receipts, ChangeRights, MemberCursors, Page, PageQuery, ReceiptIndex, Receipts,
+    RoomSummary, Store, ThreadPage,
 };
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
@@ -1366,7 +1367,7 @@ impl Rooms {
         room: &RoomId,
         query: PageQuery,
     ) -> Result<Page, RoomError> {
-        self.member_state(room, viewer).await?;
+        let rights = ChangeRights::of(&*self.member_state(room, viewer).await?);
         let limit = query.clamped_limit();
         let before = query.before.unwrap_or(u64::MAX);
         let mut stored = self.store.checkpoint(room).await?;
@@ -1402,7 +1403,7 @@ impl Rooms {
             events.reverse();
             if from > stored + 1 || events.len() >= limit {
                 events.truncate(limit);
-                apply_unstored(&mut events, &unstored);
+                apply_unstored(&mut events, &unstored, &rights);
                 // Older events exist unless this page reaches the room's first.
                 return Ok(Page {
                     events,
@@ -1421,14 +1422,14 @@ impl Rooms {
             )
             .await?;
         if events.len() == limit {
-            apply_unstored(&mut events, &unstored);
+            apply_unstored(&mut events, &unstored, &rights);
             return Ok(Page {
                 more: !rest.events.is_empty(),
                 events,
             });
         }
         events.extend(rest.events);
-        apply_unstored(&mut events, &unstored);
+        apply_unstored(&mut events, &unstored, &rights);
         Ok(Page {
             events,
             more: rest.more,
@@ -1466,7 +1467,7 @@ impl Rooms {
         root: u64,
         query: PageQuery,
     ) -> Result<ThreadPage, RoomError> {
-        self.member_state(room, viewer).await?;
+        let rights = ChangeRights::of(&*self.member_state(room, viewer).await?);
         let limit = query.clamped_limit();
         let before = query.before.unwrap_or(u64::MAX);
         let mut stored = self.store.checkpoint(room).await?;
@@ -1493,13 +1494,7 @@ impl Rooms {
         let reply_of_root = |event: &Event| matches!(event.body, EventBody::Message { thread: Some(t), .. } if t == root);
         // Replies the store does not count on the root yet (after the last it counted), less
         // those deleted (the store counts no deleted reply).
-        let deleted: HashSet<u64> = unstored
-            .iter()
-            .filter_map(|(_, event)| match event.body {
-                EventBody::Delete { target } => Some(target),
-                _ => None,
-            })
-            .collect();
+        let deleted = unstored_deletes(&unstored, &rights, &authors(&[], &unstored));
         let counted_last = root_event["replies"]["last"].as_u64().unwrap_or(0);
         let (mut count, mut last) = (root_event["replies"]["count"].as_u64().unwrap_or(0), 0);
         for (seq, _) in unstored.iter().filter(|(seq, event)| {
@@ -1534,8 +1529,8 @@ impl Rooms {
                 replies.more = true;
             }
         }
-        apply_unstored(std::slice::from_mut(root_event), &unstored);
-        apply_unstored(&mut page.replies.events, &unstored);
+        apply_unstored(std::slice::from_mut(root_event), &unstored, &rights);
+        apply_unstored(&mut page.replies.events, &unstored, &rights);
         let blocked = self.blocked(viewer).await?;
         hide_blocked_authors(std::slice::from_mut(root_event), &blocked);
         hide_blocked_authors(&mut page.replies.events, &blocked);

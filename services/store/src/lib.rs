@@ -26,7 +26,9 @@ use uuid::Uuid;
 
 pub use commits::Commits;
 pub use receipts::{add_receipts, wants_receipts, MemberCursors, ReceiptIndex, Receipts};
-pub use render::{apply_unstored, hide_blocked_authors, render_entry};
+pub use render::{
+    apply_unstored, authors, hide_blocked_authors, render_entry, unstored_deletes, ChangeRights,
+};
 pub use scylla::{parse_uri as parse_scylla_uri, ScyllaLogin, ScyllaStore};
 pub use sqlite::SqliteStore;
 

@@ -9,9 +9,9 @@
 //! "hidden":true}` and nothing else, and an edit of it keeps its `target` but not its text
 //! ([`hide_blocked_authors`]): the sequence stays gap-free, the words stay out.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use chat_model::{Event, EventBody, UserId};
+use chat_model::{Event, EventBody, RoomKind, RoomState, UserId};
 use serde_json::{json, Map, Value};
 
 /// An event as a backend reads it back.
@@ -153,22 +153,141 @@ pub fn render_entry(seq: u64, event: &Event) -> Value {
     Value::Object(out)
 }
 
-/// Applies to a page of materialized events the edits and deletes the store does not hold yet
-/// (`unstored`, from the log, in sequence order), as the projector will: a deleted message
-/// loses its text, edited flag and reactions, and every edit of it in the page its text (of a
-/// message deleted in the store too); an edit of a message that is not deleted becomes its
-/// text. Reactions and thread counts are left to the store.
-pub fn apply_unstored(events: &mut [Value], unstored: &[(u64, Event)]) {
-    let mut deleted = HashSet::new();
-    for (_, event) in unstored {
-        let target = match &event.body {
-            EventBody::Delete { target } => {
-                deleted.insert(*target);
-                *target
+/// Who may edit and delete among the events the store does not hold yet, as the projector
+/// decides it when it stores them: an edit is its message's author's; a delete is the author's,
+/// or the group room's admin's (its creator) while a member.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeRights {
+    /// A group room's admin, and whether they are a member at the room's head.
+    admin: Option<(UserId, bool)>,
+}
+
+impl ChangeRights {
+    /// The rights in `state`'s room (read at its head).
+    pub fn of(state: &RoomState) -> ChangeRights {
+        let admin = (state.kind == RoomKind::Group)
+            .then(|| (state.creator.clone(), state.is_member(&state.creator)));
+        ChangeRights { admin }
+    }
+
+    /// Whether `event` (at `seq`, one of `unstored`) changes a message by `author`.
+    pub fn allow(&self, unstored: &[(u64, Event)], seq: u64, event: &Event, author: &str) -> bool {
+        if event.user.as_str() == author {
+            return matches!(
+                event.body,
+                EventBody::Edit { .. } | EventBody::Delete { .. }
+            );
+        }
+        let Some((admin, member_at_head)) = &self.admin else {
+            return false;
+        };
+        matches!(event.body, EventBody::Delete { .. })
+            && &event.user == admin
+            && admin_member_at(unstored, admin, *member_at_head, seq)
+    }
+}
+
+/// Whether `admin` is a member at `seq`: the last change of their membership among `unstored`
+/// before it says, else the first one after it says the opposite, else the head's does.
+fn admin_member_at(unstored: &[(u64, Event)], admin: &UserId, at_head: bool, seq: u64) -> bool {
+    let change = |event: &Event| match &event.body {
+        EventBody::MemberJoined { member } if member == admin => Some(true),
+        EventBody::MemberLeft { member } if member == admin => Some(false),
+        _ => None,
+    };
+    let before = unstored
+        .iter()
+        .rev()
+        .filter(|(s, _)| *s < seq)
+        .find_map(|(_, e)| change(e));
+    let after = unstored
+        .iter()
+        .filter(|(s, _)| *s > seq)
+        .find_map(|(_, e)| change(e));
+    before.or(after.map(|joined| !joined)).unwrap_or(at_head)
+}
+
+/// The messages that the deletes among `unstored` which `rights` allow delete, of those whose
+/// author `authors` knows (see [`authors`]).
+pub fn unstored_deletes(
+    unstored: &[(u64, Event)],
+    rights: &ChangeRights,
+    authors: &HashMap<u64, String>,
+) -> HashSet<u64> {
+    unstored
+        .iter()
+        .filter_map(|(seq, event)| match event.body {
+            EventBody::Delete { target } => authors
+                .get(&target)
+                .is_some_and(|author| rights.allow(unstored, *seq, event, author))
+                .then_some(target),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The authors of the messages the edits and deletes of `unstored` target, as far as `page`
+/// and `unstored` tell: a message's own `user`; for a message in neither, the author of an edit
+/// of it (only its author's edits ever take effect).
+pub fn authors(page: &[Value], unstored: &[(u64, Event)]) -> HashMap<u64, String> {
+    let mut authors = HashMap::new();
+    let mut editors = HashMap::new();
+    for event in page {
+        let (Some(seq), Some(user)) = (
+            event.get("seq").and_then(Value::as_u64),
+            event.get("user").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        match event.get("kind").and_then(Value::as_str) {
+            Some("message") => {
+                authors.insert(seq, user.to_owned());
             }
-            EventBody::Edit { target, .. } => *target,
+            Some("edit") => {
+                if let Some(target) = event.get("target").and_then(Value::as_u64) {
+                    editors.insert(target, user.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    for (seq, event) in unstored {
+        match &event.body {
+            EventBody::Message { .. } => {
+                authors.insert(*seq, event.user.as_str().to_owned());
+            }
+            EventBody::Edit { target, .. } => {
+                editors.insert(*target, event.user.as_str().to_owned());
+            }
+            _ => {}
+        }
+    }
+    for (target, editor) in editors {
+        authors.entry(target).or_insert(editor);
+    }
+    authors
+}
+
+/// Applies to a page of materialized events the edits and deletes the store does not hold yet
+/// (`unstored`, from the log, in sequence order), as the projector will (those `rights`
+/// allow): a deleted message loses its text, edited flag and reactions, and every edit of it in
+/// the page its text (of a message deleted in the store too); an edit of a message that is not
+/// deleted becomes its text. Reactions and thread counts are left to the store.
+pub fn apply_unstored(events: &mut [Value], unstored: &[(u64, Event)], rights: &ChangeRights) {
+    let authors = authors(events, unstored);
+    let mut deleted = HashSet::new();
+    for (seq, event) in unstored {
+        let target = match &event.body {
+            EventBody::Delete { target } | EventBody::Edit { target, .. } => *target,
             _ => continue,
         };
+        let author = authors.get(&target).map(String::as_str).unwrap_or_default();
+        if !rights.allow(unstored, *seq, event, author) {
+            continue;
+        }
+        if matches!(event.body, EventBody::Delete { .. }) {
+            deleted.insert(target);
+        }
         let found = events
             .iter_mut()
             .filter_map(Value::as_object_mut)
@@ -273,8 +392,152 @@ mod tests {
         ];
         let unstored = vec![(11, edit)];
         assert_eq!(events[0]["text"], "too late");
-        apply_unstored(&mut events, &unstored);
+        apply_unstored(&mut events, &unstored, &ChangeRights::default());
         assert!(events[0].get("text").is_none(), "{}", events[0]);
         assert!(events[2].get("text").is_none());
+    }
+
+    fn logged(user: &str, body: EventBody) -> Event {
+        Event {
+            id: uuid::Uuid::new_v4(),
+            user: UserId::parse(user).unwrap(),
+            ts: 1,
+            body,
+        }
+    }
+
+    fn group(creator: &str, members: &[&str]) -> RoomState {
+        let created = logged(
+            creator,
+            EventBody::RoomCreated {
+                room_kind: RoomKind::Group,
+                name: "g".into(),
+                members: members.iter().map(|m| UserId::parse(*m).unwrap()).collect(),
+            },
+        );
+        RoomState::created(1, &created).expect("a group room")
+    }
+
+    fn message(seq: u64, user: &str) -> Value {
+        json!({"seq": seq, "ts": 1, "user": user, "kind": "message", "id": format!("i{seq}"),
+               "text": "words", "thread": null, "reply_to": null})
+    }
+
+    /// The projector stores only the author's edits, and the author's or the present admin's
+    /// deletes: a page shows no other change of the events it does not hold yet.
+    #[test]
+    fn unstored_edits_and_deletes_count_only_when_the_projector_would_keep_them() {
+        let state = group("alice", &["bob", "carol"]);
+        let rights = ChangeRights::of(&state);
+        let edit = |user: &str, target| {
+            logged(
+                user,
+                EventBody::Edit {
+                    target,
+                    text: format!("by {user}"),
+                },
+            )
+        };
+        let delete = |user: &str, target| logged(user, EventBody::Delete { target });
+
+        let mut events = vec![message(3, "bob"), message(2, "carol")];
+        let unstored = vec![
+            (4, edit("carol", 3)),
+            (5, delete("bob", 2)),
+            (6, edit("carol", 2)),
+        ];
+        apply_unstored(&mut events, &unstored, &rights);
+        assert_eq!(
+            events[0]["text"], "words",
+            "carol may not edit bob's message"
+        );
+        assert!(
+            events[1].get("deleted").is_none(),
+            "bob may not delete carol's"
+        );
+        assert_eq!(events[1]["text"], "by carol", "carol edits her own");
+
+        let mut events = vec![message(3, "bob"), message(2, "carol")];
+        let unstored = vec![(4, delete("alice", 3)), (5, delete("carol", 2))];
+        apply_unstored(&mut events, &unstored, &rights);
+        assert_eq!(
+            events[0]["deleted"], true,
+            "the admin deletes others' messages"
+        );
+        assert_eq!(events[1]["deleted"], true, "the author deletes her own");
+
+        // The admin's membership at the delete decides, whatever it is at the head.
+        let left = logged(
+            "alice",
+            EventBody::MemberLeft {
+                member: UserId::parse("alice").unwrap(),
+            },
+        );
+        let joined = logged(
+            "bob",
+            EventBody::MemberJoined {
+                member: UserId::parse("alice").unwrap(),
+            },
+        );
+        let mut events = vec![message(3, "bob")];
+        let unstored = vec![
+            (4, left.clone()),
+            (5, delete("alice", 3)),
+            (6, joined.clone()),
+        ];
+        apply_unstored(&mut events, &unstored, &rights);
+        assert!(
+            events[0].get("deleted").is_none(),
+            "an admin who left has no power"
+        );
+        let mut gone = state.clone();
+        gone.apply(4, &left);
+        let mut events = vec![message(3, "bob")];
+        let unstored = vec![(4, delete("alice", 3)), (5, left.clone())];
+        apply_unstored(&mut events, &unstored, &ChangeRights::of(&gone));
+        assert_eq!(
+            events[0]["deleted"], true,
+            "a member when she deleted, gone since"
+        );
+        let mut events = vec![message(3, "bob")];
+        apply_unstored(
+            &mut events,
+            &[(5, delete("alice", 3))],
+            &ChangeRights::of(&gone),
+        );
+        assert!(
+            events[0].get("deleted").is_none(),
+            "not a member then, nor now"
+        );
+
+        // A direct room has no admin.
+        let direct = ChangeRights::default();
+        let mut events = vec![message(3, "bob")];
+        apply_unstored(&mut events, &[(4, delete("alice", 3))], &direct);
+        assert!(events[0].get("deleted").is_none());
+    }
+
+    /// A page holding an edit but not its message: the author's delete still takes the edit's
+    /// text (the edit tells the author), another's does not.
+    #[test]
+    fn an_unstored_delete_of_a_message_beyond_the_page_takes_its_edits_text_if_allowed() {
+        let rights = ChangeRights::of(&group("alice", &["bob", "carol"]));
+        let page = || {
+            vec![
+                json!({"seq": 9, "ts": 1, "user": "bob", "kind": "edit", "id": "i9", "target": 2,
+                        "text": "again"}),
+            ]
+        };
+        let mut events = page();
+        let delete = logged("carol", EventBody::Delete { target: 2 });
+        apply_unstored(&mut events, &[(10, delete)], &rights);
+        assert_eq!(
+            events[0]["text"], "again",
+            "carol may not delete bob's message"
+        );
+        let mut events = page();
+        let delete = logged("bob", EventBody::Delete { target: 2 });
+        apply_unstored(&mut events, &[(10, delete)], &rights);
+        assert!(events[0].get("text").is_none(), "{}", events[0]);
     }
 }
