@@ -64,6 +64,48 @@ struct Signal {
     /// A snapshot: exactly `users` are online on `edge` (their entries renewed).
     #[serde(default)]
     snapshot: bool,
+    /// A snapshot too big for one message comes in `parts` (each renewing its users), all of the
+    /// same `round` of the edge's heartbeats: what the edge said before is replaced once every
+    /// part of a round has arrived.
+    #[serde(default)]
+    round: u64,
+    #[serde(default)]
+    part: u32,
+    #[serde(default = "one_part")]
+    parts: u32,
+}
+
+fn one_part() -> u32 {
+    1
+}
+
+/// A snapshot's users as parts whose encoding stays under `max_bytes` each (one part, empty,
+/// for no users).
+fn parts_of(users: Vec<UserId>, max_bytes: usize) -> Vec<Vec<UserId>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    for user in users {
+        // The id quoted, escaped at worst as `\uXXXX` per byte, and a comma.
+        let cost = user.as_str().len() * 6 + 3;
+        let current = parts.last_mut().expect("never empty");
+        if !current.is_empty() && bytes + cost > max_bytes {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += cost;
+        parts.last_mut().expect("never empty").push(user);
+    }
+    parts
+}
+
+/// What a snapshot in parts has shown so far: its round, how many parts, and their users.
+struct Partial {
+    round: u64,
+    seen: u32,
+    listed: HashSet<UserId>,
+    /// When its first part came: a round that never completes is dropped after
+    /// [`PARTIAL_KEPT`].
+    since: Instant,
 }
 
 enum Local {
@@ -86,6 +128,14 @@ impl Drop for Here {
     }
 }
 
+/// A snapshot in parts that has not completed within this is dropped (its round replaces
+/// nothing; the entries its parts renewed expire as usual).
+const PARTIAL_KEPT: Duration = Duration::from_secs(600);
+
+/// The most a snapshot's part carries, bytes of user ids (far below any nats-server's
+/// `max_payload`, which is 1 MiB by default; less if the server's is smaller).
+const PART_BYTES: usize = 32 * 1024;
+
 #[derive(Default)]
 struct View {
     /// (room, user) → edge → until when that edge vouches for them.
@@ -94,6 +144,8 @@ struct View {
     shown: HashMap<RoomId, HashSet<UserId>>,
     /// Rooms with changes not shown yet.
     dirty: HashSet<RoomId>,
+    /// (room, edge) → the snapshot in parts being received.
+    partial: HashMap<(RoomId, String), Partial>,
 }
 
 impl View {
@@ -123,28 +175,7 @@ impl View {
     }
 
     fn apply(&mut self, room: &RoomId, signal: &Signal, until: Instant) {
-        if signal.snapshot {
-            let listed: HashSet<&UserId> = signal.users.iter().collect();
-            let before: Vec<UserId> = self
-                .online
-                .get(room)
-                .map(|users| {
-                    users
-                        .iter()
-                        .filter(|(u, edges)| {
-                            edges.contains_key(&signal.edge) && !listed.contains(u)
-                        })
-                        .map(|(u, _)| u.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            for user in before {
-                self.withdraw(room, &user, &signal.edge);
-            }
-            for user in &signal.users {
-                self.vouch(room, user, &signal.edge, until);
-            }
-        } else {
+        if !signal.snapshot {
             for user in &signal.users {
                 if signal.online {
                     self.vouch(room, user, &signal.edge, until);
@@ -152,6 +183,54 @@ impl View {
                     self.withdraw(room, user, &signal.edge);
                 }
             }
+            return;
+        }
+        for user in &signal.users {
+            self.vouch(room, user, &signal.edge, until);
+        }
+        let listed = if signal.parts <= 1 {
+            self.partial.remove(&(room.clone(), signal.edge.clone()));
+            signal.users.iter().cloned().collect()
+        } else {
+            let key = (room.clone(), signal.edge.clone());
+            let partial = self.partial.entry(key.clone()).or_insert_with(|| Partial {
+                round: signal.round,
+                seen: 0,
+                listed: HashSet::new(),
+                since: Instant::now(),
+            });
+            if partial.round != signal.round {
+                // A part of the round before was lost: that round replaces nothing.
+                *partial = Partial {
+                    round: signal.round,
+                    seen: 0,
+                    listed: HashSet::new(),
+                    since: Instant::now(),
+                };
+            }
+            partial.seen += 1;
+            partial.listed.extend(signal.users.iter().cloned());
+            if partial.seen < signal.parts {
+                return;
+            }
+            self.partial
+                .remove(&key)
+                .map(|partial| partial.listed)
+                .unwrap_or_default()
+        };
+        let before: Vec<UserId> = self
+            .online
+            .get(room)
+            .map(|users| {
+                users
+                    .iter()
+                    .filter(|(u, edges)| edges.contains_key(&signal.edge) && !listed.contains(*u))
+                    .map(|(u, _)| u.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for user in before {
+            self.withdraw(room, &user, &signal.edge);
         }
     }
 
@@ -170,6 +249,10 @@ impl View {
             !users.is_empty()
         });
         self.dirty.extend(changed);
+        // Rounds whose missing parts never came; `now` is later than any entry's `since` by
+        // construction, so an expiry's worth of age is measured from it.
+        self.partial
+            .retain(|_, partial| now.saturating_duration_since(partial.since) < PARTIAL_KEPT);
     }
 
     fn online_in(&self, room: &RoomId) -> BTreeSet<UserId> {
@@ -252,13 +335,60 @@ impl Presence {
         format!("{}.{}", self.subject_prefix, room)
     }
 
-    async fn publish(&self, room: &RoomId, users: Vec<UserId>, online: bool, snapshot: bool) {
-        let signal = Signal {
-            edge: self.edge.clone(),
-            users,
-            online,
-            snapshot,
-        };
+    /// The most user-id bytes one signal carries: [`PART_BYTES`], or less under a small
+    /// `max_payload`.
+    fn part_bytes(&self) -> usize {
+        PART_BYTES
+            .min(self.client.server_info().max_payload / 2)
+            .max(1)
+    }
+
+    /// `users` came online (`online`) or went offline on this edge: as many signals as their
+    /// ids need.
+    async fn publish_delta(&self, room: &RoomId, users: Vec<UserId>, online: bool) {
+        for users in parts_of(users, self.part_bytes()) {
+            if users.is_empty() {
+                continue;
+            }
+            self.send(
+                room,
+                Signal {
+                    edge: self.edge.clone(),
+                    users,
+                    online,
+                    snapshot: false,
+                    round: 0,
+                    part: 0,
+                    parts: 1,
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Exactly `users` are online in `room` on this edge (none: the room emptied here), in one
+    /// or more parts of heartbeat `round`.
+    async fn publish_snapshot(&self, room: &RoomId, users: Vec<UserId>, round: u64) {
+        let parts = parts_of(users, self.part_bytes());
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        for (part, users) in parts.into_iter().enumerate() {
+            self.send(
+                room,
+                Signal {
+                    edge: self.edge.clone(),
+                    users,
+                    online: true,
+                    snapshot: true,
+                    round,
+                    part: u32::try_from(part).unwrap_or(u32::MAX),
+                    parts: count,
+                },
+            )
+            .await;
+        }
+    }
+
+    async fn send(&self, room: &RoomId, signal: Signal) {
         let payload = serde_json::to_vec(&signal).unwrap_or_default();
         if let Err(e) = self
             .client
@@ -332,6 +462,10 @@ async fn run(
     };
     // Local sessions per (room, user).
     let mut local: HashMap<RoomId, HashMap<UserId, usize>> = HashMap::new();
+    // Rooms whose last local user left since the last heartbeat: an empty snapshot follows the
+    // last `offline` delta, in case that one was lost (core NATS delivers at most once).
+    let mut emptied: HashSet<RoomId> = HashSet::new();
+    let mut round: u64 = 0;
     let mut heartbeat = tokio::time::interval(presence.config.heartbeat);
     let mut flush = tokio::time::interval(presence.config.flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,7 +478,8 @@ async fn run(
                     let n = local.entry(room.clone()).or_default().entry(user.clone()).or_insert(0);
                     *n += 1;
                     if *n == 1 {
-                        presence.publish(&room, vec![user], true, false).await;
+                        emptied.remove(&room);
+                        presence.publish_delta(&room, vec![user], true).await;
                     }
                 }
                 Some(Local::Leave(room, user)) => {
@@ -355,8 +490,9 @@ async fn run(
                         users.remove(&user);
                         if users.is_empty() {
                             local.remove(&room);
+                            emptied.insert(room.clone());
                         }
-                        presence.publish(&room, vec![user], false, false).await;
+                        presence.publish_delta(&room, vec![user], false).await;
                     }
                 }
                 None => break,
@@ -376,8 +512,12 @@ async fn run(
                 }
             }
             _ = heartbeat.tick() => {
+                round += 1;
                 for (room, users) in &local {
-                    presence.publish(room, users.keys().cloned().collect(), true, true).await;
+                    presence.publish_snapshot(room, users.keys().cloned().collect(), round).await;
+                }
+                for room in emptied.drain() {
+                    presence.publish_snapshot(&room, Vec::new(), round).await;
                 }
             }
             _ = flush.tick() => presence.flush(&hub),
@@ -386,7 +526,7 @@ async fn run(
     // A clean stop: the other edges need not wait for the expiry.
     for (room, users) in local {
         presence
-            .publish(&room, users.into_keys().collect(), false, false)
+            .publish_delta(&room, users.into_keys().collect(), false)
             .await;
     }
     let _ = presence.client.flush().await;
@@ -406,6 +546,9 @@ mod tests {
             users: users.iter().map(|u| user(u)).collect(),
             online,
             snapshot,
+            round: 0,
+            part: 0,
+            parts: 1,
         }
     }
 
@@ -438,5 +581,72 @@ mod tests {
         view.apply(&room, &signal("e2", &["bob"], true, false), until);
         view.apply(&room, &signal("e1", &["carol"], true, true), until);
         assert_eq!(view.online_in(&room), [user("bob"), user("carol")].into());
+    }
+
+    fn part(edge: &str, users: &[&str], round: u64, part: u32, parts: u32) -> Signal {
+        Signal {
+            round,
+            part,
+            parts,
+            ..signal(edge, users, true, true)
+        }
+    }
+
+    #[test]
+    fn a_snapshot_too_big_for_one_message_is_cut_into_parts_under_the_bound() {
+        let users: Vec<UserId> = (0..1000).map(|i| user(&format!("user-{i:04}"))).collect();
+        let parts = parts_of(users.clone(), 4096);
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        for part in &parts {
+            let signal = Signal {
+                users: part.clone(),
+                ..signal("0123456789abcdef0123456789abcdef", &[], true, true)
+            };
+            let bytes = serde_json::to_vec(&signal).unwrap().len();
+            assert!(bytes < 4096 + 200, "a part of {bytes} bytes");
+        }
+        assert_eq!(parts.concat(), users, "every user once, in order");
+        assert_eq!(parts_of(Vec::new(), 4096), vec![Vec::<UserId>::new()]);
+    }
+
+    #[test]
+    fn a_snapshot_in_parts_replaces_what_the_edge_said_once_every_part_came() {
+        let room = RoomId::parse("r").unwrap();
+        let mut view = View::default();
+        let until = Instant::now() + Duration::from_secs(90);
+        view.apply(
+            &room,
+            &signal("e1", &["alice", "bob", "carol"], true, false),
+            until,
+        );
+        // Round 1: bob and carol left; part 0 of 2 alone replaces nothing yet.
+        view.apply(&room, &part("e1", &["alice"], 1, 0, 2), until);
+        assert_eq!(view.online_in(&room).len(), 3);
+        view.apply(&room, &part("e1", &["dave"], 1, 1, 2), until);
+        assert_eq!(view.online_in(&room), [user("alice"), user("dave")].into());
+        // Round 2 loses its first part: nothing is withdrawn on the strength of half a list.
+        view.apply(&room, &part("e1", &["erin"], 2, 1, 2), until);
+        assert_eq!(
+            view.online_in(&room),
+            [user("alice"), user("dave"), user("erin")].into()
+        );
+        // Round 3 whole: exactly its users.
+        view.apply(&room, &part("e1", &["erin"], 3, 0, 2), until);
+        view.apply(&room, &part("e1", &[], 3, 1, 2), until);
+        assert_eq!(view.online_in(&room), [user("erin")].into());
+        assert!(view.partial.is_empty(), "completed rounds are not kept");
+    }
+
+    /// An edge whose last user of a room left sends an empty snapshot at its next heartbeat:
+    /// a lost `offline` for that user heals then, not at the expiry.
+    #[test]
+    fn an_empty_snapshot_withdraws_everyone_the_edge_vouched_for() {
+        let room = RoomId::parse("r").unwrap();
+        let mut view = View::default();
+        let until = Instant::now() + Duration::from_secs(90);
+        view.apply(&room, &signal("e1", &["alice"], true, false), until);
+        view.apply(&room, &signal("e2", &["bob"], true, false), until);
+        view.apply(&room, &part("e1", &[], 7, 0, 1), until);
+        assert_eq!(view.online_in(&room), [user("bob")].into());
     }
 }
