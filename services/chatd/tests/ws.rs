@@ -404,13 +404,14 @@ async fn broken_websocket_frames_close_with_the_rfc_codes() {
     let reserved = Frame::message(vec![b'x'], OpCode::Data(Data::Reserved(3)), true);
     let _ = ws.send(Message::Frame(reserved)).await;
     assert_eq!(expect_close(&mut ws).await.0, 1002);
-    // The same before authenticating.
+    // Before authenticating, a first frame that is not UTF-8 is one that is not `auth`: 4001,
+    // as the contract says of any other first frame.
     let (mut ws, _) = tokio_tungstenite::connect_async(chatd.ws_url())
         .await
         .unwrap();
     let bad_text = Frame::message(vec![0xc3, 0x28], OpCode::Data(Data::Text), true);
     let _ = ws.send(Message::Frame(bad_text)).await;
-    assert_eq!(expect_close(&mut ws).await.0, 1007);
+    assert_eq!(expect_close(&mut ws).await.0, 4001);
 }
 
 #[tokio::test]

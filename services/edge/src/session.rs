@@ -1310,6 +1310,11 @@ async fn first_frame_auth(
                     .map_err(|e| refused(&e.to_string()));
             }
             Some(Ok(_)) => return Err(refused("the first frame must be an auth text frame")),
+            // A text frame that is not UTF-8 is one more first frame that is not `auth` (4001,
+            // as the contract says of any other); after it, 1007 (RFC 6455).
+            Some(Err(tungstenite::Error::Utf8(_))) => {
+                return Err(refused("the first frame must be an auth text frame"))
+            }
             Some(Err(e)) => {
                 return Err(match close_for(&e) {
                     Some((code, reason)) => (code, reason.to_owned()),
