@@ -1006,6 +1006,127 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
 }
 
+/// A slow reader loses presence frames too, and is told so: once its queue has room again it
+/// gets one `changed` frame for the room, after which the presence endpoint says who is online
+/// (the frames it lost are not sent late: they may be stale by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_lost_presence_frames_is_told_presence_changed() {
+    let data = tempfile::tempdir().unwrap();
+    let chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_OUTBOUND_BYTES", "65536"),
+            ("CHAT_OUTBOUND_FRAMES", "64"),
+            ("CHAT_SLOW_CLIENT_GRACE", "60s"),
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+            ("CHAT_HISTORY_RATE", "100000/100000"),
+            ("CHAT_PRESENCE_INTERVAL", "50ms"),
+        ],
+    ));
+    let churner_names: Vec<String> = (0..6).map(|i| format!("churner{i}")).collect();
+    let mut members = vec!["bob"];
+    members.extend(churner_names.iter().map(String::as_str));
+    create_room(&chatd, data.path(), "lagging", "alice", &members);
+    let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
+    let bob_token = dev_token(data.path(), "bob", 3600);
+    let mut bob = raw_small_buffer(&chatd, &bob_token).await;
+    bob.send(Message::Text(
+        json!({"type":"subscribe","rid":"s","rooms":{"lagging":0}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let online_now = || {
+        let (status, body) = api(
+            &chatd,
+            &bob_token,
+            "GET",
+            "/v1/rooms/lagging/presence",
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        body["online"].clone()
+    };
+
+    // Jam bob's session (as above), while the churners come and go in turn: each change is
+    // shown (the endpoint follows what the frames show) before the next.
+    let text = "y".repeat(3_900);
+    let mut churners: Vec<Option<Client>> = churner_names.iter().map(|_| None).collect();
+    let mut sent = 0u64;
+    let mut turn = 0;
+    while metric(&chatd, "chat_edge_ephemeral_dropped_total") == 0 {
+        assert!(sent < 20_000, "no presence frame was ever dropped for bob");
+        let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            alice
+                .send(json!({"type":"send","rid":id,"room":"lagging","id":id,"text":text}))
+                .await;
+        }
+        for id in &ids {
+            let ack = alice.wait_for(|f| f["rid"] == id.as_str()).await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        sent += 10;
+        let i = turn % churners.len();
+        turn += 1;
+        match churners[i].take() {
+            Some(churner) => drop(churner),
+            None => {
+                let token = dev_token(data.path(), &churner_names[i], 3600);
+                let mut churner = Client::connect(&chatd.ws_url(), &token).await;
+                churner.subscribe("lagging", None).await;
+                churners[i] = Some(churner);
+            }
+        }
+        let mut expected: Vec<&str> = churners
+            .iter()
+            .zip(&churner_names)
+            .filter(|(c, _)| c.is_some())
+            .map(|(_, name)| name.as_str())
+            .collect();
+        expected.push("bob");
+        expected.sort();
+        eventually("the change shown", || online_now() == json!(expected)).await;
+    }
+
+    // Bob reads at last: every event in order, then (once his queue had room) one `changed`.
+    let head = 1 + sent;
+    let mut last_seq = 0;
+    let mut changed = None;
+    // One deadline for all of it: pings keep coming whatever else does not.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while last_seq < head || changed.is_none() {
+        let next = tokio::time::timeout_at(until, bob.next()).await;
+        let next = next.unwrap_or_else(|_| {
+            panic!("after {DEADLINE:?}: events up to {last_seq} of {head}, changed: {changed:?}")
+        });
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                match frame["type"].as_str() {
+                    Some("event") => {
+                        let seq = frame["seq"].as_u64().unwrap();
+                        assert_eq!(seq, last_seq + 1, "events in order, none lost");
+                        last_seq = seq;
+                    }
+                    Some("presence") if frame.get("changed").is_some() => {
+                        changed = Some(frame);
+                    }
+                    _ => {}
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("bob was closed: {other:?}"),
+        }
+    }
+    let changed = changed.unwrap();
+    assert_eq!(changed["room"], "lagging", "{changed}");
+    assert!(changed["changed"].as_u64().unwrap() >= 1, "{changed}");
+    assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
+}
+
 /// A client that writes many frames without waiting: its appends are pipelined, but every
 /// reply still comes in the order of the frames, a non-append frame is answered after the
 /// appends before it, a refusal in the middle keeps its place, a resend of an id inside the

@@ -101,6 +101,18 @@ impl Listeners {
         !listening.sessions.is_empty()
     }
 
+    /// Queues a presence frame of `room` for every listening session (lossy, and a session
+    /// that drops one is told later that presence changed). False when nobody listens.
+    fn pass_presence(&self, room: &RoomId, frame: &Utf8Bytes) -> bool {
+        let Ok(listening) = self.by_key.lock() else {
+            return false;
+        };
+        for (_, out) in listening.sessions.values() {
+            out.push_presence(room, frame.clone());
+        }
+        !listening.sessions.is_empty()
+    }
+
     fn add(&self, user: UserId, out: EphemeralOutbox) -> u64 {
         let Ok(mut listening) = self.by_key.lock() else {
             return u64::MAX;
@@ -169,11 +181,12 @@ impl Hub {
         &self.log
     }
 
-    /// Hands an ephemeral frame to the sessions following `room` on this edge (lossy: a
-    /// session that is behind drops it). False when nobody here follows the room.
-    pub fn ephemeral(&self, room: &RoomId, frame: Utf8Bytes, exclude: Option<UserId>) -> bool {
+    /// Hands a presence frame to the sessions following `room` on this edge (lossy: a session
+    /// that is behind drops it, and gets a `changed` frame for the room once it has room
+    /// again). False when nobody here follows the room.
+    pub(crate) fn presence(&self, room: &RoomId, frame: Utf8Bytes) -> bool {
         self.existing(room)
-            .is_some_and(|feed| feed.listeners.pass(&Ephemeral { frame, exclude }))
+            .is_some_and(|feed| feed.listeners.pass_presence(room, &frame))
     }
 
     fn typing_subject(&self, room: &RoomId) -> String {

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use chat_model::RoomId;
+use serde_json::json;
 use tungstenite::Utf8Bytes;
 
 use crate::socket::{FrameWriter, GATHER};
@@ -83,6 +85,11 @@ struct Queue {
     /// `Outbox` handles alive; the writer ends once none is left and the queue is empty.
     producers: AtomicUsize,
     stats: Arc<EdgeStats>,
+    /// Rooms whose presence frames were dropped, and how many: once the queue has room again,
+    /// each gets one `changed` frame (the client reads who is online from the endpoint).
+    missed_presence: Mutex<Vec<(RoomId, u32)>>,
+    /// Set while `missed_presence` holds any.
+    missed: AtomicBool,
 }
 
 impl Queue {
@@ -237,6 +244,8 @@ impl Outbox {
             bytes: Semaphore::new(limits.bytes.max(1)),
             producers: AtomicUsize::new(1),
             stats,
+            missed_presence: Mutex::new(Vec::new()),
+            missed: AtomicBool::new(false),
         });
         let outbox = Outbox {
             queue: queue.clone(),
@@ -403,6 +412,22 @@ fn push_ephemeral(queue: &Queue, limits: &OutboxLimits, frame: Utf8Bytes) -> boo
     queued
 }
 
+/// After a flush: a `changed` presence frame for each room whose presence frames were dropped,
+/// as far as the queue has room for them (the rest wait for the next flush).
+fn repair_presence(queue: &Queue, limits: &OutboxLimits) {
+    if !queue.missed.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(mut missed) = queue.missed_presence.lock() else {
+        return;
+    };
+    missed.retain(|(room, dropped)| {
+        let frame = json!({"type": "presence", "room": room, "changed": dropped});
+        !push_ephemeral(queue, limits, frame.to_string().into())
+    });
+    queue.missed.store(!missed.is_empty(), Ordering::Release);
+}
+
 /// Ephemeral frames into a session's queue, without keeping the session alive.
 #[derive(Clone)]
 pub(crate) struct EphemeralOutbox {
@@ -418,6 +443,24 @@ impl EphemeralOutbox {
                 push_ephemeral(&queue, &self.limits, frame);
             }
         }
+    }
+
+    /// A presence frame of `room`, as [`EphemeralOutbox::push`]; one that is dropped is made up
+    /// for by a `changed` frame once the queue has room.
+    pub(crate) fn push_presence(&self, room: &RoomId, frame: Utf8Bytes) {
+        let Some(queue) = self.queue.upgrade() else {
+            return;
+        };
+        if queue.slots.is_closed() || push_ephemeral(&queue, &self.limits, frame) {
+            return;
+        }
+        if let Ok(mut missed) = queue.missed_presence.lock() {
+            match missed.iter_mut().find(|(r, _)| r == room) {
+                Some((_, dropped)) => *dropped = dropped.saturating_add(1),
+                None => missed.push((room.clone(), 1)),
+            }
+            queue.missed.store(true, Ordering::Release);
+        };
     }
 }
 
@@ -610,7 +653,7 @@ fn write_loop(
                 }
             };
             match sent {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => repair_presence(&queue, &limits),
                 Ok(Err(_)) => {
                     queue.shut();
                     return;

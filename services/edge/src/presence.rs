@@ -309,24 +309,20 @@ impl Presence {
         }
     }
 
-    /// Who is online in `room` now, as this edge knows it.
+    /// Who is online in `room` as this edge last showed its sessions (at most one flush
+    /// interval behind what it has heard): every presence frame it sends after is a change
+    /// from this, so a client that reads it and then applies the frames ends up right.
     pub fn online(&self, room: &RoomId) -> Vec<UserId> {
-        let now = Instant::now();
         self.view
             .lock()
             .map(|view| {
-                view.online
+                let mut online: Vec<UserId> = view
+                    .shown
                     .get(room)
-                    .map(|users| {
-                        let mut online: Vec<UserId> = users
-                            .iter()
-                            .filter(|(_, edges)| edges.values().any(|until| *until > now))
-                            .map(|(u, _)| u.clone())
-                            .collect();
-                        online.sort();
-                        online
-                    })
-                    .unwrap_or_default()
+                    .map(|users| users.iter().cloned().collect())
+                    .unwrap_or_default();
+                online.sort();
+                online
             })
             .unwrap_or_default()
     }
@@ -429,7 +425,7 @@ impl Presence {
             }
             let sent = if frames.len() > self.config.max_frames {
                 let frame = json!({"type": "presence", "room": room, "changed": frames.len()});
-                usize::from(hub.ephemeral(&room, frame.to_string().into(), None))
+                usize::from(hub.presence(&room, frame.to_string().into()))
             } else {
                 frames
                     .iter()
@@ -437,7 +433,7 @@ impl Presence {
                         let status = if *online { "online" } else { "offline" };
                         let frame =
                             json!({"type": "presence", "room": room, "user": user, "status": status});
-                        hub.ephemeral(&room, frame.to_string().into(), None)
+                        hub.presence(&room, frame.to_string().into())
                     })
                     .count()
             };

@@ -437,7 +437,11 @@ impl Session {
                     return;
                 }
                 _ = removals.notify.notified() => {
-                    for room in removals.take() {
+                    for (room, subscription) in removals.take() {
+                        // Subscribed again since (invited back): that subscription goes on.
+                        if self.subscriptions.get(&room).is_none_or(|s| s._source.id() != subscription) {
+                            continue;
+                        }
                         self.subscriptions.remove(&room);
                         self.send(protocol::reply("unsubscribed", None, json!({"room": room, "reason": "removed"}))).await;
                     }

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,21 +20,23 @@ use tokio::sync::Notify;
 
 /// Rooms whose event source ended because the user was removed from them: the sources tell
 /// the session's read loop, which drops the subscription and says so.
+/// Each with the subscription it ended ([`EndOnDrop::id`]): a removal that reaches the read
+/// loop after the room was subscribed again ends nothing.
 #[derive(Default)]
 pub(crate) struct Removals {
-    rooms: Mutex<Vec<RoomId>>,
+    rooms: Mutex<Vec<(RoomId, u64)>>,
     pub(crate) notify: Notify,
 }
 
 impl Removals {
-    fn removed(&self, room: RoomId) {
+    fn removed(&self, room: RoomId, subscription: u64) {
         if let Ok(mut rooms) = self.rooms.lock() {
-            rooms.push(room);
+            rooms.push((room, subscription));
         }
         self.notify.notify_one();
     }
 
-    pub(crate) fn take(&self) -> Vec<RoomId> {
+    pub(crate) fn take(&self) -> Vec<(RoomId, u64)> {
         self.rooms
             .lock()
             .map(|mut rooms| std::mem::take(&mut *rooms))
@@ -43,8 +45,9 @@ impl Removals {
 }
 
 /// What a subscription and its source share: the subscription going ends the source.
-#[derive(Default)]
 struct End {
+    /// Which subscription (unique in the process).
+    id: u64,
     ended: AtomicBool,
     waker: AtomicWaker,
 }
@@ -52,6 +55,13 @@ struct End {
 /// Held by the subscription: dropping it ends the source (at the writer's next poll, which it
 /// wakes).
 pub(crate) struct EndOnDrop(Arc<End>);
+
+impl EndOnDrop {
+    /// The subscription's id, as its removal names it.
+    pub(crate) fn id(&self) -> u64 {
+        self.0.id
+    }
+}
 
 impl Drop for EndOnDrop {
     fn drop(&mut self) {
@@ -124,7 +134,12 @@ impl RoomSource {
         joined: u64,
         removals: Arc<Removals>,
     ) -> (RoomSource, EndOnDrop) {
-        let end = Arc::new(End::default());
+        static SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
+        let end = Arc::new(End {
+            id: SUBSCRIPTIONS.fetch_add(1, Ordering::Relaxed),
+            ended: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
         let source = RoomSource {
             follower,
             rooms,
@@ -183,7 +198,8 @@ impl RoomSource {
         self.pause = FIRST_PAUSE;
         if pick.delivery.left.as_ref() == Some(&self.user) && pick.delivery.seq > self.joined {
             self.removed = true;
-            self.removals.removed(self.follower.room().clone());
+            self.removals
+                .removed(self.follower.room().clone(), self.end.id);
         }
         pick
     }
