@@ -334,6 +334,32 @@ pub fn observe(state: &AppState) {
             ],
         );
     }
+    let nats = state.nats.clone();
+    meter
+        .u64_observable_gauge("chat.nats.connected")
+        .with_description(
+            "1 while the process's NATS connection is up (a server that stops answering is \
+             found within about 15 s by pings).",
+        )
+        .with_callback(move |o| {
+            let up = nats.connection_state() == async_nats::connection::State::Connected;
+            o.observe(u64::from(up), &[]);
+        })
+        .build();
+    let nats = state.nats.clone();
+    meter
+        .u64_observable_counter("chat.nats.reconnects")
+        .with_description("Times the process's NATS connection was made again after it was lost.")
+        .with_callback(move |o| {
+            o.observe(
+                nats.statistics()
+                    .connects
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(1),
+                &[],
+            )
+        })
+        .build();
     let draining = state.draining.clone();
     meter
         .u64_observable_gauge("chat.draining")

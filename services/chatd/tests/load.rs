@@ -1127,6 +1127,41 @@ async fn a_slow_reader_that_lost_presence_frames_is_told_presence_changed() {
     assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
 }
 
+/// A nats-server that hangs (stopped, not gone: the socket stays open) is found by pings
+/// within seconds: readiness with `?nats=required` answers 503 and the metrics say so; once
+/// it answers again the edge reconnects by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nats_server_is_found_by_pings_and_readiness_says_so() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let nats = NatsServer::start_with_jetstream("");
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env_with(data.path(), &[]);
+    env.push(("NATS_URL", nats.url()));
+    let chatd = start(&env);
+    let ready = |chatd: &Chatd| chatd.get("/readyz?nats=required").map(|(status, _)| status);
+    assert_eq!(ready(&chatd).unwrap(), 200);
+    assert_eq!(metric(&chatd, "chat_nats_connected"), 1);
+    let pid = Pid::from_raw(nats.pid().unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // The client library's default would take some 3 minutes (60 s pings, two missed); the
+    // deadline here is well below that.
+    let hung = Instant::now();
+    eventually("readiness to say NATS is gone", || {
+        assert!(
+            hung.elapsed() < Duration::from_secs(60),
+            "still ready after 60 s"
+        );
+        ready(&chatd).is_some_and(|status| status == 503)
+    })
+    .await;
+    assert_eq!(metric(&chatd, "chat_nats_connected"), 0);
+    kill(pid, Signal::SIGCONT).unwrap();
+    eventually("readiness back", || ready(&chatd).is_some_and(|s| s == 200)).await;
+    assert_eq!(metric(&chatd, "chat_nats_connected"), 1);
+    assert!(metric(&chatd, "chat_nats_reconnects_total") >= 1);
+}
+
 /// A client that writes many frames without waiting: its appends are pipelined, but every
 /// reply still comes in the order of the frames, a non-append frame is answered after the
 /// appends before it, a refusal in the middle keeps its place, a resend of an id inside the

@@ -174,6 +174,9 @@ struct Inner {
     wire_reads: std::sync::atomic::AtomicU64,
 }
 
+/// How often an idle NATS connection is pinged.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
 impl RoomLog {
     /// Connects to NATS at `url` (comma-separated for several servers).
     pub async fn connect(url: &str, config: LogConfig) -> Result<RoomLog, ConnectError> {
@@ -193,6 +196,9 @@ impl RoomLog {
         let slow = Arc::new(SlowNotices::default());
         let options = options
             .request_timeout(Some(config.request_timeout))
+            // Two pings unanswered end the connection (and the client reconnects): a server
+            // that hangs is found within ~15 s, not the library's ~3 minutes.
+            .ping_interval(PING_EVERY)
             .event_callback(move |event| {
                 let events_tx = events_tx.clone();
                 let slow = slow.clone();
