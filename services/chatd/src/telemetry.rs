@@ -238,26 +238,39 @@ fn check_sdk_settings(signal: &str) -> Result<(), String> {
         format!("OTEL_EXPORTER_OTLP_{signal}_HEADERS"),
     ] {
         if let Some((name, value)) = set(&name) {
-            let bad = value.split(',').find(|pair| {
+            let bad = value.split(',').position(|pair| {
                 pair.split_once('=')
                     .is_none_or(|(key, _)| key.trim().is_empty())
             });
+            // Said by position: a header's value may be a credential, not for the log.
             if let Some(bad) = bad {
-                return Err(format!("{name}: `{bad}` is not key=value"));
+                return Err(format!(
+                    "{name}: entry {} (counting from 1) is not key=value",
+                    bad + 1
+                ));
             }
         }
     }
     Ok(())
 }
 
-/// The process as traces and metrics name it: `OTEL_SERVICE_NAME`, else `chatd`, and
-/// `OTEL_RESOURCE_ATTRIBUTES`.
+/// The process as traces and metrics name it: `OTEL_SERVICE_NAME`, else a `service.name` in
+/// `OTEL_RESOURCE_ATTRIBUTES`, else `chatd`; and the rest of `OTEL_RESOURCE_ATTRIBUTES`.
 fn resource() -> Resource {
     let mut resource = Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+    let attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() && !names_service(&attributes) {
         resource = resource.with_service_name("chatd");
     }
     resource.build()
+}
+
+/// Whether `OTEL_RESOURCE_ATTRIBUTES` (`key=value,…`) sets `service.name`.
+fn names_service(attributes: &str) -> bool {
+    attributes.split(',').any(|pair| {
+        pair.split_once('=')
+            .is_some_and(|(key, value)| key.trim() == "service.name" && !value.trim().is_empty())
+    })
 }
 
 fn trace_provider() -> Result<Option<SdkTracerProvider>, String> {

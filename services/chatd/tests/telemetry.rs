@@ -325,8 +325,15 @@ async fn requests_appends_and_commits_are_exported_as_spans_of_the_callers_trace
 async fn spans_still_queued_are_sent_at_sigterm() {
     let mut collector = Collector::start().await;
     let data = tempfile::tempdir().unwrap();
-    // Batches go out every 10 minutes: only the flush at exit can send this one.
-    let mut chatd = start(&traced_env(data.path(), &collector.url, "600000"));
+    // Batches go out every 10 minutes: only the flush at exit can send this one. The service
+    // is named by the resource attributes here (no OTEL_SERVICE_NAME): that name is kept.
+    let mut env = traced_env(data.path(), &collector.url, "600000");
+    env.retain(|(name, _)| *name != "OTEL_SERVICE_NAME");
+    env.push((
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "deployment.environment=test,service.name=chat-by-attributes".to_owned(),
+    ));
+    let mut chatd = start(&env);
     let token = dev_token(data.path(), "bob", 3600);
     create_room(&chatd, &token, "flushed");
     let mut bob = Client::connect(&chatd.ws_url(), &token).await;
@@ -346,8 +353,8 @@ async fn spans_still_queued_are_sent_at_sigterm() {
         .until(|spans| {
             spans
                 .iter()
-                .any(|(_, s)| s.name == "chat.append" && int_attr(s, "chat.seq") == Some(seq))
-                .then_some(())
+                .find(|(_, s)| s.name == "chat.append" && int_attr(s, "chat.seq") == Some(seq))
+                .map(|(service, _)| assert_eq!(service, "chat-by-attributes"))
         })
         .await;
 }
