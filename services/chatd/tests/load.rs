@@ -105,6 +105,37 @@ fn env_with(data: &Path, extra: &[(&'static str, &str)]) -> Vec<(&'static str, S
     env
 }
 
+/// A chatd whose sessions' queues fill fast (64 KiB, 64 frames) and whose slow readers are
+/// given a minute, sends not limited; `extra` last.
+fn jammable_env(data: &Path, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = env_with(
+        data,
+        &[
+            ("CHAT_OUTBOUND_BYTES", "65536"),
+            ("CHAT_OUTBOUND_FRAMES", "64"),
+            ("CHAT_SLOW_CLIENT_GRACE", "60s"),
+            ("CHAT_SEND_RATE", "100000/100000"),
+            ("CHAT_FRAME_RATE", "100000/100000"),
+        ],
+    );
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    env
+}
+
+/// Ten messages of `text` to `room`, each acked.
+async fn send_ten(client: &mut Client, room: &str, text: &str) {
+    let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
+    for id in &ids {
+        client
+            .send(json!({"type":"send","rid":id,"room":room,"id":id,"text":text}))
+            .await;
+    }
+    for id in &ids {
+        let ack = client.wait_for(|f| f["rid"] == id.as_str()).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+}
+
 fn create_room(chatd: &Chatd, data: &Path, room: &str, owner: &str, members: &[&str]) {
     let token = dev_token(data, owner, 3600);
     let (status, body) = api(
@@ -901,16 +932,9 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     let data = tempfile::tempdir().unwrap();
-    let chatd = start(&env_with(
+    let chatd = start(&jammable_env(
         data.path(),
-        &[
-            ("CHAT_OUTBOUND_BYTES", "65536"),
-            ("CHAT_OUTBOUND_FRAMES", "64"),
-            ("CHAT_SLOW_CLIENT_GRACE", "60s"),
-            ("CHAT_SEND_RATE", "100000/100000"),
-            ("CHAT_FRAME_RATE", "100000/100000"),
-            ("CHAT_TYPING_RATE", "100000/100000"),
-        ],
+        &[("CHAT_TYPING_RATE", "100000/100000")],
     ));
     // Typists: each user is shown at most one active:true (and its active:false) per 2 s, so it
     // takes several for bob's queue to fill with their frames.
@@ -941,16 +965,7 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     let mut signals = 0u64;
     while metric(&chatd, "chat_edge_ephemeral_dropped_total") == 0 {
         assert!(sent < 20_000, "no typing frame was ever dropped for bob");
-        let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
-        for id in &ids {
-            alice
-                .send(json!({"type":"send","rid":id,"room":"lagging","id":id,"text":text}))
-                .await;
-        }
-        for id in &ids {
-            let ack = alice.wait_for(|f| f["rid"] == id.as_str()).await;
-            assert_eq!(ack["type"], "ack", "{ack}");
-        }
+        send_ten(&mut alice, "lagging", &text).await;
         sent += 10;
         let typist = &mut typists[(sent / 10) as usize % typist_names.len()];
         for active in [true, false] {
@@ -1012,14 +1027,9 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_that_lost_presence_frames_is_told_presence_changed() {
     let data = tempfile::tempdir().unwrap();
-    let chatd = start(&env_with(
+    let chatd = start(&jammable_env(
         data.path(),
         &[
-            ("CHAT_OUTBOUND_BYTES", "65536"),
-            ("CHAT_OUTBOUND_FRAMES", "64"),
-            ("CHAT_SLOW_CLIENT_GRACE", "60s"),
-            ("CHAT_SEND_RATE", "100000/100000"),
-            ("CHAT_FRAME_RATE", "100000/100000"),
             ("CHAT_HISTORY_RATE", "100000/100000"),
             ("CHAT_PRESENCE_INTERVAL", "50ms"),
         ],
@@ -1058,16 +1068,7 @@ async fn a_slow_reader_that_lost_presence_frames_is_told_presence_changed() {
     let mut turn = 0;
     while metric(&chatd, "chat_edge_ephemeral_dropped_total") == 0 {
         assert!(sent < 20_000, "no presence frame was ever dropped for bob");
-        let ids: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
-        for id in &ids {
-            alice
-                .send(json!({"type":"send","rid":id,"room":"lagging","id":id,"text":text}))
-                .await;
-        }
-        for id in &ids {
-            let ack = alice.wait_for(|f| f["rid"] == id.as_str()).await;
-            assert_eq!(ack["type"], "ack", "{ack}");
-        }
+        send_ten(&mut alice, "lagging", &text).await;
         sent += 10;
         let i = turn % churners.len();
         turn += 1;
