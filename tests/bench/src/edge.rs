@@ -82,7 +82,7 @@ impl EdgeSizes {
             EdgeSizes {
                 send_per_client: 300,
                 send_rounds: 5,
-                fanout_messages: 2_000,
+                fanout_messages: 10_000,
                 fanout_rounds: 5,
                 latency_messages: 10_000,
                 latency_rounds: 4,
