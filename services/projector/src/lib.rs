@@ -225,7 +225,11 @@ pub async fn run(
         .await
         .map_err(|e| ProjectorError::Subscribe(e.to_string()))?;
     let mut connection = log.connection_events();
-    let live_prefix = format!("{}.live.", log.config().prefix);
+    let live_input = LiveInput {
+        prefix: format!("{}.live.", log.config().prefix),
+        partition: config.partition,
+        stats: stats.clone(),
+    };
 
     let mut tracks: HashMap<RoomId, Track> = store
         .checkpoints()
@@ -264,6 +268,10 @@ pub async fn run(
     let mut writer_busy = false;
     // A reader asked for what is held to be written without lingering.
     let mut flush_now = false;
+    // The last live batch came at BUSY_OUTBOX or more entries per `live_linger`.
+    let mut busy = false;
+    // The last take from the live subscription stopped at a full batch: more may wait there.
+    let mut backlog = false;
     let mut fill_queue: VecDeque<RoomId> = VecDeque::new();
     let mut fills_running = 0usize;
     let mut reconcile = tokio::time::interval(config.reconcile_every);
@@ -281,7 +289,7 @@ pub async fn run(
         } else if out.filled {
             // The reads are over: nothing more is coming for these soon.
             Duration::ZERO
-        } else if out.len >= BUSY_OUTBOX {
+        } else if busy || out.len >= BUSY_OUTBOX {
             // Appends arrive faster than commits are worth making: each commit rewrites the
             // pages it touched (the id index's are all over the file), so fewer, fuller commits
             // leave the processes beside the writer more of the machine.
@@ -365,57 +373,20 @@ pub async fn run(
                     }
                 }
             }
-            message = live.next() => {
+            // While a batch lingers, live messages wait in the subscription and are taken all at
+            // once when it is due (below): one wake-up per commit rather than one per event.
+            message = live.next(), if out.since.is_none() || backlog => {
                 let Some(message) = message else {
                     return Err(ProjectorError::Subscribe("live subscription closed".to_owned()));
                 };
-                let Some(room) = message
-                    .subject
-                    .strip_prefix(live_prefix.as_str())
-                    .and_then(|r| RoomId::parse(r).ok())
-                else {
-                    continue;
-                };
-                if !config.partition.owns(&room) {
-                    continue;
-                }
-                let Some(seq) = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(NATS_SEQUENCE))
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                let appended_by = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(TRACEPARENT))
-                    .and_then(|v| linked_span(v.as_str()));
-                let entry = RawEntry { seq, payload: message.payload };
-                let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
-                track.known = track.known.max(seq);
-                if seq <= track.queued {
-                    continue;
-                }
-                // Lag is measured on this process's clock from when the event reached it (an
-                // event's own `ts` comes from another machine's clock).
-                track.mark_behind(now_ms());
-                if !track.filling && seq == track.queued + 1 {
-                    track.queued = seq;
-                    // Decoded (and a dead letter counted) only when queued: an entry dropped
-                    // here is decoded by the fill that covers it.
-                    let entry = decode(entry);
-                    count_dead_letter(&room, &entry, &stats);
-                    out.extend(&room, [entry]);
-                    if let Some(span) = appended_by {
-                        out.link(span);
-                    }
-                } else if !track.filling {
-                    tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
-                    track.filling = true;
-                    fill_queue.push_back(room);
-                }
+                live_input.take(message, &mut tracks, &mut out, &mut fill_queue);
+                backlog = live_input.take_ready(
+                    &mut live,
+                    &mut tracks,
+                    &mut out,
+                    &mut fill_queue,
+                    config.batch_max,
+                )?;
             }
             event = connection.recv() => {
                 // After a reconnect, a slow-consumer notice (messages dropped, perhaps a
@@ -485,6 +456,20 @@ pub async fn run(
         // batch is full.
         let Some(since) = out.since else { continue };
         let linger_over = flush_now || since + wait <= tokio::time::Instant::now();
+        if !writer_busy && linger_over {
+            // What arrived while the batch lingered goes with it.
+            backlog = live_input.take_ready(
+                &mut live,
+                &mut tracks,
+                &mut out,
+                &mut fill_queue,
+                config.batch_max,
+            )?;
+            if !out.filled {
+                let per_linger = out.len as u128 * config.live_linger.as_micros();
+                busy = per_linger >= BUSY_OUTBOX as u128 * since.elapsed().as_micros().max(1);
+            }
+        }
         if (!writer_busy && linger_over) || out.len >= config.batch_max {
             let batches = out.take();
             flush_now = false;
@@ -568,6 +553,98 @@ impl Outbox {
                 .collect(),
             links: std::mem::take(&mut self.links),
         }
+    }
+}
+
+/// Takes the live subscription's messages into the loop's state.
+struct LiveInput {
+    /// `<prefix>.live.`: what precedes the room in a live subject.
+    prefix: String,
+    partition: Partition,
+    stats: Arc<ProjectorStats>,
+}
+
+impl LiveInput {
+    /// Queues a live message's entry if it is the room's next; a gap queues a read of the
+    /// room's stream instead.
+    fn take(
+        &self,
+        message: async_nats::Message,
+        tracks: &mut HashMap<RoomId, Track>,
+        out: &mut Outbox,
+        fill_queue: &mut VecDeque<RoomId>,
+    ) {
+        let Some(room) = message
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| RoomId::parse(r).ok())
+        else {
+            return;
+        };
+        if !self.partition.owns(&room) {
+            return;
+        }
+        let headers = message.headers.as_ref();
+        let Some(seq) = headers
+            .and_then(|h| h.get(NATS_SEQUENCE))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+        else {
+            return;
+        };
+        let appended_by = headers
+            .and_then(|h| h.get(TRACEPARENT))
+            .and_then(|v| linked_span(v.as_str()));
+        let entry = RawEntry {
+            seq,
+            payload: message.payload,
+        };
+        let track = tracks.entry(room.clone()).or_insert_with(|| Track::new(0));
+        track.known = track.known.max(seq);
+        if seq <= track.queued {
+            return;
+        }
+        // Lag is measured on this process's clock from when the event reached it (an event's
+        // own `ts` comes from another machine's clock).
+        track.mark_behind(now_ms());
+        if !track.filling && seq == track.queued + 1 {
+            track.queued = seq;
+            // Decoded (and a dead letter counted) only when queued: an entry dropped here is
+            // decoded by the fill that covers it.
+            let entry = decode(entry);
+            count_dead_letter(&room, &entry, &self.stats);
+            out.extend(&room, [entry]);
+            if let Some(span) = appended_by {
+                out.link(span);
+            }
+        } else if !track.filling {
+            tracing::debug!(room = %room, expected = track.queued + 1, got = seq, "gap: reading the stream");
+            track.filling = true;
+            fill_queue.push_back(room);
+        }
+    }
+
+    /// Takes the live messages already there until `out` holds `max` entries, and says whether
+    /// it stopped there (more may be waiting).
+    fn take_ready(
+        &self,
+        live: &mut async_nats::Subscriber,
+        tracks: &mut HashMap<RoomId, Track>,
+        out: &mut Outbox,
+        fill_queue: &mut VecDeque<RoomId>,
+        max: usize,
+    ) -> Result<bool, ProjectorError> {
+        while out.len < max {
+            match live.next().now_or_never() {
+                Some(Some(message)) => self.take(message, tracks, out, fill_queue),
+                Some(None) => {
+                    return Err(ProjectorError::Subscribe(
+                        "live subscription closed".to_owned(),
+                    ))
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 }
 
