@@ -194,10 +194,12 @@ pub async fn serve(
     let request_timeout = config.http_request_timeout;
     let app = app
         .method_not_allowed_fallback(http::method_not_allowed)
-        .route_layer(axum::middleware::from_fn(http::traced))
-        .layer(axum::middleware::from_fn(move |request, next| {
+        // Inside the span and the histogram, so a request cut off is recorded with its 503.
+        // (Unrouted requests are answered without their body being read: nothing to bound.)
+        .route_layer(axum::middleware::from_fn(move |request, next| {
             http::bounded(request_timeout, request, next)
-        }));
+        }))
+        .route_layer(axum::middleware::from_fn(http::traced));
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

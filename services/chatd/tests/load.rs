@@ -508,7 +508,19 @@ async fn connection_caps_refuse_with_a_clear_status() {
         HeaderValue::from_str(&format!("chat.v1, bearer.{carol}")).unwrap(),
     );
     assert_eq!(refused_upgrade(request).await, 503);
-    assert!(metric(&chatd, "chat_edge_refused_total") >= 3);
+    // Counted by the cap that refused: alice's two (before and after the upgrade), carol's one.
+    assert_eq!(
+        metric(&chatd, r#"chat_edge_refused_total{cap="per_user"}"#),
+        2
+    );
+    assert_eq!(
+        metric(&chatd, r#"chat_edge_refused_total{cap="connections"}"#),
+        1
+    );
+    assert_eq!(
+        metric(&chatd, r#"chat_edge_refused_total{cap="unauthenticated"}"#),
+        0
+    );
     // A place freed is a place taken again.
     drop(_a1);
     eventually("alice's first session to end", || {
@@ -760,9 +772,19 @@ fn a_request_body_that_never_finishes_is_timed_out() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("not received and answered"), "{answer}");
-    // And the process still serves.
+    // And the process still serves, and counts the request with its answer.
     let (status, _) = chatd.get("/healthz").unwrap();
     assert_eq!(status, 200);
+    let (status, metrics) = chatd.get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.lines().any(|line| {
+            line.starts_with("http_server_request_duration_seconds_count{")
+                && line.contains(r#"http_route="/v1/rooms""#)
+                && line.contains(r#"http_response_status_code="503""#)
+        }),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
