@@ -238,6 +238,25 @@ pub fn observe(state: &AppState) {
         );
     }
     if let Some(edge) = &state.edge {
+        let stats = edge.clone();
+        meter
+            .u64_observable_counter("chat.edge.refused")
+            .with_description(
+                "Connections refused by a connection cap, by cap: `connections` \
+                 (CHAT_MAX_CONNECTIONS), `unauthenticated` (sockets waiting for their auth \
+                 frame), `per_user` (CHAT_MAX_CONNECTIONS_PER_USER).",
+            )
+            .with_unit("{connection}")
+            .with_callback(move |o| {
+                for (cap, count) in [
+                    ("connections", &stats.refused_full),
+                    ("unauthenticated", &stats.refused_unauthenticated),
+                    ("per_user", &stats.refused_per_user),
+                ] {
+                    o.observe(count.load(Ordering::Relaxed), &[KeyValue::new("cap", cap)]);
+                }
+            })
+            .build();
         observe_all(
             &meter,
             edge,
@@ -280,12 +299,6 @@ pub fn observe(state: &AppState) {
                     "Sessions closed with 4029 (kept flooding).",
                     "{session}",
                     |s| &s.flood_closes,
-                ),
-                (
-                    "chat.edge.refused",
-                    "Connections refused by a connection cap.",
-                    "{connection}",
-                    |s| &s.refused,
                 ),
                 (
                     "chat.edge.idle_closes",

@@ -262,8 +262,13 @@ pub struct EdgeStats {
     pub rate_limited: AtomicU64,
     /// Sessions closed with 4029 (kept flooding).
     pub flood_closes: AtomicU64,
-    /// Connections refused by a cap (total or per user).
-    pub refused: AtomicU64,
+    /// Connections refused because the edge held `CHAT_MAX_CONNECTIONS`.
+    pub refused_full: AtomicU64,
+    /// Connections refused because a sixteenth of `CHAT_MAX_CONNECTIONS` (at least 64) sockets
+    /// were waiting for their `auth` frame.
+    pub refused_unauthenticated: AtomicU64,
+    /// Connections refused because their user held `CHAT_MAX_CONNECTIONS_PER_USER`.
+    pub refused_per_user: AtomicU64,
     /// Sessions closed for silence (no frame, no pong within the idle timeout).
     pub idle_closes: AtomicU64,
     /// Appends retried after an unknown outcome.
@@ -327,7 +332,7 @@ async fn upgrade(
         return http_error(StatusCode::FORBIDDEN, "forbidden", &reason);
     }
     let Some(socket_slot) = state.connections.socket() else {
-        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+        state.stats.refused_full.fetch_add(1, Ordering::Relaxed);
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -368,7 +373,10 @@ async fn upgrade(
         None => match state.connections.unauthenticated() {
             Some(slot) => Some(slot),
             None => {
-                state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                state
+                    .stats
+                    .refused_unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
                 return http_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
@@ -386,7 +394,7 @@ async fn upgrade(
         Some(identity) => match state.connections.user(&identity.user) {
             Some(slot) => Some(slot),
             None => {
-                state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                state.stats.refused_per_user.fetch_add(1, Ordering::Relaxed);
                 return http_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",

@@ -92,7 +92,7 @@ pub(crate) fn run(
             match state.connections.user(&identity.user) {
                 Some(slot) => slots.user = Some(slot),
                 None => {
-                    state.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    state.stats.refused_per_user.fetch_add(1, Ordering::Relaxed);
                     let reason = format!(
                         "at most {} connections per user",
                         state.connections.max_per_user()
