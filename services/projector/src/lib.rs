@@ -386,7 +386,7 @@ pub async fn run(
                     &mut out,
                     &mut fill_queue,
                     config.batch_max,
-                )?;
+                ).await?;
             }
             event = connection.recv() => {
                 // After a reconnect, a slow-consumer notice (messages dropped, perhaps a
@@ -458,13 +458,15 @@ pub async fn run(
         let linger_over = flush_now || since + wait <= tokio::time::Instant::now();
         if !writer_busy && linger_over {
             // What arrived while the batch lingered goes with it.
-            backlog = live_input.take_ready(
-                &mut live,
-                &mut tracks,
-                &mut out,
-                &mut fill_queue,
-                config.batch_max,
-            )?;
+            backlog = live_input
+                .take_ready(
+                    &mut live,
+                    &mut tracks,
+                    &mut out,
+                    &mut fill_queue,
+                    config.batch_max,
+                )
+                .await?;
             if !out.filled {
                 let per_linger = out.len as u128 * config.live_linger.as_micros();
                 busy = per_linger >= BUSY_OUTBOX as u128 * since.elapsed().as_micros().max(1);
@@ -624,8 +626,10 @@ impl LiveInput {
     }
 
     /// Takes the live messages already there until `out` holds `max` entries, and says whether
-    /// it stopped there (more may be waiting).
-    fn take_ready(
+    /// it stopped there (more may be waiting). Outside tokio's cooperative budget, which would
+    /// otherwise end the take at 128 and leave the rest for the batch after; it yields to the
+    /// other tasks every [`TAKE_CHUNK`] instead.
+    async fn take_ready(
         &self,
         live: &mut async_nats::Subscriber,
         tracks: &mut HashMap<RoomId, Track>,
@@ -633,8 +637,13 @@ impl LiveInput {
         fill_queue: &mut VecDeque<RoomId>,
         max: usize,
     ) -> Result<bool, ProjectorError> {
+        let mut taken = 0;
         while out.len < max {
-            match live.next().now_or_never() {
+            if taken == TAKE_CHUNK {
+                tokio::task::yield_now().await;
+                taken = 0;
+            }
+            match tokio::task::unconstrained(live.next()).now_or_never() {
                 Some(Some(message)) => self.take(message, tracks, out, fill_queue),
                 Some(None) => {
                     return Err(ProjectorError::Subscribe(
@@ -643,10 +652,14 @@ impl LiveInput {
                 }
                 None => return Ok(false),
             }
+            taken += 1;
         }
         Ok(true)
     }
 }
+
+/// Live messages taken at once before the projector lets other tasks run.
+const TAKE_CHUNK: usize = 256;
 
 fn decode(entry: RawEntry) -> Entry {
     Entry {
