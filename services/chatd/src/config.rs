@@ -92,6 +92,9 @@ pub struct Config {
     pub role: Role,
     /// HTTP + WebSocket listen address (port 0: any free port).
     pub listen: SocketAddr,
+    /// A second listener for probes and scrapes only (`/healthz`, `/readyz`, `/metrics`), outside
+    /// `CHAT_MAX_HTTP_CONNECTIONS` and open until the process exits (`CHAT_OPS_LISTEN`).
+    pub ops_listen: Option<SocketAddr>,
     /// Embedded store, development secret and the self-started nats-server's data.
     pub data_dir: PathBuf,
     /// An external NATS; `None` starts our own nats-server.
@@ -275,6 +278,21 @@ impl Config {
         let listen: SocketAddr = listen
             .parse()
             .map_err(|_| err("CHAT_LISTEN", format!("expected IP:PORT, got {listen:?}")))?;
+        let ops_listen = match get("CHAT_OPS_LISTEN") {
+            None => None,
+            Some(ops) => {
+                let ops: SocketAddr = ops.parse().map_err(|_| {
+                    err("CHAT_OPS_LISTEN", format!("expected IP:PORT, got {ops:?}"))
+                })?;
+                if ops.port() != 0 && ops == listen {
+                    return Err(err(
+                        "CHAT_OPS_LISTEN",
+                        format!("{ops} is CHAT_LISTEN's address; give it a port of its own"),
+                    ));
+                }
+                Some(ops)
+            }
+        };
         let data_dir = PathBuf::from(get("CHAT_DATA_DIR").unwrap_or_else(|| "./data".to_owned()));
 
         // Read by the telemetry set up before this: checked here so a bad one is an error.
@@ -583,6 +601,7 @@ impl Config {
         Ok(Config {
             role,
             listen,
+            ops_listen,
             data_dir,
             nats_url,
             nats,
@@ -768,6 +787,9 @@ mod tests {
     fn every_bad_value_names_its_variable() {
         for (var, value) in [
             ("CHAT_LISTEN", "localhost"),
+            ("CHAT_OPS_LISTEN", ":9090"),
+            // The default CHAT_LISTEN's own address.
+            ("CHAT_OPS_LISTEN", "127.0.0.1:8080"),
             ("CHAT_ROLE", "router"),
             ("CHAT_SEND_RATE", "10"),
             ("CHAT_SEND_RATE", "0/5"),

@@ -42,6 +42,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What the operations listener (`CHAT_OPS_LISTEN`) serves: probes and scrapes, nothing a
+/// client uses.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 /// What the listener answers while the process waits for NATS at start: alive, not ready, and
 /// `503 unavailable` for everything else (with `Retry-After`), so a liveness probe does not
 /// restart a process that is only waiting and a client gets an answer instead of a refused

@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthConfig, Config, Role, StoreConfig};
 
+/// Connections the operations listener (`CHAT_OPS_LISTEN`) holds at once: probes and scrapes.
+const OPS_MAX_CONNECTIONS: usize = 64;
+
 /// How long to wait for NATS and JetStream to answer at start.
 const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -64,6 +67,29 @@ pub async fn serve(
         starting.clone().cancelled_owned(),
         bounds,
     )));
+    // The operations listener, if any, answers from the start too (alive, not ready).
+    let ops_bounds = server::Bounds {
+        max_http_connections: OPS_MAX_CONNECTIONS,
+        header_timeout: config.http_header_timeout,
+    };
+    let ops = match config.ops_listen {
+        None => None,
+        Some(ops_addr) => {
+            let listener = listen(ops_addr)
+                .with_context(|| format!("listen on {ops_addr} (CHAT_OPS_LISTEN)"))?;
+            let bound = listener.local_addr().context("ops listen address")?;
+            let listener = listener.into_std().context("ops listen socket")?;
+            let early = TcpListener::from_std(listener.try_clone().context("ops listen socket")?)
+                .context("ops listen socket")?;
+            let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(server::serve(
+                early,
+                http::starting_router(),
+                starting.clone().cancelled_owned(),
+                ops_bounds,
+            )));
+            Some((listener, bound, early))
+        }
+    };
     // A signal while NATS has not answered yet (it is unreachable, say) ends the wait: there is
     // nothing to drain.
     let log = tokio::select! {
@@ -82,6 +108,21 @@ pub async fn serve(
     {
         tracing::debug!("a request to the starting listener outlived the start; dropped");
     }
+    let ops = match ops {
+        None => None,
+        Some((listener, bound, early)) => {
+            if tokio::time::timeout(Duration::from_secs(1), early)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a request to the starting ops listener outlived the start");
+            }
+            Some((
+                TcpListener::from_std(listener).context("ops listen socket")?,
+                bound,
+            ))
+        }
+    };
     let listener = TcpListener::from_std(listener).context("listen socket")?;
     let draining = Arc::new(AtomicBool::new(false));
     // What every part of the process stops on: `signalled`, `drain_delay` later.
@@ -187,7 +228,7 @@ pub async fn serve(
         limits,
     };
     metrics::observe(&state);
-    let mut app = http::router(state);
+    let mut app = http::router(state.clone());
     if let Some(edge) = &edge {
         app = app.merge(chat_edge::router(edge.clone()));
     }
@@ -211,6 +252,22 @@ pub async fn serve(
         }
     };
     let server = tokio::spawn(server::serve(listener, app, stop_accepting, bounds));
+    // Serves until this function returns: probes and scrapes see the whole drain.
+    let _ops = match ops {
+        None => None,
+        Some((listener, bound)) => {
+            println!("ops http=http://{bound}");
+            tracing::info!(%bound, "operations listener (healthz, readyz, metrics)");
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                server::serve(
+                    listener,
+                    http::ops_router(state.clone()),
+                    std::future::pending(),
+                    ops_bounds,
+                ),
+            )))
+        }
+    };
 
     println!("ready http=http://{addr} ws=ws://{addr}/v1/ws");
     let _ = std::io::stdout().flush();

@@ -787,6 +787,75 @@ fn a_request_body_that_never_finishes_is_timed_out() {
     );
 }
 
+/// Probes and scrapes on `CHAT_OPS_LISTEN` are answered while the HTTP listener holds its
+/// `CHAT_MAX_HTTP_CONNECTIONS`, and through a drain, where readiness turns 503 there too.
+#[test]
+fn the_ops_listener_answers_while_the_http_listener_is_full_and_through_a_drain() {
+    use std::io::Write;
+    let data = tempfile::tempdir().unwrap();
+    let mut chatd = start(&env_with(
+        data.path(),
+        &[
+            ("CHAT_OPS_LISTEN", "127.0.0.1:0"),
+            ("CHAT_MAX_HTTP_CONNECTIONS", "1"),
+            ("CHAT_HTTP_HEADER_TIMEOUT", "60s"),
+            ("CHAT_DRAIN_DELAY", "60s"),
+        ],
+    ));
+    let ops = chatd
+        .ops_addr()
+        .expect("an ops line before the ready line")
+        .to_owned();
+    assert_ne!(ops, chatd.http_addr());
+    let get =
+        |path: &str| chat_harness::http_get_addr(&ops, path).expect("the ops listener answers");
+    // The HTTP listener's one place, held by half a request head.
+    let mut held = std::net::TcpStream::connect(chatd.http_addr()).unwrap();
+    held.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    // Its accept loop then waits for a place to free up; the ops listener says so.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, text) = get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let waits = text.lines().find_map(|line| {
+            line.strip_prefix("chat_http_accept_waits_total ")?
+                .parse::<u64>()
+                .ok()
+        });
+        if waits.is_some_and(|w| w >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the HTTP listener never filled:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""nats":"connected""#), "{body}");
+    assert_eq!(get("/healthz").0, 200);
+    // Nothing a client uses is served there.
+    assert_eq!(get("/v1/me").0, 404);
+    // A drain: not ready, on the ops listener as well.
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    loop {
+        let (status, body) = get("/readyz");
+        if status == 503 {
+            assert!(body.contains("draining"), "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "readiness never turned 503");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get("/healthz").0, 200);
+    // A second signal ends the drain at once.
+    chatd.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(chatd.wait_exit(DEADLINE).is_some(), "{}", chatd.stderr());
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_under_load_closes_with_1001_and_loses_no_acked_message() {
     let data = tempfile::tempdir().unwrap();

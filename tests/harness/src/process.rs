@@ -25,6 +25,8 @@ pub struct Chatd {
     child: Option<Child>,
     /// `host:port` from the ready line.
     http_addr: String,
+    /// `host:port` from an `ops http=http://ADDR` line before it (`CHAT_OPS_LISTEN`).
+    ops_addr: Option<String>,
     /// Captured stderr (the process's logs), for failure messages.
     stderr_path: PathBuf,
     /// Keeps the stderr file's directory alive.
@@ -101,10 +103,14 @@ impl Chatd {
         });
         let deadline = Instant::now() + READY_DEADLINE;
         let read_stderr = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        let mut ops_addr = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.min(Duration::from_millis(100))) {
                 Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("ops http=http://") {
+                        ops_addr = Some(addr.trim().to_owned());
+                    }
                     if let Some(addr) = line
                         .strip_prefix("ready http=http://")
                         .and_then(|rest| rest.split_whitespace().next())
@@ -112,6 +118,7 @@ impl Chatd {
                         return Ok(Chatd {
                             child: Some(child),
                             http_addr: addr.to_owned(),
+                            ops_addr,
                             stderr_path,
                             _logs: logs,
                         });
@@ -140,6 +147,11 @@ impl Chatd {
     /// `host:port` of its HTTP listener.
     pub fn http_addr(&self) -> &str {
         &self.http_addr
+    }
+
+    /// `host:port` of its operations listener, if it has one (`CHAT_OPS_LISTEN`).
+    pub fn ops_addr(&self) -> Option<&str> {
+        self.ops_addr.as_deref()
     }
 
     /// `ws://host:port/v1/ws`
