@@ -95,6 +95,8 @@ pub struct ProjectorStats {
     pub dead_letters: AtomicU64,
     /// Ranges read from streams to fill gaps or catch up.
     pub fills: AtomicU64,
+    /// Stream listings compared with what the projector holds.
+    pub listings: AtomicU64,
     /// Age of the oldest known event not yet in the store, ms.
     pub lag_ms: AtomicU64,
     /// Store writes that failed (and were retried).
@@ -268,8 +270,11 @@ pub async fn run(
     let mut writer_busy = false;
     // A reader asked for what is held to be written without lingering.
     let mut flush_now = false;
-    // The last live batch came at BUSY_OUTBOX or more entries per `live_linger`.
+    // The last live batch came at BUSY_OUTBOX or more entries per `live_linger`; it counts for
+    // the next only if that one started within a `live_linger` of it (not after a pause).
     let mut busy = false;
+    // When the last batch went to the writer.
+    let mut handed_at = tokio::time::Instant::now();
     // The last take from the live subscription stopped at a full batch: more may wait there.
     let mut backlog = false;
     let mut fill_queue: VecDeque<RoomId> = VecDeque::new();
@@ -289,7 +294,12 @@ pub async fn run(
         } else if out.filled {
             // The reads are over: nothing more is coming for these soon.
             Duration::ZERO
-        } else if busy || out.len >= BUSY_OUTBOX {
+        } else if out.len >= BUSY_OUTBOX
+            || (busy
+                && out.since.is_some_and(|since| {
+                    since.saturating_duration_since(handed_at) < config.live_linger
+                }))
+        {
             // Appends arrive faster than commits are worth making: each commit rewrites the
             // pages it touched (the id index's are all over the file), so fewer, fuller commits
             // leave the processes beside the writer more of the machine.
@@ -300,8 +310,9 @@ pub async fn run(
         let linger_until = out
             .since
             .filter(|_| !writer_busy && !flush_now)
-            .map(|since| since + wait)
-            .filter(|&until| until > tokio::time::Instant::now());
+            // A deadline already past stays: the sleep fires at once (with the live
+            // subscription paused, nothing else may wake the loop).
+            .map(|since| since + wait);
         if let Some(until) = linger_until {
             if linger.deadline() != until {
                 linger.as_mut().reset(until);
@@ -354,6 +365,18 @@ pub async fn run(
                         }
                     }
                     Input::Heads(heads, started_ms) => {
+                        // Live messages waiting for the lingering batch first: a head they
+                        // reach is not behind, and must not start a stream read.
+                        backlog = live_input
+                            .take_ready(
+                                &mut live,
+                                &mut tracks,
+                                &mut out,
+                                &mut fill_queue,
+                                config.batch_max,
+                            )
+                            .await?;
+                        stats.listings.fetch_add(1, Ordering::Relaxed);
                         let since = backlog_since.take().or(listed_at).unwrap_or(started_ms);
                         listed_at = Some(listed_at.map_or(started_ms, |at| at.max(started_ms)));
                         for (room, last) in heads {
@@ -467,12 +490,13 @@ pub async fn run(
                     config.batch_max,
                 )
                 .await?;
+        }
+        if (!writer_busy && linger_over) || out.len >= config.batch_max {
             if !out.filled {
                 let per_linger = out.len as u128 * config.live_linger.as_micros();
                 busy = per_linger >= BUSY_OUTBOX as u128 * since.elapsed().as_micros().max(1);
             }
-        }
-        if (!writer_busy && linger_over) || out.len >= config.batch_max {
+            handed_at = tokio::time::Instant::now();
             let batches = out.take();
             flush_now = false;
             writer_busy = true;
@@ -481,7 +505,16 @@ pub async fn run(
             }
         }
     }
-    // Write what is queued, then stop.
+    // Write what is queued (and what waits in the subscription), then stop.
+    let _ = live_input
+        .take_ready(
+            &mut live,
+            &mut tracks,
+            &mut out,
+            &mut fill_queue,
+            config.batch_max,
+        )
+        .await;
     if !out.is_empty() {
         let _ = write_tx.send(out.take()).await;
     }

@@ -432,6 +432,62 @@ async fn live_events_wait_for_a_fuller_commit_unless_a_reader_asks_for_it() {
     running.stop().await;
 }
 
+/// Events waiting for a lingering commit are not behind: a stream listing that covers them
+/// starts no stream read.
+#[tokio::test]
+async fn a_listing_during_a_lingering_commit_reads_nothing_from_the_stream() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_server, log, r) = with_created_room("listed").await;
+    let running = start_config(
+        &log,
+        ProjectorConfig {
+            // Longer than this test may take: the events below wait for the commit.
+            live_linger: Duration::from_secs(600),
+            reconcile_every: Duration::from_millis(50),
+            ..test_config()
+        },
+    );
+    let (store, stats) = (running.store.clone(), running.stats.clone());
+    caught_up(&store, &log, std::slice::from_ref(&r)).await;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut head = 1;
+    for _ in 0..5 {
+        head = log
+            .append(&r, &random_event(&mut rng, head))
+            .await
+            .unwrap()
+            .seq;
+    }
+    // The first starts a lingering batch; the others wait in the subscription.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.lag_ms.load(Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the live events reached the projector");
+    let fills = stats.fills.load(Relaxed);
+    // Listings that started after the appends.
+    let listed = stats.listings.load(Relaxed);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.listings.load(Relaxed) < listed + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the stream is listed again");
+    assert_eq!(
+        stats.fills.load(Relaxed),
+        fills,
+        "a stream read for events held live"
+    );
+    assert!(
+        store.checkpoint(&r).await.unwrap() < head,
+        "committed while lingering"
+    );
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn a_whole_rebuild_clears_rooms_no_log_has_any_more() {
     let (_server, log, r) = with_created_room("kept").await;
