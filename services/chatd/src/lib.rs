@@ -67,7 +67,9 @@ pub async fn serve(
         starting.clone().cancelled_owned(),
         bounds,
     )));
-    // The operations listener, if any, answers from the start too (alive, not ready).
+    // The operations listener, if any, answers from the start too (alive, not ready), until the
+    // server proper takes it over: after the store is open and the roles are up, not just NATS.
+    let ops_starting = CancellationToken::new();
     let ops_bounds = server::Bounds {
         max_http_connections: OPS_MAX_CONNECTIONS,
         header_timeout: config.http_header_timeout,
@@ -84,7 +86,7 @@ pub async fn serve(
             let early = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(server::serve(
                 early,
                 http::starting_router(),
-                starting.clone().cancelled_owned(),
+                ops_starting.clone().cancelled_owned(),
                 ops_bounds,
             )));
             Some((listener, bound, early))
@@ -108,21 +110,6 @@ pub async fn serve(
     {
         tracing::debug!("a request to the starting listener outlived the start; dropped");
     }
-    let ops = match ops {
-        None => None,
-        Some((listener, bound, early)) => {
-            if tokio::time::timeout(Duration::from_secs(1), early)
-                .await
-                .is_err()
-            {
-                tracing::debug!("a request to the starting ops listener outlived the start");
-            }
-            Some((
-                TcpListener::from_std(listener).context("ops listen socket")?,
-                bound,
-            ))
-        }
-    };
     let listener = TcpListener::from_std(listener).context("listen socket")?;
     let draining = Arc::new(AtomicBool::new(false));
     // What every part of the process stops on: `signalled`, `drain_delay` later.
@@ -255,7 +242,15 @@ pub async fn serve(
     // Serves until this function returns: probes and scrapes see the whole drain.
     let _ops = match ops {
         None => None,
-        Some((listener, bound)) => {
+        Some((listener, bound, early)) => {
+            ops_starting.cancel();
+            if tokio::time::timeout(Duration::from_secs(1), early)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a request to the starting ops listener outlived the start");
+            }
+            let listener = TcpListener::from_std(listener).context("ops listen socket")?;
             println!("ops http=http://{bound}");
             tracing::info!(%bound, "operations listener (healthz, readyz, metrics)");
             Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
