@@ -101,15 +101,7 @@ pub async fn serve(
             return Ok(());
         }
     };
-    // The early server stops accepting at once and ends when the requests it holds are
-    // answered; connections arriving meanwhile wait in the socket's queue for the server proper.
-    starting.cancel();
-    if tokio::time::timeout(Duration::from_secs(1), early)
-        .await
-        .is_err()
-    {
-        tracing::debug!("a request to the starting listener outlived the start; dropped");
-    }
+    hand_over(&starting, early, "CHAT_LISTEN").await;
     let listener = TcpListener::from_std(listener).context("listen socket")?;
     let draining = Arc::new(AtomicBool::new(false));
     // What every part of the process stops on: `signalled`, `drain_delay` later.
@@ -243,13 +235,7 @@ pub async fn serve(
     let _ops = match ops {
         None => None,
         Some((listener, bound, early)) => {
-            ops_starting.cancel();
-            if tokio::time::timeout(Duration::from_secs(1), early)
-                .await
-                .is_err()
-            {
-                tracing::debug!("a request to the starting ops listener outlived the start");
-            }
+            hand_over(&ops_starting, early, "CHAT_OPS_LISTEN").await;
             let listener = TcpListener::from_std(listener).context("ops listen socket")?;
             println!("ops http=http://{bound}");
             tracing::info!(%bound, "operations listener (healthz, readyz, metrics)");
@@ -354,6 +340,25 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Stops a starting server (`stop` is its shutdown) and waits a second at most for the requests
+/// it holds; connections arriving meanwhile wait in the socket's queue for the server proper.
+async fn hand_over<T>(
+    stop: &CancellationToken,
+    early: tokio_util::task::AbortOnDropHandle<T>,
+    listener: &str,
+) {
+    stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(1), early)
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            listener,
+            "a request to the starting server outlived the start; dropped"
+        );
+    }
 }
 
 /// The edge's settings from the process configuration.

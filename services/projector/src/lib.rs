@@ -221,16 +221,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ProjectorError> {
     // Subscribe before reading checkpoints and heads, so nothing falls between them.
-    let mut live = log
+    let live = log
         .client()
         .subscribe(log.config().live_wildcard())
         .await
         .map_err(|e| ProjectorError::Subscribe(e.to_string()))?;
     let mut connection = log.connection_events();
-    let live_input = LiveInput {
+    let mut live = LiveInput {
+        subscription: live,
         prefix: format!("{}.live.", log.config().prefix),
         partition: config.partition,
         stats: stats.clone(),
+        batch_max: config.batch_max,
     };
 
     let mut tracks: HashMap<RoomId, Track> = store
@@ -367,15 +369,7 @@ pub async fn run(
                     Input::Heads(heads, started_ms) => {
                         // Live messages waiting for the lingering batch first: a head they
                         // reach is not behind, and must not start a stream read.
-                        backlog = live_input
-                            .take_ready(
-                                &mut live,
-                                &mut tracks,
-                                &mut out,
-                                &mut fill_queue,
-                                config.batch_max,
-                            )
-                            .await?;
+                        backlog = live.take_ready(&mut tracks, &mut out, &mut fill_queue).await?;
                         stats.listings.fetch_add(1, Ordering::Relaxed);
                         let since = backlog_since.take().or(listed_at).unwrap_or(started_ms);
                         listed_at = Some(listed_at.map_or(started_ms, |at| at.max(started_ms)));
@@ -398,18 +392,12 @@ pub async fn run(
             }
             // While a batch lingers, live messages wait in the subscription and are taken all at
             // once when it is due (below): one wake-up per commit rather than one per event.
-            message = live.next(), if out.since.is_none() || backlog => {
+            message = live.subscription.next(), if out.since.is_none() || backlog => {
                 let Some(message) = message else {
                     return Err(ProjectorError::Subscribe("live subscription closed".to_owned()));
                 };
-                live_input.take(message, &mut tracks, &mut out, &mut fill_queue);
-                backlog = live_input.take_ready(
-                    &mut live,
-                    &mut tracks,
-                    &mut out,
-                    &mut fill_queue,
-                    config.batch_max,
-                ).await?;
+                live.take(message, &mut tracks, &mut out, &mut fill_queue);
+                backlog = live.take_ready(&mut tracks, &mut out, &mut fill_queue).await?;
             }
             event = connection.recv() => {
                 // After a reconnect, a slow-consumer notice (messages dropped, perhaps a
@@ -481,14 +469,8 @@ pub async fn run(
         let linger_over = flush_now || since + wait <= tokio::time::Instant::now();
         if !writer_busy && linger_over {
             // What arrived while the batch lingered goes with it.
-            backlog = live_input
-                .take_ready(
-                    &mut live,
-                    &mut tracks,
-                    &mut out,
-                    &mut fill_queue,
-                    config.batch_max,
-                )
+            backlog = live
+                .take_ready(&mut tracks, &mut out, &mut fill_queue)
                 .await?;
         }
         if (!writer_busy && linger_over) || out.len >= config.batch_max {
@@ -506,14 +488,8 @@ pub async fn run(
         }
     }
     // Write what is queued (and what waits in the subscription), then stop.
-    let _ = live_input
-        .take_ready(
-            &mut live,
-            &mut tracks,
-            &mut out,
-            &mut fill_queue,
-            config.batch_max,
-        )
+    let _ = live
+        .take_ready(&mut tracks, &mut out, &mut fill_queue)
         .await;
     if !out.is_empty() {
         let _ = write_tx.send(out.take()).await;
@@ -591,12 +567,15 @@ impl Outbox {
     }
 }
 
-/// Takes the live subscription's messages into the loop's state.
+/// The live subscription, and what takes its messages into the loop's state.
 struct LiveInput {
+    subscription: async_nats::Subscriber,
     /// `<prefix>.live.`: what precedes the room in a live subject.
     prefix: String,
     partition: Partition,
     stats: Arc<ProjectorStats>,
+    /// Entries a batch holds, at most (`ProjectorConfig::batch_max`).
+    batch_max: usize,
 }
 
 impl LiveInput {
@@ -658,25 +637,23 @@ impl LiveInput {
         }
     }
 
-    /// Takes the live messages already there until `out` holds `max` entries, and says whether
+    /// Takes the live messages already there until `out` holds a full batch, and says whether
     /// it stopped there (more may be waiting). Outside tokio's cooperative budget, which would
     /// otherwise end the take at 128 and leave the rest for the batch after; it yields to the
     /// other tasks every [`TAKE_CHUNK`] instead.
     async fn take_ready(
-        &self,
-        live: &mut async_nats::Subscriber,
+        &mut self,
         tracks: &mut HashMap<RoomId, Track>,
         out: &mut Outbox,
         fill_queue: &mut VecDeque<RoomId>,
-        max: usize,
     ) -> Result<bool, ProjectorError> {
         let mut taken = 0;
-        while out.len < max {
+        while out.len < self.batch_max {
             if taken == TAKE_CHUNK {
                 tokio::task::yield_now().await;
                 taken = 0;
             }
-            match tokio::task::unconstrained(live.next()).now_or_never() {
+            match tokio::task::unconstrained(self.subscription.next()).now_or_never() {
                 Some(Some(message)) => self.take(message, tracks, out, fill_queue),
                 Some(None) => {
                     return Err(ProjectorError::Subscribe(
