@@ -287,10 +287,23 @@ async fn wait_for(ws: &mut Ws, kind: &str) -> anyhow::Result<u64> {
 
 /// A `send` frame (the text has nothing to escape).
 fn send_frame(rid: usize, room: &str, id: Uuid, text: &str) -> Message {
+    padded_send_frame(rid, room, id, text, 0)
+}
+
+/// A `send` frame `pad` bytes longer than [`send_frame`]'s: a `"pad"` field of that size (none
+/// below [`PAD_FIELD`]), which the bare broadcast server forwards with the rest of the frame.
+fn padded_send_frame(rid: usize, room: &str, id: Uuid, text: &str, pad: usize) -> Message {
+    let padding = match pad.checked_sub(PAD_FIELD.len()) {
+        Some(n) => format!(r#","pad":"{}""#, "x".repeat(n)),
+        None => String::new(),
+    };
     Message::text(format!(
-        r#"{{"type":"send","rid":"{rid}","room":"{room}","id":"{id}","text":"{text}"}}"#
+        r#"{{"type":"send","rid":"{rid}","room":"{room}","id":"{id}","text":"{text}"{padding}}}"#
     ))
 }
+
+/// What a `"pad"` field adds to a frame besides its padding.
+const PAD_FIELD: &str = r#","pad":"""#;
 
 fn is_ack(text: &str) -> bool {
     text.contains(r#""type":"ack""#)
@@ -301,10 +314,12 @@ fn is_error(text: &str) -> bool {
 }
 
 /// A message as a subscriber receives it: chatd's `event` frame of kind `message`, or the
-/// sender's own `send` frame as the bare broadcast server passes it on. A substring test, so
-/// that the client spends as little as it can per frame on either server.
+/// sender's own `send` frame as the bare broadcast server passes it on. Prefix and substring
+/// tests that stop early on either server's frames, so that the client spends as little as it
+/// can per frame, and about as much on either.
 fn is_delivery(text: &str) -> bool {
-    text.contains(r#""kind":"message""#) || text.contains(r#""type":"send""#)
+    text.starts_with(r#"{"type":"send""#)
+        || (text.starts_with(r#"{"type":"event""#) && text.contains(r#""kind":"message""#))
 }
 
 /// Opens `users`' connections, `CONNECT_CONCURRENCY` at a time, each subscribed to `room` if
@@ -518,6 +533,12 @@ fn charge(used: &mut [f64], pids: &[u32], before: &[f64]) {
 struct Audience {
     sender: Ws,
     subscribers: usize,
+    /// Bytes added to each `send` frame (see [`padded_send_frame`]).
+    pad: usize,
+    /// Of the last round: the mean size of a delivered frame (as the sender saw its echoes),
+    /// and how much larger than the `send` frame it was.
+    delivered_bytes: f64,
+    growth: f64,
     /// Each subscriber reports every `messages` deliveries it has received (or its failure).
     reports: mpsc::Receiver<Result<(), String>>,
     /// The subscribers' reader tasks.
@@ -558,6 +579,9 @@ impl Audience {
         Ok(Audience {
             sender,
             subscribers: plan.subscribers.len(),
+            pad: 0,
+            delivered_bytes: 0.0,
+            growth: 0.0,
             reports,
             _readers: readers,
         })
@@ -568,10 +592,13 @@ impl Audience {
     async fn round(&mut self, room: &str, messages: usize, window: usize) -> anyhow::Result<f64> {
         let start = Instant::now();
         let (mut sent, mut echoed) = (0, 0);
+        let (mut sent_bytes, mut echoed_bytes) = (0, 0);
         while echoed < messages {
             if sent < messages && sent - echoed < window {
                 while sent < messages && sent - echoed < window {
-                    let frame = send_frame(sent, room, fresh_id(), &message_text(sent));
+                    let text = message_text(sent);
+                    let frame = padded_send_frame(sent, room, fresh_id(), &text, self.pad);
+                    sent_bytes += frame.len();
                     self.sender.feed(frame).await?;
                     sent += 1;
                 }
@@ -580,6 +607,7 @@ impl Audience {
             let text = next_text_in_time(&mut self.sender).await?;
             if is_delivery(&text) {
                 echoed += 1;
+                echoed_bytes += text.len();
             } else if is_error(&text) {
                 bail!("send refused: {text}");
             }
@@ -592,7 +620,10 @@ impl Audience {
                 Err(_) => bail!("subscribers still missing messages after {ROUND_DEADLINE:?}"),
             }
         }
-        Ok((self.subscribers * messages) as f64 / start.elapsed().as_secs_f64())
+        let elapsed = start.elapsed().as_secs_f64();
+        self.delivered_bytes = echoed_bytes as f64 / messages as f64;
+        self.growth = (echoed_bytes as f64 - sent_bytes as f64) / messages as f64;
+        Ok((self.subscribers * messages) as f64 / elapsed)
     }
 }
 
@@ -604,36 +635,73 @@ async fn fanout(plan: FanoutPlan) -> anyhow::Result<Value> {
     Ok(json!({ "paced": paced, "saturated": saturated }))
 }
 
-/// Both sides' rounds with the sender `window` ahead, and the CPU time their processes used in
-/// the counted ones.
+/// The three sides' rounds with the sender `window` ahead, and the CPU time their processes used
+/// in the counted ones. The sides: ours; the bare server delivering frames as large as ours
+/// (the sender pads its frames by what chatd's `event` frame adds to a `send` frame, measured
+/// in ours' last round); and the bare server forwarding the sender's frames as they are.
 async fn fanout_rounds(
     plan: &FanoutPlan,
     ours: &mut Audience,
     bare: &mut Audience,
     window: usize,
 ) -> anyhow::Result<Value> {
-    let (mut ours_rates, mut bare_rates) = (Vec::new(), Vec::new());
-    let mut ours_cpu = vec![0.0; plan.chat_pids.len()];
-    let mut bare_cpu = vec![0.0; plan.bare_pids.len()];
-    // Round 0 warms up and is not counted; then rounds alternate which side goes first.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Side {
+        Ours,
+        Bare,
+        Verbatim,
+    }
+    #[derive(Default)]
+    struct Tally {
+        rates: Vec<f64>,
+        cpu: Vec<f64>,
+        frame_bytes: Vec<f64>,
+    }
+    let mut tallies: Vec<Tally> = (0..3)
+        .map(|i| Tally {
+            cpu: vec![
+                0.0;
+                if i == 0 {
+                    plan.chat_pids.len()
+                } else {
+                    plan.bare_pids.len()
+                }
+            ],
+            ..Tally::default()
+        })
+        .collect();
+    let sides = [Side::Ours, Side::Bare, Side::Verbatim];
+    // Round 0 warms up and is not counted (ours first, which sizes the padding); then rounds
+    // rotate which side goes first.
     for round in 0..=plan.rounds {
-        let ours_first = round % 2 == 0;
-        for ours_turn in [ours_first, !ours_first] {
-            let (audience, pids, rates, cpu) = if ours_turn {
-                (&mut *ours, &plan.chat_pids, &mut ours_rates, &mut ours_cpu)
-            } else {
-                (&mut *bare, &plan.bare_pids, &mut bare_rates, &mut bare_cpu)
+        for i in 0..3 {
+            let side = sides[(round + i) % 3];
+            let pad = match side {
+                Side::Bare => ours.growth.round().max(0.0) as usize,
+                Side::Ours | Side::Verbatim => 0,
             };
+            let (audience, pids) = match side {
+                Side::Ours => (&mut *ours, &plan.chat_pids),
+                Side::Bare | Side::Verbatim => (&mut *bare, &plan.bare_pids),
+            };
+            audience.pad = pad;
             let before = cpu_now(pids);
             let rate = audience.round(&plan.room, plan.messages, window).await?;
+            let tally = &mut tallies[side as usize];
             if round > 0 {
-                rates.push(rate);
-                charge(cpu, pids, &before);
+                tally.rates.push(rate);
+                tally.frame_bytes.push(audience.delivered_bytes);
+                charge(&mut tally.cpu, pids, &before);
             }
         }
     }
+    let [o, b, v] = &tallies[..] else {
+        unreachable!("three sides")
+    };
     Ok(json!({
-        "ours": ours_rates, "bare": bare_rates, "ours_cpu_s": ours_cpu, "bare_cpu_s": bare_cpu,
+        "ours": o.rates, "bare": b.rates, "verbatim": v.rates,
+        "ours_cpu_s": o.cpu, "bare_cpu_s": b.cpu, "verbatim_cpu_s": v.cpu,
+        "frame_bytes": { "ours": o.frame_bytes, "bare": b.frame_bytes, "verbatim": v.frame_bytes },
         "deliveries": plan.subscribers.len() * plan.messages * plan.rounds,
     }))
 }
