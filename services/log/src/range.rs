@@ -39,13 +39,53 @@ enum RangeSource {
         messages: Box<jetstream::consumer::pull::Stream>,
         /// The consumer sequence of the last delivery.
         delivered: u64,
+        _consumer: Ephemeral,
     },
     /// The same consumer's deliveries read on a connection of its own (bulk reads).
     Wire {
         reader: Box<WireReader>,
         /// The consumer sequence of the last delivery.
         delivered: u64,
+        _consumer: Ephemeral,
     },
+}
+
+/// An ephemeral consumer of a range read, deleted when the read is done with it. The server
+/// would drop it 30 s after its last pull anyway, but a reconnect storm (thousands of sessions
+/// each catching up) would leave thousands of them behind for that long.
+struct Ephemeral {
+    js: jetstream::Context,
+    stream: String,
+    name: String,
+}
+
+impl Ephemeral {
+    fn of(log: &RoomLog, room: &RoomId, consumer: &jetstream::consumer::PullConsumer) -> Ephemeral {
+        Ephemeral {
+            js: log.jetstream().clone(),
+            stream: log.config().stream_name(room),
+            name: consumer.cached_info().name.clone(),
+        }
+    }
+}
+
+impl Drop for Ephemeral {
+    fn drop(&mut self) {
+        // Without a runtime (the process is ending) the server's inactivity timer removes it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (js, stream, name) = (
+            self.js.clone(),
+            std::mem::take(&mut self.stream),
+            std::mem::take(&mut self.name),
+        );
+        runtime.spawn(async move {
+            if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                tracing::debug!(stream, consumer = name, error = %e, "range read's consumer not deleted; it expires by itself");
+            }
+        });
+    }
 }
 
 /// Reads a range of a room's log in order. Cancel-safe: dropping a pending `next` loses nothing.
@@ -124,11 +164,12 @@ impl RangeReader {
                         self.source = RangeSource::Direct;
                     } else if let Some(target) = wire {
                         match self.open_wire(&target, remaining + 1).await {
-                            Ok(reader) => {
+                            Ok((reader, consumer)) => {
                                 self.log.count_wire_read();
                                 self.source = RangeSource::Wire {
                                     reader: Box::new(reader),
                                     delivered: 0,
+                                    _consumer: consumer,
                                 };
                             }
                             Err(Some(e)) => return Some(Err(e)),
@@ -138,10 +179,11 @@ impl RangeReader {
                     } else {
                         let batch = remaining.saturating_add(1).min(self.batch) as usize;
                         match pull_consumer(&self.log, &self.room, self.next, batch).await {
-                            Ok(messages) => {
+                            Ok((messages, consumer)) => {
                                 self.source = RangeSource::Pull {
                                     messages: Box::new(messages),
                                     delivered: 0,
+                                    _consumer: consumer,
                                 }
                             }
                             Err(e) => return Some(Err(e)),
@@ -166,7 +208,9 @@ impl RangeReader {
                         Err(e) => return Some(Err(e)),
                     }
                 }
-                RangeSource::Wire { reader, delivered } => match reader.next().await {
+                RangeSource::Wire {
+                    reader, delivered, ..
+                } => match reader.next().await {
                     Ok(delivery) => {
                         if delivery.consumer_seq != *delivered + 1 {
                             // Cannot happen on a connection of its own; if it does, read the
@@ -191,6 +235,7 @@ impl RangeReader {
                 RangeSource::Pull {
                     messages,
                     delivered,
+                    ..
                 } => match match messages.next().now_or_never() {
                     // Delivered already (the usual case in a batch): no deadline to compute.
                     Some(next) => Ok(next),
@@ -281,10 +326,11 @@ impl RangeReader {
         &self,
         target: &WireTarget,
         wanted: u64,
-    ) -> Result<WireReader, Option<LogError>> {
+    ) -> Result<(WireReader, Ephemeral), Option<LogError>> {
         let consumer = create_consumer(&self.log, &self.room, self.next)
             .await
             .map_err(Some)?;
+        let ephemeral = Ephemeral::of(&self.log, &self.room, &consumer);
         let name = consumer.cached_info().name.clone();
         let stream = self.log.config().stream_name(&self.room);
         match WireReader::open(
@@ -298,7 +344,7 @@ impl RangeReader {
         )
         .await
         {
-            Ok(reader) => Ok(reader),
+            Ok(reader) => Ok((reader, ephemeral)),
             Err(WireError::Unsupported(reason)) => {
                 self.log.disable_wire_reads(&reason);
                 Err(None)
@@ -335,15 +381,17 @@ async fn pull_consumer(
     room: &RoomId,
     start: u64,
     batch: usize,
-) -> Result<jetstream::consumer::pull::Stream, LogError> {
-    create_consumer(log, room, start)
-        .await?
+) -> Result<(jetstream::consumer::pull::Stream, Ephemeral), LogError> {
+    let consumer = create_consumer(log, room, start).await?;
+    let ephemeral = Ephemeral::of(log, room, &consumer);
+    let messages = consumer
         .stream()
         .max_messages_per_batch(batch)
         .max_bytes_per_batch(PULL_MAX_BYTES)
         .messages()
         .await
-        .map_err(|e| unavailable(room, &e))
+        .map_err(|e| unavailable(room, &e))?;
+    Ok((messages, ephemeral))
 }
 
 /// An ephemeral pull consumer of the room's stream starting at `start`.

@@ -87,6 +87,42 @@ async fn a_bulk_read_gives_what_the_client_library_gives_in_order_and_stops_at_i
     assert_eq!(log.wire_reads(), 2);
 }
 
+/// Consumers on the room's stream right now.
+async fn consumers(log: &RoomLog, room: &RoomId) -> usize {
+    let js = async_nats::jetstream::new(log.client().clone());
+    let mut stream = js.get_stream(log.config().stream_name(room)).await.unwrap();
+    stream.info().await.unwrap().state.consumer_count
+}
+
+#[tokio::test]
+async fn range_reads_delete_their_consumers_when_done_or_dropped() {
+    let server = NatsServer::start();
+    let log = connect(&server.url()).await;
+    let events: Vec<Event> = (0..2_000).map(|i| message(format!("d{i}"))).collect();
+    let room = fill(&log, "consumers", &events).await;
+
+    // A reader part-way through a range holds a consumer on the server...
+    let mut reader = log.read_range(&room, 1, u64::MAX);
+    for _ in 0..5 {
+        reader.next().await.unwrap().unwrap();
+    }
+    assert_eq!(consumers(&log, &room).await, 1, "the reader's consumer");
+    // ...until it is dropped; finished reads let theirs go too: through the client library, on
+    // a connection of their own, and one that stops at a range's end inside the log.
+    drop(reader);
+    assert_eq!(log.read_range(&room, 10, 400).collect().await.unwrap().len(), 391);
+    assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 2_000);
+    assert_eq!(log.wire_reads(), 1);
+    assert_eq!(bulk(&log, &room, 1, 1_500).await.len(), 1_500);
+    // The server would drop them 30 s after their last pull; they go long before that.
+    within("every consumer deleted", 10, async {
+        while consumers(&log, &room).await > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn large_events_end_pull_requests_by_bytes_and_nothing_is_lost() {
     let server = NatsServer::start();
