@@ -64,9 +64,8 @@ const CHANGE_ATTEMPTS: u32 = 16;
 const COMMIT_AWAY: u64 = 4_000;
 
 /// The most events not yet stored that a history or thread page reads from the log to apply
-/// their edits and deletes to the page (a projector that far behind is catching up, and the page
-/// is shown as stored plus the newest events as appended), and that a refused append reads
-/// looking for an original with its id.
+/// their edits and deletes to the page (further behind, a page waits for the projector or
+/// answers `unavailable`), and that a refused append reads looking for an original with its id.
 const UNSTORED_SCAN: u64 = 1_000;
 
 /// Settings of the room service.
@@ -1378,9 +1377,9 @@ impl Rooms {
             self.await_stored(room, top, self.config.history_wait).await;
             stored = self.store.checkpoint(room).await?;
         }
-        // Everything the store does not hold yet, when that is little: its edits and deletes
-        // apply to the page, wherever their targets are in it.
-        let unstored = self.unstored(room, stored, head).await?;
+        // Everything the store does not hold yet: its edits and deletes apply to the page,
+        // wherever their targets are in it.
+        let unstored = self.page_unstored(room, &mut stored, head).await?;
         let mut events = Vec::new();
         if top > stored {
             let from = (stored + 1).max(top.saturating_sub(limit as u64 - 1));
@@ -1436,6 +1435,31 @@ impl Rooms {
         })
     }
 
+    /// What a page applies to the store's rows: the entries after `stored` up to `head`. With
+    /// more than [`UNSTORED_SCAN`] of them (a projector down or catching up), waits at most
+    /// `history_wait` for the store to come that close (`stored` follows it), else
+    /// `unavailable`: a page without them could show text its author deleted.
+    async fn page_unstored(
+        &self,
+        room: &RoomId,
+        stored: &mut u64,
+        head: u64,
+    ) -> Result<Vec<(u64, Event)>, RoomError> {
+        if head.saturating_sub(*stored) > UNSTORED_SCAN {
+            self.await_stored(room, head - UNSTORED_SCAN, self.config.history_wait)
+                .await;
+            *stored = self.store.checkpoint(room).await?;
+            let behind = head.saturating_sub(*stored);
+            if behind > UNSTORED_SCAN {
+                return Err(RoomError::Unavailable(format!(
+                    "this room's history is catching up ({behind} events not stored yet); \
+                     retry shortly"
+                )));
+            }
+        }
+        self.unstored(room, *stored, head).await
+    }
+
     /// The entries after `stored` up to `head` (decoded; those that do not decode are left
     /// out), when there are at most [`UNSTORED_SCAN`] of them; else none.
     async fn unstored(
@@ -1478,7 +1502,7 @@ impl Rooms {
                 .await;
             stored = self.store.checkpoint(room).await?;
         }
-        let unstored = self.unstored(room, stored, head).await?;
+        let unstored = self.page_unstored(room, &mut stored, head).await?;
         let mut page = self.store.thread(room, root, query).await?;
         if page.root.is_none() {
             page.root = unstored

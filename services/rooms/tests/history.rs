@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chat_log::{LogConfig, RoomLog};
 use chat_model::{RoomId, UserId};
-use chat_rooms::{Command, Rooms, RoomsConfig};
+use chat_rooms::{Command, RoomError, Rooms, RoomsConfig};
 use chat_store::{PageQuery, SqliteStore};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -208,4 +208,101 @@ async fn a_thread_shows_the_root_and_replies_the_store_does_not_hold_yet() {
             "{not_root}: {refused:?}"
         );
     }
+}
+
+/// More than 1,000 events behind (a projector down, or catching up a backlog), the page cannot
+/// apply every edit and delete the store does not hold: history and threads answer
+/// `unavailable` rather than show a message its author deleted, and answer again once a
+/// projector has caught the store up.
+#[tokio::test]
+async fn a_store_far_behind_answers_unavailable_rather_than_show_deleted_text() {
+    let (server, dir, rooms, room) = behind("far-behind").await;
+    let alice = user("alice");
+    let append = |command: Command| append_as(&rooms, &alice, &room, command);
+    let send = |text: String, thread: Option<u64>| Command::Send {
+        text,
+        thread,
+        reply_to: None,
+    };
+    let secret = append(send("secret".into(), None)).await; // 2
+    for i in 0..1_000 {
+        append(send(format!("m{i}"), Some(secret))).await; // 3..=1002
+    }
+    let last = append(send("last one".into(), None)).await;
+    append(Command::Delete { target: secret }).await;
+
+    let catching_up = |e: RoomError| match e {
+        RoomError::Unavailable(m) => assert!(m.contains("catching up"), "{m}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    };
+    for query in [
+        PageQuery::newest(50),
+        PageQuery {
+            before: Some(10),
+            limit: 5,
+        },
+    ] {
+        catching_up(rooms.history(&alice, &room, query).await.unwrap_err());
+    }
+    catching_up(
+        rooms
+            .thread(&alice, &room, secret, PageQuery::newest(10))
+            .await
+            .unwrap_err(),
+    );
+
+    // A projector catches the store up: the same pages answer, the secret deleted.
+    let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+    let log = RoomLog::connect(&server.url(), LogConfig::default())
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let projector = tokio::spawn(chat_projector::run(
+        log,
+        Arc::new(store),
+        chat_projector::ProjectorConfig::default(),
+        Arc::new(chat_projector::ProjectorStats::default()),
+        stop.clone(),
+    ));
+    let page = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match rooms.history(&alice, &room, PageQuery::newest(50)).await {
+                Ok(page) => return page,
+                Err(e) => catching_up(e),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("history answers once the store caught up");
+    assert_eq!(
+        page.events[0]["seq"],
+        json!(last + 1),
+        "{:?}",
+        page.events[0]
+    );
+    let old = rooms
+        .history(
+            &alice,
+            &room,
+            PageQuery {
+                before: Some(3),
+                limit: 5,
+            },
+        )
+        .await
+        .unwrap();
+    let message = old
+        .events
+        .iter()
+        .find(|e| e["seq"] == json!(secret))
+        .unwrap_or_else(|| panic!("no {secret} in {:?}", old.events));
+    assert_eq!(message["deleted"], true, "{message}");
+    assert!(message.get("text").is_none(), "{message}");
+    assert!(rooms
+        .thread(&alice, &room, secret, PageQuery::newest(10))
+        .await
+        .is_ok());
+    stop.cancel();
+    projector.await.unwrap().unwrap();
 }
