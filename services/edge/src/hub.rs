@@ -474,9 +474,7 @@ pub struct Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        if let Some(key) = self.listening.take() {
-            self._feed.listeners.remove(key);
-        }
+        self.stop_listening();
     }
 }
 
@@ -513,10 +511,16 @@ impl Follower {
     /// From now until this follower is dropped, the room's ephemeral frames (typing, presence)
     /// go to `out`, but not those that exclude `user`.
     pub(crate) fn listen(&mut self, user: UserId, out: EphemeralOutbox) {
+        self.stop_listening();
+        self.listening = Some(self._feed.listeners.add(user, out));
+    }
+
+    /// From now on, no ephemeral frames of the room for this follower's session (it is no
+    /// longer a member: they are for members only).
+    pub(crate) fn stop_listening(&mut self) {
         if let Some(key) = self.listening.take() {
             self._feed.listeners.remove(key);
         }
-        self.listening = Some(self._feed.listeners.add(user, out));
     }
 
     /// The next event. Cancel-safe; after an error, calling again resumes where it was.

@@ -198,6 +198,8 @@ impl RoomSource {
         self.pause = FIRST_PAUSE;
         if pick.delivery.left.as_ref() == Some(&self.user) && pick.delivery.seq > self.joined {
             self.removed = true;
+            // Typing and presence are for members: none of the room's after this.
+            self.follower.stop_listening();
             self.removals
                 .removed(self.follower.room().clone(), self.end.id);
         }
