@@ -289,7 +289,9 @@ impl ScyllaStore {
         };
         let head = checkpoint.seq();
         let cursor = cursor.and_then(|(c,)| c).unwrap_or(0);
-        let last_read = cursor.max(joined_seq.unwrap_or(0)).max(0) as u64;
+        // The writer stores a batch's cursors before its checkpoint: while one is under way, a
+        // cursor may be past the checkpoint read here. Never show it past `head`.
+        let last_read = (cursor.max(joined_seq.unwrap_or(0)).max(0) as u64).min(head);
         let unread = self
             .unread(room, user.as_str(), blocked, last_read, &checkpoint)
             .await?;
