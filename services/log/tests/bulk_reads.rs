@@ -110,7 +110,14 @@ async fn range_reads_delete_their_consumers_when_done_or_dropped() {
     // ...until it is dropped; finished reads let theirs go too: through the client library, on
     // a connection of their own, and one that stops at a range's end inside the log.
     drop(reader);
-    assert_eq!(log.read_range(&room, 10, 400).collect().await.unwrap().len(), 391);
+    assert_eq!(
+        log.read_range(&room, 10, 400)
+            .collect()
+            .await
+            .unwrap()
+            .len(),
+        391
+    );
     assert_eq!(bulk(&log, &room, 1, u64::MAX).await.len(), 2_000);
     assert_eq!(log.wire_reads(), 1);
     assert_eq!(bulk(&log, &room, 1, 1_500).await.len(), 1_500);
