@@ -1020,17 +1020,32 @@ async fn nats_restarted_under_an_edge_gives_no_false_ack_and_service_resumes() {
     assert!(dave.welcome_room("sturdy").is_some(), "{}", dave.welcome);
 }
 
+/// The next text frame of `ws`, as JSON (pings and pongs skipped); a close fails the test.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("closed: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     let data = tempfile::tempdir().unwrap();
     let chatd = start(&jammable_env(
         data.path(),
-        &[("CHAT_TYPING_RATE", "100000/100000")],
+        // No indicator ends by itself during the test: only what the typists send ends them.
+        &[
+            ("CHAT_TYPING_RATE", "100000/100000"),
+            ("CHAT_TYPING_TIMEOUT", "10m"),
+        ],
     ));
     // Typists: each user is shown at most one active:true (and its active:false) per 2 s, so it
     // takes several for bob's queue to fill with their frames.
     let typist_names: Vec<String> = (0..16).map(|i| format!("typist{i}")).collect();
-    let mut members = vec!["bob"];
+    let mut members = vec!["bob", "sticky"];
     members.extend(typist_names.iter().map(String::as_str));
     create_room(&chatd, data.path(), "lagging", "alice", &members);
     let mut alice = Client::connect(&chatd.ws_url(), &dev_token(data.path(), "alice", 3600)).await;
@@ -1038,6 +1053,8 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     for name in &typist_names {
         typists.push(Client::connect(&chatd.ws_url(), &dev_token(data.path(), name, 3600)).await);
     }
+    let mut sticky =
+        Client::connect(&chatd.ws_url(), &dev_token(data.path(), "sticky", 3600)).await;
     let mut bob = raw_small_buffer(&chatd, &dev_token(data.path(), "bob", 3600)).await;
     bob.send(Message::Text(
         json!({"type":"subscribe","rid":"s","rooms":{"lagging":0}})
@@ -1046,6 +1063,26 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
     ))
     .await
     .unwrap();
+    // Before the jam, bob is shown that sticky is typing (the room's first event may come
+    // meanwhile).
+    let mut events = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while next_json(&mut bob).await["type"] != "subscribed" {}
+        sticky
+            .send(json!({"type":"typing","room":"lagging","active":true}))
+            .await;
+        loop {
+            let frame = next_json(&mut bob).await;
+            if frame["type"] == "event" {
+                events.push(frame);
+            } else if frame["type"] == "typing" && frame["user"] == "sticky" {
+                assert_eq!(frame["active"], true, "{frame}");
+                break;
+            }
+        }
+    })
+    .await
+    .expect("bob shown sticky typing");
 
     // Jam bob's session: his socket fills first (the server's send buffer grows for a while),
     // then his writer waits on it while his queue fills with typing frames. The typists start
@@ -1076,10 +1113,17 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
         .wait_for(|f| f["type"] == "typing" && f["active"] == true && f["user"] == "typist0")
         .await;
     assert_eq!(seen["room"], "lagging");
+    // Sticky stops typing while bob's queue is still jammed: his copy of that is dropped. Alice
+    // seeing it means the room's feed has handed it to every session here.
+    sticky
+        .send(json!({"type":"typing","room":"lagging","active":false}))
+        .await;
+    alice
+        .wait_for(|f| f["type"] == "typing" && f["active"] == false && f["user"] == "sticky")
+        .await;
 
     // Bob reads at last: every event, in order, and not closed.
     let head = 1 + sent;
-    let mut events = Vec::new();
     let mut typing = Vec::new();
     while events
         .last()
@@ -1109,6 +1153,25 @@ async fn a_slow_reader_loses_typing_frames_first_and_never_an_event() {
         signals + 1
     );
     assert!(metric(&chatd, "chat_edge_ephemeral_dropped_total") >= 1);
+    // The last typing frame dropped for him is sent once his queue has room: sticky's
+    // indicator, shown before the jam, ends for him too (within the deadline of each read).
+    let sticky_typing = |typing: &[Value]| {
+        typing
+            .iter()
+            .rev()
+            .find(|f| f["user"] == "sticky")
+            .map(|f| f["active"].clone())
+    };
+    tokio::time::timeout(DEADLINE, async {
+        while sticky_typing(&typing) != Some(json!(false)) {
+            let frame = next_json(&mut bob).await;
+            if frame["type"] == "typing" {
+                typing.push(frame);
+            }
+        }
+    })
+    .await
+    .expect("sticky's indicator never ended for bob");
     assert_eq!(metric(&chatd, "chat_edge_slow_closes_total"), 0);
 }
 

@@ -75,8 +75,8 @@ struct Feed {
 }
 
 /// The sessions that take a room's ephemeral frames, by a key their follower holds.
-#[derive(Default)]
 struct Listeners {
+    room: RoomId,
     by_key: Mutex<Listening>,
 }
 
@@ -87,15 +87,25 @@ struct Listening {
 }
 
 impl Listeners {
-    /// Queues `e` for every listening session but those of `e.exclude` (lossy: a session whose
-    /// queue is half full drops it). False when nobody listens.
-    fn pass(&self, e: &Ephemeral) -> bool {
+    fn new(room: RoomId) -> Listeners {
+        Listeners {
+            room,
+            by_key: Mutex::new(Listening::default()),
+        }
+    }
+
+    /// Queues a typing frame for every listening session but those of the typist (lossy: a
+    /// session whose queue is half full drops it, and gets the typist's last dropped one once
+    /// it has room again). False when nobody listens.
+    fn pass_typing(&self, e: &Ephemeral) -> bool {
         let Ok(listening) = self.by_key.lock() else {
             return false;
         };
         for (user, out) in listening.sessions.values() {
-            if e.exclude.as_ref() != Some(user) {
-                out.push(e.frame.clone());
+            match &e.exclude {
+                Some(typist) if typist == user => {}
+                Some(typist) => out.push_typing(&self.room, typist, e.frame.clone()),
+                None => out.push(e.frame.clone()),
             }
         }
         !listening.sessions.is_empty()
@@ -124,8 +134,12 @@ impl Listeners {
     }
 
     fn remove(&self, key: u64) {
-        if let Ok(mut listening) = self.by_key.lock() {
-            listening.sessions.remove(&key);
+        let removed = match self.by_key.lock() {
+            Ok(mut listening) => listening.sessions.remove(&key),
+            Err(_) => None,
+        };
+        if let Some((_, out)) = removed {
+            out.forget(&self.room);
         }
     }
 }
@@ -259,7 +273,7 @@ impl Hub {
             return Ok(feed);
         }
         let (tx, _) = broadcast::channel(self.capacity);
-        let listeners = Arc::new(Listeners::default());
+        let listeners = Arc::new(Listeners::new(room.clone()));
         let task = tokio::spawn(run_feed(
             room.clone(),
             live,
@@ -316,7 +330,7 @@ async fn run_feed(
     // Nobody receiving right now is fine: followers catch up from the log, and typing is
     // ephemeral.
     let show = |user: &UserId, active: bool| {
-        listeners.pass(&typing::frame(&room, user, active));
+        listeners.pass_typing(&typing::frame(&room, user, active));
     };
     loop {
         let due = typists.next_due();

@@ -5,7 +5,9 @@
 //! - **replies** (acks, errors, answers): queued; they wait for room, but only for the
 //!   configured grace; a client that cannot take them in that time is closed with 4008;
 //! - **ephemeral frames** (typing, presence): queued, never waiting; dropped when the queue is
-//!   more than half full, so a slow reader loses them first and never a chat event;
+//!   more than half full, so a slow reader loses them first and never a chat event; once it has
+//!   room again it gets a `changed` presence frame per room that lost some, and each typist's
+//!   last lost typing frame (bounded: one per room and typist);
 //! - **room events**: not queued. The writer pulls them from the session's followers (one per
 //!   subscribed room) whenever the socket takes more, so an event costs one task wake-up, not
 //!   two, and a subscription no task of its own. A follower that falls behind its room's feed
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chat_model::RoomId;
+use chat_model::{RoomId, UserId};
 use serde_json::json;
 use tungstenite::Utf8Bytes;
 
@@ -88,7 +90,11 @@ struct Queue {
     /// Rooms whose presence frames were dropped, and how many: once the queue has room again,
     /// each gets one `changed` frame (the client reads who is online from the endpoint).
     missed_presence: Mutex<Vec<(RoomId, u32)>>,
-    /// Set while `missed_presence` holds any.
+    /// The last typing frame dropped for each room and typist, while no later one of theirs was
+    /// queued: sent once the queue has room again, so that an indicator shown before the drop
+    /// is ended (or shown) as it stands.
+    missed_typing: Mutex<Vec<(RoomId, UserId, Utf8Bytes)>>,
+    /// Set while `missed_presence` or `missed_typing` holds any.
     missed: AtomicBool,
 }
 
@@ -245,6 +251,7 @@ impl Outbox {
             producers: AtomicUsize::new(1),
             stats,
             missed_presence: Mutex::new(Vec::new()),
+            missed_typing: Mutex::new(Vec::new()),
             missed: AtomicBool::new(false),
         });
         let outbox = Outbox {
@@ -413,19 +420,26 @@ fn push_ephemeral(queue: &Queue, limits: &OutboxLimits, frame: Utf8Bytes) -> boo
 }
 
 /// After a flush: a `changed` presence frame for each room whose presence frames were dropped,
-/// as far as the queue has room for them (the rest wait for the next flush).
-fn repair_presence(queue: &Queue, limits: &OutboxLimits) {
+/// and the last dropped typing frame of each typist, as far as the queue has room for them (the
+/// rest wait for the next flush).
+fn repair_ephemeral(queue: &Queue, limits: &OutboxLimits) {
     if !queue.missed.load(Ordering::Acquire) {
         return;
     }
-    let Ok(mut missed) = queue.missed_presence.lock() else {
+    let (Ok(mut presence), Ok(mut typing)) =
+        (queue.missed_presence.lock(), queue.missed_typing.lock())
+    else {
         return;
     };
-    missed.retain(|(room, dropped)| {
+    presence.retain(|(room, dropped)| {
         let frame = json!({"type": "presence", "room": room, "changed": dropped});
         !push_ephemeral(queue, limits, frame.to_string().into())
     });
-    queue.missed.store(!missed.is_empty(), Ordering::Release);
+    typing.retain(|(_, _, frame)| !push_ephemeral(queue, limits, frame.clone()));
+    queue.missed.store(
+        !presence.is_empty() || !typing.is_empty(),
+        Ordering::Release,
+    );
 }
 
 /// Ephemeral frames into a session's queue, without keeping the session alive.
@@ -443,6 +457,54 @@ impl EphemeralOutbox {
                 push_ephemeral(&queue, &self.limits, frame);
             }
         }
+    }
+
+    /// A typing frame of `room` about `typist`, as [`EphemeralOutbox::push`]; the last one
+    /// dropped is sent once the queue has room, unless a later one of the typist's was queued.
+    pub(crate) fn push_typing(&self, room: &RoomId, typist: &UserId, frame: Utf8Bytes) {
+        let Some(queue) = self.queue.upgrade() else {
+            return;
+        };
+        if queue.slots.is_closed() {
+            return;
+        }
+        if !queue.missed.load(Ordering::Acquire) {
+            if push_ephemeral(&queue, &self.limits, frame.clone()) {
+                return;
+            }
+        } else if let Ok(mut missed) = queue.missed_typing.lock() {
+            // Queued under the lock, so that a repair cannot queue an older frame after it.
+            let queued = push_ephemeral(&queue, &self.limits, frame.clone());
+            if queued {
+                missed.retain(|(r, t, _)| !(r == room && t == typist));
+                return;
+            }
+        }
+        let Ok(mut missed) = queue.missed_typing.lock() else {
+            return;
+        };
+        match missed.iter_mut().find(|(r, t, _)| r == room && t == typist) {
+            Some((_, _, last)) => *last = frame,
+            None => missed.push((room.clone(), typist.clone(), frame)),
+        }
+        queue.missed.store(true, Ordering::Release);
+    }
+
+    /// Nothing more of `room`: the frames dropped for it are not made up for (the session no
+    /// longer follows it).
+    pub(crate) fn forget(&self, room: &RoomId) {
+        let Some(queue) = self.queue.upgrade() else {
+            return;
+        };
+        if !queue.missed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut presence) = queue.missed_presence.lock() {
+            presence.retain(|(r, _)| r != room);
+        }
+        if let Ok(mut typing) = queue.missed_typing.lock() {
+            typing.retain(|(r, _, _)| r != room);
+        };
     }
 
     /// A presence frame of `room`, as [`EphemeralOutbox::push`]; one that is dropped is made up
@@ -653,7 +715,7 @@ fn write_loop(
                 }
             };
             match sent {
-                Ok(Ok(())) => repair_presence(&queue, &limits),
+                Ok(Ok(())) => repair_ephemeral(&queue, &limits),
                 Ok(Err(_)) => {
                     queue.shut();
                     return;
