@@ -39,7 +39,7 @@ enum RangeSource {
         messages: Box<jetstream::consumer::pull::Stream>,
         /// The consumer sequence of the last delivery.
         delivered: u64,
-        _consumer: Ephemeral,
+        consumer: Ephemeral,
     },
     /// The same consumer's deliveries read on a connection of its own (bulk reads).
     Wire {
@@ -65,6 +65,29 @@ impl Ephemeral {
             js: log.jetstream().clone(),
             stream: log.config().stream_name(room),
             name: consumer.cached_info().name.clone(),
+        }
+    }
+}
+
+impl Ephemeral {
+    /// Whether the consumer has nothing left to deliver: it holds no message it has not
+    /// delivered, and delivered no more than the `received` (a consumer sequence) that reached
+    /// the reader. (Deliveries that never arrived are not that: the reader starts over for
+    /// them.) False when the server cannot say.
+    async fn exhausted(&self, received: u64) -> bool {
+        let info = match self.js.get_stream_no_info(&self.stream).await {
+            Ok(stream) => stream.consumer_info(&self.name).await,
+            Err(e) => {
+                tracing::debug!(stream = self.stream, error = %e, "range read: stream not found");
+                return false;
+            }
+        };
+        match info {
+            Ok(info) => info.num_pending == 0 && info.delivered.consumer_sequence <= received,
+            Err(e) => {
+                tracing::debug!(stream = self.stream, consumer = self.name, error = %e, "range read: consumer info failed");
+                false
+            }
         }
     }
 }
@@ -183,7 +206,7 @@ impl RangeReader {
                                 self.source = RangeSource::Pull {
                                     messages: Box::new(messages),
                                     delivered: 0,
-                                    _consumer: consumer,
+                                    consumer,
                                 }
                             }
                             Err(e) => return Some(Err(e)),
@@ -235,7 +258,7 @@ impl RangeReader {
                 RangeSource::Pull {
                     messages,
                     delivered,
-                    ..
+                    consumer,
                 } => match match messages.next().now_or_never() {
                     // Delivered already (the usual case in a batch): no deadline to compute.
                     Some(next) => Ok(next),
@@ -245,8 +268,15 @@ impl RangeReader {
                     }
                 } {
                     Err(_) => {
-                        // Every message asked for exists, so a silence this long means the
-                        // last ones were lost on the way (no later delivery reveals that).
+                        // A silence this long: the last messages were lost on the way (no
+                        // later delivery reveals that), or the range's end is not there (the
+                        // stream's last messages were deleted: `to`, clamped to the last
+                        // sequence the stream reports, no longer exists). The consumer tells.
+                        if consumer.exhausted(*delivered).await {
+                            self.next = self.to.saturating_add(1);
+                            self.source = RangeSource::Idle;
+                            return None;
+                        }
                         tracing::debug!(room = %self.room, next = self.next, "range read stalled; new consumer");
                         self.batch = (self.batch / 2).max(PULL_BATCH_MIN);
                         self.source = RangeSource::Idle;

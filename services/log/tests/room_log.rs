@@ -545,3 +545,47 @@ async fn a_stream_made_with_the_room_subject_alone_gains_the_state_subject() {
     assert_eq!(log.last_change(&room).await.unwrap(), 2);
     assert_eq!(live_seq(&mut live).await, 2, "changes are republished");
 }
+
+/// A stream whose last messages were deleted (only possible on a stream made by hand: rooms'
+/// streams deny deletes) reports a last sequence that no longer exists. A read up to it ends
+/// with what there is, rather than waiting for it forever (an operator's `log verify` then says
+/// what is missing).
+#[tokio::test]
+async fn a_range_whose_end_was_deleted_ends_with_what_the_stream_holds() {
+    let server = chat_harness::NatsServer::start();
+    let log = RoomLog::connect(
+        &server.url(),
+        LogConfig {
+            request_timeout: std::time::Duration::from_millis(300),
+            ..LogConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let room = room("tampered");
+    let js = async_nats::jetstream::new(log.client().clone());
+    let mut config = log.stream_config(&room);
+    config.deny_delete = false;
+    js.create_stream(config).await.unwrap();
+    for i in 1..=20 {
+        log.append(&room, &message(format!("t{i}"))).await.unwrap();
+    }
+    let stream = js
+        .get_stream(log.config().stream_name(&room))
+        .await
+        .unwrap();
+    for seq in [19, 20] {
+        assert!(stream.delete_message(seq).await.unwrap());
+    }
+    let seqs = |entries: Vec<chat_log::RawEntry>| entries.iter().map(|e| e.seq).collect::<Vec<_>>();
+    for (from, to) in [(1, u64::MAX), (1, 20), (15, 20)] {
+        let read = within(
+            "a read past the deleted end",
+            30,
+            log.read_range(&room, from, to).collect(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(seqs(read), (from..=18).collect::<Vec<_>>(), "{from}..={to}");
+    }
+}
