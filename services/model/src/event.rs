@@ -143,6 +143,8 @@ pub enum DecodeError {
     MissingField { kind: String, field: &'static str },
     #[error("event id {0:?} is not a UUID")]
     BadId(String),
+    #[error("bytes follow the event envelope")]
+    TrailingBytes,
 }
 
 /// The map as it is written: every kind's fields, each optional, absent when unused.
@@ -274,7 +276,15 @@ impl Event {
 
     /// Decodes an event of any envelope version this build knows.
     pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-        let w: Wire<'_> = rmp_serde::from_slice(bytes)?;
+        let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+        let w = <Wire<'_> as serde::Deserialize>::deserialize(&mut de)?;
+        // An entry is one envelope: anything after it means the bytes are not what a writer of
+        // events wrote, and reading them as the event would hide that.
+        match <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut de) {
+            Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            _ => return Err(DecodeError::TrailingBytes),
+        }
         if w.v == 0 || w.v > ENVELOPE_VERSION {
             return Err(DecodeError::UnsupportedVersion(w.v));
         }

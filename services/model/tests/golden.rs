@@ -292,6 +292,19 @@ fn unknown_kinds_and_versions_and_garbage_are_typed_errors() {
         Err(DecodeError::Msgpack(_))
     ));
     assert!(matches!(Event::decode(b""), Err(DecodeError::Msgpack(_))));
+    // An envelope with anything after it: more msgpack, or bytes that are none.
+    future.id = "01935f2e-4b1c-7a00-8000-000000000001";
+    let mut bytes = rmp_serde::to_vec_named(&future).unwrap();
+    assert!(Event::decode(&bytes).is_ok());
+    for tail in [&b"\xa7TRAILER"[..], b"\xc1", b"\x00"] {
+        let len = bytes.len();
+        bytes.extend_from_slice(tail);
+        assert!(
+            matches!(Event::decode(&bytes), Err(DecodeError::TrailingBytes)),
+            "{tail:?}"
+        );
+        bytes.truncate(len);
+    }
 }
 
 #[test]
