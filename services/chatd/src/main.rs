@@ -418,10 +418,10 @@ fn rebuild(
             force,
         )
         .await?;
-        println!(
+        say(format_args!(
             "rebuilt {} rooms, {} events, {} dead letters",
             report.rooms, report.events, report.dead_letters
-        );
+        ))?;
         anyhow::Ok(())
     });
     if let Some(nats) = nats {
@@ -463,7 +463,7 @@ fn digest(
                 anyhow::bail!("room {room}: not in the store");
             }
         }
-        println!("{}", store.digest(room.as_ref()).await?);
+        say(store.digest(room.as_ref()).await?)?;
         anyhow::Ok(())
     })
 }
@@ -612,7 +612,7 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                         Err(e) if named => return Err(e),
                         Ok(verdict) => {
                             all_ok &= verdict.ok();
-                            println!("{}", verdict.to_json(&room));
+                            say(verdict.to_json(&room))?;
                         }
                         Err(e) => {
                             unchecked += 1;
@@ -622,7 +622,7 @@ fn log_command(config: Config, command: LogCmd) -> anyhow::Result<bool> {
                                 "ok": null,
                                 "error": format!("{e:#}"),
                             });
-                            println!("{line}");
+                            say(line)?;
                         }
                     }
                 }
@@ -661,6 +661,15 @@ fn token(config: &Config, user: &str, name: Option<&str>, ttl: Duration) -> anyh
             "only HS256 tokens can be minted here; with CHAT_JWT_PUBLIC_KEYS, tokens come from your identity provider"
         ),
     };
-    println!("{token}");
+    say(token)?;
     Ok(())
+}
+
+/// Writes one line to standard output. Unlike `println!`, a reader gone (`| head`) or a full
+/// disk is an error the caller returns (exit 0 for the former, see `main`), not a panic.
+fn say(line: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }

@@ -188,6 +188,54 @@ async fn export_and_verify_read_the_log_beside_a_running_server() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing verified"));
 
+    // An event with bytes after it is not read as that event: verify and export show it as
+    // undecodable, its bytes in hex.
+    let mut trailing = intruder.encode().unwrap();
+    trailing.extend_from_slice(b"\xa7TRAILER");
+    publish_raw(&nats, "faulty", trailing.clone()).await;
+    let (code, verdicts) = chatd_log(&env, &["verify", "faulty"]);
+    assert_eq!(code, 3);
+    let problems = verdicts[0]["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p
+            .as_str()
+            .unwrap()
+            .starts_with("4: does not decode (bytes follow the event envelope)")),
+        "{problems:?}"
+    );
+    let (_, lines) = chatd_log(&env, &["export", "faulty", "--from", "4"]);
+    assert_eq!(lines[0]["payload_hex"], hex::encode(&trailing), "{lines:?}");
+
+    // Output nobody reads is no failure (`| head`); output that cannot be written is.
+    for args in [&["log", "verify"][..], &["digest"], &["token", "alice"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin())
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "chatd {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "chatd {args:?}: {stderr}");
+        let full = Command::new(bin())
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&full.stderr);
+        assert_eq!(
+            full.status.code(),
+            Some(1),
+            "chatd {args:?} > /dev/full: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "chatd {args:?}: {stderr}");
+    }
+
     // --follow prints the log so far, then each new event as it is stored.
     let mut follower = Command::new(bin())
         .args(["log", "export", "general", "--follow"])
