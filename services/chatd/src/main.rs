@@ -266,6 +266,14 @@ fn run(mut config: Config, role: Option<Role>) -> anyhow::Result<()> {
 /// a fresh, empty one (a data dir that is not the server's) would answer that there are no
 /// rooms, and a rebuild would clear the store.
 fn maintenance_nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
+    require_log_dir(config)?;
+    nats_for(config)
+}
+
+/// Without `NATS_URL`, a maintenance command reads the log of the nats-server `chatd run` keeps
+/// in the data dir: an error if there is none (checked before anything is written there, so a
+/// mistyped `CHAT_DATA_DIR` leaves nothing behind).
+fn require_log_dir(config: &Config) -> anyhow::Result<()> {
     if config.nats_url.is_none() {
         let dir = config.data_dir.join("nats");
         anyhow::ensure!(
@@ -275,7 +283,7 @@ fn maintenance_nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, S
             dir.display()
         );
     }
-    nats_for(config)
+    Ok(())
 }
 
 fn nats_for(config: &Config) -> anyhow::Result<(Option<NatsChild>, String)> {
@@ -383,7 +391,11 @@ fn rebuild(
         let uses_data_dir =
             config.nats_url.is_none() || matches!(config.store, StoreConfig::Sqlite);
         let lock = if uses_data_dir {
-            Some(lock_data_dir(&config.data_dir)?)
+            require_log_dir(&config)?;
+            Some(lock_data_dir(&config.data_dir).context(
+                "a rebuild in place needs the server on this data dir stopped; or rebuild into \
+                 a new file beside it with --into",
+            )?)
         } else {
             eprintln!(
                 "chatd: rebuilding a shared store in place: stop its projectors first (nothing \
@@ -534,6 +546,7 @@ fn log_nats(
     if let Some(url) = &config.nats_url {
         return Ok((None, None, url.clone()));
     }
+    require_log_dir(config)?;
     match lock_data_dir(&config.data_dir) {
         Ok(lock) => {
             let (nats, url) = maintenance_nats_for(config)?;

@@ -186,21 +186,27 @@ async fn rebuild_into_a_file_and_digest_beside_a_running_server() {
 
 /// The maintenance commands read the log a server wrote: without NATS_URL, from the data dir's
 /// own nats-server store. A data dir without one (not the server's) is an error, not an empty
-/// log (which a rebuild would take as a reason to clear the store); nothing is started there.
+/// log (which a rebuild would take as a reason to clear the store); nothing is started there,
+/// and a mistyped data dir is not created.
 #[test]
 fn commands_refuse_a_data_dir_without_a_log() {
     let data = tempfile::tempdir().unwrap();
-    let env = standalone_env(data.path());
-    each_fails_saying(
-        &env,
-        &[
-            &["log", "verify"],
-            &["log", "export", "general"],
-            &["rebuild"],
-        ],
-        "no NATS_URL, and no log in",
-    );
+    let mistyped = data.path().join("mistyped");
+    for dir in [data.path(), &mistyped] {
+        let env = standalone_env(dir);
+        each_fails_saying(
+            &env,
+            &[
+                &["log", "verify"],
+                &["log", "export", "general"],
+                &["rebuild"],
+            ],
+            "no NATS_URL, and no log in",
+        );
+    }
     assert!(!data.path().join("nats").exists());
+    assert!(!data.path().join("chatd.lock").exists());
+    assert!(!mistyped.exists());
 }
 
 /// Runs each of `commands` with `env`: each must exit 1 with `says` in its stderr.
