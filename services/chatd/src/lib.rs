@@ -34,6 +34,10 @@ const OPS_MAX_CONNECTIONS: usize = 64;
 /// How long to wait for NATS and JetStream to answer at start.
 const NATS_START_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long an operator's command waits for JetStream on a NATS that answers: long enough for
+/// a nats-server just started, short enough that one without JetStream is reported at once.
+const COMMAND_JETSTREAM_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs this process's role until `signalled` is cancelled, then drains: `/readyz` turns 503 at
 /// once, the process serves on for `CHAT_DRAIN_DELAY`, then stops accepting and closes what is
 /// open within the grace period.
@@ -498,7 +502,12 @@ async fn connect_log(
     let log = RoomLog::connect_with_options(url, options, config.log.clone()).await?;
     log.set_bulk_read_auth(config.nats.bulk_read_auth());
     let js = async_nats::jetstream::new(log.client().clone());
-    let deadline = Instant::now() + NATS_START_DEADLINE;
+    let wait = if retry {
+        NATS_START_DEADLINE
+    } else {
+        COMMAND_JETSTREAM_WAIT
+    };
+    let deadline = Instant::now() + wait;
     let mut waited = false;
     // Wrong credentials do not fix themselves: waiting would only delay the error.
     let mut events = log.connection_events();
@@ -532,7 +541,10 @@ async fn connect_log(
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => anyhow::bail!("no jetstream at {url} after {NATS_START_DEADLINE:?}: {e}"),
+            Err(e) => anyhow::bail!(
+                "no jetstream at {url} after {wait:?} (a nats-server without `jetstream` in its \
+                 configuration?): {e}"
+            ),
         }
     }
 }
