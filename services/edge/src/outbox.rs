@@ -7,7 +7,7 @@
 //! - **ephemeral frames** (typing, presence): queued, never waiting; dropped when the queue is
 //!   more than half full, so a slow reader loses them first and never a chat event; once it has
 //!   room again it gets a `changed` presence frame per room that lost some, and each typist's
-//!   last lost typing frame (bounded: one per room and typist);
+//!   last lost typing frame (one per room and typist, for at most `MISSED_TYPING_MAX` of them);
 //! - **room events**: not queued. The writer pulls them from the session's followers (one per
 //!   subscribed room) whenever the socket takes more, so an event costs one task wake-up, not
 //!   two, and a subscription no task of its own. A follower that falls behind its room's feed
@@ -485,7 +485,13 @@ impl EphemeralOutbox {
         };
         match missed.iter_mut().find(|(r, t, _)| r == room && t == typist) {
             Some((_, _, last)) => *last = frame,
-            None => missed.push((room.clone(), typist.clone(), frame)),
+            None => {
+                if missed.len() >= MISSED_TYPING_MAX {
+                    // The oldest goes: the client's own timeout ends that indicator.
+                    missed.remove(0);
+                }
+                missed.push((room.clone(), typist.clone(), frame));
+            }
         }
         queue.missed.store(true, Ordering::Release);
     }
@@ -525,6 +531,10 @@ impl EphemeralOutbox {
         };
     }
 }
+
+/// Typists whose last lost typing frame a session keeps, at most (its memory stays bounded
+/// however many rooms and typists it follows).
+const MISSED_TYPING_MAX: usize = 256;
 
 /// Frames written together before one flush, at most.
 const BATCH: usize = 64;
