@@ -153,17 +153,30 @@ impl NatsSecurity {
         if let Some(token) = get("NATS_TOKEN") {
             auths.push(("NATS_TOKEN", NatsAuth::Token(token)));
         }
+        // Read now, so that a file that does not read or holds no credentials is a
+        // configuration error (exit 2, not restarted), not a failure at every connect.
         if let Some(path) = get("NATS_CREDS") {
-            auths.push((
-                "NATS_CREDS",
-                NatsAuth::Creds(existing_file("NATS_CREDS", &path)?),
-            ));
+            let (path, file) = read_file("NATS_CREDS", &path)?;
+            if creds_parts(&file).is_none() {
+                return Err(err(
+                    "NATS_CREDS",
+                    format!(
+                        "{} holds no user JWT and nkey seed (a .creds file as nsc writes it)",
+                        path.display()
+                    ),
+                ));
+            }
+            auths.push(("NATS_CREDS", NatsAuth::Creds(path)));
         }
         if let Some(path) = get("NATS_NKEY") {
-            auths.push((
-                "NATS_NKEY",
-                NatsAuth::Nkey(existing_file("NATS_NKEY", &path)?),
-            ));
+            let (path, file) = read_file("NATS_NKEY", &path)?;
+            if nkey_seed(&file).is_none() {
+                return Err(err(
+                    "NATS_NKEY",
+                    format!("{} holds no nkey seed (a line starting SU)", path.display()),
+                ));
+            }
+            auths.push(("NATS_NKEY", NatsAuth::Nkey(path)));
         }
         if auths.len() > 1 {
             let names: Vec<&str> = auths.iter().map(|(var, _)| *var).collect();
@@ -264,13 +277,22 @@ fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
 
 fn existing_file(var: &'static str, path: &str) -> Result<PathBuf, ConfigError> {
     let path = PathBuf::from(path);
-    if Path::is_file(&path) {
+    if Path::is_file(&path) && std::fs::File::open(&path).is_ok() {
         Ok(path)
     } else {
         Err(err(
             var,
             format!("{} is not a readable file", path.display()),
         ))
+    }
+}
+
+/// The file at `path` and what it holds (text).
+fn read_file(var: &'static str, path: &str) -> Result<(PathBuf, String), ConfigError> {
+    let path = existing_file(var, path)?;
+    match std::fs::read_to_string(&path) {
+        Ok(file) => Ok((path, file)),
+        Err(e) => Err(err(var, format!("{}: {e}", path.display()))),
     }
 }
 
@@ -447,5 +469,41 @@ mod tests {
             Some(("eyJ0.eyJ1.sig".to_owned(), "SUAB".to_owned()))
         );
         assert_eq!(creds_parts("SUAB\n"), None);
+    }
+
+    #[test]
+    fn credential_files_are_read_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let seed = write("chat.nk", "SUAM5\n");
+        let public = write("public.nk", "UABC\n");
+        let creds = write(
+            "chat.creds",
+            "-----BEGIN NATS USER JWT-----\neyJ0.eyJ1.sig\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\nSUAB\n------END USER NKEY SEED------\n",
+        );
+        assert!(read(Some("nats://n1"), &[("NATS_NKEY", &seed)]).is_ok());
+        assert!(read(Some("nats://n1"), &[("NATS_CREDS", &creds)]).is_ok());
+        for (var, path, says) in [
+            ("NATS_NKEY", &public, "holds no nkey seed"),
+            ("NATS_CREDS", &seed, "holds no user JWT"),
+            (
+                "NATS_NKEY",
+                &dir.path().to_str().unwrap().to_owned(),
+                "not a readable file",
+            ),
+        ] {
+            let e = read(Some("nats://n1"), &[(var, path)]).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+            assert!(e.message.contains(says), "{e}");
+            assert!(
+                !e.message.contains("SUA"),
+                "the seed stays out of messages: {e}"
+            );
+        }
     }
 }
