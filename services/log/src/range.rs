@@ -67,9 +67,7 @@ impl Ephemeral {
             name: consumer.cached_info().name.clone(),
         }
     }
-}
 
-impl Ephemeral {
     /// Whether the consumer has nothing left to deliver: it holds no message it has not
     /// delivered, and delivered no more than the `received` (a consumer sequence) that reached
     /// the reader. (Deliveries that never arrived are not that: the reader starts over for
